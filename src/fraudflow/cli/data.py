@@ -1,0 +1,74 @@
+"""`fraudflow generate` and `fraudflow features`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import typer
+
+from fraudflow.cli.errors import err_console, handle_errors
+from fraudflow.cli.progress import spinner, step_bar
+from fraudflow.config import FeatureConfig, SimulationConfig
+from fraudflow.data.ingest import parse_column_map, read_transactions
+from fraudflow.data.io import write_table
+from fraudflow.data.simulator import simulate
+from fraudflow.errors import ConfigError
+from fraudflow.features import build_features, write_feature_table
+
+__all__ = ["features", "generate"]
+
+
+@handle_errors
+def generate(
+    out: Path = typer.Option(..., "--out", help="Output file, .parquet or .csv."),
+    customers: int = typer.Option(5_000, "--customers", help="Number of customers (cards)."),
+    terminals: int = typer.Option(10_000, "--terminals", help="Number of terminals."),
+    days: int = typer.Option(90, "--days", help="Number of simulated days."),
+    start: datetime = typer.Option(
+        "2026-01-01", "--start", formats=["%Y-%m-%d"], help="First day."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same file."),
+) -> None:
+    """Simulate a labelled transaction log with fraud scenarios."""
+    cfg = SimulationConfig(
+        n_customers=customers,
+        n_terminals=terminals,
+        n_days=days,
+        start_date=start.date(),
+        seed=seed,
+    )
+    with step_bar("simulating transactions") as update:
+        frame = simulate(cfg, progress=update)
+    with spinner(f"writing {out}"):
+        write_table(frame, out)
+    n_fraud = int(frame["is_fraud"].sum())
+    err_console.print(
+        f"{frame.height:,} transactions, {n_fraud:,} fraud "
+        f"({n_fraud / max(frame.height, 1):.2%}) -> {out}"
+    )
+
+
+@handle_errors
+def features(
+    input: Path = typer.Option(..., "--input", help="Transaction log, .csv or .parquet."),
+    out: Path = typer.Option(..., "--out", help="Feature table to write (.parquet)."),
+    map: str = typer.Option(
+        None, "--map", help="Column mapping canonical=source,... e.g. timestamp=TX_DATETIME."
+    ),
+    label_delay_days: int = typer.Option(
+        7, "--label-delay-days", help="Days until a fraud label is known."
+    ),
+) -> None:
+    """Build point-in-time features from a transaction log."""
+    cfg = FeatureConfig(label_delay_days=label_delay_days)
+    column_map = parse_column_map(map)
+    if out.suffix.lower() != ".parquet":
+        raise ConfigError(f"--out must be a .parquet file, however got {out}")
+    with spinner(f"reading and validating {input}"):
+        transactions = read_transactions(input, column_map=column_map)
+    with spinner(f"building features for {transactions.height:,} transactions"):
+        table = build_features(transactions, cfg)
+    with spinner(f"writing {out}"):
+        write_feature_table(table, out, cfg)
+    err_console.print(f"{table.height:,} rows x {len(table.columns)} columns -> {out}")

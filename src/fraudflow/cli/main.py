@@ -1,0 +1,29 @@
+"""The `fraudflow` command: a thin shell over the library."""
+
+from __future__ import annotations
+
+import typer
+
+from fraudflow.cli.data import features, generate
+from fraudflow.cli.demo import demo
+from fraudflow.cli.evaluate import evaluate
+from fraudflow.cli.train import train
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fraudflow",
+    help="Fraud detection from transaction logs to decisions.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("generate")(generate)
+app.command("features")(features)
+app.command("train")(train)
+app.command("evaluate")(evaluate)
+app.command("demo")(demo)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,99 @@
+"""`fraudflow train`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fraudflow.cli.errors import handle_errors
+from fraudflow.cli.progress import EpochProgress, spinner
+from fraudflow.cli.tables import metrics_table
+from fraudflow.config import RunConfig, load_run_config
+from fraudflow.models import NEURAL_MODELS
+from fraudflow.train.run import RunOutcome, train_run
+
+__all__ = ["run_training", "train"]
+
+
+@handle_errors
+def train(
+    features: Path = typer.Option(
+        ..., "--features", help="Feature table from `fraudflow features`."
+    ),
+    model: str = typer.Option(..., "--model", help="mlp or gbdt."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run folder to create (or continue with --resume)."
+    ),
+    train_start: datetime = typer.Option(
+        None, "--train-start", formats=["%Y-%m-%d"], help="First training day."
+    ),
+    train_days: int = typer.Option(
+        None, "--train-days", help="Training days, validation included."
+    ),
+    delay_days: int = typer.Option(None, "--delay-days", help="Gap between training and test [7]."),
+    test_days: int = typer.Option(None, "--test-days", help="Test days [7]."),
+    valid_days: int = typer.Option(
+        None, "--valid-days", help="Last training days held out for early stopping [7]."
+    ),
+    epochs: int = typer.Option(None, "--epochs", help="Maximum epochs [20]."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Batch size [2048]."),
+    learning_rate: float = typer.Option(
+        None, "--learning-rate", help="AdamW learning rate [1e-3]."
+    ),
+    patience: int = typer.Option(None, "--patience", help="Early-stopping patience in epochs [4]."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda [auto]."),
+    amp: str = typer.Option(None, "--amp", help="Mixed precision: bf16, fp16 (CUDA) or off [off]."),
+    seed: int = typer.Option(None, "--seed", help="Random seed [0]."),
+    config: Path = typer.Option(
+        None, "--config", help="TOML preset (sections split, train, gbdt)."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.dropout=0.1."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue a stopped run from its last checkpoint."
+    ),
+) -> None:
+    """Train a model on a feature table, evaluate it on the test period, write the run folder."""
+    cfg = load_run_config(config, set_)
+    split_flags = {
+        "train_start": train_start.date() if train_start else None,
+        "train_days": train_days,
+        "delay_days": delay_days,
+        "test_days": test_days,
+        "valid_days": valid_days,
+    }
+    train_flags = {
+        "model": model, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+        "patience": patience, "device": device, "amp": amp, "seed": seed,
+    }  # fmt: skip
+    cfg = _with_flags(cfg, split_flags, train_flags)
+    outcome = run_training(features, out, cfg, resume=resume)
+    Console().print(metrics_table([outcome.metrics], [out.name]))
+    Console().print(f"run folder: {out}")
+
+
+def _with_flags(
+    cfg: RunConfig, split: Mapping[str, object], train: Mapping[str, object]
+) -> RunConfig:
+    """Flags given on the command line win over the preset."""
+    split_set = {k: v for k, v in split.items() if v is not None}
+    train_set = {k: v for k, v in train.items() if v is not None}
+    return dataclasses.replace(
+        cfg,
+        split=dataclasses.replace(cfg.split, **split_set),  # type: ignore[arg-type]
+        train=dataclasses.replace(cfg.train, **train_set),  # type: ignore[arg-type]
+    )
+
+
+def run_training(features: Path, out: Path, cfg: RunConfig, *, resume: bool = False) -> RunOutcome:
+    """Train with a progress display suited to the model kind."""
+    label = cfg.train.model
+    if cfg.train.model in NEURAL_MODELS:
+        with EpochProgress.open(cfg.train.epochs, label) as observer:
+            return train_run(features, out, cfg, resume=resume, observer=observer)
+    with spinner(f"training {label} (LightGBM, early stopping on validation AP)"):
+        return train_run(features, out, cfg, resume=resume)

@@ -1,0 +1,236 @@
+"""Typed, frozen run configurations.
+
+Every command builds one of these from its flags (or a TOML preset plus ``--set`` overrides)
+and passes it down; nothing below the CLI reads flags, files or environment variables for
+settings. Field names carry their unit (``_days``, ``_seconds``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any, Literal
+
+from fraudflow.errors import ConfigError
+
+__all__ = [
+    "FeatureConfig",
+    "GBDTConfig",
+    "RunConfig",
+    "SimulationConfig",
+    "SplitConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_run_config",
+    "to_dict",
+]
+
+AmpMode = Literal["off", "bf16", "fp16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    n_customers: int = 5_000
+    n_terminals: int = 10_000
+    n_days: int = 90
+    start_date: date = date(2026, 1, 1)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.n_customers >= 1, "n_customers must be >= 1", self.n_customers)
+        _require(self.n_terminals >= 1, "n_terminals must be >= 1", self.n_terminals)
+        _require(self.n_days >= 1, "n_days must be >= 1", self.n_days)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    # A fraud label is known label_delay_days after its transaction (chargebacks, analyst review).
+    label_delay_days: int = 7
+    customer_windows_days: tuple[int, ...] = (1, 7, 30)
+    terminal_windows_days: tuple[int, ...] = (1, 7, 30)
+    # Transactions below this amount count as "small" for the card-testing feature.
+    small_amount: float = 5.0
+
+    def __post_init__(self) -> None:
+        # A zero delay would let a row see its own (not yet known) label.
+        _require(self.label_delay_days >= 1, "label_delay_days must be >= 1", self.label_delay_days)
+        for w in (*self.customer_windows_days, *self.terminal_windows_days):
+            _require(w >= 1, "window days must be >= 1", w)
+        _require(self.small_amount > 0, "small_amount must be > 0", self.small_amount)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train_start: date | None = None
+    train_days: int | None = None
+    delay_days: int = 7
+    test_days: int = 7
+    # Days skipped at the start of the data so that the 30-day windows are full.
+    warmup_days: int = 30
+    # The last valid_days of the training period are held out for early stopping.
+    valid_days: int = 7
+
+    def __post_init__(self) -> None:
+        _require(self.delay_days >= 0, "delay_days must be >= 0", self.delay_days)
+        _require(self.test_days >= 1, "test_days must be >= 1", self.test_days)
+        _require(self.warmup_days >= 0, "warmup_days must be >= 0", self.warmup_days)
+        _require(self.valid_days >= 1, "valid_days must be >= 1", self.valid_days)
+        if self.train_days is not None:
+            _require(
+                self.train_days > self.valid_days,
+                "train_days must be > valid_days",
+                self.train_days,
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "mlp"
+    epochs: int = 20
+    batch_size: int = 2048
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    dropout: float = 0.2
+    hidden_sizes: tuple[int, ...] = (256, 128)
+    # Early stopping: epochs without a better validation average precision.
+    patience: int = 4
+    # Weight of the fraud class in the loss; None means sqrt(n_legit / n_fraud).
+    pos_weight: float | None = None
+    device: DeviceName = "auto"
+    amp: AmpMode = "off"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs must be >= 1", self.epochs)
+        _require(self.batch_size >= 1, "batch_size must be >= 1", self.batch_size)
+        _require(self.learning_rate > 0, "learning_rate must be > 0", self.learning_rate)
+        _require(0 <= self.dropout < 1, "dropout must be in [0, 1)", self.dropout)
+        _require(self.patience >= 1, "patience must be >= 1", self.patience)
+        _require(
+            self.device in ("auto", "cpu", "cuda"), "device must be auto|cpu|cuda", self.device
+        )
+        _require(self.amp in ("off", "bf16", "fp16"), "amp must be off|bf16|fp16", self.amp)
+        if self.pos_weight is not None:
+            _require(self.pos_weight > 0, "pos_weight must be > 0", self.pos_weight)
+
+
+@dataclass(frozen=True)
+class GBDTConfig:
+    n_estimators: int = 600
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_child_samples: int = 50
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    early_stopping_rounds: int = 50
+    num_threads: int = 0  # 0: LightGBM's default (all cores)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    split: SplitConfig = field(default_factory=SplitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gbdt: GBDTConfig = field(default_factory=GBDTConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (dates as ISO strings, tuples as lists)."""
+    return _jsonable(dataclasses.asdict(cfg))
+
+
+def load_run_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from an optional TOML preset, then ``section.field=value`` overrides."""
+    cfg = RunConfig()
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        cfg = _merge(cfg, raw, prefix="")
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set expects section.field=value, however got {item!r}")
+        section, _, name = key.strip().partition(".")
+        cfg = _merge(cfg, {section: {name: _parse_scalar(value.strip())}}, prefix="")
+    return cfg
+
+
+def _merge(cfg: Any, raw: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changes: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {prefix + name!r}; expected one of: {known}")
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix + name!r} must be a table")
+            changes[name] = _merge(current, value, prefix=f"{prefix}{name}.")
+        else:
+            changes[name] = _coerce(value, hints[name], prefix + name)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if (value is None or value == "none") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, however got {value!r}")
+        return value
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else str(value).split(",")
+        return tuple(_coerce(v, args[0], key) for v in items)
+    try:
+        if hint is date:
+            return value if isinstance(value, date) else date.fromisoformat(str(value))
+        if hint is bool:
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {hint.__name__}, however got {value!r}") from None
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, date):
+        return obj.isoformat()
+    return obj
+
+
+def _require(ok: bool, rule: str, found: object) -> None:
+    if not ok:
+        raise ConfigError(f"{rule}, however got {found!r}")

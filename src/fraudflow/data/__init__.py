@@ -1,0 +1,1 @@
+"""Transaction data: the canonical schema, ingest with validation, the simulator, time splits."""

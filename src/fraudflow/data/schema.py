@@ -1,0 +1,32 @@
+"""The canonical transaction schema and the rules every raw log must meet.
+
+Canonical columns:
+    transaction_id  str or int, unique
+    timestamp       UTC datetime (microseconds)
+    customer_id     str or int (the card / account)
+    terminal_id     str or int (the merchant terminal)
+    amount          float, finite and >= 0
+    is_fraud        optional, 0 or 1
+Any other column is carried along untouched.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AMOUNT",
+    "CUSTOMER_ID",
+    "IS_FRAUD",
+    "REQUIRED_COLUMNS",
+    "TERMINAL_ID",
+    "TIMESTAMP",
+    "TRANSACTION_ID",
+]
+
+TRANSACTION_ID = "transaction_id"
+TIMESTAMP = "timestamp"
+CUSTOMER_ID = "customer_id"
+TERMINAL_ID = "terminal_id"
+AMOUNT = "amount"
+IS_FRAUD = "is_fraud"
+
+REQUIRED_COLUMNS: tuple[str, ...] = (TRANSACTION_ID, TIMESTAMP, CUSTOMER_ID, TERMINAL_ID, AMOUNT)

@@ -1,0 +1,46 @@
+"""The one exception tree of fraudflow.
+
+    FraudflowError                 anything fraudflow raises on purpose
+    ├── ConfigError                a run configuration or flag is invalid
+    ├── DataError                  an input table breaks its contract
+    │   └── SchemaError            a column is missing or has the wrong type
+    ├── ArtifactError              a run folder or model bundle is missing or unreadable
+    └── TrainingError              training cannot go on (e.g. no positive labels)
+
+The CLI maps every ``FraudflowError`` to its message and exit code 2, without a traceback.
+"""
+
+__all__ = [
+    "ArtifactError",
+    "ConfigError",
+    "DataError",
+    "FraudflowError",
+    "SchemaError",
+    "TrainingError",
+]
+
+
+class FraudflowError(Exception):
+    """Base of every error fraudflow raises on purpose."""
+
+    exit_code = 2
+
+
+class ConfigError(FraudflowError):
+    """A configuration value or command-line flag is invalid."""
+
+
+class DataError(FraudflowError):
+    """An input table breaks its contract (values, duplicates, ordering)."""
+
+
+class SchemaError(DataError):
+    """A required column is missing or cannot be read as its type."""
+
+
+class ArtifactError(FraudflowError):
+    """A run folder, checkpoint or model bundle is missing or unreadable."""
+
+
+class TrainingError(FraudflowError):
+    """Training cannot proceed with the given data or settings."""

@@ -1,0 +1,15 @@
+"""Point-in-time behavioural features, computed in batch with Polars."""
+
+from fraudflow.features.batch import build_features
+from fraudflow.features.specs import FEATURE_VERSION, describe_features, feature_names
+from fraudflow.features.table import FeatureTable, read_feature_table, write_feature_table
+
+__all__ = [
+    "FEATURE_VERSION",
+    "FeatureTable",
+    "build_features",
+    "describe_features",
+    "feature_names",
+    "read_feature_table",
+    "write_feature_table",
+]

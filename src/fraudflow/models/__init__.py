@@ -1,0 +1,18 @@
+"""Models behind one interface: the MLP and the LightGBM baseline (tensors, not frames)."""
+
+from fraudflow.models.gbdt import GBDT
+from fraudflow.models.interface import Estimator, NeuralModel
+from fraudflow.models.mlp import MLP
+from fraudflow.models.preprocessing import Standardizer
+from fraudflow.models.registry import MODEL_NAMES, NEURAL_MODELS, build_model
+
+__all__ = [
+    "GBDT",
+    "MLP",
+    "MODEL_NAMES",
+    "NEURAL_MODELS",
+    "Estimator",
+    "NeuralModel",
+    "Standardizer",
+    "build_model",
+]

@@ -1,0 +1,50 @@
+"""The seams between the trainer and the models.
+
+Two kinds of model share one data path and one metrics path:
+
+* ``NeuralModel``: a torch module trained by ``fraudflow.train.loop``. It takes a dict of input
+  tensors, all sliced on their first (batch) dimension, and returns class logits.
+  Shape: inputs["x"] is (B, F) float32; the output is (B, 2).
+* ``Estimator``: a model with its own fitting procedure (LightGBM), trained on NumPy arrays.
+  Shape: x is (N, F) float32, y is (N,) int; ``predict_proba`` returns (N,) fraud probabilities.
+
+The trainer relies on these protocols only, never on a concrete model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from torch import Tensor
+
+__all__ = ["Estimator", "NeuralModel"]
+
+
+@runtime_checkable
+class NeuralModel(Protocol):
+    def __call__(self, inputs: dict[str, Tensor]) -> Tensor: ...
+
+    def parameters(self, recurse: bool = True) -> Any: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(
+        self, state_dict: Any, strict: bool = True, assign: bool = False
+    ) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    def fit(
+        self, x: np.ndarray, y: np.ndarray, x_valid: np.ndarray, y_valid: np.ndarray
+    ) -> Estimator: ...
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray: ...
+
+    def save(self, path: Path) -> None: ...

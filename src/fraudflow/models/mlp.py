@@ -1,0 +1,25 @@
+"""A multilayer perceptron over the feature vector (the 256 -> 128 -> 2 family).
+
+Shape: inputs["x"] (B, F) -> logits (B, 2).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["MLP"]
+
+
+class MLP(nn.Module):
+    def __init__(self, *, n_features: int, hidden_sizes: tuple[int, ...], dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_features
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, 2))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        return self.net(inputs["x"])  # (B, F) -> (B, 2)
