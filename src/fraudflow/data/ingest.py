@@ -26,6 +26,7 @@ __all__ = ["parse_column_map", "read_transactions", "validate_transactions"]
 
 _CANONICAL = (*REQUIRED_COLUMNS, IS_FRAUD)
 _ROW = "__row"
+_EMPTY = ("is empty", "are empty")
 # Formats tried in order; naive timestamps are taken as UTC.
 _NAIVE_FORMATS = ("%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%d")
 _AWARE_FORMATS = ("%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%dT%H:%M:%S%.f%#z")
@@ -111,32 +112,41 @@ def _check_columns(df: pl.DataFrame) -> None:
         )
 
 
-def _fail(df: pl.DataFrame, bad: pl.Series, column: str, rule: str, what: str) -> None:
-    """Raise a DataError describing the rows where ``bad`` is true, if any."""
+def _fail(df: pl.DataFrame, bad: pl.Series, column: str, rule: str, what: tuple[str, str]) -> None:
+    """Raise a DataError describing the rows where ``bad`` is true, if any.
+
+    ``what`` says what the bad rows show, for one row and for several: ("is empty", "are empty").
+    """
     n_bad = int(bad.sum())
     if n_bad == 0:
         return
     first = df.filter(bad).row(0, named=True)
-    rows = "row" if n_bad == 1 else "rows"
-    raise DataError(
-        f"`{column}` {rule}, however: {n_bad} {rows} {what} "
-        f"(first: row {first[_ROW]}, {column}={first[column]!r})"
-    )
+    found = f"1 row {what[0]}" if n_bad == 1 else f"{n_bad} rows {what[1]}"
+    # An empty cell has no value worth showing (and `None` means nothing to a CSV's author).
+    value = "" if first[column] is None else f", {column}={first[column]!r}"
+    raise DataError(f"`{column}` {rule}, however: {found} (first: row {first[_ROW]}{value})")
 
 
 def _parse_id(df: pl.DataFrame, column: str) -> pl.Series:
     values = df[column]
-    _fail(df, values.is_null(), column, "must not be empty", "are empty")
+    _fail(df, values.is_null(), column, "must not be empty", _EMPTY)
     if values.dtype == pl.String:
-        as_int = values.str.strip_chars().cast(pl.Int64, strict=False)
-        if as_int.null_count() == 0:
+        text = values.str.strip_chars()
+        as_int = text.cast(pl.Int64, strict=False)
+        # Integer only if nothing is lost: "007" and "7" are different cards.
+        if as_int.null_count() == 0 and (as_int.cast(pl.String) == text).all():
             return as_int.alias(column)
-        return values.str.strip_chars()
+        return text
     if values.dtype.is_integer():
         return values.cast(pl.Int64)
     if values.dtype.is_float():
+        fractional = values != values.round(0)
         _fail(
-            df, values != values.round(0), column, "must be an integer or text id", "are fractional"
+            df,
+            fractional,
+            column,
+            "must be an integer or text id",
+            ("is fractional", "are fractional"),
         )
         return values.cast(pl.Int64)
     return values.cast(pl.String)
@@ -144,7 +154,7 @@ def _parse_id(df: pl.DataFrame, column: str) -> pl.Series:
 
 def _parse_timestamp(df: pl.DataFrame) -> pl.Series:
     values = df[TIMESTAMP]
-    _fail(df, values.is_null(), TIMESTAMP, "must not be empty", "are empty")
+    _fail(df, values.is_null(), TIMESTAMP, "must not be empty", _EMPTY)
     if isinstance(values.dtype, pl.Datetime):
         if values.dtype.time_zone is None:
             values = values.dt.replace_time_zone("UTC")
@@ -156,7 +166,8 @@ def _parse_timestamp(df: pl.DataFrame) -> pl.Series:
             f"`{TIMESTAMP}` must be a datetime or ISO 8601 text, however it is {values.dtype}"
         )
     parsed = _parse_text_timestamps(values.str.strip_chars())
-    _fail(df, parsed.is_null(), TIMESTAMP, "must be an ISO 8601 datetime", "cannot be parsed")
+    unparsed = parsed.is_null()
+    _fail(df, unparsed, TIMESTAMP, "must be an ISO 8601 datetime", ("cannot be parsed",) * 2)
     return parsed
 
 
@@ -175,18 +186,22 @@ def _parse_text_timestamps(text: pl.Series) -> pl.Series:
 
 def _parse_amount(df: pl.DataFrame) -> pl.Series:
     values = df[AMOUNT]
-    _fail(df, values.is_null(), AMOUNT, "must not be empty", "are empty")
+    _fail(df, values.is_null(), AMOUNT, "must not be empty", _EMPTY)
     if values.dtype == pl.String:
         as_float = values.str.strip_chars().cast(pl.Float64, strict=False)
-        _fail(df, as_float.is_null(), AMOUNT, "must be a number", "are not numbers")
+        not_number = as_float.is_null()
+        _fail(df, not_number, AMOUNT, "must be a number", ("is not a number", "are not numbers"))
         values = as_float
     elif not values.dtype.is_numeric():
         raise SchemaError(f"`{AMOUNT}` must be numeric, however it is {values.dtype}")
-    values = values.cast(pl.Float64)
-    _fail(df, values.is_nan(), AMOUNT, "must be a finite number >= 0", "are NaN")
-    _fail(df, values.is_infinite(), AMOUNT, "must be a finite number >= 0", "are infinite")
-    _fail(df, values < 0, AMOUNT, "must be >= 0", "have amount < 0")
-    return values.alias(AMOUNT)
+    values = values.cast(pl.Float64).alias(AMOUNT)
+    # From here on the messages show the parsed number (amount=-5.0), not the raw text.
+    df = df.with_columns(values)
+    finite = "must be a finite number >= 0"
+    _fail(df, values.is_nan(), AMOUNT, finite, ("is NaN", "are NaN"))
+    _fail(df, values.is_infinite(), AMOUNT, finite, ("is infinite", "are infinite"))
+    _fail(df, values < 0, AMOUNT, "must be >= 0", ("has amount < 0", "have amount < 0"))
+    return values
 
 
 def _parse_label(df: pl.DataFrame) -> pl.Series:
@@ -198,7 +213,8 @@ def _parse_label(df: pl.DataFrame) -> pl.Series:
     elif not values.dtype.is_numeric():
         raise SchemaError(f"`{IS_FRAUD}` must be 0 or 1, however it is {values.dtype}")
     bad = values.is_null() | ~values.cast(pl.Float64).is_in([0.0, 1.0])
-    _fail(df, bad, IS_FRAUD, "must be 0 or 1", "have another value or are empty")
+    what = ("has another value or is empty", "have another value or are empty")
+    _fail(df, bad, IS_FRAUD, "must be 0 or 1", what)
     return values.cast(pl.Int8).alias(IS_FRAUD)
 
 
@@ -208,10 +224,11 @@ def _check_unique_ids(df: pl.DataFrame) -> None:
         return
     ids = df.filter(dup)
     n_values = ids[TRANSACTION_ID].n_unique()
+    found = "1 value appears" if n_values == 1 else f"{n_values} values appear"
     first = ids.row(0, named=True)
     later = ids.filter(pl.col(TRANSACTION_ID) == first[TRANSACTION_ID])[_ROW].to_list()
     raise DataError(
-        f"`{TRANSACTION_ID}` must be unique, however: {n_values} value(s) appear more than once "
+        f"`{TRANSACTION_ID}` must be unique, however: {found} more than once "
         f"(first: {TRANSACTION_ID}={first[TRANSACTION_ID]!r} "
         f"at rows {', '.join(map(str, later[:5]))})"
     )

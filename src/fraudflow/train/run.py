@@ -15,6 +15,7 @@ prediction and metrics path as the neural models.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,8 @@ def train_run(
     _check_run_dir(run_dir, resume)
     table = read_feature_table(features_path)
     split = split_by_time(table.frame, cfg.split, label_delay_days=table.label_delay_days)
+    if resume:
+        _check_same_config(run_dir, cfg)
     write_json_atomic(run_dir / "config.json", _resolved_config(cfg, features_path, table, split))
     model = build_model(
         cfg.train.model, n_features=len(table.feature_names), train=cfg.train, gbdt=cfg.gbdt
@@ -87,6 +90,24 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
     raise ConfigError(
         f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
     )
+
+
+def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A resumed run must continue the same experiment; only the epoch budget may grow."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    stored = json.loads(path.read_text())
+    wanted = to_dict(cfg)
+    for section in ("split", "train", "gbdt"):
+        old = {k: v for k, v in stored.get(section, {}).items() if k != "epochs"}
+        new = {k: v for k, v in wanted[section].items() if k != "epochs"}
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        if changed:
+            raise ConfigError(
+                f"--resume must use the run's own settings, however {section}."
+                f"{', '.join(changed)} differ from {path}"
+            )
 
 
 def _matrix(frame: pl.DataFrame, features: list[str]) -> np.ndarray:

@@ -1,0 +1,152 @@
+"""End to end on simulated data: features -> train -> run folder -> metrics, and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fraudflow.artifacts import load_bundle
+from fraudflow.cli.main import app
+from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
+from fraudflow.data.simulator import simulate
+from fraudflow.errors import ConfigError
+from fraudflow.features import build_features, read_feature_table, write_feature_table
+from fraudflow.train import DONE, train_run
+
+pytestmark = pytest.mark.slow
+
+# Test-week average precision each model must beat; the fraud base rate is about 0.5%,
+# so 0.4 is about 80 times what random scoring gets.
+AP_FLOOR = 0.4
+METRIC_KEYS = {
+    "roc_auc",
+    "average_precision",
+    "card_precision_at_100",
+    "recall_at_1pct_fpr",
+    "train_seconds",
+    "train_samples_per_second",
+}
+
+
+@pytest.fixture(scope="module")
+def features_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sim = SimulationConfig(n_customers=1500, n_terminals=3000, n_days=75, seed=0)
+    cfg = FeatureConfig()
+    path = tmp_path_factory.mktemp("data") / "features.parquet"
+    write_feature_table(build_features(simulate(sim), cfg), path, cfg)
+    return path
+
+
+def _cfg(model: str, **train: object) -> RunConfig:
+    return RunConfig(train=TrainConfig(model=model, **{"epochs": 8, **train}))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("model", ["gbdt", "mlp"])
+def test_models_beat_the_ap_floor_and_write_the_run_folder(
+    features_path: Path, tmp_path: Path, model: str
+) -> None:
+    outcome = train_run(features_path, tmp_path / model, _cfg(model))
+    run = tmp_path / model
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert METRIC_KEYS <= metrics.keys()
+    assert metrics["average_precision"] > AP_FLOOR, metrics
+    assert metrics == json.loads(json.dumps(outcome.metrics))
+    for name in ("config.json", "predictions.parquet", "report.html", DONE, "model/meta.json"):
+        assert (run / name).is_file(), name
+    _check_predictions(run, features_path, metrics)
+
+
+def _check_predictions(run: Path, features_path: Path, metrics: dict[str, object]) -> None:
+    pred = pl.read_parquet(run / "predictions.parquet")
+    assert pred.columns == [
+        "transaction_id", "customer_id", "timestamp", "is_fraud", "score", "known_compromised",
+    ]  # fmt: skip
+    periods = metrics["periods"]
+    assert isinstance(periods, dict)
+    days = pred["timestamp"].dt.date().cast(pl.String)
+    assert days.min() == periods["test_start"] and days.max() < periods["test_end"]
+    table = read_feature_table(features_path).frame
+    in_test = table.filter(pl.col("timestamp").dt.date().cast(pl.String) >= periods["test_start"])
+    assert pred.height == in_test.height  # every test-period transaction has a row
+    # The bundle alone reproduces the scores from the feature rows.
+    bundle = load_bundle(run)
+    rows = in_test.select(bundle.features).to_numpy().astype(np.float32)
+    np.testing.assert_allclose(bundle.predict(rows), pred["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_known_compromised_cards_had_a_fraud_known_before_the_test(
+    features_path: Path, tmp_path: Path
+) -> None:
+    train_run(features_path, tmp_path / "gbdt", _cfg("gbdt"))
+    pred = pl.read_parquet(tmp_path / "gbdt" / "predictions.parquet")
+    test_start = pred["timestamp"].min()
+    table = read_feature_table(features_path).frame
+    known_by = test_start - pl.duration(days=7)  # type: ignore[operator]
+    known = table.filter((pl.col("is_fraud") == 1) & (pl.col("timestamp") <= known_by))
+    expected = pred["customer_id"].is_in(known["customer_id"].unique().implode())
+    assert pred["known_compromised"].equals(expected.alias("known_compromised"))
+    assert 0 < pred["known_compromised"].sum() < pred.height
+
+
+def test_existing_run_folder_is_refused_without_resume(features_path: Path, tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train_run(features_path, tmp_path / "run", _cfg("gbdt"))
+
+
+def _cli_args(features: Path, out: Path, epochs: int) -> list[str]:
+    return [
+        "train", "--features", str(features), "--model", "mlp", "--out", str(out),
+        "--epochs", str(epochs), "--patience", "100", "--batch-size", "512", "--seed", "5",
+    ]  # fmt: skip
+
+
+def _next_epoch(run: Path) -> int:
+    last = run / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return 0
+    return int(torch.load(last, weights_only=False)["loop"]["next_epoch"])
+
+
+def test_sigkill_then_resume_equals_uninterrupted(features_path: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    whole = runner.invoke(app, _cli_args(features_path, tmp_path / "whole", 6))
+    assert whole.exit_code == 0, whole.output
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fraudflow", *_cli_args(features_path, killed, 6)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _next_epoch(killed) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / DONE).exists()
+    resumed = runner.invoke(app, [*_cli_args(features_path, killed, 6), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a = torch.load(tmp_path / "whole" / "model" / "weights.pt", weights_only=True)
+    b = torch.load(killed / "model" / "weights.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    mb = json.loads((killed / "metrics.json").read_text())
+    for key in ("roc_auc", "average_precision", "card_precision_at_100", "best_epoch"):
+        assert ma[key] == mb[key], key
+
+
+def test_resume_with_other_settings_is_refused(features_path: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    first = runner.invoke(app, _cli_args(features_path, tmp_path / "run", 1))
+    assert first.exit_code == 0, first.output
+    args = [*_cli_args(features_path, tmp_path / "run", 2), "--resume", "--learning-rate", "0.01"]
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2
+    assert "learning_rate" in again.output
