@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 ## demo: simulate data, build features, train LightGBM and the MLP, compare them, write an HTML report
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(BIN)/fraudflow demo --out runs/demo
 
 ## test: lint, type-check and run the whole test suite (CI runs this)
@@ -22,6 +23,7 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -17,6 +17,7 @@ small enough that the key fits in 63 bits (one chunk for any realistic data set)
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from fraudflow.config import FeatureConfig
@@ -53,52 +54,54 @@ def build_features(transactions: pl.DataFrame, cfg: FeatureConfig) -> pl.DataFra
         .with_columns(pl.col(TIMESTAMP).dt.epoch("us").alias(_T))
         .collect()
     )
-    customer = _entity_totals(base, CUSTOMER_ID, *_customer_plan(cfg))
-    terminal = _entity_totals(base, TERMINAL_ID, *_terminal_plan(cfg))
+    running = _running_sums(cfg)
+    customer = _per_entity(
+        base, CUSTOMER_ID, _customer_probes(cfg), running, _customer_features(cfg)
+    )
+    terminal = _per_entity(
+        base, TERMINAL_ID, _terminal_probes(cfg), running, _terminal_features(cfg)
+    )
     out = pl.concat([base, customer, terminal], how="horizontal").lazy()
-    out = out.with_columns(*_customer_features(cfg), *_terminal_features(cfg))
-    out = out.with_columns(*_derived(cfg))
+    out = out.with_columns(*_row_features(cfg)).with_columns(*_ratios(cfg))
     return out.select(*transactions.columns, *feature_names(cfg)).collect()
 
 
-def _customer_plan(cfg: FeatureConfig) -> tuple[dict[str, pl.Expr], dict[str, int]]:
-    totals = {
-        "c_n": pl.lit(1, dtype=pl.Int64),
-        "c_amt": pl.col(AMOUNT).cast(pl.Float64),
-        "c_small": (pl.col(AMOUNT) < cfg.small_amount).cast(pl.Int64),
-        "c_fraud": pl.col(IS_FRAUD).cast(pl.Int64),
-    }
+def _customer_probes(cfg: FeatureConfig) -> dict[str, int]:
     delay = cfg.label_delay_days * DAY_SECONDS
-    probes = {w.label: w.window_seconds * _US for w in customer_windows(cfg)}
     longest = customer_windows(cfg)[-1].window_seconds
-    probes |= {"delay": delay * _US, "delay_w": (delay + longest) * _US}
-    return totals, probes
+    probes = {w.label: w.window_seconds * _US for w in customer_windows(cfg)}
+    return probes | {"delay": delay * _US, "delay_w": (delay + longest) * _US}
 
 
-def _terminal_plan(cfg: FeatureConfig) -> tuple[dict[str, pl.Expr], dict[str, int]]:
-    totals = {"t_n": pl.lit(1, dtype=pl.Int64), "t_fraud": pl.col(IS_FRAUD).cast(pl.Int64)}
+def _terminal_probes(cfg: FeatureConfig) -> dict[str, int]:
     delay = cfg.label_delay_days * DAY_SECONDS
     probes = {"live1d": DAY_SECONDS * _US, "delay": delay * _US}
-    probes |= {f"delay_{w.label}": (delay + w.window_seconds) * _US for w in terminal_windows(cfg)}
-    return totals, probes
+    return probes | {
+        f"delay_{w.label}": (delay + w.window_seconds) * _US for w in terminal_windows(cfg)
+    }
 
 
-def _entity_totals(
-    base: pl.DataFrame, entity: str, totals: dict[str, pl.Expr], probes: dict[str, int]
+def _per_entity(
+    base: pl.DataFrame,
+    entity: str,
+    probes: dict[str, int],
+    running: dict[str, tuple[pl.Expr, bool]],
+    features: list[pl.Expr],
 ) -> pl.DataFrame:
-    """Per row, in ``base`` order: ``<total>`` (running, this row included) and ``<total>@<probe>``
-    (running as of t - offset, i.e. over the entity's rows with time <= t - offset)."""
+    """Evaluate ``features`` on the rows sorted by (entity, arrival); return them in base order.
+
+    Inside ``features``: ``@<probe>`` is the position of the entity's first row with time
+    > t - offset, ``__pos`` the row's own position and ``__start`` its entity's first position,
+    ``<name>+`` / ``<name>-`` the running sums of ``running[name]`` including / excluding the row.
+    """
     ordered = (
         base.lazy()
-        .select(
-            pl.int_range(pl.len(), dtype=pl.UInt32).alias(_ROW),
-            entity,
-            _T,
-            *(expr.alias(name) for name, expr in totals.items()),
-        )
-        .sort(entity, _ROW)
+        .select(pl.int_range(pl.len(), dtype=pl.UInt32).alias(_ROW), entity, _T, AMOUNT, IS_FRAUD)
+        .sort(entity, maintain_order=True)  # stable: arrival order within each entity
         .with_columns(
-            ((pl.col(entity) != pl.col(entity).shift(1)).fill_null(True).cum_sum() - 1)
+            (pl.col(entity) != pl.col(entity).shift(1))
+            .fill_null(True)
+            .cum_sum()
             .cast(pl.Int64)
             .alias("__block")
         )
@@ -109,82 +112,113 @@ def _entity_totals(
     per_chunk = max(1, _KEY_LIMIT // stride)
     chunks = ordered.with_columns((pl.col("__block") // per_chunk).alias("__chunk"))
     parts = [
-        _chunk_totals(chunk, list(totals), probes, stride, per_chunk, t_min)
+        _evaluate_chunk(chunk, probes, running, features, stride, per_chunk, t_min)
         for chunk in chunks.partition_by("__chunk", maintain_order=True)
     ]
     return pl.concat(parts).sort(_ROW).drop(_ROW)
 
 
-def _chunk_totals(
+def _running_sums(cfg: FeatureConfig) -> dict[str, tuple[pl.Expr, bool]]:
+    """Running sums available to feature expressions: name -> (value, exact).
+
+    ``exact`` restarts the sum at each entity so that an entity's float sums never depend, not
+    even by rounding, on other entities' rows; integer sums are exact either way.
+    """
+    return {
+        "amount": (pl.col(AMOUNT).cast(pl.Float64), True),
+        "small": ((pl.col(AMOUNT) < cfg.small_amount).cast(pl.Int64), False),
+        "fraud": (pl.col(IS_FRAUD).cast(pl.Int64), False),
+    }
+
+
+def _evaluate_chunk(
     chunk: pl.DataFrame,
-    totals: list[str],
     probes: dict[str, int],
+    running: dict[str, tuple[pl.Expr, bool]],
+    features: list[pl.Expr],
     stride: int,
     per_chunk: int,
     t_min: int,
 ) -> pl.DataFrame:
-    key = ((chunk["__block"] % per_chunk) * stride + (chunk[_T] - t_min)).alias("key")
+    key = ((chunk["__block"] % per_chunk) * stride + (chunk[_T] - t_min)).to_numpy()
     # Offsets are > 0, so each search lands inside the row's own block, at or before the row.
-    positions = {
-        tag: key.search_sorted(key - offset, side="right") for tag, offset in probes.items()
-    }
-    cols = [chunk[_ROW]]
-    for name in totals:
-        # Running totals restart at each entity, so an entity's values never depend (not even
-        # in floating-point rounding) on other entities' transactions.
-        inclusive = chunk.select(pl.col(name).cum_sum().over("__block")).to_series()
-        exclusive = inclusive - chunk[name]
-        cols.append(inclusive)
-        cols += [exclusive.gather(pos).alias(f"{name}@{tag}") for tag, pos in positions.items()]
-    return pl.DataFrame(cols)
+    # NumPy's searchsorted: several times faster here than Series.search_sorted.
+    positions = [
+        pl.Series(f"@{tag}", np.searchsorted(key, key - off, side="right").astype(np.int64))
+        for tag, off in probes.items()
+    ]
+    pos = pl.int_range(pl.len(), dtype=pl.Int64)
+    is_first = pl.col("__block") != pl.col("__block").shift(1).fill_null(-1)
+    sums = []
+    for name, (value, exact) in running.items():
+        inclusive = value.cum_sum().over("__block") if exact else value.cum_sum()
+        sums += [inclusive.alias(f"{name}+"), (inclusive - value).alias(f"{name}-")]
+    return (
+        chunk.with_columns(*positions)
+        .lazy()
+        .with_columns(pos.alias("__pos"), *sums)
+        .with_columns(pl.when(is_first).then(pl.col("__pos")).forward_fill().alias("__start"))
+        .select(_ROW, *features)
+        .collect()
+    )
 
 
-def _window(total: str, tag: str) -> pl.Expr:
-    """The total over (t - w, t]: running total minus the total as of t - w."""
-    return pl.col(total) - pl.col(f"{total}@{tag}")
+def _count(tag: str) -> pl.Expr:
+    """Rows in (t - w, t]: from the probe position to this row, inclusive."""
+    return (pl.col("__pos") + 1 - pl.col(f"@{tag}")).cast(pl.Float64)
 
 
-def _between(total: str, recent: str, older: str) -> pl.Expr:
-    """The total over (t - older, t - recent]."""
-    return pl.col(f"{total}@{recent}") - pl.col(f"{total}@{older}")
+def _sum_since(name: str, tag: str) -> pl.Expr:
+    """Sum over (t - w, t]."""
+    return pl.col(f"{name}+") - pl.col(f"{name}-").gather(pl.col(f"@{tag}"))
+
+
+def _sum_between(name: str, recent: str, older: str) -> pl.Expr:
+    """Sum over (t - older, t - recent]."""
+    exclusive = pl.col(f"{name}-")
+    return exclusive.gather(pl.col(f"@{recent}")) - exclusive.gather(pl.col(f"@{older}"))
 
 
 def _customer_features(cfg: FeatureConfig) -> list[pl.Expr]:
     exprs: list[pl.Expr] = []
     for w in customer_windows(cfg):
-        count = _window("c_n", w.label)
-        exprs.append(count.cast(pl.Float64).alias(f"customer__count__{w.label}"))
-        exprs.append((_window("c_amt", w.label) / count).alias(f"customer__mean_amount__{w.label}"))
-    exprs.append(_window("c_small", "1d").cast(pl.Float64).alias("customer__small_count__1d"))
+        exprs.append(_count(w.label).alias(f"customer__count__{w.label}"))
+        mean = _sum_since("amount", w.label) / _count(w.label)
+        exprs.append(mean.alias(f"customer__mean_amount__{w.label}"))
+    exprs.append(_sum_since("small", "1d").cast(pl.Float64).alias("customer__small_count__1d"))
     longest = customer_windows(cfg)[-1].label
-    known = _between("c_fraud", "delay", "delay_w").cast(pl.Float64)
+    known = _sum_between("fraud", "delay", "delay_w").cast(pl.Float64)
     exprs.append(known.alias(f"customer__known_fraud_count__{longest}"))
+    gap_hours = (pl.col(_T) - pl.col(_T).shift(1)) / (3_600 * _US)
+    first = pl.col("__pos") == pl.col("__start")
+    gap = pl.when(first).then(HOURS_SINCE_PREV_CAP).otherwise(gap_hours)
+    exprs.append(gap.clip(upper_bound=HOURS_SINCE_PREV_CAP).alias("customer__hours_since_prev"))
     return exprs
 
 
 def _terminal_features(cfg: FeatureConfig) -> list[pl.Expr]:
-    exprs = [_window("t_n", "live1d").cast(pl.Float64).alias("terminal__live_count__1d")]
+    exprs = [_count("live1d").alias("terminal__live_count__1d")]
     for w in terminal_windows(cfg):
-        count = _between("t_n", "delay", f"delay_{w.label}")
-        frauds = _between("t_fraud", "delay", f"delay_{w.label}")
+        count = (pl.col("@delay") - pl.col(f"@delay_{w.label}")).cast(pl.Float64)
+        frauds = _sum_between("fraud", "delay", f"delay_{w.label}").cast(pl.Float64)
         rate = pl.when(count > 0).then(frauds / count).otherwise(0.0)
-        exprs.append(count.cast(pl.Float64).alias(f"terminal__count__{w.label}"))
-        exprs.append(rate.cast(pl.Float64).alias(f"terminal__fraud_rate__{w.label}"))
+        exprs.append(count.alias(f"terminal__count__{w.label}"))
+        exprs.append(rate.alias(f"terminal__fraud_rate__{w.label}"))
     return exprs
 
 
-def _derived(cfg: FeatureConfig) -> list[pl.Expr]:
+def _row_features(cfg: FeatureConfig) -> list[pl.Expr]:
     ts = pl.col(TIMESTAMP)
-    gap_hours = (pl.col(_T) - pl.col(_T).shift(1).over(CUSTOMER_ID)) / (3_600 * _US)
-    exprs = [
+    return [
         pl.col(AMOUNT).log1p().alias("tx__log_amount"),
         (ts.dt.weekday() >= 6).cast(pl.Float64).alias("tx__is_weekend"),
         (ts.dt.hour() < NIGHT_END_HOUR).cast(pl.Float64).alias("tx__is_night"),
         ts.dt.hour().cast(pl.Float64).alias("tx__hour"),
-        gap_hours.fill_null(HOURS_SINCE_PREV_CAP)
-        .clip(upper_bound=HOURS_SINCE_PREV_CAP)
-        .alias("customer__hours_since_prev"),
     ]
+
+
+def _ratios(cfg: FeatureConfig) -> list[pl.Expr]:
+    exprs = []
     for w in customer_windows(cfg):
         if w.label == "1h":
             continue
