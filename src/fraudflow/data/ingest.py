@@ -63,7 +63,7 @@ def read_transactions(path: Path, *, column_map: Mapping[str, str] | None = None
 def validate_transactions(df: pl.DataFrame) -> pl.DataFrame:
     """Check every schema rule; return canonical dtypes with the canonical columns first."""
     _check_columns(df)
-    df = df.with_row_index(_ROW, offset=1)
+    df = _blank_to_null(df).with_row_index(_ROW, offset=1)
     for column in (TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID):
         df = df.with_columns(_parse_id(df, column))
     df = df.with_columns(_parse_timestamp(df), _parse_amount(df))
@@ -112,6 +112,14 @@ def _check_columns(df: pl.DataFrame) -> None:
         )
 
 
+def _blank_to_null(df: pl.DataFrame) -> pl.DataFrame:
+    """A blank text cell ("" or only spaces) in a canonical column counts as empty."""
+    text = [c for c in _CANONICAL if c in df.columns and df.schema[c] == pl.String]
+    return df.with_columns(
+        pl.when(pl.col(c).str.strip_chars() != "").then(pl.col(c)).alias(c) for c in text
+    )
+
+
 def _fail(df: pl.DataFrame, bad: pl.Series, column: str, rule: str, what: tuple[str, str]) -> None:
     """Raise a DataError describing the rows where ``bad`` is true, if any.
 
@@ -141,13 +149,8 @@ def _parse_id(df: pl.DataFrame, column: str) -> pl.Series:
         return values.cast(pl.Int64)
     if values.dtype.is_float():
         fractional = values != values.round(0)
-        _fail(
-            df,
-            fractional,
-            column,
-            "must be an integer or text id",
-            ("is fractional", "are fractional"),
-        )
+        rule = "must be an integer or text id"
+        _fail(df, fractional, column, rule, ("is fractional", "are fractional"))
         return values.cast(pl.Int64)
     return values.cast(pl.String)
 
