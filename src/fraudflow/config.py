@@ -105,9 +105,29 @@ class TrainConfig:
     device: DeviceName = "auto"
     amp: AmpMode = "off"
     seed: int = 0
+    # torch.compile the model (worth it on GPUs for long runs; compile time is paid once).
+    compile: bool = False
+    # Also checkpoint every N optimiser steps (0: at epoch ends only).
+    checkpoint_every_steps: int = 0
+    # Out-of-memory back-off halves the batch down to this size, then gives up.
+    min_batch_size: int = 32
+    # CPU cap on the estimated activation memory of one batch, in MiB (None: no cap).
+    max_batch_memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs must be >= 1", self.epochs)
+        _require(self.min_batch_size >= 1, "min_batch_size must be >= 1", self.min_batch_size)
+        _require(
+            self.checkpoint_every_steps >= 0,
+            "checkpoint_every_steps must be >= 0",
+            self.checkpoint_every_steps,
+        )
+        if self.max_batch_memory_mb is not None:
+            _require(
+                self.max_batch_memory_mb > 0,
+                "max_batch_memory_mb must be > 0",
+                self.max_batch_memory_mb,
+            )
         _require(self.batch_size >= 1, "batch_size must be >= 1", self.batch_size)
         _require(self.learning_rate > 0, "learning_rate must be > 0", self.learning_rate)
         _require(0 <= self.dropout < 1, "dropout must be in [0, 1)", self.dropout)

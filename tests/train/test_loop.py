@@ -7,9 +7,10 @@ from fraudflow.config import TrainConfig
 from fraudflow.errors import ConfigError, TrainingError
 from fraudflow.models import MLP
 from fraudflow.train.checkpointing import BEST, LAST, load_checkpoint
+from fraudflow.train.distributed import single_process
 from fraudflow.train.loop import EpochLog, TensorData, fit
 
-CPU = torch.device("cpu")
+CPU = single_process(torch.device("cpu"))
 
 
 def _data(n: int, seed: int) -> TensorData:
@@ -32,7 +33,7 @@ def _model(cfg: TrainConfig = CFG) -> MLP:
 
 def _fit(tmp: Path, cfg: TrainConfig = CFG, **kwargs: object) -> tuple[MLP, object]:
     model = _model(cfg)
-    result = fit(model, TRAIN, VALID, cfg, device=CPU, checkpoint_dir=tmp, **kwargs)  # type: ignore[arg-type]
+    result = fit(model, TRAIN, VALID, cfg, dist_ctx=CPU, checkpoint_dir=tmp, **kwargs)  # type: ignore[arg-type]
     return model, result
 
 
@@ -75,6 +76,9 @@ class _CrashAfter:
         if log.epoch == self.epoch:
             raise _Crash
 
+    def on_backoff(self, old_batch_size: int, new_batch_size: int) -> None:
+        pass
+
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     whole, whole_result = _fit(tmp_path / "whole")
@@ -112,4 +116,4 @@ def test_bf16_autocast_trains_on_cpu(tmp_path: Path) -> None:
 def test_no_fraud_labels_is_an_error(tmp_path: Path) -> None:
     empty = TensorData(inputs=TRAIN.inputs, labels=torch.zeros_like(TRAIN.labels))
     with pytest.raises(TrainingError, match="no fraud labels"):
-        fit(_model(), empty, VALID, CFG, device=CPU, checkpoint_dir=tmp_path)
+        fit(_model(), empty, VALID, CFG, dist_ctx=CPU, checkpoint_dir=tmp_path)

@@ -16,10 +16,9 @@ from typer.testing import CliRunner
 
 from fraudflow.artifacts import load_bundle
 from fraudflow.cli.main import app
-from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
-from fraudflow.data.simulator import simulate
+from fraudflow.config import RunConfig, TrainConfig
 from fraudflow.errors import ConfigError
-from fraudflow.features import build_features, read_feature_table, write_feature_table
+from fraudflow.features import read_feature_table
 from fraudflow.train import DONE, train_run
 
 pytestmark = pytest.mark.slow
@@ -35,15 +34,6 @@ METRIC_KEYS = {
     "train_seconds",
     "train_samples_per_second",
 }
-
-
-@pytest.fixture(scope="module")
-def features_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    sim = SimulationConfig(n_customers=1500, n_terminals=3000, n_days=75, seed=0)
-    cfg = FeatureConfig()
-    path = tmp_path_factory.mktemp("data") / "features.parquet"
-    write_feature_table(build_features(simulate(sim), cfg), path, cfg)
-    return path
 
 
 def _cfg(model: str, **train: object) -> RunConfig:

@@ -66,6 +66,12 @@ class EpochProgress:
         description = f"{self.label} epoch {epoch + 1}/{self.epochs}{self.last}"
         self.progress.update(self.task, completed=done, total=total, description=description)
 
+    def on_backoff(self, old_batch_size: int, new_batch_size: int) -> None:
+        err_console.print(
+            f"[yellow]out of memory at batch size {old_batch_size}: "
+            f"continuing with {new_batch_size}[/]"
+        )
+
     def on_epoch(self, log: EpochLog) -> None:
         self.last = f"  loss {log.loss:.4f}  val AP {log.valid_average_precision:.4f}"
         self.progress.update(

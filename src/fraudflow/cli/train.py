@@ -15,6 +15,7 @@ from fraudflow.cli.progress import EpochProgress, spinner
 from fraudflow.cli.tables import metrics_table
 from fraudflow.config import RunConfig, load_run_config
 from fraudflow.models import NEURAL_MODELS
+from fraudflow.train.distributed import DistContext, cleanup, environment, from_environment
 from fraudflow.train.run import RunOutcome, train_run
 
 __all__ = ["run_training", "train"]
@@ -56,6 +57,19 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="Continue a stopped run from its last checkpoint."
     ),
+    ddp: bool = typer.Option(
+        False, "--ddp", help="DistributedDataParallel under torchrun (NCCL on GPUs, gloo on CPU)."
+    ),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    checkpoint_every_steps: int = typer.Option(
+        None, "--checkpoint-every-steps", help="Also checkpoint every N steps [0: epochs only]."
+    ),
+    max_batch_memory: float = typer.Option(
+        None, "--max-batch-memory", help="CPU cap (MiB) on a batch's activation memory."
+    ),
+    min_batch_size: int = typer.Option(
+        None, "--min-batch-size", help="Out-of-memory back-off stops here [32]."
+    ),
 ) -> None:
     """Train a model on a feature table, evaluate it on the test period, write the run folder."""
     cfg = load_run_config(config, set_)
@@ -69,11 +83,18 @@ def train(
     train_flags = {
         "model": model, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "patience": patience, "device": device, "amp": amp, "seed": seed,
+        "compile": compile_ or None, "checkpoint_every_steps": checkpoint_every_steps,
+        "max_batch_memory_mb": max_batch_memory, "min_batch_size": min_batch_size,
     }  # fmt: skip
     cfg = _with_flags(cfg, split_flags, train_flags)
-    outcome = run_training(features, out, cfg, resume=resume)
-    Console().print(metrics_table([outcome.metrics], [out.name]))
-    Console().print(f"run folder: {out}")
+    dist_ctx = from_environment(environment(), cfg.train.device) if ddp else None
+    try:
+        outcome = run_training(features, out, cfg, resume=resume, dist_ctx=dist_ctx)
+    finally:
+        cleanup()
+    if dist_ctx is None or dist_ctx.is_main:
+        Console().print(metrics_table([outcome.metrics], [out.name]))
+        Console().print(f"run folder: {out}")
 
 
 def _with_flags(
@@ -89,11 +110,22 @@ def _with_flags(
     )
 
 
-def run_training(features: Path, out: Path, cfg: RunConfig, *, resume: bool = False) -> RunOutcome:
-    """Train with a progress display suited to the model kind."""
+def run_training(
+    features: Path,
+    out: Path,
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    dist_ctx: DistContext | None = None,
+) -> RunOutcome:
+    """Train with a progress display suited to the model kind (rank 0 only under DDP)."""
     label = cfg.train.model
+    if dist_ctx is not None and not dist_ctx.is_main:
+        return train_run(features, out, cfg, resume=resume, dist_ctx=dist_ctx)
     if cfg.train.model in NEURAL_MODELS:
         with EpochProgress.open(cfg.train.epochs, label) as observer:
-            return train_run(features, out, cfg, resume=resume, observer=observer)
+            return train_run(
+                features, out, cfg, resume=resume, observer=observer, dist_ctx=dist_ctx
+            )
     with spinner(f"training {label} (LightGBM, early stopping on validation AP)"):
         return train_run(features, out, cfg, resume=resume)

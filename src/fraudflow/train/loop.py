@@ -1,8 +1,14 @@
 """The one training loop for every neural model.
 
-Plain torch, readable in one sitting: batches are sliced from tensors already on the device (no
-per-sample DataLoader), the loss is class-weighted cross-entropy, validation average precision
-drives early stopping, and a checkpoint after every epoch lets ``resume`` continue bit-for-bit.
+Plain torch, readable in one sitting. Batches are sliced from tensors already on the device
+(no per-sample DataLoader). The loss is class-weighted cross-entropy, validation average
+precision drives early stopping, and checkpoints (every epoch, optionally every N steps) let
+``resume`` continue bit-for-bit, mid-epoch included.
+
+Distributed: every rank holds the data and draws the same per-epoch permutation; each global
+batch of ``batch_size`` rows is split across the ranks, and DDP averages their gradients. With
+the loss scaled as below, N ranks compute the same update as one process with the same global
+batch. Only rank 0 writes checkpoints and reports progress.
 
 Shape: data.inputs[k] is (N, ...), data.labels is (N,); the model maps a batch dict to (B, 2).
 """
@@ -17,15 +23,25 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from fraudflow.config import TrainConfig
 from fraudflow.errors import TrainingError
 from fraudflow.eval.metrics import average_precision
 from fraudflow.models.interface import NeuralModel
+from fraudflow.train.backoff import (
+    activation_bytes_per_sample,
+    check_batch_memory,
+    free_memory,
+    is_out_of_memory,
+    next_batch_size,
+)
 from fraudflow.train.checkpointing import BEST, LAST, load_checkpoint, save_checkpoint
 from fraudflow.train.device import autocast, check_amp
+from fraudflow.train.distributed import DistContext
 
 __all__ = ["EpochLog", "FitResult", "LoopObserver", "TensorData", "fit", "predict_scores"]
 
@@ -63,20 +79,47 @@ class LoopObserver(Protocol):
 
     def on_epoch(self, log: EpochLog) -> None: ...
 
+    def on_backoff(self, old_batch_size: int, new_batch_size: int) -> None: ...
+
 
 @dataclass
 class FitResult:
+    """The loop's whole state: a checkpoint stores it, a resume restores it."""
+
+    batch_size: int = 0
     best_epoch: int = -1
     best_valid_average_precision: float = -math.inf
     epochs_without_improvement: int = 0
     next_epoch: int = 0
+    # Mid-epoch position: samples of ``next_epoch`` already trained on, and their loss sum.
+    epoch_offset: int = 0
+    epoch_loss_sum: float = 0.0
+    steps: int = 0
     train_seconds: float = 0.0
     samples_seen: int = 0
+    backoffs: list[list[int]] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def samples_per_second(self) -> float:
         return self.samples_seen / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+@dataclass
+class _Run:
+    """What every step needs, bundled so that helpers keep short signatures."""
+
+    model: NeuralModel  # the bare model: its state_dict is what checkpoints hold
+    net: Any  # what forward runs through: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    weights: Tensor  # (2,) class weights
+    cfg: TrainConfig
+    dist: DistContext
+    checkpoint_dir: Path
+    extra_state: dict[str, Any]
+    observer: LoopObserver | None
+    bytes_per_sample: int = 0
 
 
 def fit(
@@ -85,89 +128,160 @@ def fit(
     valid: TensorData,
     cfg: TrainConfig,
     *,
-    device: torch.device,
+    dist_ctx: DistContext,
     checkpoint_dir: Path,
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     observer: LoopObserver | None = None,
 ) -> FitResult:
     """Train ``model`` in place; on return it holds the weights of the best validation epoch."""
+    device = dist_ctx.device
     check_amp(cfg.amp, device)
     torch.manual_seed(cfg.seed)
+    run = _setup(model, cfg, dist_ctx, checkpoint_dir, extra_state or {}, observer)
+    state = FitResult(batch_size=cfg.batch_size)
+    if resume and (checkpoint_dir / LAST).is_file():
+        state = _restore(checkpoint_dir / LAST, run)
+    train, valid = train.to(device), valid.to(device)
+    run.weights = _class_weights(train.labels, cfg.pos_weight).to(device)
+    if cfg.max_batch_memory_mb is not None:
+        run.bytes_per_sample = activation_bytes_per_sample(model, train.batch(torch.arange(2))[0])
+    for epoch in range(state.next_epoch, cfg.epochs):
+        if state.epochs_without_improvement >= cfg.patience:
+            break
+        _run_epoch(run, state, epoch, train, valid)
+    dist_ctx.barrier()
+    model.load_state_dict(load_checkpoint(checkpoint_dir / BEST)["model"])
+    return state
+
+
+def _setup(
+    model: NeuralModel,
+    cfg: TrainConfig,
+    dist_ctx: DistContext,
+    checkpoint_dir: Path,
+    extra_state: dict[str, Any],
+    observer: LoopObserver | None,
+) -> _Run:
     module: Any = model
-    module.to(device)
+    module.to(dist_ctx.device)
+    net: Any = model
+    if dist_ctx.enabled:
+        ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
+        net = DistributedDataParallel(module, device_ids=ids)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
     # GradScaler only for fp16: bf16 has fp32's exponent range, so its gradients do not underflow.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    state = FitResult()
-    if resume and (checkpoint_dir / LAST).is_file():
-        state = _restore(checkpoint_dir / LAST, model, optimizer, scaler)
-    train, valid = train.to(device), valid.to(device)
-    weights = _class_weights(train.labels, cfg.pos_weight).to(device)
-    for epoch in range(state.next_epoch, cfg.epochs):
-        if state.epochs_without_improvement >= cfg.patience:
-            break
-        started = time.perf_counter()
-        loss = _train_epoch(model, train, optimizer, scaler, weights, cfg, epoch, device, observer)
-        scores = predict_scores(model, valid, amp=cfg.amp, device=device)
-        ap = average_precision(valid.labels.cpu().numpy(), scores)
-        log = EpochLog(epoch, loss, ap, time.perf_counter() - started)
-        _record(state, log, len(train))
-        _save(
-            checkpoint_dir,
-            state,
-            model,
-            optimizer,
-            scaler,
-            extra_state,
-            improved=state.best_epoch == epoch,
-        )
-        if observer is not None:
-            observer.on_epoch(log)
-    best = load_checkpoint(checkpoint_dir / BEST)
-    model.load_state_dict(best["model"])
-    return state
+    scaler = torch.amp.GradScaler(dist_ctx.device.type, enabled=cfg.amp == "fp16")
+    return _Run(
+        model=model, net=net, optimizer=optimizer, scaler=scaler, weights=torch.ones(2),
+        cfg=cfg, dist=dist_ctx, checkpoint_dir=checkpoint_dir, extra_state=extra_state,
+        observer=observer if dist_ctx.is_main else None,
+    )  # fmt: skip
 
 
-def _train_epoch(
-    model: NeuralModel,
-    data: TensorData,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    weights: Tensor,
-    cfg: TrainConfig,
-    epoch: int,
-    device: torch.device,
-    observer: LoopObserver | None,
-) -> float:
-    model.train()
-    # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    order = torch.randperm(len(data), generator=generator).to(device)
-    n_batches = math.ceil(len(data) / cfg.batch_size)
-    total = torch.zeros((), device=device)
-    for b in range(n_batches):
-        inputs, labels = data.batch(order[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-        with autocast(cfg.amp, device):
-            logits = model(inputs)  # (B, 2)
-            loss = F.cross_entropy(logits.float(), labels, weight=weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        # Accumulated on the device: no host sync inside the step.
-        total += loss.detach() * labels.shape[0]
-        if observer is not None:
-            observer.on_batch(epoch, b + 1, n_batches)
-    return float(total.item()) / len(data)
+def _run_epoch(
+    run: _Run, state: FitResult, epoch: int, train: TensorData, valid: TensorData
+) -> None:
+    started = time.perf_counter()
+    n_used, loss_sum = _train_epoch(run, state, epoch, train)
+    # The bare model: a DDP forward would broadcast buffers, a collective we do not need here.
+    scores = predict_scores(run.model, valid, amp=run.cfg.amp, device=run.dist.device)
+    ap = average_precision(valid.labels.cpu().numpy(), scores)
+    log = EpochLog(epoch, loss_sum / max(n_used, 1), ap, time.perf_counter() - started)
+    _record(state, log)
+    _save(run, state, improved=state.best_epoch == epoch)
+    run.dist.barrier()
+    if run.observer is not None:
+        run.observer.on_epoch(log)
+
+
+def _epoch_order(seed: int, epoch: int, n: int, device: torch.device) -> Tensor:
+    # The order depends on (seed, epoch) only: every rank and every resume draws the same one.
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def _train_epoch(run: _Run, state: FitResult, epoch: int, data: TensorData) -> tuple[int, float]:
+    """Train from the saved mid-epoch offset to the end; return (samples used, loss sum)."""
+    run.net.train()
+    order = _epoch_order(run.cfg.seed, epoch, len(data), run.dist.device)
+    # Rank 0 carries the loss already summed before a mid-epoch resume; sums meet at the end.
+    carried = state.epoch_loss_sum if run.dist.is_main else 0.0
+    total = torch.tensor(carried, dtype=torch.float64, device=run.dist.device)
+    offset = state.epoch_offset
+    while len(batch := order[offset : offset + state.batch_size]) >= run.dist.world_size:
+        step_loss = _guarded_step(run, state, data, batch)
+        if step_loss is None:
+            continue  # the batch size was halved; retry the same samples
+        total += step_loss
+        offset += batch.shape[0]
+        state.steps += 1
+        state.samples_seen += batch.shape[0]
+        if run.observer is not None:
+            run.observer.on_batch(epoch, offset, len(data))
+        if _step_checkpoint_due(run.cfg, state, offset, len(data)):
+            state.epoch_offset, state.epoch_loss_sum = offset, _global_sum(total, run.dist)
+            _save(run, state, improved=False)
+    state.epoch_offset, state.epoch_loss_sum = 0, 0.0
+    return offset, _global_sum(total, run.dist)
+
+
+def _step_checkpoint_due(cfg: TrainConfig, state: FitResult, offset: int, n: int) -> bool:
+    every = cfg.checkpoint_every_steps
+    return every > 0 and state.steps % every == 0 and offset < n
+
+
+def _guarded_step(run: _Run, state: FitResult, data: TensorData, batch: Tensor) -> Tensor | None:
+    """One step; on out-of-memory, halve the batch size and return None."""
+    mine = batch.tensor_split(run.dist.world_size)[run.dist.rank]
+    try:
+        check_batch_memory(mine.shape[0], run.bytes_per_sample, run.cfg.max_batch_memory_mb)
+        return _step(run, data, mine, batch.shape[0])
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        if run.dist.enabled:
+            raise TrainingError(
+                f"out of memory at batch size {state.batch_size} in a distributed run; "
+                "back-off needs every rank to agree, so lower --batch-size instead"
+            ) from exc
+    run.optimizer.zero_grad(set_to_none=True)
+    free_memory(run.dist.device)
+    new_size = next_batch_size(state.batch_size, run.cfg.min_batch_size)
+    state.backoffs.append([state.batch_size, new_size])
+    if run.observer is not None:
+        run.observer.on_backoff(state.batch_size, new_size)
+    state.batch_size = new_size
+    return None
+
+
+def _step(run: _Run, data: TensorData, idx: Tensor, global_batch: int) -> Tensor:
+    inputs, labels = data.batch(idx)
+    with autocast(run.cfg.amp, run.dist.device):
+        logits = run.net(inputs)  # (B, 2)
+    per_sample = F.cross_entropy(logits.float(), labels, weight=run.weights, reduction="none")
+    # DDP averages gradients over ranks, so world / global_batch makes the update the gradient of
+    # sum(weighted loss) / global_batch: the same as one process taking the whole batch.
+    loss = per_sample.sum() * (run.dist.world_size / global_batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    # Stays on the device: no host sync inside the step.
+    return per_sample.detach().sum().double()
+
+
+def _global_sum(total: Tensor, dist_ctx: DistContext) -> float:
+    if dist_ctx.enabled:
+        total = total.clone()
+        dist.all_reduce(total)
+    return float(total.item())
 
 
 @torch.no_grad()
-def predict_scores(
-    model: NeuralModel, data: TensorData, *, amp: str, device: torch.device
-) -> np.ndarray:
+def predict_scores(model: Any, data: TensorData, *, amp: str, device: torch.device) -> np.ndarray:
     """Fraud probabilities, (N,) float64, in data order."""
     model.eval()
     parts = []
@@ -193,10 +307,9 @@ def _class_weights(labels: Tensor, pos_weight: float | None) -> Tensor:
     return torch.tensor([1.0, pos_weight], dtype=torch.float32)
 
 
-def _record(state: FitResult, log: EpochLog, n_samples: int) -> None:
+def _record(state: FitResult, log: EpochLog) -> None:
     state.history.append(asdict(log))
     state.train_seconds += log.seconds
-    state.samples_seen += n_samples
     state.next_epoch = log.epoch + 1
     if log.valid_average_precision > state.best_valid_average_precision:
         state.best_valid_average_precision = log.valid_average_precision
@@ -206,40 +319,28 @@ def _record(state: FitResult, log: EpochLog, n_samples: int) -> None:
         state.epochs_without_improvement += 1
 
 
-def _save(
-    checkpoint_dir: Path,
-    state: FitResult,
-    model: NeuralModel,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    extra_state: dict[str, Any] | None,
-    *,
-    improved: bool,
-) -> None:
+def _save(run: _Run, state: FitResult, *, improved: bool) -> None:
+    if not run.dist.is_main:
+        return
     payload = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "loop": asdict(state),
         "rng": _rng_state(),
-        **(extra_state or {}),
+        **run.extra_state,
     }
     if improved:
-        save_checkpoint(checkpoint_dir / BEST, payload)
+        save_checkpoint(run.checkpoint_dir / BEST, payload)
     # "last" is written after "best", so a resume never sees a last newer than its best.
-    save_checkpoint(checkpoint_dir / LAST, payload)
+    save_checkpoint(run.checkpoint_dir / LAST, payload)
 
 
-def _restore(
-    path: Path,
-    model: NeuralModel,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-) -> FitResult:
+def _restore(path: Path, run: _Run) -> FitResult:
     saved = load_checkpoint(path)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scaler.load_state_dict(saved["scaler"])
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scaler.load_state_dict(saved["scaler"])
     torch.set_rng_state(saved["rng"]["torch"])
     if torch.cuda.is_available() and saved["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])

@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
@@ -37,6 +37,7 @@ from fraudflow.features import FeatureTable, read_feature_table
 from fraudflow.files import write_json_atomic, write_text_atomic
 from fraudflow.models import Estimator, NeuralModel, Standardizer, build_model
 from fraudflow.train.device import check_amp, resolve_device
+from fraudflow.train.distributed import DistContext, single_process
 from fraudflow.train.loop import LoopObserver, TensorData, fit, predict_scores
 
 __all__ = ["DONE", "RunOutcome", "train_run"]
@@ -58,22 +59,34 @@ def train_run(
     *,
     resume: bool = False,
     observer: LoopObserver | None = None,
+    dist_ctx: DistContext | None = None,
 ) -> RunOutcome:
+    """Train and evaluate one model. Under DDP every rank calls this; only rank 0 writes files
+    and returns metrics (the others return an outcome with empty metrics)."""
     run_dir = Path(run_dir)
+    dist_ctx = dist_ctx or single_process(resolve_device(cfg.train.device))
     _check_run_dir(run_dir, resume)
     table = read_feature_table(features_path)
     split = split_by_time(table.frame, cfg.split, label_delay_days=table.label_delay_days)
     if resume:
         _check_same_config(run_dir, cfg)
-    write_json_atomic(run_dir / "config.json", _resolved_config(cfg, features_path, table, split))
+    dist_ctx.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if dist_ctx.is_main:
+        config = _resolved_config(cfg, features_path, table, split)
+        write_json_atomic(run_dir / "config.json", config | {"world_size": dist_ctx.world_size})
     model = build_model(
         cfg.train.model, n_features=len(table.feature_names), train=cfg.train, gbdt=cfg.gbdt
     )
     started = time.perf_counter()
     if isinstance(model, Estimator):
+        if dist_ctx.enabled:
+            raise ConfigError("--ddp trains neural models; LightGBM runs in one process")
         scores, stats = _fit_estimator(model, split, table.feature_names)
     else:
-        scores, stats = _fit_neural(model, split, table, cfg, run_dir, resume, observer)
+        neural = _NeuralJob(split, table, cfg, run_dir, resume, observer, dist_ctx)
+        scores, stats = _fit_neural(model, neural)
+    if not dist_ctx.is_main:
+        return RunOutcome(run_dir=run_dir, metrics={})
     stats.setdefault("train_seconds", time.perf_counter() - started)
     save_bundle(
         run_dir,
@@ -144,26 +157,33 @@ def _tensors(frame: pl.DataFrame, features: list[str], standardizer: Standardize
     return TensorData(inputs={"x": x}, labels=torch.from_numpy(_labels(frame)))
 
 
-def _fit_neural(
-    model: NeuralModel,
-    split: Split,
-    table: FeatureTable,
-    cfg: RunConfig,
-    run_dir: Path,
-    resume: bool,
-    observer: LoopObserver | None,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    device = resolve_device(cfg.train.device)
+@dataclass(frozen=True)
+class _NeuralJob:
+    split: Split
+    table: FeatureTable
+    cfg: RunConfig
+    run_dir: Path
+    resume: bool
+    observer: LoopObserver | None
+    dist_ctx: DistContext
+
+
+def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[np.ndarray, dict[str, Any]]:
+    cfg, split, device = job.cfg, job.split, job.dist_ctx.device
     check_amp(cfg.train.amp, device)
-    features = table.feature_names
+    features = job.table.feature_names
     standardizer = Standardizer.fit(torch.from_numpy(_matrix(split.fit, features)))
     train, valid, test = (
         _tensors(f, features, standardizer) for f in (split.fit, split.valid, split.test)
     )
+    if cfg.train.compile:
+        # Module.compile keeps the module and its state_dict keys: checkpoints stay portable.
+        cast(Any, model).compile()
     extra = {"features": features, "standardizer": standardizer.to_dict(), "config": to_dict(cfg)}
     result = fit(
-        model, train, valid, cfg.train, device=device, checkpoint_dir=run_dir / CHECKPOINTS,
-        resume=resume, extra_state=extra, observer=observer,
+        model, train, valid, cfg.train, dist_ctx=job.dist_ctx,
+        checkpoint_dir=job.run_dir / CHECKPOINTS, resume=job.resume, extra_state=extra,
+        observer=job.observer,
     )  # fmt: skip
     stats: dict[str, Any] = {
         "train_seconds": result.train_seconds,
@@ -172,6 +192,9 @@ def _fit_neural(
         "validation_average_precision": result.best_valid_average_precision,
         "epochs_run": result.next_epoch,
         "device": str(device),
+        "world_size": job.dist_ctx.world_size,
+        "amp": cfg.train.amp,
+        "backoffs": result.backoffs,
         "standardizer": standardizer,
     }
     return predict_scores(model, test.to(device), amp=cfg.train.amp, device=device), stats
