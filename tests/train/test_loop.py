@@ -6,6 +6,12 @@ import torch
 from fraudflow.config import TrainConfig
 from fraudflow.errors import ConfigError, TrainingError
 from fraudflow.models import MLP
+from fraudflow.train.backoff import (
+    BatchMemoryExceeded,
+    activation_bytes_per_sample,
+    check_batch_memory,
+    next_batch_size,
+)
 from fraudflow.train.checkpointing import BEST, LAST, load_checkpoint
 from fraudflow.train.distributed import single_process
 from fraudflow.train.loop import EpochLog, TensorData, fit
@@ -117,3 +123,52 @@ def test_no_fraud_labels_is_an_error(tmp_path: Path) -> None:
     empty = TensorData(inputs=TRAIN.inputs, labels=torch.zeros_like(TRAIN.labels))
     with pytest.raises(TrainingError, match="no fraud labels"):
         fit(_model(), empty, VALID, CFG, dist_ctx=CPU, checkpoint_dir=tmp_path)
+
+
+def test_memory_cap_halves_the_batch_until_it_fits(tmp_path: Path) -> None:
+    model = _model()
+    per_sample = activation_bytes_per_sample(model, {"x": TRAIN.inputs["x"][:2]})
+    # Room for 300 samples: 1024 -> 512 -> 256.
+    cap_mb = 300 * per_sample / 2**20
+    cfg = TrainConfig(**{**CFG.__dict__, "batch_size": 1024, "max_batch_memory_mb": cap_mb})
+    _, result = _fit(tmp_path, cfg)
+    assert result.backoffs == [[1024, 512], [512, 256]]
+    assert result.batch_size == 256
+    assert result.samples_seen == 5 * len(TRAIN)  # nothing skipped: the same samples retried
+    assert result.best_valid_average_precision > 0.6
+
+
+def test_memory_cap_below_the_minimum_batch_gives_a_clear_error(tmp_path: Path) -> None:
+    cfg = TrainConfig(
+        **{**CFG.__dict__, "batch_size": 256, "min_batch_size": 64, "max_batch_memory_mb": 1e-6}
+    )
+    with pytest.raises(TrainingError, match="halving it would go below the minimum batch size 64"):
+        _fit(tmp_path, cfg)
+
+
+def test_back_off_decision() -> None:
+    assert next_batch_size(2048, 32) == 1024
+    assert next_batch_size(65, 32) == 32
+    with pytest.raises(TrainingError, match="out of memory at batch size 63"):
+        next_batch_size(63, 32)
+    check_batch_memory(100, 2**20, cap_mb=100)  # exactly at the cap fits
+    with pytest.raises(BatchMemoryExceeded):
+        check_batch_memory(101, 2**20, cap_mb=100)
+    check_batch_memory(10**9, 2**20, cap_mb=None)  # no cap
+
+
+def test_mid_epoch_checkpoints_resume_exactly(tmp_path: Path) -> None:
+    cfg = TrainConfig(**{**CFG.__dict__, "checkpoint_every_steps": 7})
+    whole, _ = _fit(tmp_path / "whole", cfg)
+
+    class _CrashMidEpoch(_CrashAfter):
+        def on_batch(self, epoch: int, done: int, total: int) -> None:
+            if epoch == 2 and done >= total // 2:
+                raise _Crash
+
+    with pytest.raises(_Crash):
+        _fit(tmp_path / "split", cfg, observer=_CrashMidEpoch(epoch=-1))
+    state = load_checkpoint(tmp_path / "split" / LAST)["loop"]
+    assert state["next_epoch"] == 2 and 0 < state["epoch_offset"] < len(TRAIN)
+    resumed, _ = _fit(tmp_path / "split", cfg, resume=True)
+    assert _same_weights(whole, resumed)

@@ -98,30 +98,40 @@ def _cli_args(features: Path, out: Path, epochs: int) -> list[str]:
     return [
         "train", "--features", str(features), "--model", "mlp", "--out", str(out),
         "--epochs", str(epochs), "--patience", "100", "--batch-size", "512", "--seed", "5",
+        "--checkpoint-every-steps", "20",
     ]  # fmt: skip
 
 
-def _next_epoch(run: Path) -> int:
+def _loop_state(run: Path) -> dict[str, int]:
     last = run / "checkpoints" / "last.pt"
-    if not last.is_file():
-        return 0
-    return int(torch.load(last, weights_only=False)["loop"]["next_epoch"])
+    try:
+        return dict(torch.load(last, weights_only=False)["loop"])
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return {"next_epoch": 0, "epoch_offset": 0}
 
 
-def test_sigkill_then_resume_equals_uninterrupted(features_path: Path, tmp_path: Path) -> None:
+def _mid_epoch(run: Path) -> bool:
+    state = _loop_state(run)
+    return state["next_epoch"] >= 1 and state["epoch_offset"] > 0
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
+    features_path: Path, tmp_path: Path
+) -> None:
     runner = CliRunner()
-    whole = runner.invoke(app, _cli_args(features_path, tmp_path / "whole", 6))
+    whole = runner.invoke(app, _cli_args(features_path, tmp_path / "whole", 4))
     assert whole.exit_code == 0, whole.output
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "fraudflow", *_cli_args(features_path, killed, 6)]
+    cmd = [sys.executable, "-m", "fraudflow", *_cli_args(features_path, killed, 4)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while _next_epoch(killed) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not _mid_epoch(killed) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (killed / DONE).exists()
-    resumed = runner.invoke(app, [*_cli_args(features_path, killed, 6), "--resume"])
+    assert _loop_state(killed)["epoch_offset"] > 0  # the stop was mid-epoch
+    resumed = runner.invoke(app, [*_cli_args(features_path, killed, 4), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     a = torch.load(tmp_path / "whole" / "model" / "weights.pt", weights_only=True)
     b = torch.load(killed / "model" / "weights.pt", weights_only=True)
@@ -130,6 +140,12 @@ def test_sigkill_then_resume_equals_uninterrupted(features_path: Path, tmp_path:
     mb = json.loads((killed / "metrics.json").read_text())
     for key in ("roc_auc", "average_precision", "card_precision_at_100", "best_epoch"):
         assert ma[key] == mb[key], key
+    losses = [[h["loss"] for h in _history(run)] for run in (tmp_path / "whole", killed)]
+    assert losses[0] == losses[1]
+
+
+def _history(run: Path) -> list[dict[str, float]]:
+    return list(torch.load(run / "checkpoints" / "last.pt", weights_only=False)["loop"]["history"])
 
 
 def test_resume_with_other_settings_is_refused(features_path: Path, tmp_path: Path) -> None:
