@@ -14,7 +14,7 @@ from fraudflow.data.ingest import parse_column_map, read_transactions
 from fraudflow.data.io import write_table
 from fraudflow.data.simulator import simulate
 from fraudflow.errors import ConfigError
-from fraudflow.features import build_features, write_feature_table
+from fraudflow.features import build_features, write_feature_shards, write_feature_table
 
 __all__ = ["features", "generate"]
 
@@ -59,16 +59,22 @@ def features(
     label_delay_days: int = typer.Option(
         7, "--label-delay-days", help="Days until a fraud label is known."
     ),
+    shard_days: int = typer.Option(
+        None, "--shard-days", help="Write a folder of shards, one per N days, to --out."
+    ),
 ) -> None:
     """Build point-in-time features from a transaction log."""
     cfg = FeatureConfig(label_delay_days=label_delay_days)
     column_map = parse_column_map(map)
-    if out.suffix.lower() != ".parquet":
+    if shard_days is None and out.suffix.lower() != ".parquet":
         raise ConfigError(f"--out must be a .parquet file, however got {out}")
     with spinner(f"reading and validating {input}"):
         transactions = read_transactions(input, column_map=column_map)
     with spinner(f"building features for {transactions.height:,} transactions"):
         table = build_features(transactions, cfg)
     with spinner(f"writing {out}"):
-        write_feature_table(table, out, cfg)
+        if shard_days is None:
+            write_feature_table(table, out, cfg)
+        else:
+            write_feature_shards(table, out, cfg, shard_days=shard_days)
     err_console.print(f"{table.height:,} rows x {len(table.columns)} columns -> {out}")

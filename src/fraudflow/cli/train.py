@@ -24,7 +24,11 @@ __all__ = ["run_training", "train"]
 @handle_errors
 def train(
     features: Path = typer.Option(
-        ..., "--features", help="Feature table from `fraudflow features`."
+        ...,
+        "--features",
+        "--data",
+        help="Feature table from `fraudflow features`: a file, or a folder of Parquet shards "
+        "(streamed shard by shard).",
     ),
     model: str = typer.Option(..., "--model", help="mlp or gbdt."),
     out: Path = typer.Option(

@@ -27,7 +27,16 @@ from fraudflow.config import SplitConfig
 from fraudflow.data.schema import CUSTOMER_ID, IS_FRAUD, TIMESTAMP
 from fraudflow.errors import DataError
 
-__all__ = ["KNOWN_COMPROMISED", "Periods", "Split", "plan_periods", "split_by_time"]
+__all__ = [
+    "KNOWN_COMPROMISED",
+    "LazySplit",
+    "Periods",
+    "Split",
+    "in_period",
+    "plan_periods",
+    "split_by_time",
+    "split_lazy",
+]
 
 KNOWN_COMPROMISED = "known_compromised"
 
@@ -95,40 +104,61 @@ def _check_order(p: Periods, first_day: date, last_day: date) -> None:
         )
 
 
+@dataclass(frozen=True)
+class LazySplit:
+    """A split whose fit part stays lazy (it may be larger than memory)."""
+
+    periods: Periods
+    fit: pl.LazyFrame
+    valid: pl.DataFrame
+    test: pl.DataFrame  # with a boolean KNOWN_COMPROMISED column
+
+
 def split_by_time(frame: pl.DataFrame, cfg: SplitConfig, *, label_delay_days: int) -> Split:
     """Cut a feature table into fit / valid / test by day, flagging known-compromised cards."""
-    if frame.height == 0:
+    lazy = split_lazy(frame.lazy(), cfg, label_delay_days=label_delay_days)
+    return Split(periods=lazy.periods, fit=lazy.fit.collect(), valid=lazy.valid, test=lazy.test)
+
+
+def split_lazy(scan: pl.LazyFrame, cfg: SplitConfig, *, label_delay_days: int) -> LazySplit:
+    """The same split over a lazy scan (e.g. a folder of Parquet shards): only the validation
+    and test periods, and the few rows needed to know compromised cards, are collected."""
+    ts = pl.col(TIMESTAMP)
+    bounds = scan.select(ts.min().alias("first"), ts.max().alias("last")).collect()
+    if bounds["first"][0] is None:
         raise DataError("the feature table is empty")
-    days = frame[TIMESTAMP].dt.date()
-    periods = plan_periods(days.min(), days.max(), cfg)  # type: ignore[arg-type]
-    fit = _between(frame, periods.train_start, periods.valid_start)
-    valid = _between(frame, periods.valid_start, periods.delay_start)
-    test = _between(frame, periods.test_start, periods.test_end)
-    for name, part in (("fit", fit), ("validation", valid), ("test", test)):
-        _require_labels(name, part)
-    known = _known_compromised(frame, periods.test_start, label_delay_days)
+    periods = plan_periods(bounds["first"][0].date(), bounds["last"][0].date(), cfg)
+    fit = scan.filter(in_period(periods.train_start, periods.valid_start))
+    valid = scan.filter(in_period(periods.valid_start, periods.delay_start)).collect()
+    test = scan.filter(in_period(periods.test_start, periods.test_end)).collect()
+    counts = fit.select(pl.len().alias("rows"), pl.col(IS_FRAUD).sum().alias("frauds")).collect()
+    _require_labels("fit", int(counts["rows"][0]), int(counts["frauds"][0]))
+    for name, part in (("validation", valid), ("test", test)):
+        _require_labels(name, part.height, int(part[IS_FRAUD].sum()))
+    known = _known_compromised(scan, periods.test_start, label_delay_days)
     test = test.with_columns(pl.col(CUSTOMER_ID).is_in(known.implode()).alias(KNOWN_COMPROMISED))
-    return Split(periods=periods, fit=fit, valid=valid, test=test)
+    return LazySplit(periods=periods, fit=fit, valid=valid, test=test)
+
+
+def in_period(start: date, end: date) -> pl.Expr:
+    """Rows with start <= timestamp < end (UTC days)."""
+    ts = pl.col(TIMESTAMP)
+    return (ts >= _midnight(start)) & (ts < _midnight(end))
 
 
 def _midnight(day: date) -> datetime:
     return datetime.combine(day, time(0), tzinfo=UTC)
 
 
-def _between(frame: pl.DataFrame, start: date, end: date) -> pl.DataFrame:
-    ts = pl.col(TIMESTAMP)
-    return frame.filter((ts >= _midnight(start)) & (ts < _midnight(end)))
-
-
-def _require_labels(name: str, part: pl.DataFrame) -> None:
-    if part.height == 0:
+def _require_labels(name: str, rows: int, frauds: int) -> None:
+    if rows == 0:
         raise DataError(f"the {name} period has no transactions; adjust the split flags")
-    if int(part[IS_FRAUD].sum()) == 0:
+    if frauds == 0:
         raise DataError(f"the {name} period has no fraud labels; adjust the split flags")
 
 
-def _known_compromised(frame: pl.DataFrame, test_start: date, label_delay_days: int) -> pl.Series:
+def _known_compromised(scan: pl.LazyFrame, test_start: date, label_delay_days: int) -> pl.Series:
     """Customers with a fraud whose label was known before the test period began."""
     known_by = _midnight(test_start) - timedelta(days=label_delay_days)
-    frauds = frame.filter((pl.col(IS_FRAUD) == 1) & (pl.col(TIMESTAMP) <= known_by))
-    return frauds[CUSTOMER_ID].unique()
+    frauds = scan.filter((pl.col(IS_FRAUD) == 1) & (pl.col(TIMESTAMP) <= known_by))
+    return frauds.select(pl.col(CUSTOMER_ID).unique()).collect().to_series()

@@ -1,7 +1,15 @@
-"""The feature table on disk: Parquet with the feature list, version and config recorded."""
+"""The feature table on disk: Parquet with the feature list, version and config recorded.
+
+A table is one Parquet file, or a folder of Parquet shards (``part-00000.parquet``, ...) that
+share one feature list; a folder is read lazily, so it may be larger than memory.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +17,18 @@ import polars as pl
 
 from fraudflow.config import FeatureConfig, to_dict
 from fraudflow.data.io import read_parquet_metadata, write_table
-from fraudflow.errors import DataError
+from fraudflow.data.schema import TIMESTAMP
+from fraudflow.errors import ConfigError, DataError
 from fraudflow.features.specs import FEATURE_VERSION, describe_features
 
-__all__ = ["FeatureTable", "read_feature_table", "write_feature_table"]
+__all__ = [
+    "FeatureSource",
+    "FeatureTable",
+    "open_feature_source",
+    "read_feature_table",
+    "write_feature_shards",
+    "write_feature_table",
+]
 
 
 class FeatureTable:
@@ -31,20 +47,74 @@ class FeatureTable:
         return int(self.meta["feature_config"]["label_delay_days"])
 
 
-def write_feature_table(frame: pl.DataFrame, path: Path, cfg: FeatureConfig) -> None:
-    meta = {
+@dataclass(frozen=True)
+class FeatureSource:
+    """A feature table opened lazily: its shard files (one for a plain file) and metadata."""
+
+    files: tuple[Path, ...]
+    meta: dict[str, Any]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.meta["features"])
+
+    @property
+    def label_delay_days(self) -> int:
+        return int(self.meta["feature_config"]["label_delay_days"])
+
+    @property
+    def sharded(self) -> bool:
+        """True for a folder of shards: training then streams them instead of loading all."""
+        return bool(self.meta.get("_folder"))
+
+    def scan(self) -> pl.LazyFrame:
+        return pl.scan_parquet(list(self.files))
+
+
+def _metadata_meta(cfg: FeatureConfig) -> dict[str, Any]:
+    return {
         "feature_version": FEATURE_VERSION,
         "features": list(describe_features(cfg)),
         "descriptions": describe_features(cfg),
         "feature_config": to_dict(cfg),
     }
-    write_table(frame, path, metadata=meta)
 
 
-def read_feature_table(path: Path) -> FeatureTable:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"feature file {path} does not exist (build it with `fraudflow features`)")
+def write_feature_table(frame: pl.DataFrame, path: Path, cfg: FeatureConfig) -> None:
+    write_table(frame, path, metadata=_metadata_meta(cfg))
+
+
+def write_feature_shards(
+    frame: pl.DataFrame, folder: Path, cfg: FeatureConfig, *, shard_days: int
+) -> list[Path]:
+    """Write ``frame`` as one shard per ``shard_days`` days.
+
+    The shards are written into a temporary folder that is renamed into place at the end, so a
+    failure never leaves a partial set of shards behind.
+    """
+    if shard_days < 1:
+        raise ConfigError(f"--shard-days must be >= 1, however got {shard_days}")
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"shard folder {folder} already exists and is not empty")
+    first = frame[TIMESTAMP].min()
+    day = (pl.col(TIMESTAMP) - pl.lit(first)).dt.total_days() // shard_days
+    parts = frame.with_columns(day.alias("__shard")).partition_by("__shard", maintain_order=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for index, part in enumerate(parts):
+            write_feature_table(part.drop("__shard"), tmp / f"part-{index:05d}.parquet", cfg)
+        if folder.exists():
+            folder.rmdir()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(folder.glob("*.parquet"))
+
+
+def _checked_meta(path: Path) -> dict[str, Any]:
     meta = read_parquet_metadata(path)
     if "features" not in meta:
         raise DataError(f"{path} is not a fraudflow feature table: it records no feature list")
@@ -53,4 +123,28 @@ def read_feature_table(path: Path) -> FeatureTable:
             f"{path} has feature version {meta.get('feature_version')!r}, however this fraudflow "
             f"builds version {FEATURE_VERSION!r}: rebuild it with `fraudflow features`"
         )
-    return FeatureTable(pl.read_parquet(path), meta)
+    return meta
+
+
+def open_feature_source(path: Path) -> FeatureSource:
+    """Open a feature file or a folder of shards without reading the rows."""
+    path = Path(path)
+    if path.is_dir():
+        files = tuple(sorted(path.glob("*.parquet")))
+        if not files:
+            raise DataError(f"feature folder {path} holds no .parquet shards")
+    elif path.is_file():
+        files = (path,)
+    else:
+        raise DataError(f"feature table {path} does not exist (build it with `fraudflow features`)")
+    meta = _checked_meta(files[0])
+    for other in files[1:]:
+        if _checked_meta(other)["features"] != meta["features"]:
+            raise DataError(f"shard {other} has other features than {files[0]}")
+    return FeatureSource(files=files, meta=meta | {"_folder": path.is_dir()})
+
+
+def read_feature_table(path: Path) -> FeatureTable:
+    source = open_feature_source(path)
+    meta = {k: v for k, v in source.meta.items() if k != "_folder"}
+    return FeatureTable(source.scan().collect(), meta)

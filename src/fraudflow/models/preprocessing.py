@@ -30,6 +30,11 @@ class Standardizer:
         std = x64.std(dim=0, unbiased=False).clamp_min(MIN_STD)
         return cls(mean=x64.mean(dim=0).float(), std=std.float())
 
+    @classmethod
+    def from_moments(cls, mean: Tensor, variance: Tensor) -> Standardizer:
+        std = variance.double().sqrt().clamp_min(MIN_STD)
+        return cls(mean=mean.float(), std=std.float())
+
     def transform(self, x: Tensor) -> Tensor:
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         return ((x - mean) / std).clamp(-CLIP, CLIP)

@@ -43,7 +43,15 @@ from fraudflow.train.checkpointing import BEST, LAST, load_checkpoint, save_chec
 from fraudflow.train.device import autocast, check_amp
 from fraudflow.train.distributed import DistContext
 
-__all__ = ["EpochLog", "FitResult", "LoopObserver", "TensorData", "fit", "predict_scores"]
+__all__ = [
+    "EpochLog",
+    "FitResult",
+    "LoopObserver",
+    "TensorData",
+    "TrainingRows",
+    "fit",
+    "predict_scores",
+]
 
 PREDICT_BATCH = 65_536
 
@@ -62,6 +70,33 @@ class TensorData:
 
     def batch(self, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         return {k: v[idx] for k, v in self.inputs.items()}, self.labels[idx]
+
+    # TrainingRows: in memory, the whole table is one segment.
+    def positives(self) -> int:
+        return int(self.labels.sum())
+
+    def segment_sizes(self) -> list[int]:
+        return [len(self)]
+
+    def segment(self, index: int, device: torch.device) -> TensorData:
+        return self.to(device)
+
+
+class TrainingRows(Protocol):
+    """The loop's view of the training rows: segments that each fit on the device.
+
+    In memory (``TensorData``) there is one segment; a folder of Parquet shards streams one
+    shard per segment (``fraudflow.train.shards``). Segment order and the row order inside each
+    segment are reshuffled every epoch from (seed, epoch) alone.
+    """
+
+    def __len__(self) -> int: ...
+
+    def positives(self) -> int: ...
+
+    def segment_sizes(self) -> list[int]: ...
+
+    def segment(self, index: int, device: torch.device) -> TensorData: ...
 
 
 @dataclass(frozen=True)
@@ -124,7 +159,7 @@ class _Run:
 
 def fit(
     model: NeuralModel,
-    train: TensorData,
+    train: TrainingRows,
     valid: TensorData,
     cfg: TrainConfig,
     *,
@@ -142,10 +177,10 @@ def fit(
     state = FitResult(batch_size=cfg.batch_size)
     if resume and (checkpoint_dir / LAST).is_file():
         state = _restore(checkpoint_dir / LAST, run)
-    train, valid = train.to(device), valid.to(device)
-    run.weights = _class_weights(train.labels, cfg.pos_weight).to(device)
+    valid = valid.to(device)
+    run.weights = _class_weights(len(train), train.positives(), cfg.pos_weight).to(device)
     if cfg.max_batch_memory_mb is not None:
-        run.bytes_per_sample = activation_bytes_per_sample(model, train.batch(torch.arange(2))[0])
+        run.bytes_per_sample = activation_bytes_per_sample(model, valid.batch(torch.arange(2))[0])
     for epoch in range(state.next_epoch, cfg.epochs):
         if state.epochs_without_improvement >= cfg.patience:
             break
@@ -182,7 +217,7 @@ def _setup(
 
 
 def _run_epoch(
-    run: _Run, state: FitResult, epoch: int, train: TensorData, valid: TensorData
+    run: _Run, state: FitResult, epoch: int, train: TrainingRows, valid: TensorData
 ) -> None:
     started = time.perf_counter()
     n_used, loss_sum = _train_epoch(run, state, epoch, train)
@@ -197,35 +232,56 @@ def _run_epoch(
         run.observer.on_epoch(log)
 
 
-def _epoch_order(seed: int, epoch: int, n: int, device: torch.device) -> Tensor:
-    # The order depends on (seed, epoch) only: every rank and every resume draws the same one.
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def _permutation(n: int, seed: int, device: torch.device) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=generator).to(device)
 
 
-def _train_epoch(run: _Run, state: FitResult, epoch: int, data: TensorData) -> tuple[int, float]:
+def _train_epoch(run: _Run, state: FitResult, epoch: int, rows: TrainingRows) -> tuple[int, float]:
     """Train from the saved mid-epoch offset to the end; return (samples used, loss sum)."""
     run.net.train()
-    order = _epoch_order(run.cfg.seed, epoch, len(data), run.dist.device)
+    # Orders depend on (seed, epoch) only: every rank and every resume draws the same ones.
+    base_seed = run.cfg.seed * 1_000_003 + epoch * 1_009
+    sizes = rows.segment_sizes()
+    segment_order = _permutation(len(sizes), base_seed, torch.device("cpu")).tolist()
     # Rank 0 carries the loss already summed before a mid-epoch resume; sums meet at the end.
     carried = state.epoch_loss_sum if run.dist.is_main else 0.0
     total = torch.tensor(carried, dtype=torch.float64, device=run.dist.device)
-    offset = state.epoch_offset
-    while len(batch := order[offset : offset + state.batch_size]) >= run.dist.world_size:
+    done = 0  # rows of this epoch in segments already finished
+    for index in segment_order:
+        if done + sizes[index] > state.epoch_offset:
+            data = rows.segment(index, run.dist.device)
+            order = _permutation(len(data), base_seed + 1 + index, run.dist.device)
+            total = _train_segment(run, state, epoch, (data, order, done), total, len(rows))
+        done += sizes[index]
+    state.epoch_offset, state.epoch_loss_sum = 0, 0.0
+    return len(rows), _global_sum(total, run.dist)
+
+
+def _train_segment(
+    run: _Run,
+    state: FitResult,
+    epoch: int,
+    segment: tuple[TensorData, Tensor, int],
+    total: Tensor,
+    epoch_rows: int,
+) -> Tensor:
+    data, order, before = segment
+    within = max(state.epoch_offset - before, 0)
+    while len(batch := order[within : within + state.batch_size]) >= run.dist.world_size:
         step_loss = _guarded_step(run, state, data, batch)
         if step_loss is None:
             continue  # the batch size was halved; retry the same samples
         total += step_loss
-        offset += batch.shape[0]
+        within += batch.shape[0]
         state.steps += 1
         state.samples_seen += batch.shape[0]
         if run.observer is not None:
-            run.observer.on_batch(epoch, offset, len(data))
-        if _step_checkpoint_due(run.cfg, state, offset, len(data)):
-            state.epoch_offset, state.epoch_loss_sum = offset, _global_sum(total, run.dist)
+            run.observer.on_batch(epoch, before + within, epoch_rows)
+        if _step_checkpoint_due(run.cfg, state, before + within, epoch_rows):
+            state.epoch_offset, state.epoch_loss_sum = before + within, _global_sum(total, run.dist)
             _save(run, state, improved=False)
-    state.epoch_offset, state.epoch_loss_sum = 0, 0.0
-    return offset, _global_sum(total, run.dist)
+    return total
 
 
 def _step_checkpoint_due(cfg: TrainConfig, state: FitResult, offset: int, n: int) -> bool:
@@ -296,14 +352,13 @@ def predict_scores(model: Any, data: TensorData, *, amp: str, device: torch.devi
     return torch.cat(parts).double().cpu().numpy()
 
 
-def _class_weights(labels: Tensor, pos_weight: float | None) -> Tensor:
-    n_pos = int(labels.sum())
+def _class_weights(n_rows: int, n_pos: int, pos_weight: float | None) -> Tensor:
     if n_pos == 0:
         raise TrainingError("the training period has no fraud labels: nothing to learn from")
     if pos_weight is None:
         # sqrt of the imbalance: enough to keep frauds from being ignored without
         # trading away the precision that average precision rewards.
-        pos_weight = math.sqrt((len(labels) - n_pos) / n_pos)
+        pos_weight = math.sqrt((n_rows - n_pos) / n_pos)
     return torch.tensor([1.0, pos_weight], dtype=torch.float32)
 
 

@@ -29,16 +29,17 @@ from fraudflow.artifacts import save_bundle
 from fraudflow.config import RunConfig, to_dict
 from fraudflow.data.io import write_table
 from fraudflow.data.schema import CUSTOMER_ID, IS_FRAUD, TIMESTAMP, TRANSACTION_ID
-from fraudflow.data.splits import KNOWN_COMPROMISED, Split, split_by_time
+from fraudflow.data.splits import KNOWN_COMPROMISED, LazySplit, in_period, split_lazy
 from fraudflow.errors import ConfigError
 from fraudflow.eval.metrics import metrics_from_predictions
 from fraudflow.eval.report import write_report
-from fraudflow.features import FeatureTable, read_feature_table
+from fraudflow.features import FeatureSource, open_feature_source
 from fraudflow.files import write_json_atomic, write_text_atomic
 from fraudflow.models import Estimator, NeuralModel, Standardizer, build_model
 from fraudflow.train.device import check_amp, resolve_device
 from fraudflow.train.distributed import DistContext, single_process
-from fraudflow.train.loop import LoopObserver, TensorData, fit, predict_scores
+from fraudflow.train.loop import LoopObserver, TensorData, TrainingRows, fit, predict_scores
+from fraudflow.train.shards import ShardRows, fit_standardizer
 
 __all__ = ["DONE", "RunOutcome", "train_run"]
 
@@ -66,8 +67,8 @@ def train_run(
     run_dir = Path(run_dir)
     dist_ctx = dist_ctx or single_process(resolve_device(cfg.train.device))
     _check_run_dir(run_dir, resume)
-    table = read_feature_table(features_path)
-    split = split_by_time(table.frame, cfg.split, label_delay_days=table.label_delay_days)
+    table = open_feature_source(features_path)
+    split = split_lazy(table.scan(), cfg.split, label_delay_days=table.label_delay_days)
     if resume:
         _check_same_config(run_dir, cfg)
     dist_ctx.barrier()  # every rank has checked the folder before rank 0 writes into it
@@ -81,7 +82,7 @@ def train_run(
     if isinstance(model, Estimator):
         if dist_ctx.enabled:
             raise ConfigError("--ddp trains neural models; LightGBM runs in one process")
-        scores, stats = _fit_estimator(model, split, table.feature_names)
+        scores, stats = _fit_estimator(model, split.fit.collect(), split, table.feature_names)
     else:
         neural = _NeuralJob(split, table, cfg, run_dir, resume, observer, dist_ctx)
         scores, stats = _fit_neural(model, neural)
@@ -132,12 +133,12 @@ def _labels(frame: pl.DataFrame) -> np.ndarray:
 
 
 def _fit_estimator(
-    model: Estimator, split: Split, features: list[str]
+    model: Estimator, fit_rows: pl.DataFrame, split: LazySplit, features: list[str]
 ) -> tuple[np.ndarray, dict[str, Any]]:
     started = time.perf_counter()
     model.fit(
-        _matrix(split.fit, features),
-        _labels(split.fit),
+        _matrix(fit_rows, features),
+        _labels(fit_rows),
         _matrix(split.valid, features),
         _labels(split.valid),
     )
@@ -146,7 +147,7 @@ def _fit_estimator(
     # Samples/s counts one pass over the fit rows per boosting round, like one epoch.
     stats = {
         "train_seconds": seconds,
-        "train_samples_per_second": split.fit.height * rounds / seconds,
+        "train_samples_per_second": fit_rows.height * rounds / seconds,
         "best_iteration": rounds,
     }
     return model.predict_proba(_matrix(split.test, features)), stats
@@ -159,8 +160,8 @@ def _tensors(frame: pl.DataFrame, features: list[str], standardizer: Standardize
 
 @dataclass(frozen=True)
 class _NeuralJob:
-    split: Split
-    table: FeatureTable
+    split: LazySplit
+    table: FeatureSource
     cfg: RunConfig
     run_dir: Path
     resume: bool
@@ -172,10 +173,8 @@ def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[np.ndarray, dict[s
     cfg, split, device = job.cfg, job.split, job.dist_ctx.device
     check_amp(cfg.train.amp, device)
     features = job.table.feature_names
-    standardizer = Standardizer.fit(torch.from_numpy(_matrix(split.fit, features)))
-    train, valid, test = (
-        _tensors(f, features, standardizer) for f in (split.fit, split.valid, split.test)
-    )
+    train, standardizer = _training_rows(job)
+    valid, test = (_tensors(f, features, standardizer) for f in (split.valid, split.test))
     if cfg.train.compile:
         # Module.compile keeps the module and its state_dict keys: checkpoints stay portable.
         cast(Any, model).compile()
@@ -200,7 +199,20 @@ def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[np.ndarray, dict[s
     return predict_scores(model, test.to(device), amp=cfg.train.amp, device=device), stats
 
 
-def _predictions(split: Split, scores: np.ndarray) -> pl.DataFrame:
+def _training_rows(job: _NeuralJob) -> tuple[TrainingRows, Standardizer]:
+    """In memory for one file; streamed shard by shard for a folder of shards."""
+    features, periods = job.table.feature_names, job.split.periods
+    if job.table.sharded:
+        period = in_period(periods.train_start, periods.valid_start)
+        shards = [pl.scan_parquet(f).filter(period) for f in job.table.files]
+        standardizer = fit_standardizer(shards, features)
+        return ShardRows(shards, features, standardizer), standardizer
+    fit_rows = job.split.fit.collect()
+    standardizer = Standardizer.fit(torch.from_numpy(_matrix(fit_rows, features)))
+    return _tensors(fit_rows, features, standardizer), standardizer
+
+
+def _predictions(split: LazySplit, scores: np.ndarray) -> pl.DataFrame:
     return split.test.select(
         TRANSACTION_ID,
         CUSTOMER_ID,
@@ -212,7 +224,7 @@ def _predictions(split: Split, scores: np.ndarray) -> pl.DataFrame:
 
 
 def _finish(
-    run_dir: Path, cfg: RunConfig, split: Split, scores: np.ndarray, stats: dict[str, Any]
+    run_dir: Path, cfg: RunConfig, split: LazySplit, scores: np.ndarray, stats: dict[str, Any]
 ) -> RunOutcome:
     predictions = _predictions(split, scores)
     metrics = {"model": cfg.train.model, **metrics_from_predictions(predictions), **stats}
@@ -225,7 +237,7 @@ def _finish(
     return RunOutcome(run_dir=run_dir, metrics=metrics)
 
 
-def _bundle_meta(cfg: RunConfig, table: FeatureTable) -> dict[str, Any]:
+def _bundle_meta(cfg: RunConfig, table: FeatureSource) -> dict[str, Any]:
     return {
         "model": cfg.train.model,
         "features": table.feature_names,
@@ -236,7 +248,7 @@ def _bundle_meta(cfg: RunConfig, table: FeatureTable) -> dict[str, Any]:
 
 
 def _resolved_config(
-    cfg: RunConfig, features_path: Path, table: FeatureTable, split: Split
+    cfg: RunConfig, features_path: Path, table: FeatureSource, split: LazySplit
 ) -> dict[str, Any]:
     return {
         **to_dict(cfg),
@@ -245,5 +257,6 @@ def _resolved_config(
         "feature_config": table.meta["feature_config"],
         "features": table.feature_names,
         "periods": split.periods.as_dict(),
-        "rows": {"fit": split.fit.height, "valid": split.valid.height, "test": split.test.height},
+        "rows": {"valid": split.valid.height, "test": split.test.height},
+        "shards": len(table.files) if table.sharded else 0,
     }

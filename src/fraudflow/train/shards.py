@@ -1,0 +1,78 @@
+"""Training rows streamed from Parquet shards, one shard per loop segment.
+
+Used when the feature table is a folder: only the current shard is in memory. On CUDA the
+host copy is pinned so that the transfer to the device runs asynchronously. Shard sizes and
+label counts come from cheap aggregate scans; the standardiser is fitted from per-shard sums,
+so fitting it never needs the whole table either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from fraudflow.data.schema import IS_FRAUD
+from fraudflow.models import Standardizer
+from fraudflow.train.loop import TensorData
+
+__all__ = ["ShardRows", "fit_standardizer"]
+
+
+def _counts(fit: pl.LazyFrame) -> tuple[int, int]:
+    row = fit.select(pl.len(), pl.col(IS_FRAUD).sum()).collect().row(0)
+    return int(row[0]), int(row[1] or 0)
+
+
+@dataclass
+class ShardRows:
+    """TrainingRows over lazy per-shard scans, already filtered to the fit period."""
+
+    shards: list[pl.LazyFrame]
+    features: list[str]
+    standardizer: Standardizer
+
+    def __post_init__(self) -> None:
+        counts = [_counts(s) for s in self.shards]
+        self._sizes = [c[0] for c in counts]
+        self._positives = sum(c[1] for c in counts)
+
+    def __len__(self) -> int:
+        return sum(self._sizes)
+
+    def positives(self) -> int:
+        return self._positives
+
+    def segment_sizes(self) -> list[int]:
+        return list(self._sizes)
+
+    def segment(self, index: int, device: torch.device) -> TensorData:
+        frame = self.shards[index].select(*self.features, IS_FRAUD).collect()
+        x = torch.from_numpy(frame.select(self.features).to_numpy().astype(np.float32))  # (n, F)
+        y = torch.from_numpy(frame[IS_FRAUD].to_numpy().astype(np.int64))  # (n,)
+        if device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        x = x.to(device, non_blocking=True)
+        return TensorData(inputs={"x": self.standardizer.transform(x)}, labels=y.to(device))
+
+
+def fit_standardizer(shards: list[pl.LazyFrame], features: list[str]) -> Standardizer:
+    """Mean and standard deviation of each feature over all shards, from per-shard sums."""
+    sums = np.zeros(len(features))
+    squares = np.zeros(len(features))
+    rows = 0
+    for shard in shards:
+        cast = [pl.col(f).cast(pl.Float64) for f in features]
+        agg = shard.select(
+            *(c.sum().alias(f"s{i}") for i, c in enumerate(cast)),
+            *((c * c).sum().alias(f"q{i}") for i, c in enumerate(cast)),
+            pl.len().alias("n"),
+        ).collect()
+        sums += np.array([agg[f"s{i}"][0] for i in range(len(features))], dtype=np.float64)
+        squares += np.array([agg[f"q{i}"][0] for i in range(len(features))], dtype=np.float64)
+        rows += int(agg["n"][0])
+    mean = sums / max(rows, 1)
+    variance = np.maximum(squares / max(rows, 1) - mean**2, 0.0)
+    return Standardizer.from_moments(torch.from_numpy(mean), torch.from_numpy(variance))
