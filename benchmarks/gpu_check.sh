@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU check (issue 4): on a machine with one NVIDIA H100/H200, in under 8 minutes.
+#   1. the CUDA tests: fp16 + GradScaler, bf16, a real out-of-memory back-off, DDP with NCCL;
+#   2. the training benchmark on 10M x 100 synthetic samples: fp32 / bf16 / fp16, with and
+#      without torch.compile, a 100-epoch bf16 run, and the CPU figure for the ratio.
+# Every figure lands in one JSON file: $OUT/gpu_check.json (OUT defaults to runs/gpu_check).
+#
+#   bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="${PWD}/src${PYTHONPATH:+:$PYTHONPATH}"
+
+"$PYTHON" - <<'PY'
+import torch
+assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA device"
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+PY
+
+started=$(date +%s)
+set +e
+"$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_gpu.py \
+  --junitxml="$OUT/gpu_tests.xml" -s 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+set -e
+"$PYTHON" benchmarks/train_gpu.py --out "$OUT/train_gpu.json" 2>&1 | tee "$OUT/train_gpu.log"
+
+"$PYTHON" - "$OUT" "$tests_rc" "$started" <<'PY'
+import json, sys, time, xml.etree.ElementTree as ET
+from pathlib import Path
+out, tests_rc, started = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+suite = ET.parse(out / "gpu_tests.xml").getroot().find("testsuite") or ET.parse(out / "gpu_tests.xml").getroot()
+tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+summary = {"tests": tests, "tests_exit_code": tests_rc,
+           "train": json.loads((out / "train_gpu.json").read_text()),
+           "total_seconds": time.time() - started}
+(out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(json.dumps({k: summary[k] for k in ("tests", "tests_exit_code", "total_seconds")}))
+PY
+exit "$tests_rc"

@@ -1,0 +1,70 @@
+"""CUDA checks: run by benchmarks/gpu_check.sh on a GPU machine (`pytest -m gpu`)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fraudflow.config import TrainConfig
+from fraudflow.models import MLP
+from fraudflow.train import DONE
+from fraudflow.train.distributed import single_process
+from fraudflow.train.loop import TensorData, fit
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def _data(n: int, seed: int, features: int = 6) -> TensorData:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    logit = 2.0 * x[:, 0] - 1.5 * x[:, 1] + 0.5 * torch.randn(n, generator=g)
+    return TensorData(inputs={"x": x}, labels=(logit > 2.5).long())
+
+
+def _fit(tmp: Path, cfg: TrainConfig, train: TensorData, valid: TensorData) -> object:
+    torch.manual_seed(cfg.seed)
+    model = MLP(n_features=train.inputs["x"].shape[1], hidden_sizes=cfg.hidden_sizes, dropout=0.1)
+    ctx = single_process(torch.device("cuda"))
+    return fit(model, train, valid, cfg, dist_ctx=ctx, checkpoint_dir=tmp)
+
+
+@pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])
+def test_mixed_precision_trains_on_cuda(tmp_path: Path, amp: str) -> None:
+    cfg = TrainConfig(epochs=4, batch_size=512, hidden_sizes=(64, 32), amp=amp, patience=10)
+    result = _fit(tmp_path, cfg, _data(20_000, 0), _data(5_000, 1))
+    assert result.best_valid_average_precision > 0.6  # type: ignore[attr-defined]
+
+
+def test_real_out_of_memory_backs_off(tmp_path: Path) -> None:
+    # 4096-wide layers: about 250 KB of activations per sample, so a batch of 2**20 needs
+    # ~250 GB and must halve several times before it fits on one GPU.
+    start = 2**20
+    cfg = TrainConfig(
+        epochs=1, batch_size=start, hidden_sizes=(4096, 4096), min_batch_size=1024, patience=10
+    )
+    result = _fit(tmp_path, cfg, _data(start, 0), _data(10_000, 1))
+    backoffs = result.backoffs  # type: ignore[attr-defined]
+    assert backoffs and backoffs[0] == [start, start // 2]
+    assert result.samples_seen == start  # type: ignore[attr-defined]
+    print(f"back-offs: {backoffs}")
+
+
+def test_ddp_with_nccl_on_one_gpu(features_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+        "-m", "fraudflow", "train", "--features", str(features_path), "--model", "mlp",
+        "--out", str(out), "--epochs", "2", "--device", "cuda", "--amp", "bf16", "--ddp",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / DONE).is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["device"].startswith("cuda")
