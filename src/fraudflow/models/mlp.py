@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fraudflow.models.dropout import ByteDropout
+
 __all__ = ["MLP"]
 
 
@@ -16,7 +18,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width = n_features
         for size in hidden_sizes:
-            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            layers += [nn.Linear(width, size), nn.ReLU(), ByteDropout(dropout)]
             width = size
         layers.append(nn.Linear(width, 2))
         self.net = nn.Sequential(*layers)
