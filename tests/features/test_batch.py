@@ -183,3 +183,23 @@ def test_leakage_trap_later_transactions_and_unknown_labels() -> None:
     assert _earlier_features(flipped, cutoff).equals(before)
     # The trap can spring: the same flips do change features after the cutoff.
     assert not build_features(flipped, CFG).equals(build_features(df, CFG))
+
+
+def test_empty_table_and_null_labels_are_errors() -> None:
+    with pytest.raises(DataError, match="the transaction table is empty"):
+        build_features(TINY.head(0), CFG)
+    nulled = TINY.with_columns(
+        pl.when(pl.col("transaction_id") == "r0")
+        .then(None)
+        .otherwise(pl.col("is_fraud"))
+        .alias("is_fraud")
+    )
+    with pytest.raises(DataError, match="1 row is empty"):
+        build_features(nulled, CFG)
+
+
+def test_card_testing_window_is_one_day_whatever_the_configured_windows() -> None:
+    cfg = FeatureConfig(label_delay_days=1, customer_windows_days=(7,), terminal_windows_days=(7,))
+    out = build_features(TINY, cfg)
+    assert _column(out, "customer__small_count__1d") == [0, 0, 1, 0, 0]
+    assert "customer__count__7d" in out.columns and "customer__count__1d" not in out.columns

@@ -48,6 +48,13 @@ def build_features(transactions: pl.DataFrame, cfg: FeatureConfig) -> pl.DataFra
     """
     if IS_FRAUD not in transactions.columns:
         raise DataError(f"`{IS_FRAUD}` is required: the label-delayed features are built from it")
+    if transactions.height == 0:
+        raise DataError("the transaction table is empty: there is nothing to build features for")
+    n_null = transactions[IS_FRAUD].null_count()
+    if n_null:
+        # A null would propagate through the running sums into other rows' features.
+        rows = "1 row is" if n_null == 1 else f"{n_null} rows are"
+        raise DataError(f"`{IS_FRAUD}` must be 0 or 1, however: {rows} empty")
     base = (
         transactions.lazy()
         .sort(TIMESTAMP, maintain_order=True)
@@ -70,6 +77,7 @@ def _customer_probes(cfg: FeatureConfig) -> dict[str, int]:
     delay = cfg.label_delay_days * DAY_SECONDS
     longest = customer_windows(cfg)[-1].window_seconds
     probes = {w.label: w.window_seconds * _US for w in customer_windows(cfg)}
+    probes["small1d"] = DAY_SECONDS * _US  # the card-testing window is one day whatever the config
     return probes | {"delay": delay * _US, "delay_w": (delay + longest) * _US}
 
 
@@ -194,7 +202,7 @@ def _customer_features(cfg: FeatureConfig) -> list[pl.Expr]:
         exprs.append(_count(w.label).alias(f"customer__count__{w.label}"))
         mean = _sum_since("amount", w.label) / _count(w.label)
         exprs.append(mean.alias(f"customer__mean_amount__{w.label}"))
-    exprs.append(_sum_since("small", "1d").cast(pl.Float64).alias("customer__small_count__1d"))
+    exprs.append(_sum_since("small", "small1d").cast(pl.Float64).alias("customer__small_count__1d"))
     longest = customer_windows(cfg)[-1].label
     known = _sum_between("fraud", "delay", "delay_w").cast(pl.Float64)
     exprs.append(known.alias(f"customer__known_fraud_count__{longest}"))

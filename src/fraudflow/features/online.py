@@ -1,0 +1,418 @@
+"""The online feature evaluator: the batch features of one event, computed from a state store.
+
+The real-time service scores one transaction at a time, so it cannot run
+``fraudflow.features.batch``. ``OnlineFeatures`` computes the same values (the same specs,
+windows and caps, read from ``fraudflow.features.specs``) from each entity's stored history:
+
+* Arrival order is the order of ``features`` calls. An event sees the events stored before it
+  and itself, never later ones: the batch tie rule for equal timestamps, since the batch
+  pipeline sorts by timestamp and keeps input order within ties.
+* Windows are (t - w, t] in integer epoch microseconds, the batch resolution.
+* Label delay: a fraud label of a transaction at time s counts for an event at time t iff
+  s <= t - delay (``fraudflow.features.specs``), whenever ``record_label`` was called, as long
+  as it was called before the event was scored. A label reported later than s + delay thus
+  reaches only the events scored after the report; events scored in between saw the
+  transaction as not fraud. That is the one unavoidable online/offline difference; replays
+  that report each label by s + delay reproduce the batch features exactly.
+
+The store answers range queries over an entity's history (``RangeQuery``) and records events
+and labels; it never computes a feature, so there is one feature implementation. Stores:
+``MemoryStore`` here (tests, per-request scratch), the durable ones in
+``fraudflow.serve.state``.
+
+Retention: scoring an event at t lets the store forget what is older than t minus
+``OnlineFeatures.retention_us`` (the widest window, label-delayed ones shifted by the delay,
+or the 30-day gap cap). So an event arriving that much later than newer ones would miss
+history, and a label for a forgotten transaction is refused (it could not count any more).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from fraudflow.config import FeatureConfig
+from fraudflow.data.schema import (
+    AMOUNT,
+    CUSTOMER_ID,
+    REQUIRED_COLUMNS,
+    TERMINAL_ID,
+    TIMESTAMP,
+    TRANSACTION_ID,
+)
+from fraudflow.errors import DataError
+from fraudflow.features.specs import (
+    DAY_SECONDS,
+    HOUR_SECONDS,
+    HOURS_SINCE_PREV_CAP,
+    NIGHT_END_HOUR,
+    Entity,
+    customer_windows,
+    feature_names,
+    terminal_windows,
+)
+
+__all__ = [
+    "Event",
+    "MemoryStore",
+    "OnlineFeatures",
+    "RangeQuery",
+    "RangeResult",
+    "StateStore",
+    "duplicate_transaction",
+    "to_event",
+]
+
+_US = 1_000_000
+_HOUR_US = HOUR_SECONDS * _US
+_DAY_US = DAY_SECONDS * _US
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One transaction, normalised: string ids, time in epoch microseconds (UTC)."""
+
+    transaction_id: str
+    t_us: int
+    customer_id: str
+    terminal_id: str
+    amount: float
+
+
+@dataclass(frozen=True, slots=True)
+class RangeQuery:
+    """The stored events of one entity with ``after_us < t <= until_us``."""
+
+    entity: Entity
+    entity_id: str
+    after_us: int
+    until_us: int
+    rows: bool = False  # also return the events' times and amounts, not only counts
+
+
+@dataclass(frozen=True, slots=True)
+class RangeResult:
+    count: int  # stored events in the range
+    frauds: int  # those currently labelled fraud
+    # With ``RangeQuery.rows``: times and amounts of those events, in arrival order (which is
+    # time order, ties by arrival). Empty otherwise.
+    times: list[int] = field(default_factory=list)
+    amounts: list[float] = field(default_factory=list)
+
+
+class StateStore(Protocol):
+    """Where the evaluator keeps each customer's and terminal's recent events and the labels.
+
+    A store keeps, per entity, its events in arrival order (time order; ties by arrival), and
+    per transaction its time, its two entities and its latest label. It answers counts (and
+    optionally rows) over time ranges; it computes no feature.
+    """
+
+    def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
+        """Answer the queries from one consistent snapshot; change nothing."""
+        ...
+
+    def apply(
+        self, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
+    ) -> list[RangeResult]:
+        """Atomically: answer the queries, then store the event after every event stored so far.
+
+        Atomic so that concurrent writers (service replicas) each see exactly the events that
+        arrived before theirs. Afterwards the store may forget the event's two entities'
+        events, and any transaction, with t <= ``forget_until_us``: no later query reaches them.
+        Raises ``DataError`` if the transaction_id is already stored.
+        """
+        ...
+
+    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
+        """Set (or replace) a stored transaction's label; False if the id is not stored."""
+        ...
+
+    def prune(self, until_us: int) -> int:
+        """Forget every event and transaction with t <= ``until_us``; return transactions gone.
+
+        ``apply`` already prunes the entities it touches; this sweeps idle ones (maintenance).
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+class OnlineFeatures:
+    """The batch features (``fraudflow.features.batch``) of one event at a time.
+
+    Holds no state of its own: it is as thread-safe as its store, and several instances (one
+    per service replica) may share one store.
+    """
+
+    def __init__(self, *, cfg: FeatureConfig, store: StateStore) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.names = feature_names(cfg)
+        self._delay_us = cfg.label_delay_days * _DAY_US
+        self._customer = [(w.label, w.window_seconds * _US) for w in customer_windows(cfg)]
+        self._terminal = [(w.label, w.window_seconds * _US) for w in terminal_windows(cfg)]
+        self._longest = customer_windows(cfg)[-1]
+        # The customer history read per event must cover every customer window, the 1d
+        # small-amount window, and the gap cap (no earlier event: the gap is the cap anyway).
+        cap_us = int(HOURS_SINCE_PREV_CAP * _HOUR_US)
+        self._history_us = max(self._customer[-1][1], cap_us, _DAY_US)
+        # Events older than this are outside every window, delayed ones included.
+        widest_delayed_us = max(self._customer[-1][1], *(w for _, w in self._terminal))
+        self.retention_us = max(self._history_us, self._delay_us + widest_delayed_us)
+
+    def features(self, tx: Mapping[str, Any]) -> dict[str, float]:
+        """The features of ``tx``, which it then records: later events see it."""
+        event = to_event(tx)
+        forget = event.t_us - self.retention_us
+        results = self.store.apply(event, self._queries(event), forget_until_us=forget)
+        return self._compute(event, results)
+
+    def peek(self, tx: Mapping[str, Any]) -> dict[str, float]:
+        """The features ``features(tx)`` would return now, recording nothing."""
+        event = to_event(tx)
+        return self._compute(event, self.store.read(self._queries(event)))
+
+    def record_label(self, transaction_id: str | int, is_fraud: bool | int) -> None:
+        """Set the label of a scored transaction; the latest call wins.
+
+        It counts for events at t >= s + delay scored after this call (module docstring).
+        """
+        flag = _label_flag(is_fraud)
+        if not self.store.set_label(str(transaction_id), flag):
+            days = self.retention_us // _DAY_US
+            raise DataError(
+                f"cannot label transaction_id {transaction_id!r}: expected a transaction "
+                f"scored in the last {days} days (the feature state retention), however it "
+                "is not in the state store"
+            )
+
+    def prune(self, now: datetime | str) -> int:
+        """Forget everything no event at or after ``now`` can see; return transactions gone."""
+        return self.store.prune(_epoch_us(now) - self.retention_us)
+
+    def _queries(self, e: Event) -> list[RangeQuery]:
+        """[customer history with rows, customer known frauds, terminal live 1d, *delayed]."""
+        t, known = e.t_us, e.t_us - self._delay_us
+        cust, term = e.customer_id, e.terminal_id
+        longest_us = self._longest.window_seconds * _US
+        return [
+            RangeQuery("customer", cust, t - self._history_us, t, rows=True),
+            RangeQuery("customer", cust, known - longest_us, known),
+            RangeQuery("terminal", term, t - _DAY_US, t),
+            *(RangeQuery("terminal", term, known - w, known) for _, w in self._terminal),
+        ]
+
+    def _compute(self, e: Event, results: list[RangeResult]) -> dict[str, float]:
+        history, known, live, *delayed = results
+        values = _calendar(e) | self._customer_features(e, history)
+        values[f"customer__known_fraud_count__{self._longest.label}"] = float(known.frauds)
+        values["terminal__live_count__1d"] = float(live.count + 1)  # this event included
+        for (label, _), r in zip(self._terminal, delayed, strict=True):
+            values[f"terminal__count__{label}"] = float(r.count)
+            values[f"terminal__fraud_rate__{label}"] = r.frauds / r.count if r.count else 0.0
+        return {name: values[name] for name in self.names}
+
+    def _customer_features(self, e: Event, history: RangeResult) -> dict[str, float]:
+        times, amounts = history.times, history.amounts
+        out: dict[str, float] = {}
+        for label, w in self._customer:
+            window = amounts[bisect_right(times, e.t_us - w) :]
+            mean = math.fsum([*window, e.amount]) / (len(window) + 1)
+            out[f"customer__count__{label}"] = float(len(window) + 1)
+            out[f"customer__mean_amount__{label}"] = mean
+            if label != "1h":
+                # As in batch: a zero mean (only zero amounts) gives a ratio of 1.
+                out[f"customer__amount_ratio__{label}"] = e.amount / mean if mean > 0 else 1.0
+        day = amounts[bisect_right(times, e.t_us - _DAY_US) :]
+        small = sum(a < self.cfg.small_amount for a in [*day, e.amount])
+        out["customer__small_count__1d"] = float(small)
+        gap = (e.t_us - times[-1]) / _HOUR_US if times else HOURS_SINCE_PREV_CAP
+        out["customer__hours_since_prev"] = min(gap, HOURS_SINCE_PREV_CAP)
+        return out
+
+
+def _calendar(e: Event) -> dict[str, float]:
+    """Calendar features from the integer time: UTC, as in batch (Saturday, Sunday = weekend)."""
+    hour = (e.t_us // _HOUR_US) % 24
+    weekday = (e.t_us // _DAY_US + _EPOCH_WEEKDAY) % 7
+    return {
+        "tx__log_amount": math.log1p(e.amount),
+        "tx__is_weekend": float(weekday >= 5),
+        "tx__is_night": float(hour < NIGHT_END_HOUR),
+        "tx__hour": float(hour),
+    }
+
+
+def to_event(tx: Mapping[str, Any]) -> Event:
+    """A canonical transaction dict (``fraudflow.data.schema``) as an ``Event``."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in tx or tx[c] is None]
+    if missing:
+        raise DataError(
+            f"a transaction needs {list(REQUIRED_COLUMNS)}, however {missing} are missing"
+        )
+    return Event(
+        transaction_id=str(tx[TRANSACTION_ID]),
+        t_us=_epoch_us(tx[TIMESTAMP]),
+        customer_id=str(tx[CUSTOMER_ID]),
+        terminal_id=str(tx[TERMINAL_ID]),
+        amount=_amount(tx[AMOUNT]),
+    )
+
+
+def _epoch_us(value: Any) -> int:
+    """Microseconds since the epoch of a datetime or ISO 8601 string; naive means UTC.
+
+    Naive as UTC, like ``fraudflow.data.ingest``, so a log line gets the same time online.
+    """
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise DataError(
+                f"`{TIMESTAMP}` must be an ISO 8601 date-time, however got {value!r}"
+            ) from None
+    if not isinstance(value, datetime):
+        raise DataError(
+            f"`{TIMESTAMP}` must be a datetime or ISO 8601 string, however got "
+            f"{type(value).__name__} {value!r}"
+        )
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH  # exact integer arithmetic, unlike .timestamp()
+    return (delta.days * DAY_SECONDS + delta.seconds) * _US + delta.microseconds
+
+
+def _amount(value: Any) -> float:
+    try:
+        amount = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"`{AMOUNT}` must be a number, however got {value!r}") from None
+    if not math.isfinite(amount) or amount < 0:
+        raise DataError(f"`{AMOUNT}` must be finite and >= 0, however got {amount!r}")
+    return amount
+
+
+def _label_flag(is_fraud: Any) -> bool:
+    if isinstance(is_fraud, bool) or (isinstance(is_fraud, int) and is_fraud in (0, 1)):
+        return bool(is_fraud)
+    raise DataError(f"is_fraud must be 0 or 1, however got {is_fraud!r}")
+
+
+@dataclass
+class _History:
+    """One entity's events in arrival order, and the times of those labelled fraud."""
+
+    times: list[int] = field(default_factory=list)
+    amounts: list[float] = field(default_factory=list)
+    fraud_times: list[int] = field(default_factory=list)  # sorted; a multiset
+
+    def add(self, t_us: int, amount: float) -> None:
+        i = bisect_right(self.times, t_us)  # after equal times: arrival order within ties
+        self.times.insert(i, t_us)
+        self.amounts.insert(i, amount)
+
+    def answer(self, q: RangeQuery) -> RangeResult:
+        lo, hi = bisect_right(self.times, q.after_us), bisect_right(self.times, q.until_us)
+        fr = self.fraud_times
+        frauds = bisect_right(fr, q.until_us) - bisect_right(fr, q.after_us)
+        if not q.rows:
+            return RangeResult(hi - lo, frauds)
+        return RangeResult(hi - lo, frauds, self.times[lo:hi], self.amounts[lo:hi])
+
+    def set_fraud(self, t_us: int, was: bool, now: bool) -> None:
+        if now and not was:
+            insort(self.fraud_times, t_us)
+        elif was and not now:
+            del self.fraud_times[bisect_left(self.fraud_times, t_us)]
+
+    def forget(self, until_us: int) -> None:
+        k = bisect_right(self.times, until_us)
+        del self.times[:k], self.amounts[:k]
+        del self.fraud_times[: bisect_right(self.fraud_times, until_us)]
+
+
+@dataclass
+class _Transaction:
+    t_us: int
+    customer_id: str
+    terminal_id: str
+    is_fraud: bool = False
+
+
+class MemoryStore:
+    """A ``StateStore`` in plain dicts and sorted lists: for tests and per-request scratch.
+
+    Not thread-safe and not durable: use one per thread, or a store of
+    ``fraudflow.serve.state`` in the service. Queries cost O(log n) plus the rows returned.
+    """
+
+    def __init__(self) -> None:
+        self._entities: dict[tuple[Entity, str], _History] = {}
+        self._transactions: dict[str, _Transaction] = {}
+        self._by_time: list[tuple[int, str]] = []  # heap of (t_us, transaction_id)
+
+    def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
+        empty = _History()
+        return [self._entities.get((q.entity, q.entity_id), empty).answer(q) for q in queries]
+
+    def apply(
+        self, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
+    ) -> list[RangeResult]:
+        if event.transaction_id in self._transactions:
+            raise duplicate_transaction(event.transaction_id)
+        results = self.read(queries)
+        for key in self._keys(event.customer_id, event.terminal_id):
+            history = self._entities.setdefault(key, _History())
+            history.add(event.t_us, event.amount)
+            history.forget(forget_until_us)
+        tx = _Transaction(event.t_us, event.customer_id, event.terminal_id)
+        self._transactions[event.transaction_id] = tx
+        heapq.heappush(self._by_time, (event.t_us, event.transaction_id))
+        self._forget_transactions(forget_until_us)
+        return results
+
+    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
+        tx = self._transactions.get(transaction_id)
+        if tx is None:
+            return False
+        for key in self._keys(tx.customer_id, tx.terminal_id):
+            self._entities[key].set_fraud(tx.t_us, was=tx.is_fraud, now=is_fraud)
+        tx.is_fraud = is_fraud
+        return True
+
+    def prune(self, until_us: int) -> int:
+        for key, history in list(self._entities.items()):
+            history.forget(until_us)
+            if not history.times:
+                del self._entities[key]
+        return self._forget_transactions(until_us)
+
+    def close(self) -> None:
+        """Nothing to release; here for the ``StateStore`` protocol."""
+
+    @staticmethod
+    def _keys(customer_id: str, terminal_id: str) -> list[tuple[Entity, str]]:
+        return [("customer", customer_id), ("terminal", terminal_id)]
+
+    def _forget_transactions(self, until_us: int) -> int:
+        gone = 0
+        while self._by_time and self._by_time[0][0] <= until_us:
+            del self._transactions[heapq.heappop(self._by_time)[1]]
+            gone += 1
+        return gone
+
+
+def duplicate_transaction(transaction_id: str) -> DataError:
+    """The error every store raises when ``apply`` gets a transaction_id it already holds."""
+    return DataError(
+        f"transaction_id {transaction_id!r} is already in the state store: expected each "
+        "transaction to be scored once (ids are unique, see fraudflow.data.schema)"
+    )

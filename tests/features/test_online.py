@@ -1,0 +1,172 @@
+"""The online evaluator gives the batch features, one event at a time."""
+
+import heapq
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from fraudflow.config import FeatureConfig, SimulationConfig
+from fraudflow.data.schema import IS_FRAUD, TIMESTAMP, TRANSACTION_ID
+from fraudflow.data.simulator import simulate
+from fraudflow.errors import DataError
+from fraudflow.features import build_features, feature_names
+from fraudflow.features.online import MemoryStore, OnlineFeatures, RangeQuery
+from tests.features.test_batch import CFG, TINY
+
+SIM_CFG = FeatureConfig()  # the production windows: 1h/1d/7d/30d, terminals 1d/7d/30d, delay 7d
+Row = dict[str, Any]
+
+
+@cache
+def simulated(n_customers: int = 200, n_terminals: int = 400, n_days: int = 45) -> pl.DataFrame:
+    """45 days: longer than the 37-day retention, so replays also exercise pruning."""
+    sim = SimulationConfig(n_customers=n_customers, n_terminals=n_terminals, n_days=n_days, seed=1)
+    return simulate(sim)
+
+
+def replay(
+    frame: pl.DataFrame, cfg: FeatureConfig, online_for: Callable[[int], OnlineFeatures]
+) -> list[dict[str, float]]:
+    """Score the rows in batch arrival order through ``online_for(i)`` for the i-th event.
+
+    Each label is reported as soon as the batch rule makes it known: before the first event
+    at t >= s + delay.
+    """
+    delay = timedelta(days=cfg.label_delay_days)
+    due: list[tuple[datetime, int, Any, int]] = []  # heap of (s + delay, arrival, id, label)
+    out = []
+    for i, row in enumerate(frame.sort(TIMESTAMP, maintain_order=True).iter_rows(named=True)):
+        online = online_for(i)
+        while due and due[0][0] <= row[TIMESTAMP]:
+            _, _, transaction_id, label = heapq.heappop(due)
+            online.record_label(transaction_id, label)
+        out.append(online.features(row))
+        heapq.heappush(due, (row[TIMESTAMP] + delay, i, row[TRANSACTION_ID], row[IS_FRAUD]))
+    return out
+
+
+def assert_matches_batch(
+    rows: list[dict[str, float]], frame: pl.DataFrame, cfg: FeatureConfig
+) -> None:
+    """Every feature within 1e-6 of batch: absolute below 1, relative above."""
+    batch = build_features(frame, cfg)
+    names = feature_names(cfg)
+    assert all(list(row) == names for row in rows)
+    for name in names:
+        online, want = np.array([row[name] for row in rows]), batch[name].to_numpy()
+        err = np.abs(online - want) / np.maximum(1.0, np.abs(want))
+        i = int(err.argmax())
+        assert err[i] <= 1e-6, f"{name}, row {i}: online {online[i]!r}, batch {want[i]!r}"
+
+
+def _memory(cfg: FeatureConfig) -> OnlineFeatures:
+    return OnlineFeatures(cfg=cfg, store=MemoryStore())
+
+
+def test_tiny_table_equals_batch_exactly() -> None:
+    online = _memory(CFG)
+    rows = replay(TINY, CFG, lambda _: online)
+    batch = build_features(TINY, CFG)
+    for name in feature_names(CFG):
+        assert [row[name] for row in rows] == batch[name].to_list(), name
+
+
+def test_simulated_replay_matches_batch() -> None:
+    online = _memory(SIM_CFG)
+    assert_matches_batch(replay(simulated(), SIM_CFG, lambda _: online), simulated(), SIM_CFG)
+
+
+def _tiny_rows() -> list[Row]:
+    return TINY.drop(IS_FRAUD).to_dicts()
+
+
+def test_leakage_trap_labels_not_yet_known_change_nothing() -> None:
+    online = _memory(CFG)
+    *earlier, r4 = _tiny_rows()
+    for row in earlier:
+        online.features(row)
+    before = online.peek(r4)
+    # r4 is at day 1 10:45, delay 1d: only labels of transactions at <= day 0 10:45 are known.
+    online.record_label("r3", 1)  # day 1 10:15: not yet known
+    assert online.peek(r4) == before
+    # The trap can spring: r1 (day 0 10:30) is known, at its card and at terminal X.
+    online.record_label("r1", 1)
+    sprung = online.peek(r4)
+    assert (
+        sprung["customer__known_fraud_count__7d"] == before["customer__known_fraud_count__7d"] + 1
+    )
+    assert sprung["terminal__fraud_rate__1d"] == pytest.approx(1 / 3)
+    online.record_label("r1", 0)  # labels can be corrected: the latest wins
+    assert online.peek(r4) == before
+
+
+def test_peek_records_nothing() -> None:
+    peeking, plain = _memory(CFG), _memory(CFG)
+    for row in _tiny_rows():
+        peeked = peeking.peek(row)
+        assert peeking.peek(row) == peeked
+        assert peeking.features(row) == peeked == plain.features(row)
+
+
+def test_label_for_unknown_transaction_is_a_data_error() -> None:
+    online = _memory(CFG)
+    online.features(_tiny_rows()[0])
+    with pytest.raises(DataError, match=r"cannot label transaction_id 'nope': expected a trans"):
+        online.record_label("nope", 1)
+    with pytest.raises(DataError, match="is_fraud must be 0 or 1, however got 2"):
+        online.record_label("r0", 2)
+
+
+def test_a_transaction_is_scored_once() -> None:
+    online = _memory(CFG)
+    row = _tiny_rows()[0]
+    online.features(row)
+    with pytest.raises(DataError, match="transaction_id 'r0' is already in the state store"):
+        online.features(row)
+
+
+def test_timestamp_forms_agree() -> None:
+    at = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)
+    forms = [at, "2026-03-02T10:30:00Z", "2026-03-02T12:30:00+02:00", "2026-03-02 10:30:00"]
+    online = _memory(CFG)
+    online.features({**_tiny_rows()[0], TIMESTAMP: at - timedelta(minutes=45)})
+    row = _tiny_rows()[1]
+    peeks = [online.peek({**row, TIMESTAMP: form}) for form in forms]
+    assert all(p == peeks[0] for p in peeks)
+    assert peeks[0]["customer__hours_since_prev"] == 0.75
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"amount": -1.0}, "`amount` must be finite and >= 0, however got -1.0"),
+        ({"amount": "ten"}, "`amount` must be a number, however got 'ten'"),
+        ({"timestamp": "yesterday"}, "`timestamp` must be an ISO 8601 date-time"),
+        ({"timestamp": 1.5}, "`timestamp` must be a datetime or ISO 8601 string"),
+        ({"customer_id": None}, r"however \['customer_id'\] are missing"),
+    ],
+)
+def test_invalid_transactions_are_data_errors(change: Row, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        _memory(CFG).features({**_tiny_rows()[0], **change})
+
+
+def test_old_events_are_forgotten() -> None:
+    store = MemoryStore()
+    online = OnlineFeatures(cfg=CFG, store=store)
+    first, second = _tiny_rows()[:2]
+    online.features(first)
+    later = first[TIMESTAMP] + timedelta(days=60)  # past the 30-day retention (the gap cap)
+    out = online.features({**second, TIMESTAMP: later})
+    assert out["customer__hours_since_prev"] == 720
+    everything = RangeQuery("customer", "A", -(2**62), 2**62)
+    assert store.read([everything])[0].count == 1
+    with pytest.raises(DataError, match="'r0'"):
+        online.record_label("r0", 1)
+    assert online.prune(later + timedelta(days=60)) == 1
+    assert store.read([everything])[0].count == 0

@@ -1,0 +1,199 @@
+"""The durable state stores give the batch features too, across restarts and replicas.
+
+The Redis tests run against a real ``redis-server`` on loopback, started here; they skip only
+where the binary is absent.
+"""
+
+import shutil
+import socket
+import sqlite3
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from fraudflow.errors import ConfigError, DataError
+from fraudflow.features.online import Event, MemoryStore, OnlineFeatures, RangeQuery, StateStore
+from fraudflow.features.specs import Entity
+from fraudflow.serve.state import RedisStore, SQLiteStore, open_store
+from tests.features.test_online import SIM_CFG, assert_matches_batch, replay, simulated
+
+REDIS_SERVER = shutil.which("redis-server")
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="the redis-server binary is absent")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    assert REDIS_SERVER is not None
+    port = _free_port()
+    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*args, "--save", "", "--appendonly", "no"],
+        cwd=tmp_path_factory.mktemp("redis"),
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, server)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _wait_for_port(port: int, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        assert server.poll() is None, f"redis-server exited with {server.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"redis-server did not listen on port {port} within 10 s")
+
+
+def _redis(url: str) -> RedisStore:
+    """A store in its own key space, so tests sharing the server do not meet."""
+    return RedisStore(url, prefix=f"{{test-{uuid.uuid4().hex}}}:")
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=needs_redis)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    kind = request.param
+    if kind == "memory":
+        made: StateStore = MemoryStore()
+    elif kind == "sqlite":
+        made = SQLiteStore(tmp_path / "state.db")
+    else:
+        made = _redis(request.getfixturevalue("redis_url"))
+    yield made
+    made.close()
+
+
+# --- The StateStore contract, on every store ---------------------------------------------
+
+_LOW, _HIGH = -(2**62), 2**62
+_IDS = {"customer": "c:1", "terminal": "t|1"}  # separators the Redis layout must survive
+
+
+def _event(tx: str, t_us: int, amount: float = 1.0) -> Event:
+    return Event(tx, t_us, _IDS["customer"], _IDS["terminal"], amount)
+
+
+def _query(entity: Entity = "customer", after: int = _LOW, rows: bool = False) -> RangeQuery:
+    return RangeQuery(entity, _IDS[entity], after, _HIGH, rows=rows)
+
+
+def test_store_contract(store: StateStore) -> None:
+    everything = [_query(rows=True), _query("terminal")]
+    assert store.apply(_event("a", 10, 0.1), everything, forget_until_us=0)[0].count == 0
+    store.apply(_event("b", 20, 2.5), [], forget_until_us=0)
+    store.apply(_event("c", 20, 1e-5), [], forget_until_us=0)  # tie: after "b"
+    history, terminal = store.read(everything)
+    assert (history.times, history.amounts) == ([10, 20, 20], [0.1, 2.5, 1e-5])
+    assert (terminal.count, terminal.frauds) == (3, 0)
+    assert store.set_label("b", True) and not store.set_label("zz", True)
+    assert store.read([_query(after=15)])[0].frauds == 1
+    assert store.set_label("b", False)
+    assert store.read([_query(after=15)])[0].frauds == 0
+    with pytest.raises(DataError, match="transaction_id 'b' is already in the state store"):
+        store.apply(_event("b", 30), everything, forget_until_us=0)
+    assert store.prune(15) == 1
+    assert store.read(everything)[0].times == [20, 20]
+    assert not store.set_label("a", True)
+
+
+# --- Parity with batch -------------------------------------------------------------------
+# Half the memory replay's customers and terminals (~7.6k events over 45 days, still past the
+# 37-day retention): each event here is a file transaction or a network round trip.
+
+
+def _store_log() -> pl.DataFrame:
+    return simulated(n_customers=100, n_terminals=200, n_days=45)
+
+
+@pytest.mark.slow
+def test_sqlite_replay_matches_batch_across_a_reopen(tmp_path: Path) -> None:
+    path, frame = tmp_path / "state.db", _store_log()
+    halfway = frame.height // 2
+    stores = [SQLiteStore(path)]
+    online = [OnlineFeatures(cfg=SIM_CFG, store=stores[0])]
+
+    def online_for(i: int) -> OnlineFeatures:
+        if i == halfway:  # a restart: close the file, open it again
+            stores[0].close()
+            stores[0] = SQLiteStore(path)
+            online[0] = OnlineFeatures(cfg=SIM_CFG, store=stores[0])
+        return online[0]
+
+    try:
+        assert_matches_batch(replay(frame, SIM_CFG, online_for), frame, SIM_CFG)
+    finally:
+        stores[0].close()
+
+
+def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
+    SQLiteStore(tmp_path / "state.db").close()
+    with closing(sqlite3.connect(tmp_path / "state.db")) as db:  # WAL mode sticks to the file
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@needs_redis
+@pytest.mark.slow
+def test_redis_replay_matches_batch(redis_url: str) -> None:
+    with _redis(redis_url) as store:
+        online = OnlineFeatures(cfg=SIM_CFG, store=store)
+        frame = _store_log()
+        assert_matches_batch(replay(frame, SIM_CFG, lambda _: online), frame, SIM_CFG)
+
+
+@needs_redis
+def test_redis_replicas_alternating_equal_one(redis_url: str) -> None:
+    frame = simulated(n_customers=20, n_terminals=40, n_days=40)  # ~1300 events
+    prefix = f"{{test-{uuid.uuid4().hex}}}:"
+    with RedisStore(redis_url, prefix=prefix) as a, RedisStore(redis_url, prefix=prefix) as b:
+        replicas = [OnlineFeatures(cfg=SIM_CFG, store=s) for s in (a, b)]
+        alternating = replay(frame, SIM_CFG, lambda i: replicas[i % 2])
+    with _redis(redis_url) as store:
+        one = OnlineFeatures(cfg=SIM_CFG, store=store)
+        assert alternating == replay(frame, SIM_CFG, lambda _: one)
+
+
+# --- open_store --------------------------------------------------------------------------
+
+
+def test_open_store_picks_by_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        None: tmp_path / "default.db",
+        "sqlite:///relative.db": Path("relative.db"),
+        f"sqlite:///{tmp_path}/absolute.db": tmp_path / "absolute.db",
+    }
+    for url, path in cases.items():
+        store = open_store(url, default_path=tmp_path / "default.db")
+        assert isinstance(store, SQLiteStore) and store.path == path
+        store.close()
+        assert path.exists()
+    redis_store = open_store("redis://127.0.0.1:1/0", default_path=tmp_path / "x.db")
+    assert isinstance(redis_store, RedisStore)  # connects lazily: nothing listens on port 1
+    redis_store.close()
+
+
+def test_open_store_rejects_other_urls_without_echoing_secrets(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"sqlite:///<path> or redis://.*'postgres://\.\.\.@host/db'"
+    ):
+        open_store("postgres://user:secret@host/db", default_path=tmp_path / "x.db")
+    with pytest.raises(ConfigError, match="however got 'sqlite:///'"):
+        open_store("sqlite:///", default_path=tmp_path / "x.db")
