@@ -7,6 +7,7 @@ import typer
 from fraudflow.cli.data import features, generate
 from fraudflow.cli.demo import demo
 from fraudflow.cli.evaluate import evaluate
+from fraudflow.cli.runs import runs_app
 from fraudflow.cli.train import train
 
 __all__ = ["app", "main"]
@@ -23,6 +24,7 @@ app.command("features")(features)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("demo")(demo)
+app.add_typer(runs_app, name="runs")
 
 
 def main() -> None:

@@ -1,0 +1,31 @@
+"""Fixtures for the whole suite."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fraudflow.config import FeatureConfig, SimulationConfig
+from fraudflow.data.simulator import simulate
+from fraudflow.features import build_features, write_feature_table
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Every tracked `fraudflow train` in the suite (subprocesses included) records into a
+    temporary MLflow store, never into the repository's mlruns/."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def small_features_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny feature table (60 days, ~33k transactions) for runs whose quality does not matter."""
+    sim = SimulationConfig(n_customers=300, n_terminals=600, n_days=60, seed=0)
+    cfg = FeatureConfig()
+    path = tmp_path_factory.mktemp("small") / "features.parquet"
+    write_feature_table(build_features(simulate(sim), cfg), path, cfg)
+    return path
