@@ -17,6 +17,9 @@ small enough that the key fits in 63 bits (one chunk for any realistic data set)
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import polars as pl
 
@@ -62,12 +65,15 @@ def build_features(transactions: pl.DataFrame, cfg: FeatureConfig) -> pl.DataFra
         .collect()
     )
     running = _running_sums(cfg)
-    customer = _per_entity(
-        base, CUSTOMER_ID, _customer_probes(cfg), running, _customer_features(cfg)
-    )
-    terminal = _per_entity(
-        base, TERMINAL_ID, _terminal_probes(cfg), running, _terminal_features(cfg)
-    )
+    # The two entities are independent; Polars and NumPy release the GIL, so threads overlap.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        customer_job = pool.submit(
+            _per_entity, base, CUSTOMER_ID, _customer_probes(cfg), running, _customer_features(cfg)
+        )
+        terminal_job = pool.submit(
+            _per_entity, base, TERMINAL_ID, _terminal_probes(cfg), running, _terminal_features(cfg)
+        )
+        customer, terminal = customer_job.result(), terminal_job.result()
     out = pl.concat([base, customer, terminal], how="horizontal").lazy()
     out = out.with_columns(*_row_features(cfg)).with_columns(*_ratios(cfg))
     return out.select(*transactions.columns, *feature_names(cfg)).collect()
@@ -159,10 +165,11 @@ def _evaluate_chunk(
     key = ((chunk["__block"] % per_chunk) * stride + (chunk[_T] - t_min)).to_numpy()
     # Offsets are > 0, so each search lands inside the row's own block, at or before the row.
     # NumPy's searchsorted: several times faster here than Series.search_sorted.
-    searched = {
-        off: np.searchsorted(key, key - off, side="right").astype(np.int64)
-        for off in set(probes.values())
-    }
+    offsets = sorted(set(probes.values()))
+    # NumPy releases the GIL in searchsorted, so the searches run in parallel threads.
+    with ThreadPoolExecutor(max_workers=min(len(offsets), os.cpu_count() or 1)) as pool:
+        found = pool.map(lambda off: np.searchsorted(key, key - off, side="right"), offsets)
+        searched = {off: pos.astype(np.int64) for off, pos in zip(offsets, found, strict=True)}
     positions = [pl.Series(f"@{tag}", searched[off]) for tag, off in probes.items()]
     pos = pl.int_range(pl.len(), dtype=pl.Int64)
     is_first = pl.col("__block") != pl.col("__block").shift(1).fill_null(-1)
