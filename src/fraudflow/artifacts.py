@@ -1,7 +1,8 @@
 """The model bundle: everything needed to score new feature rows, and nothing else.
 
     RUN_DIR/model/
-        meta.json      model name, feature list and version, standardiser, model config
+        meta.json      model name, feature list and version, standardiser, model config,
+                       and the score calibration fitted on the validation period
         weights.pt     neural models: the state dict
         model.txt      LightGBM: the booster
 
@@ -22,6 +23,7 @@ import torch
 
 from fraudflow.config import GBDTConfig, TrainConfig
 from fraudflow.errors import ArtifactError
+from fraudflow.eval.calibration import Calibrator
 from fraudflow.files import atomic_path, write_bytes_atomic, write_json_atomic
 from fraudflow.models import GBDT, NEURAL_MODELS, Standardizer, build_model
 from fraudflow.models.interface import Estimator, NeuralModel
@@ -45,8 +47,27 @@ class Bundle:
     def features(self) -> list[str]:
         return list(self.meta["features"])
 
+    @property
+    def calibrator(self) -> Calibrator:
+        """The run's Platt scaling; the identity for bundles saved before calibration existed."""
+        raw = self.meta.get("calibration")
+        if not raw:
+            return Calibrator()
+        try:
+            return Calibrator.from_dict(raw)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"the bundle's calibration {raw!r} is unreadable: {exc}") from None
+
+    def predict_calibrated(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated fraud probabilities (N,) for feature rows x (N, F): what the service
+        answers. Same ranking as ``predict`` (the calibration is increasing)."""
+        return self.calibrator.apply(self.predict(x))
+
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """Fraud probabilities (N,) for feature rows x (N, F) in ``features`` order."""
+        """Raw model scores (N,) in [0, 1] for feature rows x (N, F) in ``features`` order.
+
+        Class weighting distorts them as probabilities: see ``predict_calibrated``.
+        """
         if x.ndim != 2 or x.shape[1] != len(self.features):
             raise ArtifactError(
                 f"the bundle expects {len(self.features)} features per row, "

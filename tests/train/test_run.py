@@ -59,6 +59,7 @@ def _check_predictions(run: Path, features_path: Path, metrics: dict[str, object
     pred = pl.read_parquet(run / "predictions.parquet")
     assert pred.columns == [
         "transaction_id", "customer_id", "timestamp", "is_fraud", "score", "known_compromised",
+        "raw_score",
     ]  # fmt: skip
     periods = metrics["periods"]
     assert isinstance(periods, dict)
@@ -70,7 +71,11 @@ def _check_predictions(run: Path, features_path: Path, metrics: dict[str, object
     # The bundle alone reproduces the scores from the feature rows.
     bundle = load_bundle(run)
     rows = in_test.select(bundle.features).to_numpy().astype(np.float32)
-    np.testing.assert_allclose(bundle.predict(rows), pred["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        bundle.predict(rows), pred["raw_score"].to_numpy(), rtol=1e-5, atol=1e-6
+    )
+    calibrated = bundle.predict_calibrated(rows)
+    np.testing.assert_allclose(calibrated, pred["score"].to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_known_compromised_cards_had_a_fraud_known_before_the_test(

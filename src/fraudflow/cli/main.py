@@ -5,9 +5,12 @@ from __future__ import annotations
 import typer
 
 from fraudflow.cli.data import features, generate
+from fraudflow.cli.decisions import decisions_app
 from fraudflow.cli.demo import demo
 from fraudflow.cli.evaluate import evaluate
+from fraudflow.cli.policy import policy_app
 from fraudflow.cli.runs import runs_app
+from fraudflow.cli.serve import serve
 from fraudflow.cli.train import train
 
 __all__ = ["app", "main"]
@@ -24,7 +27,10 @@ app.command("features")(features)
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("demo")(demo)
+app.command("serve")(serve)
 app.add_typer(runs_app, name="runs")
+app.add_typer(policy_app, name="policy")
+app.add_typer(decisions_app, name="decisions")
 
 
 def main() -> None:

@@ -1,5 +1,15 @@
-"""Evaluation: fraud metrics as pure functions, and the HTML report comparing runs."""
+"""Evaluation: fraud metrics as pure functions, score calibration, drift, decision
+thresholds, and the HTML report comparing runs."""
 
+from fraudflow.eval.calibration import (
+    Calibrator,
+    ReliabilityBin,
+    calibration_summary,
+    expected_calibration_error,
+    fit_calibrator,
+    reliability_bins,
+)
+from fraudflow.eval.drift import population_stability_index
 from fraudflow.eval.metrics import (
     PREDICTION_COLUMNS,
     average_precision,
@@ -19,21 +29,42 @@ from fraudflow.eval.report import (
     load_run,
     write_report,
 )
+from fraudflow.eval.thresholds import (
+    PolicyCalibration,
+    block_threshold,
+    calibrate_policy,
+    policy_document,
+    policy_yaml,
+    review_threshold,
+)
 
 __all__ = [
     "PREDICTION_COLUMNS",
     "TABLE_COLUMNS",
+    "Calibrator",
     "Column",
+    "PolicyCalibration",
+    "ReliabilityBin",
     "RunResult",
     "average_precision",
     "best_values",
+    "block_threshold",
+    "calibrate_policy",
+    "calibration_summary",
     "card_precision_at_k",
     "comparison_table",
     "compute_metrics",
     "drop_known_compromised",
+    "expected_calibration_error",
+    "fit_calibrator",
     "load_run",
     "metrics_from_predictions",
+    "policy_document",
+    "policy_yaml",
+    "population_stability_index",
     "recall_at_fpr",
+    "reliability_bins",
+    "review_threshold",
     "roc_auc",
     "write_report",
 ]

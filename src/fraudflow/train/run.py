@@ -5,12 +5,17 @@
         checkpoints/        best.pt and last.pt (neural models)
         model/              the model bundle (see fraudflow.artifacts)
         predictions.parquet one row per test-period transaction
+        validation_predictions.parquet  the same for the validation period (policy thresholds)
         metrics.json        test metrics plus training speed
         report.html         curves and tables for this run
         DONE                written last: the run is complete
 
 Each file is written atomically. The LightGBM baseline goes through the same split,
 prediction and metrics path as the neural models.
+
+Scores: ``score`` in both prediction tables is the calibrated fraud probability, Platt scaling
+fitted on the validation period (``fraudflow.eval.calibration``, stored in the bundle);
+``raw_score`` is the model's own output.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from fraudflow.data.io import write_table
 from fraudflow.data.schema import CUSTOMER_ID, IS_FRAUD, TIMESTAMP, TRANSACTION_ID
 from fraudflow.data.splits import KNOWN_COMPROMISED, LazySplit, in_period, split_lazy
 from fraudflow.errors import ConfigError
-from fraudflow.eval.metrics import metrics_from_predictions
+from fraudflow.eval.calibration import Calibrator, calibration_summary, fit_calibrator
+from fraudflow.eval.metrics import drop_known_compromised, metrics_from_predictions
 from fraudflow.eval.report import write_report
+from fraudflow.eval.thresholds import VALIDATION_PREDICTIONS
 from fraudflow.features import FeatureSource, open_feature_source
 from fraudflow.files import write_json_atomic, write_text_atomic
 from fraudflow.models import Estimator, NeuralModel, Standardizer, build_model
@@ -51,6 +58,14 @@ CHECKPOINTS = "checkpoints"
 class RunOutcome:
     run_dir: Path
     metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """Raw model scores of the test and validation periods, (N_test,) and (N_valid,)."""
+
+    test: np.ndarray
+    valid: np.ndarray
 
 
 def train_run(
@@ -89,13 +104,15 @@ def train_run(
     if not dist_ctx.is_main:
         return RunOutcome(run_dir=run_dir, metrics={})
     stats.setdefault("train_seconds", time.perf_counter() - started)
+    # Fitted on validation, never test: the test metrics stay those of unseen data.
+    calibrator = fit_calibrator(scores.valid, _labels(split.valid))
     save_bundle(
         run_dir,
         model=model,
-        meta=_bundle_meta(cfg, table),
+        meta=_bundle_meta(cfg, table) | {"calibration": calibrator.to_dict()},
         standardizer=stats.pop("standardizer", None),
     )
-    return _finish(run_dir, cfg, split, scores, stats)
+    return _finish(run_dir, cfg, split, scores, stats, calibrator)
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -134,7 +151,7 @@ def _labels(frame: pl.DataFrame) -> np.ndarray:
 
 def _fit_estimator(
     model: Estimator, fit_rows: pl.DataFrame, split: LazySplit, features: list[str]
-) -> tuple[np.ndarray, dict[str, Any]]:
+) -> tuple[_Scores, dict[str, Any]]:
     started = time.perf_counter()
     model.fit(
         _matrix(fit_rows, features),
@@ -150,7 +167,8 @@ def _fit_estimator(
         "train_samples_per_second": fit_rows.height * rounds / seconds,
         "best_iteration": rounds,
     }
-    return model.predict_proba(_matrix(split.test, features)), stats
+    test, valid = (model.predict_proba(_matrix(f, features)) for f in (split.test, split.valid))
+    return _Scores(test=test, valid=valid), stats
 
 
 def _tensors(frame: pl.DataFrame, features: list[str], standardizer: Standardizer) -> TensorData:
@@ -169,7 +187,7 @@ class _NeuralJob:
     dist_ctx: DistContext
 
 
-def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[np.ndarray, dict[str, Any]]:
+def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[_Scores, dict[str, Any]]:
     cfg, split, device = job.cfg, job.split, job.dist_ctx.device
     check_amp(cfg.train.amp, device)
     features = job.table.feature_names
@@ -196,7 +214,11 @@ def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[np.ndarray, dict[s
         "backoffs": result.backoffs,
         "standardizer": standardizer,
     }
-    return predict_scores(model, test.to(device), amp=cfg.train.amp, device=device), stats
+    test_scores, valid_scores = (
+        predict_scores(model, data.to(device), amp=cfg.train.amp, device=device)
+        for data in (test, valid)
+    )
+    return _Scores(test=test_scores, valid=valid_scores), stats
 
 
 def _training_rows(job: _NeuralJob) -> tuple[TrainingRows, Standardizer]:
@@ -212,24 +234,42 @@ def _training_rows(job: _NeuralJob) -> tuple[TrainingRows, Standardizer]:
     return _tensors(fit_rows, features, standardizer), standardizer
 
 
-def _predictions(split: LazySplit, scores: np.ndarray) -> pl.DataFrame:
-    return split.test.select(
+def _predictions(
+    frame: pl.DataFrame, raw: np.ndarray, calibrator: Calibrator, *extra: str
+) -> pl.DataFrame:
+    """Ids, label, the calibrated ``score``, the ``extra`` columns, then ``raw_score``."""
+    return frame.select(
         TRANSACTION_ID,
         CUSTOMER_ID,
         TIMESTAMP,
         pl.col(IS_FRAUD).cast(pl.Int8),
-        pl.Series("score", scores, dtype=pl.Float64),
-        KNOWN_COMPROMISED,
+        pl.Series("score", calibrator.apply(raw), dtype=pl.Float64),
+        *extra,
+        pl.Series("raw_score", raw, dtype=pl.Float64),
     )
 
 
+def _calibration_metrics(predictions: pl.DataFrame) -> dict[str, float]:
+    """ECE of the calibrated and raw test scores, on the rows every other metric counts."""
+    rows = drop_known_compromised(predictions)
+    return calibration_summary(rows[IS_FRAUD], rows["raw_score"], rows["score"])
+
+
 def _finish(
-    run_dir: Path, cfg: RunConfig, split: LazySplit, scores: np.ndarray, stats: dict[str, Any]
+    run_dir: Path,
+    cfg: RunConfig,
+    split: LazySplit,
+    scores: _Scores,
+    stats: dict[str, Any],
+    calibrator: Calibrator,
 ) -> RunOutcome:
-    predictions = _predictions(split, scores)
+    predictions = _predictions(split.test, scores.test, calibrator, KNOWN_COMPROMISED)
     metrics = {"model": cfg.train.model, **metrics_from_predictions(predictions), **stats}
+    metrics |= _calibration_metrics(predictions)
     metrics["periods"] = split.periods.as_dict()
     metrics["n_known_compromised_excluded"] = int(predictions[KNOWN_COMPROMISED].sum())
+    validation = _predictions(split.valid, scores.valid, calibrator)
+    write_table(validation, run_dir / VALIDATION_PREDICTIONS)
     write_table(predictions, run_dir / "predictions.parquet")
     write_json_atomic(run_dir / "metrics.json", metrics)
     write_report([run_dir], run_dir / "report.html", title=f"fraudflow run {run_dir.name}")

@@ -1,0 +1,465 @@
+"""Benchmark: the decision service under load on loopback, beside its in-process floor.
+
+Three figures, in one run, against one model bundle:
+
+* floor: what one decision costs without HTTP, state I/O or the policy: ``OnlineFeatures``
+  over a ``MemoryStore`` (warmed with ``--warm-transactions`` earlier transactions) plus
+  ``Bundle.predict_calibrated`` (the model, then the Platt scaling the service answers with)
+  on one row; the median over ``--floor-transactions`` transactions.
+* single: the real server (``python -m fraudflow serve --run RUN --port P --workers W
+  --state sqlite:///<tmp>/state.db``, API key ``bench-key``) driven for ``--seconds`` by
+  ``--concurrency`` clients, each with its own keep-alive connection, each sending
+  ``POST /v1/decisions`` with one canonical transaction and waiting for the answer (a closed
+  loop). Reported: decisions/s (2xx answers only), p50/p95/p99 latency, errors by status.
+* batch: ``POST /v1/decisions/batch`` with ``--batch-size`` transactions per request
+  (the service takes up to 10,000), ``--batch-concurrency`` requests in flight, for
+  ``--batch-seconds``; decisions/s counts the transactions of 2xx answers.
+
+The load generator: this process, one thread, asyncio streams and a minimal HTTP/1.1 client
+(stdlib only). On a 2-core machine the client competes with the server for CPU, so it must
+be cheap: an httpx request costs a few hundred microseconds of client CPU, which at 1,500
+requests/s would take half a core; a raw request on asyncio streams costs a fraction of that.
+One thread means the client can use at most one core; the CPU it did use (process time over
+wall time) is reported as ``client_cpu_cores``.
+
+Transactions are the test period of the run's feature table, in time order, with string ids
+(the service's canonical form). When they run out they repeat with fresh ids (``-r1``, ...)
+and timestamps shifted past the previous pass, so every transaction_id is new and time keeps
+moving forward, as in production.
+
+Without ``--run`` a small run is built first in a temporary folder: simulate -> features ->
+LightGBM (about a minute). Timings are wall-clock and noisy on a shared machine. It prints a
+summary, whether the targets are met, and a JSON object as its last line.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/serve.py [--run RUN_DIR] [--seconds 20] [--concurrency 32]
+        [--workers 2] [--batch-size 1000] [--batch-seconds 10] [--batch-concurrency 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from fraudflow.artifacts import Bundle, load_bundle
+from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
+from fraudflow.data.simulator import simulate
+from fraudflow.errors import FraudflowError
+from fraudflow.features import build_features, open_feature_source, write_feature_table
+from fraudflow.features.online import MemoryStore, OnlineFeatures
+from fraudflow.train import train_run
+
+API_KEY = "bench-key"
+HOST = "127.0.0.1"
+CANONICAL = ("transaction_id", "timestamp", "customer_id", "terminal_id", "amount")
+TARGET_SINGLE_PER_SECOND = 1_500
+TARGET_P99_MS = 25.0
+TARGET_BATCH_PER_SECOND = 30_000
+READY_TIMEOUT_SECONDS = 120.0
+WARMUP_REQUESTS = 200
+REQUEST_TIMEOUT_SECONDS = 30.0
+
+
+# --- the run and its transactions -----------------------------------------------------------
+
+
+def build_run(folder: Path) -> Path:
+    """A small LightGBM run: 1,500 cards, 3,000 terminals, 60 days (about 150k transactions)."""
+    sim = SimulationConfig(n_customers=1_500, n_terminals=3_000, n_days=60, seed=0)
+    cfg = FeatureConfig()
+    features = folder / "features.parquet"
+    print(f"building a run in {folder} (simulate -> features -> gbdt)", flush=True)
+    write_feature_table(build_features(simulate(sim), cfg), features, cfg)
+    run = folder / "run"
+    train_run(features, run, RunConfig(train=TrainConfig(model="gbdt")))
+    return run
+
+
+def load_transactions(run: Path) -> pl.DataFrame:
+    """The run's test-period transactions, canonical columns, in time order."""
+    config = json.loads((run / "config.json").read_text())
+    test_start = config["periods"]["test_start"]
+    scan = open_feature_source(Path(config["features_path"])).scan()
+    day = pl.col("timestamp").dt.date().cast(pl.String)
+    frame = scan.filter(day >= test_start).select(CANONICAL).sort("timestamp").collect()
+    if frame.height == 0:
+        raise FraudflowError(f"the feature table of {run} has no test-period transactions")
+    return frame
+
+
+def transaction_stream(frame: pl.DataFrame) -> Iterator[dict[str, Any]]:
+    """The transactions as JSON-ready dicts, repeated forever with fresh ids and later times."""
+    rows = frame.to_dicts()
+    span = rows[-1]["timestamp"] - rows[0]["timestamp"] + timedelta(days=1)
+    for repeat in itertools.count():
+        suffix, shift = (f"-r{repeat}" if repeat else ""), span * repeat
+        for row in rows:
+            yield {
+                "transaction_id": f"{row['transaction_id']}{suffix}",
+                "timestamp": (row["timestamp"] + shift).isoformat(),
+                "customer_id": str(row["customer_id"]),
+                "terminal_id": str(row["terminal_id"]),
+                "amount": float(row["amount"]),
+            }
+
+
+# --- the floor: features + model in process ---------------------------------------------------
+
+
+def floor_ms(bundle: Bundle, frame: pl.DataFrame, *, warm: int, measured: int) -> float:
+    """Median milliseconds of OnlineFeatures(MemoryStore) + predict_calibrated on one row."""
+    raw = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in bundle.meta["feature_config"].items()
+    }
+    online = OnlineFeatures(cfg=FeatureConfig(**raw), store=MemoryStore())
+    names = bundle.features
+    stream = transaction_stream(frame)
+    for tx in itertools.islice(stream, warm):
+        online.features(tx)
+    times = []
+    for tx in itertools.islice(stream, measured):
+        started = time.perf_counter()
+        values = online.features(tx)
+        row = np.array([[values[n] for n in names]], dtype=np.float32)  # (1, F)
+        bundle.predict_calibrated(row)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e3
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(run: Path, port: int, workers: int, scratch: Path) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "fraudflow", "serve", "--run", str(run), "--port", str(port),
+        "--workers", str(workers), "--state", f"sqlite:///{scratch / 'state.db'}",
+    ]  # fmt: skip
+    # The audit log and any other service files go to the scratch folder, not into the run.
+    env = os.environ | {"FRAUDFLOW_API_KEYS": API_KEY, "FRAUDFLOW_DATA_DIR": str(scratch)}
+    log = (scratch / "server.log").open("wb")
+    return subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's own process group (a graceful shutdown of the supervisor and
+    its workers), SIGKILL after 15 s. The group is the server's: started in a new session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}:\n{_tail(log)}")
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
+            conn = await Connection.open(port)
+            status, _ = await conn.request("GET", "/readyz")
+            conn.close()
+            if status == 200:
+                return
+        await asyncio.sleep(0.25)
+    raise RuntimeError(
+        f"the server was not ready after {READY_TIMEOUT_SECONDS:.0f}s:\n{_tail(log)}"
+    )
+
+
+def _tail(log: Path) -> str:
+    """The end of the server's output: the log folder is removed when the benchmark ends."""
+    return log.read_text(errors="replace")[-3_000:]
+
+
+# --- a minimal HTTP/1.1 keep-alive client -------------------------------------------------------
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; requests on it are sequential."""
+
+    def __init__(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.port, self.reader, self.writer = port, reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(port, reader, writer)
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
+            f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode("ascii") + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("the server closed the connection")
+        status = int(status_line.split()[1])
+        headers = await self._headers()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            return status, await self._chunked()
+        return status, await self.reader.readexactly(int(headers.get("content-length", "0")))
+
+    async def _headers(self) -> dict[str, str]:
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return headers
+
+    async def _chunked(self) -> bytes:
+        parts = []
+        while size := int((await self.reader.readline()).split(b";")[0], 16):
+            parts.append(await self.reader.readexactly(size))
+            await self.reader.readline()
+        await self.reader.readline()  # the blank line after the last chunk
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --- load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """What a load phase saw: latencies of 2xx answers, decisions, statuses, wall, client CPU."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    decisions: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    first_failure: str | None = None
+    seconds: float = 0.0
+    client_cpu_seconds: float = 0.0
+
+    def record(self, status: int, body: bytes, ms: float, n: int) -> None:
+        self.statuses[status] += 1
+        if 200 <= status < 300:
+            self.latencies_ms.append(ms)
+            self.decisions += n
+        elif self.first_failure is None:
+            self.first_failure = f"HTTP {status}: {body[:300].decode(errors='replace')}"
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+
+
+async def drive(
+    port: int, bodies: Iterator[tuple[bytes, int]], path: str, concurrency: int, seconds: float
+) -> Load:
+    """``concurrency`` closed-loop clients POSTing ``bodies`` to ``path`` for ``seconds``."""
+    load = Load()
+    deadline = time.perf_counter() + seconds
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(_client(port, bodies, path, deadline, load) for _ in range(concurrency)))
+    load.seconds = time.perf_counter() - wall
+    load.client_cpu_seconds = time.process_time() - cpu
+    return load
+
+
+async def _client(
+    port: int, bodies: Iterator[tuple[bytes, int]], path: str, deadline: float, load: Load
+) -> None:
+    conn: Connection | None = None
+    while time.perf_counter() < deadline:
+        body, n = next(bodies)
+        try:
+            conn = conn or await Connection.open(port)
+            started = time.perf_counter()
+            status, answer = await asyncio.wait_for(
+                conn.request("POST", path, body), REQUEST_TIMEOUT_SECONDS
+            )
+            load.record(status, answer, (time.perf_counter() - started) * 1e3, n)
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            load.errors[type(exc).__name__] += 1
+            if conn is not None:
+                conn.close()
+            conn = None
+            await asyncio.sleep(0.01)
+    if conn is not None:
+        conn.close()
+
+
+def single_bodies(stream: Iterator[dict[str, Any]]) -> Iterator[tuple[bytes, int]]:
+    for tx in stream:
+        yield json.dumps(tx).encode(), 1
+
+
+def batch_bodies(stream: Iterator[dict[str, Any]], size: int) -> Iterator[tuple[bytes, int]]:
+    while True:
+        batch = list(itertools.islice(stream, size))
+        yield json.dumps({"transactions": batch}).encode(), len(batch)
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+async def serve_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fraudflow-bench-serve-") as tmp:
+        scratch, port = Path(tmp), args.port or free_port()
+        proc = start_server(run, port, args.workers, scratch)
+        try:
+            await wait_ready(proc, port, scratch / "server.log")
+            stream = transaction_stream(frame)
+            await _warm_up(port, stream)
+            single = await drive(
+                port, single_bodies(stream), "/v1/decisions", args.concurrency, args.seconds
+            )
+            batch = await drive(
+                port,
+                batch_bodies(stream, args.batch_size),
+                "/v1/decisions/batch",
+                args.batch_concurrency,
+                args.batch_seconds,
+            )
+        finally:
+            stop_server(proc)
+    return _serve_results(single, batch)
+
+
+async def _warm_up(port: int, stream: Iterator[dict[str, Any]]) -> None:
+    """A few hundred decisions first: imports, caches and connections are warm when timed."""
+    conn = await Connection.open(port)
+    try:
+        for tx in itertools.islice(stream, WARMUP_REQUESTS):
+            status, body = await conn.request("POST", "/v1/decisions", json.dumps(tx).encode())
+            if status >= 300:
+                raise RuntimeError(f"warm-up request failed, HTTP {status}: {body[:500]!r}")
+    finally:
+        conn.close()
+
+
+def _serve_results(single: Load, batch: Load) -> dict[str, Any]:
+    return {
+        "decisions_per_second": single.decisions / single.seconds,
+        "p50_ms": single.percentile(50),
+        "p95_ms": single.percentile(95),
+        "p99_ms": single.percentile(99),
+        "single_statuses": dict(single.statuses),
+        "single_connection_errors": dict(single.errors),
+        "single_first_failure": single.first_failure,
+        "client_cpu_cores": single.client_cpu_seconds / single.seconds,
+        "batch_decisions_per_second": batch.decisions / batch.seconds,
+        "batch_p50_ms": batch.percentile(50),
+        "batch_statuses": dict(batch.statuses),
+        "batch_first_failure": batch.first_failure,
+        "batch_client_cpu_cores": batch.client_cpu_seconds / batch.seconds,
+    }
+
+
+def targets(result: dict[str, Any]) -> dict[str, bool]:
+    p99 = result.get("p99_ms")
+    return {
+        "single": (result.get("decisions_per_second") or 0) >= TARGET_SINGLE_PER_SECOND
+        and p99 is not None
+        and p99 <= TARGET_P99_MS,
+        "batch": (result.get("batch_decisions_per_second") or 0) >= TARGET_BATCH_PER_SECOND,
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    def fmt(key: str, spec: str) -> str:
+        value = result.get(key)
+        return "n/a" if value is None else format(value, spec)
+
+    print(f"floor (features + model, in process): {fmt('floor_ms', '.3f')} ms / decision")
+    print(
+        f"single: {fmt('decisions_per_second', ',.0f')} decisions/s, p50 {fmt('p50_ms', '.2f')} "
+        f"ms, p95 {fmt('p95_ms', '.2f')} ms, p99 {fmt('p99_ms', '.2f')} ms "
+        f"(client used {fmt('client_cpu_cores', '.2f')} of {os.cpu_count()} cores)"
+    )
+    print(f"batch: {fmt('batch_decisions_per_second', ',.0f')} decisions/s")
+    met = targets(result)
+    print(
+        f"target >= {TARGET_SINGLE_PER_SECOND:,}/s with p99 <= {TARGET_P99_MS:g} ms: "
+        f"{'met' if met['single'] else 'NOT met'}; batch >= {TARGET_BATCH_PER_SECOND:,}/s: "
+        f"{'met' if met['batch'] else 'NOT met'}"
+    )
+    for key in ("single_first_failure", "batch_first_failure", "error"):
+        if result.get(key):
+            print(f"{key}: {result[key]}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=None, help="Run folder; built if omitted.")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--port", type=int, default=0, help="0: a free port.")
+    parser.add_argument("--batch-size", type=int, default=1_000)
+    parser.add_argument("--batch-seconds", type=float, default=10.0)
+    parser.add_argument("--batch-concurrency", type=int, default=2)
+    parser.add_argument("--floor-transactions", type=int, default=2_000)
+    parser.add_argument("--warm-transactions", type=int, default=20_000)
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="fraudflow-bench-run-") as tmp:
+        run = args.run or build_run(Path(tmp))
+        frame = load_transactions(run)
+        bundle = load_bundle(run)
+        result: dict[str, Any] = {
+            "run": str(run),
+            "model": bundle.meta["model"],
+            "workers": args.workers,
+            "concurrency": args.concurrency,
+            "batch_size": args.batch_size,
+            "cpu_count": os.cpu_count(),
+            "floor_ms": floor_ms(
+                bundle, frame, warm=args.warm_transactions, measured=args.floor_transactions
+            ),
+        }
+        try:
+            result |= asyncio.run(serve_phases(args, run, frame))
+        except (RuntimeError, OSError, asyncio.IncompleteReadError) as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+    result["targets_met"] = targets(result)
+    report(result)
+    print(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""`fraudflow serve`: the real-time decision service (FastAPI on uvicorn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fraudflow.cli.errors import handle_errors
+from fraudflow.serve.app import run_server
+from fraudflow.serve.settings import load_settings
+
+__all__ = ["serve"]
+
+
+@handle_errors
+def serve(
+    run: Path = typer.Option(None, "--run", help="Run folder whose model to serve."),
+    host: str = typer.Option(None, "--host", help="Address to bind. [default: 127.0.0.1]"),
+    port: int = typer.Option(None, "--port", help="Port to listen on. [default: 8000]"),
+    workers: int = typer.Option(None, "--workers", help="Worker processes. [default: 1]"),
+    state: str = typer.Option(
+        None, "--state", help="Feature state: sqlite:///<path> or redis://host:port/db."
+    ),
+    policy: Path = typer.Option(
+        None, "--policy", help="Decision policy YAML. [default: RUN/policy.yaml, else built-in]"
+    ),
+    data_dir: Path = typer.Option(
+        None, "--data-dir", help="Folder for state.db and audit.db. [default: RUN/serve]"
+    ),
+    audit: Path = typer.Option(None, "--audit", help="Audit log. [default: DATA_DIR/audit.db]"),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Serve without API keys (never in production)."
+    ),
+) -> None:
+    """Serve fraud decisions over HTTP.
+
+    Every flag is also an environment variable, FRAUDFLOW_<FLAG> (e.g. FRAUDFLOW_RUN). API keys
+    come from FRAUDFLOW_API_KEYS / FRAUDFLOW_ADMIN_KEYS (comma-separated) or the files named by
+    FRAUDFLOW_API_KEYS_FILE / FRAUDFLOW_ADMIN_KEYS_FILE; without any, the server refuses to
+    start unless --insecure-no-auth is given.
+    """
+    settings = load_settings(
+        run=run,
+        host=host,
+        port=port,
+        workers=workers,
+        state=state,
+        policy=policy,
+        data_dir=data_dir,
+        audit=audit,
+        insecure_no_auth=insecure_no_auth or None,  # unset: the environment may still say so
+    )
+    run_server(settings)

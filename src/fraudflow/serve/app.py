@@ -1,0 +1,206 @@
+"""The decision service's ASGI app: ``create_app(settings)``, its lifespan, and ``run_server``.
+
+Start-up order: the app answers ``/healthz`` at once; the lifespan opens the state store and
+the audit log and loads the model in a thread, and ``/readyz`` turns 200 when both are done.
+Shut-down commits the audit records still queued before closing.
+
+Errors are mapped here, at the edge, to fixed detail strings: ``ServeError`` to its status,
+anything unexpected to 500 "internal error" (the cause goes to the log). Every error response
+is counted in ``fraudflow_errors_total`` by kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fraudflow.serve.auth import load_api_keys
+from fraudflow.serve.deps import ACTIVE_MODEL_FILE, DecisionService, EngineLoader, ServeError
+from fraudflow.serve.metrics import ServiceMetrics
+from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router
+from fraudflow.serve.settings import ServeSettings, load_settings, settings_environment
+
+__all__ = ["app_from_environment", "create_app", "run_server"]
+
+log = logging.getLogger("fraudflow.serve")
+
+_ERROR_KIND_BY_STATUS = {401: "auth", 403: "auth", 413: "too_large", 422: "validation"}
+_WORKER_HEALTHCHECK_SECONDS = 60
+_KIND_KEY = "fraudflow_error_kind"  # request.state.<this>: set by the ServeError handler
+
+
+def create_app(settings: ServeSettings, *, loader: EngineLoader | None = None) -> FastAPI:
+    """The app for ``settings``; ``loader`` replaces how a run becomes an ``Engine`` (tests)."""
+    metrics = ServiceMetrics(multiprocess_dir=settings.prometheus_multiproc_dir)
+    service = DecisionService(
+        settings, metrics=metrics, keys=load_api_keys(settings), loader=loader
+    )
+    if settings.insecure_no_auth:
+        log.warning("--insecure-no-auth: every caller may decide, label and reload models")
+    app = FastAPI(
+        title="fraudflow decisions",
+        summary="Real-time fraud decisions: score, policy, reasons.",
+        lifespan=_lifespan(service),
+    )
+    app.state.service = service
+    app.include_router(build_router(settings))
+    app.add_exception_handler(ServeError, _serve_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(_RequestMetrics, metrics=metrics)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The uvicorn factory of multi-worker servers: settings from ``FRAUDFLOW_*``."""
+    settings = load_settings()
+    _log_to_stderr(settings.log_level)
+    return create_app(settings)
+
+
+def _log_to_stderr(level: str) -> None:
+    """The service's own log lines (model loads, failures) beside uvicorn's."""
+    logger = logging.getLogger("fraudflow")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     [fraudflow] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
+
+
+def _lifespan(service: DecisionService) -> Any:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(service.settings.torch_threads)  # one worker per core
+        starting = asyncio.create_task(service.start())
+        watcher = None
+        if service.settings.workers > 1:
+            watcher = asyncio.create_task(service.watch_reloads())
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await starting  # a load in a thread cannot be cancelled; let it end
+            service.close()
+
+    return lifespan
+
+
+async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServeError)
+    request.state.fraudflow_error_kind = exc.kind
+    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    return JSONResponse({"detail": exc.detail}, exc.status, headers=headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal error"}, 500)
+
+
+class _RequestMetrics:
+    """Counts every request by route and status, times the decision routes, counts errors.
+
+    Pure ASGI (no BaseHTTPMiddleware): it adds a few microseconds, not a task per request.
+    Unknown paths are one label, ``other``, so a scanner cannot grow the label set.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        status = 500  # if the app raises before starting a response
+        started = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._count(scope, route, status, time.perf_counter() - started)
+
+    def _count(self, scope: Scope, route: str, status: int, seconds: float) -> None:
+        m = self.metrics
+        m.requests.labels(route=route, status=str(status)).inc()
+        if route in DECISION_ROUTES:
+            m.decision_latency.labels(route=route).observe(seconds)
+        kind = scope.get("state", {}).get(_KIND_KEY) or _ERROR_KIND_BY_STATUS.get(status)
+        if kind is None and status >= 500:
+            kind = "internal"
+        if kind is not None:
+            m.errors.labels(kind=kind).inc()
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+def run_server(settings: ServeSettings) -> None:
+    """Serve until interrupted: one process, or uvicorn's workers with an app factory."""
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": False,  # per-request logging would cost more than a decision
+        "server_header": False,
+    }
+    _log_to_stderr(settings.log_level)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # Check the keys before forking workers. No app here: in prometheus_client's multiprocess
+    # mode this process's metrics would count as a live worker's.
+    load_api_keys(settings)
+    # Reloads announced by a previous server must not choose this one's model.
+    (settings.data_folder / ACTIVE_MODEL_FILE).unlink(missing_ok=True)
+    metrics_dir = _multiprocess_dir(settings.prometheus_multiproc_dir)
+    os.environ.update(settings_environment(settings))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    try:
+        uvicorn.run(
+            "fraudflow.serve.app:app_from_environment",
+            factory=True,
+            workers=settings.workers,
+            # A worker importing torch on a busy machine can miss uvicorn's default 5 s
+            # health check and be killed mid-start.
+            timeout_worker_healthcheck=_WORKER_HEALTHCHECK_SECONDS,
+            **common,
+        )
+    finally:
+        if settings.prometheus_multiproc_dir is None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _multiprocess_dir(given: Path | None) -> Path:
+    """prometheus_client's shared folder, emptied: stale files would add old counts."""
+    if given is None:
+        return Path(tempfile.mkdtemp(prefix="fraudflow-metrics-"))
+    given.mkdir(parents=True, exist_ok=True)
+    for stale in given.glob("*.db"):
+        stale.unlink()
+    return given

@@ -1,0 +1,387 @@
+"""The audit log: every decision and label, durable before the response is sent.
+
+Storage: one embedded SQLite file in WAL mode with ``synchronous=FULL``, so a commit returns
+only after the WAL is fsynced. SQLite rather than an append-only file because the log is also
+the idempotency record with SQLite state (a lookup by transaction_id, ``lookup``), it is shared
+safely by several worker processes (SQLite's file locks), and a torn last record after a crash
+is handled by SQLite's recovery instead of our own framing code.
+
+Group commit: requests do not commit. ``submit`` puts records on a queue and returns a future;
+one writer thread takes everything queued, inserts it in one transaction, commits (one fsync)
+and then resolves the futures. While one commit waits for the disk, the next group gathers,
+so a busy service pays one fsync per group, not per decision, and an idle one adds no delay
+(the writer wakes on the first record). ``after_commit`` runs in the writer after the commit,
+before the futures resolve: the Redis idempotency records are written there.
+
+A process killed at any moment loses no acknowledged record: a response is sent only after its
+future resolved, i.e. after the fsync.
+
+Tables (``decisions`` is unique by transaction_id; ``labels`` keeps every report, the latest
+wins when read):
+
+    decisions  seq, transaction_id, t_us, customer_id, terminal_id, amount, score, raw_score,
+               decision, model_version, decided_at_us, features (JSON), reasons (JSON),
+               response (the exact body sent, replayed for duplicates)
+    labels     seq, transaction_id, is_fraud, reported_at_us, received_at_us, applied
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+
+from fraudflow.data.io import write_table
+from fraudflow.errors import ArtifactError, ConfigError
+
+__all__ = [
+    "AfterCommit",
+    "AuditLog",
+    "DecisionRecord",
+    "LabelRecord",
+    "epoch_us",
+    "export_audit",
+    "now_us",
+    "read_decisions",
+    "read_labels",
+]
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    transaction_id TEXT NOT NULL UNIQUE,
+    t_us           INTEGER NOT NULL,       -- the transaction's time, epoch microseconds (UTC)
+    customer_id    TEXT NOT NULL,
+    terminal_id    TEXT NOT NULL,
+    amount         REAL NOT NULL,
+    score          REAL NOT NULL,          -- what the policy saw (calibrated if calibrated)
+    raw_score      REAL NOT NULL,          -- the model's probability
+    decision       TEXT NOT NULL,
+    model_version  TEXT NOT NULL,
+    decided_at_us  INTEGER NOT NULL,
+    features       TEXT NOT NULL,          -- JSON object, feature name -> value
+    reasons        TEXT NOT NULL,          -- JSON list, as in the response
+    response       BLOB NOT NULL           -- the response body, replayed for duplicates
+);
+CREATE TABLE IF NOT EXISTS labels (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    transaction_id TEXT NOT NULL,
+    is_fraud       INTEGER NOT NULL,
+    reported_at_us INTEGER,                -- when the reporter says it learned the label
+    received_at_us INTEGER NOT NULL,
+    applied        INTEGER NOT NULL        -- 1 if the feature state held the transaction
+);
+CREATE INDEX IF NOT EXISTS labels_by_transaction ON labels (transaction_id);
+"""
+_DECISION_COLUMNS = (
+    "transaction_id", "t_us", "customer_id", "terminal_id", "amount", "score", "raw_score",
+    "decision", "model_version", "decided_at_us", "features", "reasons", "response",
+)  # fmt: skip
+_LABEL_COLUMNS = ("transaction_id", "is_fraud", "reported_at_us", "received_at_us", "applied")
+_MAX_VARIABLES = 32_766  # SQLite's limit on ? per statement (since 3.32)
+_STOP = object()
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    transaction_id: str
+    t_us: int
+    customer_id: str
+    terminal_id: str
+    amount: float
+    score: float
+    raw_score: float
+    decision: str
+    model_version: str
+    decided_at_us: int
+    features: dict[str, float]
+    reasons: list[dict[str, Any]]
+    response: bytes
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.transaction_id, self.t_us, self.customer_id, self.terminal_id, self.amount,
+            self.score, self.raw_score, self.decision, self.model_version, self.decided_at_us,
+            orjson.dumps(self.features).decode(), orjson.dumps(self.reasons).decode(),
+            self.response,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LabelRecord:
+    transaction_id: str
+    is_fraud: bool
+    reported_at_us: int | None
+    received_at_us: int
+    applied: bool
+
+    def row(self) -> tuple[Any, ...]:
+        flags = (int(self.is_fraud), self.reported_at_us, self.received_at_us, int(self.applied))
+        return (self.transaction_id, *flags)
+
+
+Record = DecisionRecord | LabelRecord
+AfterCommit = Callable[[Sequence[DecisionRecord]], None]
+
+
+def epoch_us(when: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float); a naive datetime is UTC."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def now_us() -> int:
+    return epoch_us(datetime.now(UTC))
+
+
+class AuditLog:
+    """The audit log file with its group-commit writer thread (see the module docstring)."""
+
+    def __init__(
+        self, path: Path, *, after_commit: AfterCommit | None = None, max_group: int = 4096
+    ) -> None:
+        self.path = Path(path)
+        self._after_commit = after_commit
+        self._max_group = max_group
+        self._writer = _connect(self.path, synchronous="FULL")
+        self._reader = _connect(self.path, synchronous="FULL")
+        self._read_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self.commits = 0  # groups committed so far (each one fsync)
+        self._thread = threading.Thread(target=self._run, name="fraudflow-audit", daemon=True)
+        self._thread.start()
+
+    def submit(self, records: Sequence[Record]) -> Future[None]:
+        """Queue ``records``; the future resolves once they are committed (durable).
+
+        The rows are built here, in the caller's thread, to keep Python work out of the writer
+        (see ``_commit``).
+        """
+        future: Future[None] = Future()
+        if self._closed:
+            future.set_exception(ArtifactError(f"audit log {self.path} is closed"))
+            return future
+        decisions = [r for r in records if isinstance(r, DecisionRecord)]
+        labels = [r.row() for r in records if isinstance(r, LabelRecord)]
+        self._queue.put(_Pending(decisions, [d.row() for d in decisions], labels, future))
+        return future
+
+    async def append(self, records: Sequence[Record]) -> None:
+        """``submit`` and wait, without blocking the event loop. Shielded: a cancelled request
+        still gets its records written, and the writer never resolves a cancelled future."""
+        await asyncio.shield(asyncio.wrap_future(self.submit(records)))
+
+    def lookup(self, transaction_id: str) -> bytes | None:
+        """The response recorded for ``transaction_id``, or None."""
+        with self._read_lock:
+            found = self._reader.execute(
+                "SELECT response FROM decisions WHERE transaction_id = ?", (transaction_id,)
+            ).fetchone()
+        return None if found is None else bytes(found[0])
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer, close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+        with self._read_lock:
+            self._reader.close()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            group = [self._queue.get()]
+            while len(group) < self._max_group:
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is _STOP for item in group)
+            pending = [item for item in group if item is not _STOP]
+            if pending:
+                self._commit(pending)
+        self._writer.close()
+
+    def _commit(self, group: list[_Pending]) -> None:
+        """One transaction for the whole group, with as few statements as possible.
+
+        Each SQLite call releases the GIL and must take it back, and while the event loop is
+        busy that can wait a whole switch interval (5 ms): ``executemany`` would pay it per
+        row. So the rows go in multi-row INSERTs, and the commit (the fsync) is one call.
+        """
+        decisions = [d for p in group for d in p.decisions]
+        try:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                rows = [row for p in group for row in p.decision_rows]
+                _insert(self._writer, "INSERT OR IGNORE INTO decisions", _DECISION_COLUMNS, rows)
+                labels = [row for p in group for row in p.label_rows]
+                _insert(self._writer, "INSERT INTO labels", _LABEL_COLUMNS, labels)
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+            self.commits += 1
+            if self._after_commit is not None and decisions:
+                self._after_commit(decisions)
+        except Exception as exc:  # every waiter learns of it; the writer lives on
+            for p in group:
+                if p.future.set_running_or_notify_cancel():
+                    p.future.set_exception(exc)
+            return
+        for p in group:
+            if p.future.set_running_or_notify_cancel():
+                p.future.set_result(None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    decisions: list[DecisionRecord]
+    decision_rows: list[tuple[Any, ...]]
+    label_rows: list[tuple[Any, ...]]
+    future: Future[None]
+
+
+def _insert(
+    db: sqlite3.Connection, insert: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> None:
+    """``insert`` every row, in as few statements as SQLite's variable limit allows."""
+    per_statement = _MAX_VARIABLES // len(columns)
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        values = [value for row in chunk for value in row]
+        db.execute(_insert_sql(insert, columns, len(chunk)), values)
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql(insert: str, columns: tuple[str, ...], n_rows: int) -> str:
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"{insert} ({', '.join(columns)}) VALUES " + ", ".join([row] * n_rows)
+
+
+def _connect(path: Path, *, synchronous: str) -> sqlite3.Connection:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode; transactions are explicit. A generous busy timeout: several worker
+        # processes share the file and take turns committing.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        _migrate(db, path)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"audit log {path} cannot be opened: {exc}") from None
+    return db
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version not in (0, _SCHEMA_VERSION):
+        db.close()
+        raise ConfigError(
+            f"audit log {path} has schema version {version}, however this fraudflow expects "
+            f"{_SCHEMA_VERSION}"
+        )
+    db.executescript(_SCHEMA)
+    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+
+# --- reading and export -------------------------------------------------------------------
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    if not Path(path).is_file():
+        raise ConfigError(f"audit log {path} does not exist")
+    try:
+        return sqlite3.connect(path, isolation_level=None, timeout=30)
+    except sqlite3.Error as exc:
+        raise ConfigError(f"audit log {path} cannot be opened: {exc}") from None
+
+
+def _utc(column: str) -> pl.Expr:
+    return pl.from_epoch(pl.col(column), time_unit="us").dt.replace_time_zone("UTC")
+
+
+def read_decisions(path: Path) -> pl.DataFrame:
+    """Every recorded decision, one row each in recording order, one column per feature."""
+    columns = (
+        "transaction_id", "t_us", "customer_id", "terminal_id", "amount", "score", "raw_score",
+        "decision", "model_version", "decided_at_us", "reasons", "features",
+    )  # fmt: skip
+    db = _read_only(path)
+    try:
+        rows = db.execute(f"SELECT {', '.join(columns)} FROM decisions ORDER BY seq").fetchall()
+    finally:
+        db.close()
+    base = pl.DataFrame([r[:-1] for r in rows], schema=_DECISION_SCHEMA, orient="row")
+    parsed = [orjson.loads(r[-1]) for r in rows]
+    # Every row's keys: models of different versions may compute different features.
+    features = pl.DataFrame(parsed, infer_schema_length=None) if rows else pl.DataFrame()
+    frame = pl.concat([base, features.cast(pl.Float64)], how="horizontal")
+    return frame.with_columns(
+        _utc("t_us").alias("timestamp"), _utc("decided_at_us").alias("decided_at")
+    ).drop("t_us", "decided_at_us")
+
+
+_DECISION_SCHEMA = {
+    "transaction_id": pl.String,
+    "t_us": pl.Int64,
+    "customer_id": pl.String,
+    "terminal_id": pl.String,
+    "amount": pl.Float64,
+    "score": pl.Float64,
+    "raw_score": pl.Float64,
+    "decision": pl.String,
+    "model_version": pl.String,
+    "decided_at_us": pl.Int64,
+    "reasons": pl.String,
+}
+
+
+def read_labels(path: Path) -> pl.DataFrame:
+    """Every label report in arrival order (the latest per transaction is the current one)."""
+    db = _read_only(path)
+    try:
+        rows = db.execute(
+            "SELECT transaction_id, is_fraud, reported_at_us, received_at_us, applied "
+            "FROM labels ORDER BY seq"
+        ).fetchall()
+    finally:
+        db.close()
+    schema = {
+        "transaction_id": pl.String,
+        "is_fraud": pl.Int8,
+        "reported_at_us": pl.Int64,
+        "received_at_us": pl.Int64,
+        "applied": pl.Boolean,
+    }
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    return frame.with_columns(
+        _utc("reported_at_us").alias("reported_at"), _utc("received_at_us").alias("received_at")
+    ).drop("reported_at_us", "received_at_us")
+
+
+def export_audit(path: Path, out: Path, *, labels: bool = False) -> int:
+    """Write the decisions (or the labels) to ``out`` (.parquet, atomically); return rows."""
+    if Path(out).suffix.lower() != ".parquet":
+        raise ConfigError(f"--out must be a .parquet file, however got {out}")
+    frame = read_labels(path) if labels else read_decisions(path)
+    write_table(frame, out)
+    return frame.height

@@ -1,0 +1,521 @@
+"""What the routes depend on: the decision service, and the API-key checks.
+
+``DecisionService`` owns the long-lived pieces (state store, audit log, idempotency ledgers,
+the current ``Engine``, metrics) and runs a request through them:
+
+    features (state apply: atomic, refuses a duplicate) -> model -> policy
+    -> audit append (group commit, durable) -> response
+
+The synchronous part of a decision (store, model, policy: well under a millisecond) runs on the
+event loop itself: a thread hop would cost about as much, and the GIL would serialise the work
+anyway. Only the audit commit is awaited, so requests overlap while the disk syncs. Model loads
+(start-up, reload) run in a thread, so serving goes on meanwhile.
+
+Errors raised here are ``ServeError``s with a fixed detail string; ``fraudflow.serve.app``
+turns them into responses. Their causes go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import HTTPException, Request
+
+from fraudflow.data.schema import TRANSACTION_ID
+from fraudflow.errors import DataError, FraudflowError
+from fraudflow.features.online import Event, RangeQuery, RangeResult, StateStore, to_event
+from fraudflow.files import write_json_atomic
+from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, epoch_us, now_us
+from fraudflow.serve.auth import ApiKeys, bearer_token
+from fraudflow.serve.idempotency import (
+    AuditLedger,
+    DecisionLedger,
+    PendingDecisions,
+    RedisLedger,
+    resolve_duplicate,
+)
+from fraudflow.serve.metrics import ScoreDrift, ServiceMetrics
+from fraudflow.serve.schemas import LabelIn, TransactionIn
+from fraudflow.serve.scoring import Engine, Judged, load_engine
+from fraudflow.serve.settings import ServeSettings
+from fraudflow.serve.state import open_store
+
+__all__ = [
+    "ACTIVE_MODEL_FILE",
+    "DecisionService",
+    "EngineLoader",
+    "ServeError",
+    "TimedStore",
+    "get_service",
+    "require_admin",
+    "require_client",
+]
+
+log = logging.getLogger(__name__)
+
+# Written by a reload, watched by the other workers of a multi-worker server.
+ACTIVE_MODEL_FILE = "active_model.json"
+
+EngineLoader = Callable[[Path, StateStore], Engine]
+
+
+class ServeError(FraudflowError):
+    """A request the service cannot complete: HTTP status, fixed detail, metric kind."""
+
+    def __init__(self, status: int, detail: str, kind: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.kind = status, detail, kind
+
+
+def _not_ready() -> ServeError:
+    return ServeError(503, "model not loaded", "not_ready")
+
+
+def _store_failed() -> ServeError:
+    return ServeError(503, "feature state store unavailable", "state_store")
+
+
+class TimedStore:
+    """A ``StateStore`` that reports each call's latency (``fraudflow_state_store_...``)."""
+
+    def __init__(self, store: StateStore, metrics: ServiceMetrics) -> None:
+        self.inner = store
+        self._apply = metrics.store_latency.labels(operation="apply")
+        self._read = metrics.store_latency.labels(operation="read")
+        self._label = metrics.store_latency.labels(operation="set_label")
+        self._prune = metrics.store_latency.labels(operation="prune")
+
+    def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
+        with self._read.time():
+            return self.inner.read(queries)
+
+    def apply(
+        self, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
+    ) -> list[RangeResult]:
+        with self._apply.time():
+            return self.inner.apply(event, queries, forget_until_us=forget_until_us)
+
+    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
+        with self._label.time():
+            return self.inner.set_label(transaction_id, is_fraud)
+
+    def prune(self, until_us: int) -> int:
+        with self._prune.time():
+            return self.inner.prune(until_us)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class _Resources:
+    store: TimedStore
+    audit: AuditLog
+    ledgers: list[DecisionLedger]
+    redis_ledger: RedisLedger | None
+
+
+def default_loader(settings: ServeSettings) -> EngineLoader:
+    def load(run_dir: Path, store: StateStore) -> Engine:
+        return load_engine(run_dir, store=store, policy_path=settings.policy)
+
+    return load
+
+
+class DecisionService:
+    """The decision service's state and request handling (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        *,
+        metrics: ServiceMetrics,
+        keys: ApiKeys,
+        loader: EngineLoader | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.keys = keys
+        self.engine: Engine | None = None  # swapped whole on reload; read once per request
+        self.failed = False  # the start-up load failed: /readyz says so
+        self._loader = loader or default_loader(settings)
+        self._resources: _Resources | None = None
+        self._pending = PendingDecisions()
+        self._drift: ScoreDrift | None = None
+        self._reload_lock = asyncio.Lock()
+        self._control = settings.data_folder / ACTIVE_MODEL_FILE
+        self._control_seen = _mtime(self._control)
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and the audit log, then load the model (in a thread)."""
+        try:
+            self._resources = await asyncio.to_thread(self._open)
+            run = self._announced_run() or self.settings.run
+            self._swap(await asyncio.to_thread(self._load, run))
+        except Exception:
+            self.failed = True
+            self.metrics.errors.labels(kind="reload").inc()
+            log.exception("the decision service could not start")
+
+    def close(self) -> None:
+        self.metrics.model_changed(None)
+        if self._resources is not None:
+            self._resources.audit.close()  # commits what is queued first
+            self._resources.store.close()
+            if self._resources.redis_ledger is not None:
+                self._resources.redis_ledger.close()
+        self.metrics.process_exiting()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self._resources is not None
+
+    def _open(self) -> _Resources:
+        s = self.settings
+        store = TimedStore(open_store(s.state, default_path=s.state_default_path), self.metrics)
+        redis_ledger = None
+        if s.state is not None and s.state.startswith(("redis://", "rediss://")):
+            redis_ledger = RedisLedger(s.state, ttl_seconds=s.idempotency_ttl_seconds)
+        after_commit = redis_ledger.put if redis_ledger is not None else None
+        audit = AuditLog(s.audit_path, after_commit=after_commit)
+        ledgers: list[DecisionLedger] = [AuditLedger(audit)]
+        if redis_ledger is not None:
+            ledgers.insert(0, redis_ledger)
+        return _Resources(store, audit, ledgers, redis_ledger)
+
+    def _load(self, run_dir: Path) -> Engine:
+        assert self._resources is not None
+        return self._loader(Path(run_dir), self._resources.store)
+
+    def _swap(self, engine: Engine) -> None:
+        self.engine = engine  # one reference assignment: atomic for every reader
+        self.metrics.model_changed(engine.model_version)
+        s = self.settings
+        self._drift = None
+        if engine.reference is not None:  # scores of the old model are not this one's drift
+            window, every = s.psi_window, s.psi_interval_seconds
+            self._drift = ScoreDrift(engine.reference, window=window, interval_seconds=every)
+        log.info("serving %s from %s (policy: %s)", engine.model_version, engine.run_dir,
+                 engine.policy_source)  # fmt: skip
+
+    # --- decisions ------------------------------------------------------------------------
+
+    async def decide(self, tx: TransactionIn) -> bytes:
+        """The response body for one transaction."""
+        engine, resources = self._ready()
+        row = tx.row()
+        (event,) = _events([row])
+        tid = event.transaction_id
+        features = self._record(engine, row)
+        if features is None:
+            return await self._replay(tid, resources)
+        self._pending.add(tid)
+        try:
+            (judged,) = engine.judge([features], [event.amount])
+            record = _record_of(engine, tx, event, features, judged)
+            await self._commit(resources, [record])
+        except BaseException as exc:
+            self._pending.fail(tid, exc)
+            raise
+        self._pending.resolve(tid, record.response)
+        self._observe([judged])
+        return record.response
+
+    async def decide_batch(self, txs: Sequence[TransactionIn]) -> bytes:
+        """The batch response body: one decision per transaction, in request order.
+
+        Transactions go through the state in timestamp order (stable for equal times), as
+        one-by-one requests would; the model scores them all in one call. If the store fails
+        midway, the transactions already applied are still decided and recorded (a retry
+        returns them), then the request fails with 503.
+        """
+        engine, resources = self._ready()
+        rows = [tx.row() for tx in txs]
+        events = _events(rows)  # all valid before any is applied
+        order = sorted(range(len(rows)), key=lambda i: events[i].t_us)  # stable: ties keep order
+        bodies: list[bytes | None] = [None] * len(rows)
+        fresh, features, repeats, failure = self._record_all(engine, rows, order)
+        if fresh:
+            batch = _Fresh(fresh, [events[i] for i in fresh], [txs[i] for i in fresh], features)
+            await self._decide_fresh(engine, resources, batch, bodies)
+        if failure is not None:
+            raise failure
+        for i, first in repeats:
+            tid = rows[i][TRANSACTION_ID]
+            bodies[i] = bodies[first] if first >= 0 else await self._replay(tid, resources)
+        return b'{"decisions":[' + b",".join(b for b in bodies if b is not None) + b"]}"
+
+    def _record_all(
+        self, engine: Engine, rows: list[dict[str, Any]], order: list[int]
+    ) -> tuple[list[int], list[dict[str, float]], list[tuple[int, int]], ServeError | None]:
+        """Apply rows in ``order``: (fresh indices, their features, (repeat, first or -1))."""
+        fresh: list[int] = []
+        features: list[dict[str, float]] = []
+        repeats: list[tuple[int, int]] = []
+        first_of: dict[str, int] = {}
+        for i in order:
+            tid = rows[i][TRANSACTION_ID]
+            if tid in first_of:  # twice in this batch: the same answer as the first
+                repeats.append((i, first_of[tid]))
+                continue
+            try:
+                values = self._record(engine, rows[i])
+            except ServeError as exc:
+                return fresh, features, repeats, exc
+            if values is None:
+                repeats.append((i, -1))
+                continue
+            first_of[tid] = i
+            self._pending.add(tid)
+            fresh.append(i)
+            features.append(values)
+        return fresh, features, repeats, None
+
+    async def _decide_fresh(
+        self, engine: Engine, resources: _Resources, batch: _Fresh, bodies: list[bytes | None]
+    ) -> None:
+        """Score the applied transactions at once, record them, fill in their bodies."""
+        tids = [e.transaction_id for e in batch.events]
+        try:
+            judged = engine.judge(batch.features, [e.amount for e in batch.events])
+            records = [
+                _record_of(engine, tx, event, f, j)
+                for tx, event, f, j in zip(
+                    batch.txs, batch.events, batch.features, judged, strict=True
+                )
+            ]
+            await self._commit(resources, records)
+        except BaseException as exc:
+            for tid in tids:
+                self._pending.fail(tid, exc)
+            raise
+        for i, tid, record in zip(batch.indices, tids, records, strict=True):
+            self._pending.resolve(tid, record.response)
+            bodies[i] = record.response
+        self._observe(judged)
+
+    def _record(self, engine: Engine, row: dict[str, Any]) -> dict[str, float] | None:
+        try:
+            return engine.record(row)
+        except DataError:
+            raise ServeError(422, "invalid transaction", "validation") from None
+        except Exception:
+            log.exception("the feature state store failed")
+            raise _store_failed() from None
+
+    async def _replay(self, tid: str, resources: _Resources) -> bytes:
+        body = await resolve_duplicate(
+            tid,
+            pending=self._pending,
+            ledgers=resources.ledgers,
+            wait_seconds=self.settings.duplicate_wait_seconds,
+        )
+        if body is None:
+            log.error("transaction %r is in the feature state but no decision was recorded", tid)
+            raise ServeError(
+                409, "transaction already applied; its decision was not recorded",
+                "duplicate_unresolved",
+            )  # fmt: skip
+        return body
+
+    async def _commit(
+        self, resources: _Resources, records: Sequence[DecisionRecord | LabelRecord]
+    ) -> None:
+        try:
+            await resources.audit.append(records)
+        except Exception:
+            log.exception("the audit log failed")
+            raise ServeError(503, "audit log unavailable", "audit") from None
+
+    def _observe(self, judged: Sequence[Judged]) -> None:
+        m = self.metrics
+        for action, count in collections.Counter(j.action for j in judged).items():
+            m.decisions.labels(decision=action).inc(count)
+        for j in judged:
+            m.score.observe(j.score)
+        drift = self._drift
+        if drift is not None:
+            drift.add(_scores(judged))
+            if drift.due():
+                m.score_psi.set(drift.psi())
+
+    def _ready(self) -> tuple[Engine, _Resources]:
+        engine, resources = self.engine, self._resources
+        if engine is None or resources is None:
+            raise _not_ready()
+        return engine, resources
+
+    # --- labels ---------------------------------------------------------------------------
+
+    async def label(self, label: LabelIn) -> bytes:
+        """Apply a label to the feature state (if it holds the transaction) and record it."""
+        engine, resources = self._ready()
+        tid, flag = str(label.transaction_id), bool(label.is_fraud)
+        try:
+            engine.online.record_label(tid, flag)
+            applied = True
+        except DataError:  # not in the state: unknown, or older than the retention
+            applied = False
+        except Exception:
+            log.exception("the feature state store failed")
+            raise _store_failed() from None
+        reported = None if label.reported_at is None else epoch_us(label.reported_at)
+        await self._commit(resources, [LabelRecord(tid, flag, reported, now_us(), applied)])
+        out = {"transaction_id": label.transaction_id, "is_fraud": flag, "applied": applied}
+        return orjson.dumps(out)
+
+    # --- reload ---------------------------------------------------------------------------
+
+    async def reload(self, run: Path | None, *, announce: bool = True) -> dict[str, Any]:
+        """Build the engine of ``run`` (default: the one served) fully, then swap it in.
+
+        In-flight requests finish on the engine they started with; new ones get the new one.
+        """
+        async with self._reload_lock:
+            current = self.engine
+            target = Path(run) if run is not None else self.settings.run
+            if current is None or self._resources is None:
+                raise _not_ready()
+            try:
+                engine = await asyncio.to_thread(self._load, target)
+            except Exception:
+                log.exception("reload of %s failed", target)
+                raise ServeError(400, "the run cannot be loaded", "reload") from None
+            self._swap(engine)
+            if announce:
+                self._announce(engine)
+        return {
+            "model_version": engine.model_version,
+            "previous_model_version": current.model_version,
+            "run": str(engine.run_dir),
+        }
+
+    def _announced_run(self) -> Path | None:
+        """A worker (re)started after a reload serves what the other workers serve.
+
+        ``run_server`` deletes the file before the workers start, so it only ever names a run
+        reloaded during this server's life.
+        """
+        if self.settings.workers == 1:
+            return None
+        self._control_seen = _mtime(self._control)
+        try:
+            return Path(orjson.loads(self._control.read_bytes())["run"])
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    def _announce(self, engine: Engine) -> None:
+        """Tell the other workers (``watch_reloads``) which run to serve now."""
+        if self.settings.workers > 1:
+            body = {"run": str(engine.run_dir), "model_version": engine.model_version}
+            write_json_atomic(self._control, body)
+            self._control_seen = _mtime(self._control)
+
+    async def watch_reloads(self) -> None:
+        """Multi-worker servers: follow reloads made by another worker (polls a small file)."""
+        while True:
+            await asyncio.sleep(self.settings.reload_poll_seconds)
+            seen = _mtime(self._control)
+            if seen == self._control_seen or self.engine is None:
+                continue
+            self._control_seen = seen
+            try:
+                wanted = orjson.loads(self._control.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            if wanted.get("model_version") != self.engine.model_version:
+                with contextlib.suppress(ServeError):  # logged by reload
+                    await self.reload(Path(wanted["run"]), announce=False)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _scores(judged: Sequence[Judged]) -> np.ndarray:
+    return np.fromiter((j.score for j in judged), dtype=np.float64, count=len(judged))
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """The transactions of a batch that were new to the state, in the order applied."""
+
+    indices: list[int]  # positions in the request
+    events: list[Event]
+    txs: list[TransactionIn]
+    features: list[dict[str, float]]
+
+
+def _events(rows: Sequence[dict[str, Any]]) -> list[Event]:
+    try:
+        return [to_event(row) for row in rows]
+    except DataError:  # pydantic has checked the fields already: not expected
+        raise ServeError(422, "invalid transaction", "validation") from None
+
+
+def _record_of(
+    engine: Engine, tx: TransactionIn, event: Event, features: dict[str, float], judged: Judged
+) -> DecisionRecord:
+    reasons = [r.as_dict() for r in judged.reasons]
+    response = orjson.dumps(
+        {
+            "transaction_id": tx.transaction_id,
+            "score": judged.score,
+            "decision": judged.action,
+            "reasons": reasons,
+            "model_version": engine.model_version,
+        }
+    )
+    return DecisionRecord(
+        transaction_id=event.transaction_id, t_us=event.t_us, customer_id=event.customer_id,
+        terminal_id=event.terminal_id, amount=event.amount, score=judged.score,
+        raw_score=judged.raw_score, decision=judged.action, model_version=engine.model_version,
+        decided_at_us=now_us(), features=features, reasons=reasons, response=response,
+    )  # fmt: skip
+
+
+# --- FastAPI dependencies -----------------------------------------------------------------
+
+
+# The dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in its thread
+# pool, two thread hops per request that cost more than the decision itself.
+
+
+async def get_service(request: Request) -> DecisionService:
+    return _service(request)
+
+
+def _service(request: Request) -> DecisionService:
+    service: DecisionService = request.app.state.service
+    return service
+
+
+def _authorise(request: Request, *, admin: bool) -> None:
+    service = _service(request)
+    role = service.keys.role(bearer_token(request.headers.get("authorization")))
+    if role is None:
+        raise HTTPException(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+    if admin and role != "admin":
+        raise HTTPException(403, "this API key may not use admin routes")
+
+
+async def require_client(request: Request) -> None:
+    _authorise(request, admin=False)
+
+
+async def require_admin(request: Request) -> None:
+    _authorise(request, admin=True)

@@ -1,0 +1,129 @@
+"""Idempotent decisions: a transaction_id sent again gets the recorded answer.
+
+The state store is the arbiter: ``StateStore.apply`` stores each transaction_id once and
+raises on a duplicate, atomically, across replicas. A request whose apply was refused answers
+with the decision recorded for the first one, looked up in this order:
+
+1. ``PendingDecisions``: the first request is in this process, between its apply and its audit
+   commit; wait for it.
+2. The ledgers: with SQLite state, the audit log (its ``decisions`` table is unique by
+   transaction_id; every process sharing the state shares it); with Redis state, Redis
+   (``RedisLedger``, written right after each audit commit with SET NX), so replicas on other
+   hosts find it; then this replica's own audit log.
+3. Not yet there: another process is committing it; poll for ``wait_seconds``.
+
+If the first request died between its apply and its commit (a crash inside that ~1 ms), no
+answer was ever sent or recorded and the features can no longer be recomputed (the state holds
+the event): ``resolve_duplicate`` returns None and the service answers 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from fraudflow.serve.audit import AuditLog, DecisionRecord
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = [
+    "AuditLedger",
+    "DecisionLedger",
+    "PendingDecisions",
+    "RedisLedger",
+    "resolve_duplicate",
+]
+
+
+class DecisionLedger(Protocol):
+    """Where recorded responses are found by transaction_id."""
+
+    def get(self, transaction_id: str) -> bytes | None: ...
+
+
+class AuditLedger:
+    """The audit log itself as the ledger (SQLite state: same host, same files)."""
+
+    def __init__(self, audit: AuditLog) -> None:
+        self._audit = audit
+
+    def get(self, transaction_id: str) -> bytes | None:
+        return self._audit.lookup(transaction_id)
+
+
+class RedisLedger:
+    """Responses in Redis, shared by replicas: ``<prefix>decision:<transaction_id>``.
+
+    Written with SET NX (the first answer stays) and a TTL longer than the feature state's
+    retention: after that the state no longer refuses the id either.
+    """
+
+    def __init__(self, url: str, *, ttl_seconds: int, prefix: str = "{fraudflow}:") -> None:
+        import redis
+
+        self._client: redis.Redis = redis.Redis.from_url(url)
+        self._prefix = prefix + "decision:"
+        self._ttl = ttl_seconds
+
+    def get(self, transaction_id: str) -> bytes | None:
+        found = self._client.get(self._prefix + transaction_id)
+        return None if found is None else bytes(found)  # type: ignore[arg-type]
+
+    def put(self, records: Sequence[DecisionRecord]) -> None:
+        """Record the responses; the audit writer calls it after each commit (one round trip)."""
+        with self._client.pipeline(transaction=False) as pipe:
+            for r in records:
+                pipe.set(self._prefix + r.transaction_id, r.response, nx=True, ex=self._ttl)
+            pipe.execute()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class PendingDecisions:
+    """Decisions of this process applied to the state but not yet committed to the audit."""
+
+    def __init__(self) -> None:
+        self._futures: dict[str, asyncio.Future[bytes]] = {}
+
+    def add(self, transaction_id: str) -> None:
+        self._futures[transaction_id] = asyncio.get_running_loop().create_future()
+
+    def get(self, transaction_id: str) -> asyncio.Future[bytes] | None:
+        return self._futures.get(transaction_id)
+
+    def resolve(self, transaction_id: str, body: bytes) -> None:
+        self._futures.pop(transaction_id).set_result(body)
+
+    def fail(self, transaction_id: str, error: BaseException) -> None:
+        future = self._futures.pop(transaction_id, None)
+        if future is not None:
+            future.set_exception(error)
+            future.exception()  # retrieved: waiters re-raise it; nobody waiting is fine too
+
+
+async def resolve_duplicate(
+    transaction_id: str,
+    *,
+    pending: PendingDecisions,
+    ledgers: Sequence[DecisionLedger],
+    wait_seconds: float,
+) -> bytes | None:
+    """The recorded response for a refused duplicate, or None if none appears in time."""
+    future = pending.get(transaction_id)
+    if future is not None:
+        return await asyncio.shield(future)
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.002
+    while True:
+        for ledger in ledgers:
+            found = ledger.get(transaction_id)
+            if found is not None:
+                return found
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 0.1)

@@ -1,0 +1,197 @@
+"""Prometheus metrics of the decision service, and the score drift (PSI) they report.
+
+Names are a contract (alert rules use them); base units, counters end in ``_total``, and no
+label ever holds an id or a key:
+
+    fraudflow_decision_latency_seconds{route}      histogram, the decision routes end to end
+    fraudflow_decisions_total{decision}            counter: approve | review | block
+    fraudflow_score                                histogram of the scores returned
+    fraudflow_errors_total{kind}                   counter, kinds in ``ERROR_KINDS``
+    fraudflow_requests_total{route, status}        counter, every route
+    fraudflow_state_store_latency_seconds{operation}  histogram: apply | read | set_label
+    fraudflow_model_info{model_version}            gauge = 1 for the loaded model
+    fraudflow_model_loaded                         gauge 0/1
+    fraudflow_score_psi                            gauge, see ``ScoreDrift``
+
+Each app gets its own ``CollectorRegistry``. With several worker processes, prometheus_client's
+multiprocess mode is used (``PROMETHEUS_MULTIPROC_DIR``, set by ``fraudflow serve --workers``
+before the workers start): each scrape, whichever worker answers it, sums counters and
+histograms over all workers; the gauges say how they combine in ``multiprocess_mode``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "ERROR_KINDS",
+    "ScoreDrift",
+    "ServiceMetrics",
+    "population_stability_index",
+]
+
+ERROR_KINDS = (
+    "auth",  # 401 and 403
+    "validation",  # 422
+    "too_large",  # 413
+    "not_ready",  # 503 before a model is loaded
+    "state_store",  # the feature state store failed
+    "audit",  # the audit log failed
+    "duplicate_unresolved",  # 409: a duplicate whose first decision was never recorded
+    "reload",  # an admin reload failed
+    "internal",  # anything else (500)
+)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 1.0)
+_STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+_SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+class ServiceMetrics:
+    """The service's metric objects in a registry of their own."""
+
+    def __init__(self, *, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.decision_latency = Histogram(
+            "fraudflow_decision_latency_seconds",
+            "Time to answer a decision request, from the first byte read to the response.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.decisions = Counter(
+            "fraudflow_decisions", "Decisions returned, by action.", ["decision"], registry=registry
+        )
+        self.score = Histogram(
+            "fraudflow_score", "Fraud scores returned.", buckets=_SCORE_BUCKETS, registry=registry
+        )
+        self.errors = Counter(
+            "fraudflow_errors", "Failed requests, by cause.", ["kind"], registry=registry
+        )
+        self.requests = Counter(
+            "fraudflow_requests", "HTTP requests, by route and status.", ["route", "status"],
+            registry=registry,
+        )  # fmt: skip
+        self.store_latency = Histogram(
+            "fraudflow_state_store_latency_seconds", "Feature state store calls.", ["operation"],
+            buckets=_STORE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        # livemax: a version shows while any live worker serves it (during a rolling reload,
+        # both); livemin: loaded only when every worker is.
+        self.model_info = Gauge(
+            "fraudflow_model_info", "The model being served (value 1).", ["model_version"],
+            registry=registry, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.model_loaded = Gauge(
+            "fraudflow_model_loaded", "1 when a model is loaded and the state store is open.",
+            registry=registry, multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.score_psi = Gauge(
+            "fraudflow_score_psi", "Population stability index of recent scores vs validation.",
+            registry=registry, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self._version: str | None = None
+
+    def model_changed(self, version: str | None) -> None:
+        if self._version is not None and self._version != version:
+            if self.multiprocess_dir is None:
+                self.model_info.remove(self._version)
+            else:  # prometheus_client cannot remove labels across processes: zero it instead
+                self.model_info.labels(model_version=self._version).set(0)
+        self._version = version
+        if version is not None:
+            self.model_info.labels(model_version=version).set(1)
+        self.model_loaded.set(0 if version is None else 1)
+
+    def render(self) -> bytes:
+        """The text exposition format; in multiprocess mode, of all workers together."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        prom_multiprocess.MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        return generate_latest(merged)
+
+    def process_exiting(self) -> None:
+        """Drop this worker's live gauges (multiprocess mode), so they stop counting."""
+        if self.multiprocess_dir is not None:
+            prom_multiprocess.mark_process_dead(os.getpid(), path=str(self.multiprocess_dir))
+
+
+def population_stability_index(
+    reference: np.ndarray, recent: np.ndarray, *, bins: int = 10, eps: float = 1e-4
+) -> float:
+    """PSI = sum over bins of (p - q) * ln(p / q), p recent and q reference shares.
+
+    Bins are the reference's quantiles (deciles by default), so each holds ~1/bins of it; a
+    share is floored at ``eps`` so that an empty bin gives a large but finite term (Siddiqi,
+    Credit Risk Scorecards, 2006: < 0.1 stable, 0.1-0.25 drifting, > 0.25 shifted).
+    """
+    edges = np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1])  # (bins - 1,)
+    q = _shares(reference, edges, bins, eps)
+    p = _shares(recent, edges, bins, eps)
+    return float(np.sum((p - q) * np.log(p / q)))
+
+
+def _shares(values: np.ndarray, edges: np.ndarray, bins: int, eps: float) -> np.ndarray:
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=bins)
+    return np.maximum(counts / max(len(values), 1), eps)  # (bins,)
+
+
+class ScoreDrift:
+    """The last ``window`` served scores, and their PSI against the run's validation scores.
+
+    Both sides are the served (calibrated) score; as the bins are quantiles, the PSI is the
+    same on raw scores, since calibration is increasing.
+
+    ``add`` is cheap (a copy into a ring buffer); the PSI is recomputed at most every
+    ``interval_seconds``, from at least ``min_scores`` scores. Not thread-safe: the service
+    calls it from its event loop only.
+    """
+
+    def __init__(
+        self,
+        reference: np.ndarray,
+        *,
+        window: int,
+        interval_seconds: float,
+        min_scores: int = 100,
+    ) -> None:
+        self.reference = np.sort(np.asarray(reference, dtype=np.float64))
+        self._ring = np.zeros(window, dtype=np.float64)
+        self._next = 0
+        self._filled = 0
+        self._interval = interval_seconds
+        self._min = min_scores
+        self._last = time.monotonic()
+
+    def add(self, scores: np.ndarray) -> None:
+        scores = scores[-len(self._ring) :]
+        n, size = len(scores), len(self._ring)
+        end = self._next + n
+        if end <= size:
+            self._ring[self._next : end] = scores
+        else:
+            split = size - self._next
+            self._ring[self._next :] = scores[:split]
+            self._ring[: n - split] = scores[split:]
+        self._next = end % size
+        self._filled = min(self._filled + n, size)
+
+    def due(self) -> bool:
+        return self._filled >= self._min and time.monotonic() - self._last >= self._interval
+
+    def psi(self) -> float:
+        self._last = time.monotonic()
+        return population_stability_index(self.reference, self._ring[: self._filled])

@@ -1,0 +1,99 @@
+"""The HTTP routes: thin shells over ``DecisionService``.
+
+    POST /v1/decisions         one transaction -> DecisionOut              client key
+    POST /v1/decisions/batch   {"transactions": [...]} (<= 10,000)         client key
+    POST /v1/labels            a fraud label -> LabelOut                   client key
+    POST /v1/admin/reload      {"run": path} (optional) -> ReloadOut       admin key
+    GET  /healthz              the process is alive
+    GET  /readyz               200 once a model and the state store are ready, else 503
+    GET  /metrics              Prometheus text format
+
+Health, readiness and metrics are open: probes and scrapers carry no keys, and they reveal no
+transaction data. Responses are serialised with orjson once (and stored for idempotent
+replays); the ``response_model``s document them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+
+from fraudflow.serve.deps import DecisionService, get_service, require_admin, require_client
+from fraudflow.serve.metrics import CONTENT_TYPE_LATEST
+from fraudflow.serve.schemas import (
+    DecisionBatchIn,
+    DecisionBatchOut,
+    DecisionOut,
+    HealthOut,
+    LabelIn,
+    LabelOut,
+    ReloadIn,
+    ReloadOut,
+    TransactionIn,
+)
+from fraudflow.serve.settings import ServeSettings
+
+__all__ = ["DECISION_ROUTES", "ROUTES", "build_router"]
+
+DECISIONS, BATCH, LABELS, RELOAD = (
+    "/v1/decisions",
+    "/v1/decisions/batch",
+    "/v1/labels",
+    "/v1/admin/reload",
+)
+ROUTES = frozenset({DECISIONS, BATCH, LABELS, RELOAD, "/healthz", "/readyz", "/metrics"})
+DECISION_ROUTES = frozenset({DECISIONS, BATCH})
+_JSON = "application/json"
+
+
+def _json(body: bytes) -> Response:
+    return Response(content=body, media_type=_JSON)
+
+
+def build_router(settings: ServeSettings) -> APIRouter:
+    """The routes, with the body size limits of ``settings`` (413 beyond them)."""
+    router = APIRouter()
+    client, admin = [Depends(require_client)], [Depends(require_admin)]
+    single, batch = settings.max_body_bytes, settings.max_batch_body_bytes
+
+    @router.post(DECISIONS, response_model=DecisionOut, dependencies=client, max_body_size=single)
+    async def decide(
+        tx: TransactionIn, service: DecisionService = Depends(get_service)
+    ) -> Response:
+        return _json(await service.decide(tx))
+
+    @router.post(BATCH, response_model=DecisionBatchOut, dependencies=client, max_body_size=batch)
+    async def decide_batch(
+        body: DecisionBatchIn, service: DecisionService = Depends(get_service)
+    ) -> Response:
+        return _json(await service.decide_batch(body.transactions))
+
+    @router.post(LABELS, response_model=LabelOut, dependencies=client, max_body_size=single)
+    async def label(label: LabelIn, service: DecisionService = Depends(get_service)) -> Response:
+        return _json(await service.label(label))
+
+    @router.post(RELOAD, response_model=ReloadOut, dependencies=admin, max_body_size=single)
+    async def reload(
+        body: ReloadIn | None = None, service: DecisionService = Depends(get_service)
+    ) -> ReloadOut:
+        run = None if body is None or body.run is None else Path(body.run)
+        return ReloadOut(**await service.reload(run))
+
+    @router.get("/healthz", response_model=HealthOut)
+    async def healthz() -> Response:
+        return _json(b'{"status":"ok"}')
+
+    @router.get("/readyz", response_model=HealthOut, responses={503: {"model": HealthOut}})
+    async def readyz(service: DecisionService = Depends(get_service)) -> Response:
+        engine = service.engine
+        if service.ready and engine is not None:
+            return JSONResponse({"status": "ready", "model_version": engine.model_version})
+        return JSONResponse({"status": "failed" if service.failed else "loading"}, 503)
+
+    @router.get("/metrics")
+    async def metrics(service: DecisionService = Depends(get_service)) -> Response:
+        return Response(content=service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router

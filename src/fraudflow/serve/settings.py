@@ -1,0 +1,181 @@
+"""The decision service's settings: command-line flags over ``FRAUDFLOW_*`` environment variables.
+
+``load_settings`` is the one place that reads the environment; everything below receives the
+validated ``ServeSettings`` object. Validation happens at start-up, so a missing run folder or a
+malformed state URL stops the command with a message (exit 2), not the first request.
+
+Where things live by default (``--data-dir``, default ``RUN_DIR/serve``):
+
+    <data-dir>/state.db     the feature state (unless --state names another store)
+    <data-dir>/audit.db     the audit log of decisions and labels (unless --audit)
+
+With ``--workers > 1`` the settings travel to the worker processes through the environment
+(``settings_environment``), the way uvicorn's app factories expect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fraudflow.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "ServeSettings",
+    "audit_path_for",
+    "load_settings",
+    "settings_environment",
+]
+
+ENV_PREFIX = "FRAUDFLOW_"
+MIB = 1024 * 1024
+_STATE_SCHEMES = ("sqlite", "redis", "rediss")
+
+
+class ServeSettings(BaseSettings):
+    """Every knob of ``fraudflow serve``; each field is also ``FRAUDFLOW_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    run: Path
+    host: str = "127.0.0.1"  # loopback unless asked: the service holds customer data
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    state: str | None = None  # sqlite:///<path> or redis://...; None: <data-dir>/state.db
+    policy: Path | None = None  # None: RUN_DIR/policy.yaml if present, else the default
+    data_dir: Path | None = None  # None: RUN_DIR/serve
+    audit: Path | None = None  # None: <data-dir>/audit.db
+    api_keys: SecretStr | None = None  # comma-separated
+    api_keys_file: Path | None = None  # one key per line, '#' comments
+    admin_keys: SecretStr | None = None
+    admin_keys_file: Path | None = None
+    insecure_no_auth: bool = False
+    max_body_bytes: int = Field(1 * MIB, ge=1024)
+    max_batch_body_bytes: int = Field(16 * MIB, ge=1024)
+    psi_window: int = Field(10_000, ge=100)  # scores kept for fraudflow_score_psi
+    psi_interval_seconds: float = Field(5.0, gt=0)
+    # How long a duplicate transaction_id waits for a concurrent request to record its decision.
+    duplicate_wait_seconds: float = Field(5.0, ge=0)
+    # Redis idempotency records outlive the feature state's retention (37 days by default).
+    idempotency_ttl_seconds: int = Field(40 * 86_400, ge=60)
+    # Workers > 1: how often each worker looks for a reload done by another worker.
+    reload_poll_seconds: float = Field(1.0, gt=0)
+    torch_threads: int = Field(1, ge=1)
+    log_level: str = "info"
+    # prometheus_client's own variable (no FRAUDFLOW_ prefix): set, metrics are multiprocess.
+    prometheus_multiproc_dir: Path | None = Field(
+        None, validation_alias=AliasChoices("prometheus_multiproc_dir", "PROMETHEUS_MULTIPROC_DIR")
+    )
+
+    @field_validator("run")
+    @classmethod
+    def _run_is_a_bundle(cls, run: Path) -> Path:
+        if not run.is_dir():
+            raise ValueError(f"run folder {run} does not exist")
+        if not (run / "model" / "meta.json").is_file():
+            raise ValueError(f"{run} holds no model bundle (model/meta.json): is it a run?")
+        return run.resolve()
+
+    @field_validator("state")
+    @classmethod
+    def _state_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        scheme, sep, rest = url.partition("://")
+        ok = sep and scheme in _STATE_SCHEMES and (scheme != "sqlite" or len(rest) > 1)
+        if not ok or (scheme == "sqlite" and not rest.startswith("/")):
+            shown = f"{scheme}://...@{rest.rpartition('@')[2]}" if "@" in rest else url
+            raise ValueError(
+                f"must be sqlite:///<path> or redis://<host>[:<port>][/<db>], however got {shown!r}"
+            )
+        return url
+
+    @field_validator("policy", "api_keys_file", "admin_keys_file")
+    @classmethod
+    def _file_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"file {path} does not exist")
+        return path
+
+    @model_validator(mode="after")
+    def _some_keys_or_insecure(self) -> ServeSettings:
+        sources = (self.api_keys, self.api_keys_file, self.admin_keys, self.admin_keys_file)
+        if not self.insecure_no_auth and all(s is None for s in sources):
+            raise ValueError(
+                "no API keys are configured: set FRAUDFLOW_API_KEYS (or FRAUDFLOW_API_KEYS_FILE) "
+                "and FRAUDFLOW_ADMIN_KEYS, or pass --insecure-no-auth to serve without "
+                "authentication"
+            )
+        return self
+
+    @property
+    def data_folder(self) -> Path:
+        return self.data_dir if self.data_dir is not None else self.run / "serve"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit if self.audit is not None else self.data_folder / "audit.db"
+
+    @property
+    def state_default_path(self) -> Path:
+        return self.data_folder / "state.db"
+
+
+def load_settings(**flags: Any) -> ServeSettings:
+    """Settings from the given flags (None: not given) over the environment.
+
+    Raises ``ConfigError`` listing each invalid setting by its flag name.
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return ServeSettings(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if where:
+            flag = "--" + where.replace("_", "-")
+            env = ENV_PREFIX + where.upper()
+            problems.append(f"{flag} ({env}): {message}")
+        else:
+            problems.append(message)
+    return "invalid serve settings: " + "; ".join(problems)
+
+
+def settings_environment(settings: ServeSettings) -> dict[str, str]:
+    """``FRAUDFLOW_*`` variables that rebuild ``settings`` in a worker process."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None or name == "prometheus_multiproc_dir":  # travels under its own name
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[ENV_PREFIX + name.upper()] = str(value)
+    return env
+
+
+def audit_path_for(*, audit: Path | None, run: Path | None, data_dir: Path | None) -> Path:
+    """The audit log ``fraudflow serve`` writes for these flags (for ``decisions export``)."""
+    if audit is not None:
+        return audit
+    if data_dir is not None:
+        return data_dir / "audit.db"
+    if run is not None:
+        return run / "serve" / "audit.db"
+    raise ConfigError("name the audit log: --audit PATH, or the --run (and --data-dir) it serves")

@@ -1,0 +1,134 @@
+"""The audit log: durable on acknowledgement, group commit, idempotency lookups, export."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import closing
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from fraudflow.errors import ConfigError
+from fraudflow.serve.audit import (
+    AuditLog,
+    DecisionRecord,
+    LabelRecord,
+    export_audit,
+    read_decisions,
+    read_labels,
+)
+
+
+def decision(i: int, **features: float) -> DecisionRecord:
+    return DecisionRecord(
+        transaction_id=f"tx-{i}", t_us=1_767_225_600_000_000 + i, customer_id="c", terminal_id="t",
+        amount=10.0 + i, score=0.25, raw_score=0.5, decision="approve", model_version="gbdt-x",
+        decided_at_us=1_767_225_600_000_000, features=features or {"f": float(i)},
+        reasons=[{"kind": "feature", "name": "f", "detail": "d", "value": 1.0,
+                  "contribution": 0.1}],
+        response=f'{{"transaction_id":"tx-{i}"}}'.encode(),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def audit(tmp_path: Path) -> Iterator[AuditLog]:
+    log = AuditLog(tmp_path / "audit.db")
+    yield log
+    log.close()
+
+
+def _committed(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as db:  # another connection: what a restart would see
+        return int(db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0])
+
+
+def test_an_acknowledged_record_is_committed(audit: AuditLog) -> None:
+    audit.submit([decision(1)]).result(timeout=10)
+    assert _committed(audit.path) == 1
+    with closing(sqlite3.connect(audit.path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_concurrent_appends_share_commits(audit: AuditLog) -> None:
+    futures: list[Future[None]] = []
+    lock = threading.Lock()
+
+    def submit(start: int) -> None:
+        for i in range(start, start + 100):
+            future = audit.submit([decision(i)])
+            with lock:
+                futures.append(future)
+
+    threads = [threading.Thread(target=submit, args=(k * 100,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for future in futures:
+        future.result(timeout=10)
+    assert _committed(audit.path) == 400
+    assert audit.commits < 400  # grouped: fewer fsyncs than records
+
+
+def test_lookup_returns_the_recorded_response(audit: AuditLog) -> None:
+    audit.submit([decision(1), decision(1)]).result(timeout=10)  # a repeat is ignored
+    assert audit.lookup("tx-1") == b'{"transaction_id":"tx-1"}'
+    assert audit.lookup("tx-2") is None
+    assert _committed(audit.path) == 1
+
+
+def test_close_commits_what_is_queued(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.db")
+    futures = [log.submit([decision(i)]) for i in range(50)]
+    log.close()
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert _committed(tmp_path / "audit.db") == 50
+    refused = log.submit([decision(99)])
+    with pytest.raises(Exception, match="is closed"):
+        refused.result(timeout=1)
+
+
+def test_after_commit_sees_the_decisions_and_its_failure_fails_the_append(tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def mirror(records: Sequence[DecisionRecord]) -> None:
+        seen.extend(r.transaction_id for r in records)
+        if seen[-1] == "tx-2":
+            raise ConnectionError("redis is down")
+
+    log = AuditLog(tmp_path / "audit.db", after_commit=mirror)
+    try:
+        log.submit([decision(1)]).result(timeout=10)
+        with pytest.raises(ConnectionError, match="redis is down"):
+            log.submit([decision(2)]).result(timeout=10)
+        log.submit([decision(3)]).result(timeout=10)  # the writer lives on
+    finally:
+        log.close()
+    assert seen == ["tx-1", "tx-2", "tx-3"]
+
+
+def test_read_and_export(audit: AuditLog, tmp_path: Path) -> None:
+    labels = [LabelRecord("tx-1", True, None, 5, True), LabelRecord("zz", False, 3, 6, False)]
+    audit.submit([decision(1, a=1.0, b=2.0), decision(2, a=3.0), *labels]).result(timeout=10)
+    frame = read_decisions(audit.path)
+    assert frame["transaction_id"].to_list() == ["tx-1", "tx-2"]
+    assert frame["a"].to_list() == [1.0, 3.0] and frame["b"].to_list() == [2.0, None]
+    assert frame.schema["timestamp"] == pl.Datetime("us", "UTC")
+    assert export_audit(audit.path, tmp_path / "out.parquet") == 2
+    assert pl.read_parquet(tmp_path / "out.parquet").equals(frame)
+    assert export_audit(audit.path, tmp_path / "labels.parquet", labels=True) == 2
+    stored = read_labels(audit.path)
+    assert stored["applied"].to_list() == [True, False]
+    assert stored["reported_at"].to_list()[0] is None
+
+
+def test_export_refuses_a_missing_log_or_other_suffix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"audit log .*nope.db does not exist"):
+        export_audit(tmp_path / "nope.db", tmp_path / "out.parquet")
+    with pytest.raises(ConfigError, match=r"--out must be a \.parquet file"):
+        export_audit(tmp_path / "nope.db", tmp_path / "out.csv")
+    assert not (tmp_path / "nope.db").exists()
