@@ -1,11 +1,11 @@
-"""The real command, ``fraudflow serve --workers 2``, killed with SIGKILL mid-stream.
+"""The real command, ``fraudflow serve``, killed with SIGKILL mid-stream, then restarted.
 
-Clients stream decisions at a two-worker server and keep every response they get; the whole
-process group (supervisor and both workers) is then killed with SIGKILL, so no shutdown code
-runs. Every acknowledged decision must be in the audit log and in the feature state, and a
-restarted server on the same files must answer each of them again with the very same response.
-The restarted server then shows the multi-worker machinery: metrics summed over the workers,
-and one admin reload followed by both workers.
+Clients stream decisions at the server and keep every response they get; its process group is
+then killed with SIGKILL, so no shutdown code runs. Every acknowledged decision must be in the
+audit log and in the feature state, and a server restarted on the same files (with two workers)
+must answer each of them again with the very same response. The restarted server then shows
+the multi-worker machinery: metrics summed over the workers, and one admin reload followed by
+both workers. (Each start costs seconds of imports, so one test does all of it.)
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m fraudflow serve --workers 2`` in its own process group, on a free port."""
+    """``python -m fraudflow serve`` in its own process group, on a free port."""
 
-    def __init__(self, run: Path, folder: Path) -> None:
+    def __init__(self, run: Path, folder: Path, *, workers: int) -> None:
         self.url = f"http://127.0.0.1:{_free_port()}"
-        args = ["serve", "--run", str(run), "--data-dir", str(folder / "data"), "--workers", "2"]
+        args = ["serve", "--run", str(run), "--data-dir", str(folder / "data")]
+        args += ["--workers", str(workers)]
         args += ["--port", self.url.rpartition(":")[2]]
         metrics_dir = folder / f"metrics-{self.url.rpartition(':')[2]}"
         env = os.environ | {
@@ -157,8 +158,10 @@ def _assert_recorded(data_dir: Path, acked: dict[str, bytes]) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_restart_with_two_workers(run_dir: Path, tmp_path: Path) -> None:
-    server = ServerProcess(run_dir, tmp_path)
+def test_sigkill_loses_nothing_acknowledged_and_two_workers_restart(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    server = ServerProcess(run_dir, tmp_path, workers=1)
     try:
         server.wait_ready()
         acked = _stream_then_kill(server)
@@ -166,7 +169,7 @@ def test_sigkill_then_restart_with_two_workers(run_dir: Path, tmp_path: Path) ->
         server.stop()
     _assert_recorded(tmp_path / "data", acked)
 
-    again = ServerProcess(run_dir, tmp_path)
+    again = ServerProcess(run_dir, tmp_path, workers=2)
     try:
         again.wait_ready()
         _replays_are_identical(again, acked)

@@ -125,3 +125,25 @@ def test_redis_service_matches_batch_features_and_run_scores(
     raw, run = trained
     _serve_and_replay(run, raw, tmp_path, state=redis_url)
     assert_parity(tmp_path / "audit.db", raw, run)
+
+
+@needs_redis
+def test_redis_replicas_share_idempotency(
+    trained: tuple[pl.DataFrame, Path],
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811
+) -> None:
+    """A retry that lands on another replica (own audit log, shared Redis) gets the same answer."""
+    _, run = trained
+    tx = {"transaction_id": "replica-1", "timestamp": "2026-03-01T10:00:00Z",
+          "customer_id": "c", "terminal_id": "t", "amount": 42.0}  # fmt: skip
+    answers = []
+    for replica in ("a", "b"):
+        app = create_app(settings_for(run, tmp_path / replica, state=redis_url))
+        with LiveServer(app) as live, live.client(headers=AUTH) as client:
+            wait_ready(client)
+            answers.append(client.post("/v1/decisions", json=tx | {"amount": 1.0 + len(answers)}))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert answers[0].content == answers[1].content
+    assert read_decisions(tmp_path / "a" / "audit.db").height == 1
+    assert read_decisions(tmp_path / "b" / "audit.db").height == 0  # b only replayed a's answer

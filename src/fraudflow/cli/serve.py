@@ -16,19 +16,19 @@ __all__ = ["serve"]
 @handle_errors
 def serve(
     run: Path = typer.Option(None, "--run", help="Run folder whose model to serve."),
-    host: str = typer.Option(None, "--host", help="Address to bind. [default: 127.0.0.1]"),
-    port: int = typer.Option(None, "--port", help="Port to listen on. [default: 8000]"),
-    workers: int = typer.Option(None, "--workers", help="Worker processes. [default: 1]"),
+    host: str = typer.Option(None, "--host", help="Address to bind (default 127.0.0.1)."),
+    port: int = typer.Option(None, "--port", help="Port to listen on (default 8000)."),
+    workers: int = typer.Option(None, "--workers", help="Worker processes (default 1)."),
     state: str = typer.Option(
         None, "--state", help="Feature state: sqlite:///<path> or redis://host:port/db."
     ),
     policy: Path = typer.Option(
-        None, "--policy", help="Decision policy YAML. [default: RUN/policy.yaml, else built-in]"
+        None, "--policy", help="Decision policy YAML (default RUN/policy.yaml, else built-in)."
     ),
     data_dir: Path = typer.Option(
-        None, "--data-dir", help="Folder for state.db and audit.db. [default: RUN/serve]"
+        None, "--data-dir", help="Folder for state.db and audit.db (default RUN/serve)."
     ),
-    audit: Path = typer.Option(None, "--audit", help="Audit log. [default: DATA_DIR/audit.db]"),
+    audit: Path = typer.Option(None, "--audit", help="Audit log (default DATA_DIR/audit.db)."),
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Serve without API keys (never in production)."
     ),

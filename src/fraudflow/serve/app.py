@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -40,6 +41,7 @@ log = logging.getLogger("fraudflow.serve")
 
 _ERROR_KIND_BY_STATUS = {401: "auth", 403: "auth", 413: "too_large", 422: "validation"}
 _WORKER_HEALTHCHECK_SECONDS = 60
+_SWITCH_INTERVAL_SECONDS = 0.0005
 _KIND_KEY = "fraudflow_error_kind"  # request.state.<this>: set by the ServeError handler
 
 
@@ -86,6 +88,10 @@ def _lifespan(service: DecisionService) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(service.settings.torch_threads)  # one worker per core
+        # The audit writer thread needs the GIL back after each fsync to release its waiters;
+        # with the default 5 ms switch interval a busy event loop makes it wait that long.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
         starting = asyncio.create_task(service.start())
         watcher = None
         if service.settings.workers > 1:
@@ -99,6 +105,7 @@ def _lifespan(service: DecisionService) -> Any:
                     await watcher
             await starting  # a load in a thread cannot be cancelled; let it end
             service.close()
+            sys.setswitchinterval(switch_interval)
 
     return lifespan
 
@@ -171,6 +178,8 @@ def run_server(settings: ServeSettings) -> None:
     }
     _log_to_stderr(settings.log_level)
     if settings.workers == 1:
+        if settings.prometheus_multiproc_dir is not None:  # set: the client writes files there
+            _multiprocess_dir(settings.prometheus_multiproc_dir)
         uvicorn.run(create_app(settings), **common)
         return
     # Check the keys before forking workers. No app here: in prometheus_client's multiprocess
