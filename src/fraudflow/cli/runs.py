@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fraudflow.cli.errors import handle_errors
+from fraudflow.cli.tables import METRIC_COLUMNS, format_cell
 from fraudflow.errors import ArtifactError, ConfigError
 from fraudflow.tracking import (
     SEARCH_LIMIT,
@@ -30,14 +30,6 @@ runs_app = typer.Typer(
 )
 
 SHORT_ID = 8  # like a short git hash: `runs compare` takes any unique prefix
-_METRIC_COLUMNS = (
-    ("roc_auc", "AUC", "{:.4f}"),
-    ("average_precision", "AP", "{:.4f}"),
-    ("card_precision_at_100", "CP@100", "{:.4f}"),
-    ("recall_at_1pct_fpr", "R@1%FPR", "{:.4f}"),
-    ("train_seconds", "train s", "{:.1f}"),
-    ("train_samples_per_second", "samples/s", "{:,.0f}"),
-)
 
 
 def tracking_from_environment(*, enabled: bool = True) -> TrackingConfig:
@@ -88,11 +80,11 @@ def _runs_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for label in ("run", "name", "model", "started (UTC)", "status"):
         table.add_column(label, no_wrap=True)
-    for _, label, _ in _METRIC_COLUMNS:
+    for _, label, _ in METRIC_COLUMNS:
         table.add_column(label, justify="right", no_wrap=True)
     for row in rows:
         started = row["start_time"].strftime("%Y-%m-%d %H:%M")
-        cells = [_cell(row.get(key), fmt) for key, _, fmt in _METRIC_COLUMNS]
+        cells = [format_cell(row.get(key), fmt) for key, _, fmt in METRIC_COLUMNS]
         table.add_row(
             row["run_id"][:SHORT_ID], row["name"], row["model"], started, row["status"], *cells
         )
@@ -112,9 +104,3 @@ def _params_table(rows: Sequence[dict[str, Any]]) -> Table | None:
     for key in differing:
         table.add_row(key, *(row["params"].get(key, "-") for row in rows))
     return table
-
-
-def _cell(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return fmt.format(value)

@@ -8,9 +8,10 @@ from typing import Any
 
 from rich.table import Table
 
-__all__ = ["metrics_table"]
+__all__ = ["METRIC_COLUMNS", "format_cell", "metrics_table"]
 
-_COLUMNS = (
+# (metrics.json key, column label, format): shared by every table of run metrics.
+METRIC_COLUMNS = (
     ("roc_auc", "AUC", "{:.4f}"),
     ("average_precision", "AP", "{:.4f}"),
     ("card_precision_at_100", "CP@100", "{:.4f}"),
@@ -20,7 +21,7 @@ _COLUMNS = (
 )
 
 
-def _cell(value: Any, fmt: str) -> str:
+def format_cell(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return fmt.format(value)
@@ -30,9 +31,9 @@ def metrics_table(metrics: Sequence[dict[str, Any]], names: Sequence[str]) -> Ta
     table = Table(title="test-period metrics")
     table.add_column("run", no_wrap=True)
     table.add_column("model", no_wrap=True)
-    for _, label, _ in _COLUMNS:
+    for _, label, _ in METRIC_COLUMNS:
         table.add_column(label, justify="right", no_wrap=True)
     for name, row in zip(names, metrics, strict=True):
-        cells = [_cell(row.get(key), fmt) for key, _, fmt in _COLUMNS]
+        cells = [format_cell(row.get(key), fmt) for key, _, fmt in METRIC_COLUMNS]
         table.add_row(name, str(row.get("model", "?")), *cells)
     return table
