@@ -53,6 +53,8 @@ class FeatureSource:
 
     files: tuple[Path, ...]
     meta: dict[str, Any]
+    # A folder of shards: training then streams them instead of loading all.
+    sharded: bool = False
 
     @property
     def feature_names(self) -> list[str]:
@@ -61,11 +63,6 @@ class FeatureSource:
     @property
     def label_delay_days(self) -> int:
         return int(self.meta["feature_config"]["label_delay_days"])
-
-    @property
-    def sharded(self) -> bool:
-        """True for a folder of shards: training then streams them instead of loading all."""
-        return bool(self.meta.get("_folder"))
 
     def scan(self) -> pl.LazyFrame:
         return pl.scan_parquet(list(self.files))
@@ -141,10 +138,9 @@ def open_feature_source(path: Path) -> FeatureSource:
     for other in files[1:]:
         if _checked_meta(other)["features"] != meta["features"]:
             raise DataError(f"shard {other} has other features than {files[0]}")
-    return FeatureSource(files=files, meta=meta | {"_folder": path.is_dir()})
+    return FeatureSource(files=files, meta=meta, sharded=path.is_dir())
 
 
 def read_feature_table(path: Path) -> FeatureTable:
     source = open_feature_source(path)
-    meta = {k: v for k, v in source.meta.items() if k != "_folder"}
-    return FeatureTable(source.scan().collect(), meta)
+    return FeatureTable(source.scan().collect(), source.meta)
