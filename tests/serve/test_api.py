@@ -352,7 +352,11 @@ def test_key_is_checked_before_the_body(client: httpx.Client) -> None:
 # --- health, readiness, metrics -----------------------------------------------------------
 
 
-def test_readiness_waits_for_the_model(run_dir: Path, tmp_path: Path) -> None:
+def test_readiness_waits_for_the_model(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request waits this long for a loading model before its 503.
+    monkeypatch.setattr("fraudflow.serve.deps.READY_WAIT_SECONDS", 0.3)
     release = threading.Event()
 
     def slow_loader(run: Path, store: StateStore) -> Engine:
@@ -522,3 +526,19 @@ def test_a_failing_state_store_is_503(run_dir: Path, tmp_path: Path) -> None:
         text = c.get("/metrics").text
     assert metric_value(text, "fraudflow_errors_total", kind="state_store") == 2
     assert read_decisions(tmp_path / "audit.db").height == 0
+
+
+def test_a_request_during_a_short_load_waits_instead_of_failing(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    release = threading.Event()
+
+    def slow_loader(run: Path, store: StateStore) -> Engine:
+        release.wait(timeout=30)
+        return load_engine(run, store=store, policy_path=None)
+
+    app = create_app(settings_for(run_dir, tmp_path), loader=slow_loader)
+    with LiveServer(app) as live, live.client() as c:
+        threading.Timer(0.5, release.set).start()
+        early = c.post("/v1/decisions", json=transaction(1), headers=AUTH)
+        assert early.status_code == 200, early.text

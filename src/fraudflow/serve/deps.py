@@ -76,6 +76,10 @@ class ServeError(FraudflowError):
         self.status, self.detail, self.kind = status, detail, kind
 
 
+# How long a request waits for a worker that is still loading its model before a 503.
+READY_WAIT_SECONDS = 10.0
+
+
 def _not_ready() -> ServeError:
     return ServeError(503, "model not loaded", "not_ready")
 
@@ -152,6 +156,7 @@ class DecisionService:
         self._pending = PendingDecisions()
         self._drift: ScoreDrift | None = None
         self._reload_lock = asyncio.Lock()
+        self._loaded = asyncio.Event()  # set once start() has finished, loaded or failed
         self._control = settings.data_folder / ACTIVE_MODEL_FILE
         self._control_seen = _mtime(self._control)
 
@@ -167,6 +172,8 @@ class DecisionService:
             self.failed = True
             self.metrics.errors.labels(kind="reload").inc()
             log.exception("the decision service could not start")
+        finally:
+            self._loaded.set()
 
     def close(self) -> None:
         self.metrics.model_changed(None)
@@ -213,7 +220,7 @@ class DecisionService:
 
     async def decide(self, tx: TransactionIn) -> bytes:
         """The response body for one transaction."""
-        engine, resources = self._ready()
+        engine, resources = await self._ready_soon()
         row = tx.row()
         (event,) = _events([row])
         tid = event.transaction_id
@@ -240,7 +247,7 @@ class DecisionService:
         midway, the transactions already applied are still decided and recorded (a retry
         returns them), then the request fails with 503.
         """
-        engine, resources = self._ready()
+        engine, resources = await self._ready_soon()
         rows = [tx.row() for tx in txs]
         events = _events(rows)  # all valid before any is applied
         order = sorted(range(len(rows)), key=lambda i: events[i].t_us)  # stable: ties keep order
@@ -350,6 +357,18 @@ class DecisionService:
             if drift.due():
                 m.score_psi.set(drift.psi())
 
+    async def _ready_soon(self) -> tuple[Engine, _Resources]:
+        """The engine, waiting a little while it is still loading.
+
+        Several uvicorn workers share one socket, and a worker accepts connections while its
+        model is still loading; the pod is already ready through its other worker. Waiting
+        briefly turns that warm-up into latency instead of 503s.
+        """
+        if not self.ready and not self.failed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._loaded.wait(), READY_WAIT_SECONDS)
+        return self._ready()
+
     def _ready(self) -> tuple[Engine, _Resources]:
         engine, resources = self.engine, self._resources
         if engine is None or resources is None:
@@ -360,7 +379,7 @@ class DecisionService:
 
     async def label(self, label: LabelIn) -> bytes:
         """Apply a label to the feature state (if it holds the transaction) and record it."""
-        engine, resources = self._ready()
+        engine, resources = await self._ready_soon()
         tid, flag = str(label.transaction_id), bool(label.is_fraud)
         try:
             engine.online.record_label(tid, flag)
