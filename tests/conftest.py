@@ -21,11 +21,22 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
 
 
+def _simulated_features(factory: pytest.TempPathFactory, name: str, sim: SimulationConfig) -> Path:
+    cfg = FeatureConfig()
+    path = factory.mktemp(name) / "features.parquet"
+    write_feature_table(build_features(simulate(sim), cfg), path, cfg)
+    return path
+
+
 @pytest.fixture(scope="session")
 def small_features_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny feature table (60 days, ~33k transactions) for runs whose quality does not matter."""
     sim = SimulationConfig(n_customers=300, n_terminals=600, n_days=60, seed=0)
-    cfg = FeatureConfig()
-    path = tmp_path_factory.mktemp("small") / "features.parquet"
-    write_feature_table(build_features(simulate(sim), cfg), path, cfg)
-    return path
+    return _simulated_features(tmp_path_factory, "small", sim)
+
+
+@pytest.fixture(scope="session")
+def features_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small simulated feature table: 75 days, ~200k transactions, ~0.5% fraud."""
+    sim = SimulationConfig(n_customers=1500, n_terminals=3000, n_days=75, seed=0)
+    return _simulated_features(tmp_path_factory, "data", sim)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ from fraudflow.config import RunConfig, load_run_config, to_dict
 from fraudflow.models import NEURAL_MODELS
 from fraudflow.tracking import NullTracker, RunTracker, TrackingConfig, open_tracker
 from fraudflow.train.device import resolve_device
-from fraudflow.train.distributed import DistContext, cleanup, environment, from_environment
+from fraudflow.train.distributed import DistContext, cleanup, from_environment
 from fraudflow.train.loop import LoopObserver
 from fraudflow.train.metrics_server import DEFAULT_HOST, serve_metrics
 from fraudflow.train.observers import CompositeObserver, TrackingObserver
@@ -109,7 +110,7 @@ def train(
         "max_batch_memory_mb": max_batch_memory, "min_batch_size": min_batch_size,
     }  # fmt: skip
     cfg = _with_flags(cfg, split_flags, train_flags)
-    dist_ctx = from_environment(environment(), cfg.train.device) if ddp else None
+    dist_ctx = from_environment(os.environ, cfg.train.device) if ddp else None
     tracking = tracking_from_environment(enabled=not no_track)
     try:
         with _metrics_observers(metrics_port, metrics_host, cfg, dist_ctx) as observers:

@@ -66,7 +66,3 @@ class GBDT:
 
     def save(self, path: Path) -> None:
         self.booster_.save_model(str(path), num_iteration=self.best_iteration_)
-
-    @classmethod
-    def load(cls, path: Path) -> lgb.Booster:
-        return lgb.Booster(model_file=str(path))

@@ -8,7 +8,6 @@ loop has no separate non-distributed path.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -84,8 +83,3 @@ def _device_for(device_name: str, local_rank: int) -> torch.device:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def environment() -> dict[str, str]:
-    """The torchrun variables of this process (read at the entry point only)."""
-    return dict(os.environ)
