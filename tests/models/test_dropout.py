@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fraudflow.models.dropout import ByteDropout
+from fraudflow.models.dropout import ByteDropout, ReLUDropout
 
 
 def test_drops_the_quantised_share_and_keeps_the_expectation() -> None:
@@ -38,3 +38,33 @@ def test_same_seed_same_mask_and_gradient_through_kept_values() -> None:
 def test_rejects_invalid_probability() -> None:
     with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
         ByteDropout(1.0)
+
+
+def test_fused_relu_dropout_matches_relu_then_dropout_with_the_same_mask() -> None:
+    x = torch.randn(64, 40)
+    fused_in = x.clone().requires_grad_(True)
+    plain_in = x.clone().requires_grad_(True)
+    upstream = torch.randn(64, 40)
+
+    torch.manual_seed(5)
+    fused = ReLUDropout(0.25)(fused_in * 1.0)  # a non-leaf, as a Linear's output is
+    torch.manual_seed(5)
+    plain = ByteDropout(0.25)(torch.relu(plain_in * 1.0))
+    assert torch.equal(fused, plain)
+    assert (fused == 0).any() and (fused > 0).any()
+
+    (fused * upstream).sum().backward()
+    (plain * upstream).sum().backward()
+    assert fused_in.grad is not None and plain_in.grad is not None
+    assert torch.equal(fused_in.grad, plain_in.grad)
+
+
+def test_fused_relu_dropout_is_plain_relu_in_eval_mode() -> None:
+    x = torch.randn(16, 8)
+    layer = ReLUDropout(0.5)
+    layer.eval()
+    assert torch.equal(layer(x), torch.relu(x))
+    with torch.no_grad():
+        layer.train()
+        dropped = layer(x.abs() + 1)
+    assert ((dropped == 0) | (dropped == 2.0 * (x.abs() + 1))).all()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fraudflow.models.dropout import ByteDropout
+from fraudflow.models.dropout import ReLUDropout
 
 __all__ = ["MLP"]
 
@@ -18,7 +18,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width = n_features
         for size in hidden_sizes:
-            layers += [nn.Linear(width, size), nn.ReLU(), ByteDropout(dropout)]
+            layers += [nn.Linear(width, size), ReLUDropout(dropout)]
             width = size
         layers.append(nn.Linear(width, 2))
         self.net = nn.Sequential(*layers)

