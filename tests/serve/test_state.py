@@ -18,7 +18,14 @@ import polars as pl
 import pytest
 
 from fraudflow.errors import ConfigError, DataError
-from fraudflow.features.online import Event, MemoryStore, OnlineFeatures, RangeQuery, StateStore
+from fraudflow.features.online import (
+    Event,
+    MemoryStore,
+    OnlineFeatures,
+    RangeQuery,
+    StateStore,
+    apply_one,
+)
 from fraudflow.features.specs import Entity
 from fraudflow.serve.state import RedisStore, SQLiteStore, open_store
 from tests.features.test_online import SIM_CFG, assert_matches_batch, replay, simulated
@@ -97,9 +104,9 @@ def _query(entity: Entity = "customer", after: int = _LOW, rows: bool = False) -
 
 def test_store_contract(store: StateStore) -> None:
     everything = [_query(rows=True), _query("terminal")]
-    assert store.apply(_event("a", 10, 0.1), everything, forget_until_us=0)[0].count == 0
-    store.apply(_event("b", 20, 2.5), [], forget_until_us=0)
-    store.apply(_event("c", 20, 1e-5), [], forget_until_us=0)  # tie: after "b"
+    assert apply_one(store, _event("a", 10, 0.1), everything, forget_until_us=0)[0].count == 0
+    apply_one(store, _event("b", 20, 2.5), [], forget_until_us=0)
+    apply_one(store, _event("c", 20, 1e-5), [], forget_until_us=0)  # tie: after "b"
     history, terminal = store.read(everything)
     assert (history.times, history.amounts) == ([10, 20, 20], [0.1, 2.5, 1e-5])
     assert (terminal.count, terminal.frauds) == (3, 0)
@@ -108,10 +115,29 @@ def test_store_contract(store: StateStore) -> None:
     assert store.set_label("b", False)
     assert store.read([_query(after=15)])[0].frauds == 0
     with pytest.raises(DataError, match="transaction_id 'b' is already in the state store"):
-        store.apply(_event("b", 30), everything, forget_until_us=0)
+        apply_one(store, _event("b", 30), everything, forget_until_us=0)
     assert store.prune(15) == 1
     assert store.read(everything)[0].times == [20, 20]
     assert not store.set_label("a", True)
+
+
+def test_apply_many_is_one_by_one_in_one_call(store: StateStore) -> None:
+    """Each event sees the ones before it in the call; a repeated id is skipped, not stored."""
+    everything = [_query(rows=True), _query("terminal")]
+    apply_one(store, _event("a", 10, 1.0), [], forget_until_us=0)
+    events = [_event("b", 20, 2.0), _event("a", 25, 9.0), _event("c", 30, 3.0), _event("b", 40)]
+    out = store.apply_many(events, [everything] * 4, forget_until_us=0)
+    assert out[1] is None and out[3] is None  # "a" was stored before; "b" earlier in the call
+    assert out[0] is not None and out[2] is not None
+    assert (out[0][0].times, out[0][1].count) == ([10], 1)
+    assert (out[2][0].times, out[2][0].amounts, out[2][1].count) == ([10, 20], [1.0, 2.0], 2)
+    history, terminal = store.read(everything)
+    assert (history.times, terminal.count) == ([10, 20, 30], 3)
+    assert store.apply_many([], [], forget_until_us=0) == []
+    # Forgetting: events at or before forget_until_us of the touched entities may go.
+    store.apply_many([_event("d", 50)], [[]], forget_until_us=20)
+    assert store.read(everything)[0].times == [30, 50]
+    assert not store.set_label("a", True)  # forgotten transactions cannot be labelled
 
 
 # --- Parity with batch -------------------------------------------------------------------

@@ -64,6 +64,7 @@ __all__ = [
     "RangeQuery",
     "RangeResult",
     "StateStore",
+    "apply_one",
     "duplicate_transaction",
     "to_event",
 ]
@@ -119,15 +120,22 @@ class StateStore(Protocol):
         """Answer the queries from one consistent snapshot; change nothing."""
         ...
 
-    def apply(
-        self, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
-    ) -> list[RangeResult]:
-        """Atomically: answer the queries, then store the event after every event stored so far.
+    def apply_many(
+        self,
+        events: Sequence[Event],
+        queries: Sequence[Sequence[RangeQuery]],
+        *,
+        forget_until_us: int,
+    ) -> list[list[RangeResult] | None]:
+        """Atomically, event by event in the given order: answer the event's queries, then
+        store it after every event stored so far (earlier events of this call included).
 
         Atomic so that concurrent writers (service replicas) each see exactly the events that
-        arrived before theirs. Afterwards the store may forget the event's two entities'
-        events, and any transaction, with t <= ``forget_until_us``: no later query reaches them.
-        Raises ``DataError`` if the transaction_id is already stored.
+        arrived before theirs; one call is one store transaction (one round trip), which is
+        what makes batches cheap. An event whose transaction_id is already stored (or earlier
+        in this call) is not stored again: its entry is None. Afterwards the store may forget
+        the touched entities' events, and any transaction, with t <= ``forget_until_us``: no
+        later query reaches them.
         """
         ...
 
@@ -169,11 +177,33 @@ class OnlineFeatures:
         self.retention_us = max(self._history_us, self._delay_us + widest_delayed_us)
 
     def features(self, tx: Mapping[str, Any]) -> dict[str, float]:
-        """The features of ``tx``, which it then records: later events see it."""
+        """The features of ``tx``, which it then records: later events see it.
+
+        Raises ``DataError`` if its transaction_id is already recorded.
+        """
         event = to_event(tx)
-        forget = event.t_us - self.retention_us
-        results = self.store.apply(event, self._queries(event), forget_until_us=forget)
-        return self._compute(event, results)
+        (values,) = self._record([event])
+        if values is None:
+            raise duplicate_transaction(event.transaction_id)
+        return values
+
+    def features_many(self, txs: Sequence[Mapping[str, Any]]) -> list[dict[str, float] | None]:
+        """``features`` of each transaction in order, in one store transaction.
+
+        Each sees the ones before it, as one-by-one calls would. A transaction_id already
+        recorded (or earlier in ``txs``) gets None and changes nothing.
+        """
+        return self._record([to_event(tx) for tx in txs])
+
+    def _record(self, events: list[Event]) -> list[dict[str, float] | None]:
+        if not events:
+            return []
+        # Forgetting less than each event alone would allow is always safe.
+        forget = min(e.t_us for e in events) - self.retention_us
+        queries = [self._queries(e) for e in events]
+        results = self.store.apply_many(events, queries, forget_until_us=forget)
+        pairs = zip(events, results, strict=True)
+        return [None if r is None else self._compute(e, r) for e, r in pairs]
 
     def peek(self, tx: Mapping[str, Any]) -> dict[str, float]:
         """The features ``features(tx)`` would return now, recording nothing."""
@@ -363,21 +393,30 @@ class MemoryStore:
         empty = _History()
         return [self._entities.get((q.entity, q.entity_id), empty).answer(q) for q in queries]
 
-    def apply(
-        self, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
-    ) -> list[RangeResult]:
-        if event.transaction_id in self._transactions:
-            raise duplicate_transaction(event.transaction_id)
-        results = self.read(queries)
-        for key in self._keys(event.customer_id, event.terminal_id):
-            history = self._entities.setdefault(key, _History())
-            history.add(event.t_us, event.amount)
-            history.forget(forget_until_us)
-        tx = _Transaction(event.t_us, event.customer_id, event.terminal_id)
-        self._transactions[event.transaction_id] = tx
-        heapq.heappush(self._by_time, (event.t_us, event.transaction_id))
+    def apply_many(
+        self,
+        events: Sequence[Event],
+        queries: Sequence[Sequence[RangeQuery]],
+        *,
+        forget_until_us: int,
+    ) -> list[list[RangeResult] | None]:
+        out: list[list[RangeResult] | None] = []
+        touched: set[tuple[Entity, str]] = set()
+        for event, event_queries in zip(events, queries, strict=True):
+            if event.transaction_id in self._transactions:
+                out.append(None)
+                continue
+            out.append(self.read(event_queries))
+            for key in self._keys(event.customer_id, event.terminal_id):
+                self._entities.setdefault(key, _History()).add(event.t_us, event.amount)
+                touched.add(key)
+            tx = _Transaction(event.t_us, event.customer_id, event.terminal_id)
+            self._transactions[event.transaction_id] = tx
+            heapq.heappush(self._by_time, (event.t_us, event.transaction_id))
+        for key in touched:
+            self._entities[key].forget(forget_until_us)
         self._forget_transactions(forget_until_us)
-        return results
+        return out
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         tx = self._transactions.get(transaction_id)
@@ -416,3 +455,13 @@ def duplicate_transaction(transaction_id: str) -> DataError:
         f"transaction_id {transaction_id!r} is already in the state store: expected each "
         "transaction to be scored once (ids are unique, see fraudflow.data.schema)"
     )
+
+
+def apply_one(
+    store: StateStore, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
+) -> list[RangeResult]:
+    """``store.apply_many`` of one event; ``DataError`` if its transaction_id is stored."""
+    (results,) = store.apply_many([event], [queries], forget_until_us=forget_until_us)
+    if results is None:
+        raise duplicate_transaction(event.transaction_id)
+    return results

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,12 @@ import numpy as np
 import orjson
 from fastapi import HTTPException, Request
 
-from fraudflow.data.schema import TRANSACTION_ID
 from fraudflow.errors import DataError, FraudflowError
 from fraudflow.features.online import Event, RangeQuery, RangeResult, StateStore, to_event
 from fraudflow.files import write_json_atomic
 from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, epoch_us, now_us
 from fraudflow.serve.auth import ApiKeys, bearer_token
+from fraudflow.serve.coalesce import Coalescer
 from fraudflow.serve.idempotency import (
     AuditLedger,
     DecisionLedger,
@@ -102,11 +103,20 @@ class TimedStore:
         with self._read.time():
             return self.inner.read(queries)
 
-    def apply(
-        self, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
-    ) -> list[RangeResult]:
-        with self._apply.time():
-            return self.inner.apply(event, queries, forget_until_us=forget_until_us)
+    def apply_many(
+        self,
+        events: Sequence[Event],
+        queries: Sequence[Sequence[RangeQuery]],
+        *,
+        forget_until_us: int,
+    ) -> list[list[RangeResult] | None]:
+        # One call serves a whole batch: its time per event keeps the histogram (and the
+        # FraudflowStateStoreSlow alert) about what a decision costs, whatever the batch size.
+        started = time.perf_counter()
+        try:
+            return self.inner.apply_many(events, queries, forget_until_us=forget_until_us)
+        finally:
+            self._apply.observe((time.perf_counter() - started) / max(1, len(events)))
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         with self._label.time():
@@ -154,6 +164,7 @@ class DecisionService:
         self._loader = loader or default_loader(settings)
         self._resources: _Resources | None = None
         self._pending = PendingDecisions()
+        self._coalescer: Coalescer[TransactionIn, bytes] = Coalescer(self._decide_coalesced)
         self._drift: ScoreDrift | None = None
         self._reload_lock = asyncio.Lock()
         self._loaded = asyncio.Event()  # set once start() has finished, loaded or failed
@@ -219,81 +230,67 @@ class DecisionService:
     # --- decisions ------------------------------------------------------------------------
 
     async def decide(self, tx: TransactionIn) -> bytes:
-        """The response body for one transaction."""
-        engine, resources = await self._ready_soon()
-        row = tx.row()
-        (event,) = _events([row])
-        tid = event.transaction_id
-        features = self._record(engine, row)
-        if features is None:
-            return await self._replay(tid, resources)
-        self._pending.add(tid)
-        try:
-            (judged,) = engine.judge([features], [event.amount])
-            record = _record_of(engine, tx, event, features, judged)
-            await self._commit(resources, [record])
-        except BaseException as exc:
-            self._pending.fail(tid, exc)
-            raise
-        self._pending.resolve(tid, record.response)
-        self._observe([judged])
-        return record.response
+        """The response body for one transaction.
+
+        Requests that arrive together are decided together (``_Coalescer``): one store
+        transaction, one model call and one audit commit for all of them, each with its own
+        answer or error, as if sent one by one in timestamp order.
+        """
+        await self._ready_soon()
+        return await self._coalescer.submit(tx)
 
     async def decide_batch(self, txs: Sequence[TransactionIn]) -> bytes:
         """The batch response body: one decision per transaction, in request order.
 
         Transactions go through the state in timestamp order (stable for equal times), as
-        one-by-one requests would; the model scores them all in one call. If the store fails
-        midway, the transactions already applied are still decided and recorded (a retry
-        returns them), then the request fails with 503.
+        one-by-one requests would, in one store transaction; the model scores them all in one
+        call. If the store fails, nothing is applied and the request fails with 503.
         """
         engine, resources = await self._ready_soon()
+        answers = await self._decide_many(engine, resources, txs)
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return b'{"decisions":[' + b",".join(answers) + b"]}"  # type: ignore[arg-type]
+
+    async def _decide_coalesced(self, txs: Sequence[TransactionIn]) -> list[bytes | ServeError]:
+        engine, resources = self._ready()
+        return await self._decide_many(engine, resources, txs)
+
+    async def _decide_many(
+        self, engine: Engine, resources: _Resources, txs: Sequence[TransactionIn]
+    ) -> list[bytes | ServeError]:
+        """Per transaction, in request order: its response body or its error."""
         rows = [tx.row() for tx in txs]
         events = _events(rows)  # all valid before any is applied
         order = sorted(range(len(rows)), key=lambda i: events[i].t_us)  # stable: ties keep order
-        bodies: list[bytes | None] = [None] * len(rows)
-        fresh, features, repeats, failure = self._record_all(engine, rows, order)
-        if fresh:
-            batch = _Fresh(fresh, [events[i] for i in fresh], [txs[i] for i in fresh], features)
-            await self._decide_fresh(engine, resources, batch, bodies)
-        if failure is not None:
-            raise failure
-        for i, first in repeats:
-            tid = rows[i][TRANSACTION_ID]
-            bodies[i] = bodies[first] if first >= 0 else await self._replay(tid, resources)
-        return b'{"decisions":[' + b",".join(b for b in bodies if b is not None) + b"]}"
-
-    def _record_all(
-        self, engine: Engine, rows: list[dict[str, Any]], order: list[int]
-    ) -> tuple[list[int], list[dict[str, float]], list[tuple[int, int]], ServeError | None]:
-        """Apply rows in ``order``: (fresh indices, their features, (repeat, first or -1))."""
-        fresh: list[int] = []
-        features: list[dict[str, float]] = []
-        repeats: list[tuple[int, int]] = []
         first_of: dict[str, int] = {}
+        unique: list[int] = []  # first occurrences, in the order applied
         for i in order:
-            tid = rows[i][TRANSACTION_ID]
-            if tid in first_of:  # twice in this batch: the same answer as the first
-                repeats.append((i, first_of[tid]))
-                continue
-            try:
-                values = self._record(engine, rows[i])
-            except ServeError as exc:
-                return fresh, features, repeats, exc
-            if values is None:
-                repeats.append((i, -1))
-                continue
-            first_of[tid] = i
-            self._pending.add(tid)
-            fresh.append(i)
-            features.append(values)
-        return fresh, features, repeats, None
+            first_of.setdefault(events[i].transaction_id, i)
+            if first_of[events[i].transaction_id] == i:
+                unique.append(i)
+        features = self._record(engine, [rows[i] for i in unique])
+        answers: list[bytes | ServeError | None] = [None] * len(rows)
+        fresh = [(i, f) for i, f in zip(unique, features, strict=True) if f is not None]
+        if fresh:
+            batch = _Fresh(
+                [i for i, _ in fresh], [events[i] for i, _ in fresh], [txs[i] for i, _ in fresh],
+                [f for _, f in fresh],
+            )  # fmt: skip
+            await self._decide_fresh(engine, resources, batch, answers)
+        for i, f in zip(unique, features, strict=True):
+            if f is None:  # already decided, in an earlier request
+                answers[i] = await self._replay_or_error(events[i].transaction_id, resources)
+        return [answers[first_of[events[i].transaction_id]] for i in range(len(rows))]  # type: ignore[misc]
 
     async def _decide_fresh(
-        self, engine: Engine, resources: _Resources, batch: _Fresh, bodies: list[bytes | None]
+        self, engine: Engine, resources: _Resources, batch: _Fresh, answers: list[Any]
     ) -> None:
-        """Score the applied transactions at once, record them, fill in their bodies."""
+        """Score the applied transactions at once, record them, fill in their answers."""
         tids = [e.transaction_id for e in batch.events]
+        for tid in tids:
+            self._pending.add(tid)
         try:
             judged = engine.judge(batch.features, [e.amount for e in batch.events])
             records = [
@@ -309,17 +306,23 @@ class DecisionService:
             raise
         for i, tid, record in zip(batch.indices, tids, records, strict=True):
             self._pending.resolve(tid, record.response)
-            bodies[i] = record.response
+            answers[i] = record.response
         self._observe(judged)
 
-    def _record(self, engine: Engine, row: dict[str, Any]) -> dict[str, float] | None:
+    def _record(self, engine: Engine, rows: list[dict[str, Any]]) -> list[dict[str, float] | None]:
         try:
-            return engine.record(row)
+            return engine.record(rows)
         except DataError:
             raise ServeError(422, "invalid transaction", "validation") from None
         except Exception:
             log.exception("the feature state store failed")
             raise _store_failed() from None
+
+    async def _replay_or_error(self, tid: str, resources: _Resources) -> bytes | ServeError:
+        try:
+            return await self._replay(tid, resources)
+        except ServeError as exc:
+            return exc
 
     async def _replay(self, tid: str, resources: _Resources) -> bytes:
         body = await resolve_duplicate(

@@ -9,6 +9,7 @@ label ever holds an id or a key:
     fraudflow_errors_total{kind}                   counter, kinds in ``ERROR_KINDS``
     fraudflow_requests_total{route, status}        counter, every route
     fraudflow_state_store_latency_seconds{operation}  histogram: apply | read | set_label
+        (apply: one store transaction per request group, observed as its time per event)
     fraudflow_model_info{model_version}            gauge = 1 for the loaded model
     fraudflow_model_loaded                         gauge 0/1
     fraudflow_score_psi                            gauge, see ``ScoreDrift``

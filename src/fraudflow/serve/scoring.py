@@ -42,9 +42,8 @@ import torch
 
 from fraudflow.artifacts import BUNDLE_DIR, Bundle, load_bundle
 from fraudflow.config import FeatureConfig
-from fraudflow.data.schema import TRANSACTION_ID
-from fraudflow.errors import ArtifactError, DataError
-from fraudflow.features.online import OnlineFeatures, StateStore, duplicate_transaction
+from fraudflow.errors import ArtifactError
+from fraudflow.features.online import OnlineFeatures, StateStore
 from fraudflow.serve.policy import (
     DEFAULT_POLICY,
     Action,
@@ -255,17 +254,11 @@ class Engine:
     def model_version(self) -> str:
         return self.scorer.model_version
 
-    def record(self, row: Mapping[str, Any]) -> dict[str, float] | None:
-        """The features of ``row``, which the state store then holds; None for a duplicate.
-
-        A duplicate is a transaction_id the store already holds (``StateStore.apply``).
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float] | None]:
+        """The features of each row in order, which the state store then holds, in one store
+        transaction; None for a transaction_id the store already holds (or earlier in rows).
         """
-        try:
-            return self.online.features(row)
-        except DataError as exc:
-            if str(exc) == str(duplicate_transaction(str(row[TRANSACTION_ID]))):
-                return None
-            raise
+        return self.online.features_many(rows)
 
     def judge(
         self, features: Sequence[Mapping[str, float]], amounts: Sequence[float]

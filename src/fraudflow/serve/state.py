@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fraudflow.errors import ConfigError
 from fraudflow.features.online import (
@@ -31,7 +31,6 @@ from fraudflow.features.online import (
     RangeQuery,
     RangeResult,
     StateStore,
-    duplicate_transaction,
 )
 
 if TYPE_CHECKING:
@@ -98,8 +97,9 @@ def _counts_sql(n: int) -> str:
 class SQLiteStore:
     """A ``StateStore`` in one SQLite file (WAL mode); reopening it gives the same state.
 
-    Thread-safe: one connection guarded by a lock, which also serialises ``apply``. Several
-    processes may share the file: ``apply`` runs in a ``BEGIN IMMEDIATE`` transaction, which
+    Thread-safe: one connection guarded by a lock, which also serialises ``apply_many``.
+    Several processes may share the file: ``apply_many`` runs in a ``BEGIN IMMEDIATE``
+    transaction, which
     takes SQLite's write lock before reading, so each event sees all events stored before it.
     """
 
@@ -124,14 +124,28 @@ class SQLiteStore:
         with self._transaction("BEGIN"):  # one snapshot for all queries
             return self._answer(queries)
 
-    def apply(
-        self, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
-    ) -> list[RangeResult]:
+    def apply_many(
+        self,
+        events: Sequence[Event],
+        queries: Sequence[Sequence[RangeQuery]],
+        *,
+        forget_until_us: int,
+    ) -> list[list[RangeResult] | None]:
+        # One transaction for the whole call: BEGIN and COMMIT cost more than an event's
+        # statements, and the write lock is taken once.
         with self._transaction("BEGIN IMMEDIATE"):
-            results = self._answer(queries)
-            self._append(event)
-            self._forget_touched(event, forget_until_us)
-            return results
+            out: list[list[RangeResult] | None] = []
+            touched: set[tuple[str, str]] = set()
+            for event, event_queries in zip(events, queries, strict=True):
+                seq = self._insert_transaction(event)
+                if seq is None:
+                    out.append(None)
+                    continue
+                out.append(self._answer(event_queries))  # the event's own rows come after
+                self._insert_events(event, seq)
+                touched.update((("customer", event.customer_id), ("terminal", event.terminal_id)))
+            self._forget(sorted(touched), forget_until_us)
+            return out
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         with self._transaction("BEGIN IMMEDIATE"):
@@ -207,27 +221,26 @@ class SQLiteStore:
         amounts = [a for _, a, _ in rows]
         return RangeResult(len(rows), sum(f for _, _, f in rows), times, amounts)
 
-    def _append(self, e: Event) -> None:
-        try:
-            cursor = self._db.execute(
-                "INSERT INTO transactions (transaction_id, t_us, customer_id, terminal_id) "
-                "VALUES (?, ?, ?, ?)",
-                (e.transaction_id, e.t_us, e.customer_id, e.terminal_id),
-            )
-        except sqlite3.IntegrityError:
-            raise duplicate_transaction(e.transaction_id) from None
-        self._db.executemany(
-            "INSERT INTO events (entity, entity_id, t_us, seq, amount) VALUES (?, ?, ?, ?, ?)",
-            [
-                ("customer", e.customer_id, e.t_us, cursor.lastrowid, e.amount),
-                ("terminal", e.terminal_id, e.t_us, cursor.lastrowid, e.amount),
-            ],
+    def _insert_transaction(self, e: Event) -> int | None:
+        """The new transaction's arrival sequence; None if its id is already stored."""
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO transactions (transaction_id, t_us, customer_id, terminal_id) "
+            "VALUES (?, ?, ?, ?)",
+            (e.transaction_id, e.t_us, e.customer_id, e.terminal_id),
+        )
+        return cursor.lastrowid if cursor.rowcount == 1 else None
+
+    def _insert_events(self, e: Event, seq: int) -> None:
+        self._db.execute(
+            "INSERT INTO events (entity, entity_id, t_us, seq, amount) "
+            "VALUES ('customer', ?, ?, ?, ?), ('terminal', ?, ?, ?, ?)",
+            (e.customer_id, e.t_us, seq, e.amount, e.terminal_id, e.t_us, seq, e.amount),
         )
 
-    def _forget_touched(self, e: Event, until_us: int) -> None:
+    def _forget(self, entities: Sequence[tuple[str, str]], until_us: int) -> None:
         self._db.executemany(
             "DELETE FROM events WHERE entity = ? AND entity_id = ? AND t_us <= ?",
-            [("customer", e.customer_id, until_us), ("terminal", e.terminal_id, until_us)],
+            [(entity, entity_id, until_us) for entity, entity_id in entities],
         )
         self._db.execute("DELETE FROM transactions WHERE t_us <= ?", (until_us,))
 
@@ -257,42 +270,62 @@ local function forget_transactions(prefix, until_us)
 end
 """
 
-# ARGV: prefix, queries as JSON [[entity, id, after_us, until_us, rows], ...] (numbers as
-# strings: Lua numbers print as %.14g), then for an apply: tx_id, t_us, customer_id,
-# terminal_id, amount, forget_until_us. Returns 0 for a duplicate, else JSON
-# [[count, frauds, "<member>|<member>|..."], ...]: one bulk reply parses far faster in Python
-# than nested arrays of members.
-_APPLY_LUA = (
-    _FORGET_LUA
-    + """
-local prefix = ARGV[1]
-local results = {}
-for i, q in ipairs(cjson.decode(ARGV[2])) do
-  local entity = q[1] .. ':' .. q[2]
-  local after, till = '(' .. q[3], q[4]
-  local events = prefix .. 'ev:' .. entity
-  local rows = ''
-  if q[5] then rows = table.concat(redis.call('ZRANGEBYSCORE', events, after, till), '|') end
-  results[i] = {
-    redis.call('ZCOUNT', events, after, till),
-    redis.call('ZCOUNT', prefix .. 'fr:' .. entity, after, till),
-    rows,
-  }
+# Answers queries [[entity, id, after_us, until_us, rows], ...] (numbers as strings: Lua
+# numbers print as %.14g) as {count, frauds, "<member>|<member>|..."}: one bulk string per
+# query parses far faster in Python than nested arrays of members.
+_ANSWER_LUA = """
+local function answer(prefix, queries)
+  local results = {}
+  for i, q in ipairs(queries) do
+    local entity = q[1] .. ':' .. q[2]
+    local after, till = '(' .. q[3], q[4]
+    local events = prefix .. 'ev:' .. entity
+    local rows = ''
+    if q[5] then rows = table.concat(redis.call('ZRANGEBYSCORE', events, after, till), '|') end
+    results[i] = {
+      redis.call('ZCOUNT', events, after, till),
+      redis.call('ZCOUNT', prefix .. 'fr:' .. entity, after, till),
+      rows,
+    }
+  end
+  return results
 end
-if ARGV[3] == nil then return cjson.encode(results) end
-local tx, t, customer, terminal = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local amount, forget = ARGV[7], ARGV[8]
-if redis.call('HEXISTS', prefix .. 'tx', tx) == 1 then return 0 end
-local member = string.format('%020d', redis.call('INCR', KEYS[1])) .. '|' .. t .. '|' .. amount
-for _, entity in ipairs({'customer:' .. customer, 'terminal:' .. terminal}) do
-  redis.call('ZADD', prefix .. 'ev:' .. entity, t, member)
+"""
+
+# ARGV: prefix, queries as JSON. Returns JSON [[count, frauds, rows], ...].
+_READ_LUA = _ANSWER_LUA + "return cjson.encode(answer(ARGV[1], cjson.decode(ARGV[2])))"
+
+# ARGV: prefix, forget_until_us, then the events as JSON [[tx_id, t_us, customer_id,
+# terminal_id, amount, queries], ...] (numbers as strings). Returns JSON with, per event,
+# its query results, or 0 where its transaction_id is already stored.
+_APPLY_MANY_LUA = (
+    _FORGET_LUA
+    + _ANSWER_LUA
+    + """
+local prefix, forget = ARGV[1], ARGV[2]
+local out, touched = {}, {}
+for i, e in ipairs(cjson.decode(ARGV[3])) do
+  local tx, t, customer, terminal, amount = e[1], e[2], e[3], e[4], e[5]
+  if redis.call('HEXISTS', prefix .. 'tx', tx) == 1 then
+    out[i] = 0
+  else
+    out[i] = answer(prefix, e[6])
+    local seq = string.format('%020d', redis.call('INCR', KEYS[1]))
+    local member = seq .. '|' .. t .. '|' .. amount
+    for _, entity in ipairs({'customer:' .. customer, 'terminal:' .. terminal}) do
+      redis.call('ZADD', prefix .. 'ev:' .. entity, t, member)
+      touched[entity] = true
+    end
+    redis.call('HSET', prefix .. 'tx', tx, cjson.encode({t, customer, terminal}))
+    redis.call('ZADD', prefix .. 'txt', t, tx)
+  end
+end
+for entity in pairs(touched) do
   redis.call('ZREMRANGEBYSCORE', prefix .. 'ev:' .. entity, '-inf', forget)
   redis.call('ZREMRANGEBYSCORE', prefix .. 'fr:' .. entity, '-inf', forget)
 end
-redis.call('HSET', prefix .. 'tx', tx, cjson.encode({t, customer, terminal}))
-redis.call('ZADD', prefix .. 'txt', t, tx)
 forget_transactions(prefix, forget)
-return cjson.encode(results)
+return cjson.encode(out)
 """
 )
 
@@ -319,33 +352,41 @@ _PRUNE_LUA = _FORGET_LUA + "return forget_transactions(ARGV[1], ARGV[2])"
 class RedisStore:
     """A ``StateStore`` in Redis, shared by service replicas (see the key layout above).
 
-    Each ``apply`` and ``set_label`` is one Lua script, so it is atomic and costs one round
-    trip; ``apply`` may forget at most 500 old transactions per call (``prune`` sweeps the
-    rest). Thread-safe: redis-py's client draws connections from a pool.
+    Each ``apply_many`` and ``set_label`` is one Lua script, so it is atomic and costs one
+    round trip; ``apply_many`` may forget at most 500 old transactions per call (``prune``
+    sweeps the rest). Thread-safe: redis-py's client draws connections from a pool.
     """
 
     def __init__(self, url: str, *, prefix: str = "{fraudflow}:") -> None:
         self.prefix = prefix
         self._client = _redis_client(url)
         self._seq = prefix + "seq"  # declared to Redis, so cluster clients route to the slot
-        self._apply = self._client.register_script(_APPLY_LUA)
+        self._read = self._client.register_script(_READ_LUA)
+        self._apply_many = self._client.register_script(_APPLY_MANY_LUA)
         self._label = self._client.register_script(_LABEL_LUA)
         self._forget = self._client.register_script(_PRUNE_LUA)
 
     def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
-        reply = self._apply(keys=[self._seq], args=[self.prefix, _query_json(queries)])
-        return _results(reply)
+        reply = self._read(keys=[self._seq], args=[self.prefix, _query_json(queries)])
+        return _results(json.loads(reply))
 
-    def apply(
-        self, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
-    ) -> list[RangeResult]:
-        e = event
-        args: list[str | int] = [self.prefix, _query_json(queries), e.transaction_id, e.t_us]
-        args += [e.customer_id, e.terminal_id, repr(e.amount), forget_until_us]
-        reply = self._apply(keys=[self._seq], args=args)
-        if reply == 0:
-            raise duplicate_transaction(e.transaction_id)
-        return _results(reply)
+    def apply_many(
+        self,
+        events: Sequence[Event],
+        queries: Sequence[Sequence[RangeQuery]],
+        *,
+        forget_until_us: int,
+    ) -> list[list[RangeResult] | None]:
+        if not events:
+            return []
+        payload = [
+            [e.transaction_id, str(e.t_us), e.customer_id, e.terminal_id, repr(e.amount),
+             _query_lists(q)]
+            for e, q in zip(events, queries, strict=True)
+        ]  # fmt: skip
+        args: list[str | int] = [self.prefix, forget_until_us, json.dumps(payload)]
+        reply = self._apply_many(keys=[self._seq], args=args)
+        return [None if r == 0 else _results(r) for r in json.loads(reply)]
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         args = [self.prefix, transaction_id, "1" if is_fraud else "0"]
@@ -382,15 +423,18 @@ def _redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
+def _query_lists(queries: Sequence[RangeQuery]) -> list[list[str | bool]]:
+    return [[q.entity, q.entity_id, str(q.after_us), str(q.until_us), q.rows] for q in queries]
+
+
 def _query_json(queries: Sequence[RangeQuery]) -> str:
-    return json.dumps(
-        [[q.entity, q.entity_id, str(q.after_us), str(q.until_us), q.rows] for q in queries]
-    )
+    return json.dumps(_query_lists(queries))
 
 
-def _results(reply: bytes) -> list[RangeResult]:
+def _results(answers: list[list[Any]] | dict[str, Any]) -> list[RangeResult]:
+    """Parsed query answers; Lua's cjson writes an empty list as ``{}``."""
     out = []
-    for count, frauds, rows in json.loads(reply):
+    for count, frauds, rows in answers if isinstance(answers, list) else []:
         fields = rows.split("|") if rows else []  # per member: seq, t_us, amount
         times = [int(t) for t in fields[1::3]]
         amounts = [float(a) for a in fields[2::3]]
