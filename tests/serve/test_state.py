@@ -175,6 +175,45 @@ def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+def test_sqlite_replicas_on_one_file_alternating_equal_one(tmp_path: Path) -> None:
+    """Two stores on one file (two service workers): each catches up with the other's events
+    and labels before answering, so alternating between them equals one store."""
+    frame = simulated(n_customers=20, n_terminals=40, n_days=40)  # ~1300 events, with labels
+    path = tmp_path / "shared.db"
+    with SQLiteStore(path) as a, SQLiteStore(path) as b:
+        replicas = [OnlineFeatures(cfg=SIM_CFG, store=s) for s in (a, b)]
+        alternating = replay(frame, SIM_CFG, lambda i: replicas[i % 2])
+    one = OnlineFeatures(cfg=SIM_CFG, store=MemoryStore())
+    assert alternating == replay(frame, SIM_CFG, lambda _: one)
+
+
+def test_sqlite_failed_call_changes_nothing_and_the_mirror_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    everything = [_query(rows=True), _query("terminal")]
+    with SQLiteStore(tmp_path / "state.db") as store:
+        apply_one(store, _event("a", 10), [], forget_until_us=0)
+
+        def broken(until_us: int) -> int:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(store, "_forget_in_file", broken)
+        with pytest.raises(sqlite3.OperationalError):
+            store.apply_many([_event("b", 20)], [everything], forget_until_us=0)
+        monkeypatch.undo()
+        assert store.read(everything)[0].times == [10]  # "b" rolled back, mirror too
+        assert apply_one(store, _event("b", 20), everything, forget_until_us=0)[0].times == [10]
+    with SQLiteStore(tmp_path / "state.db") as reopened:
+        assert reopened.read(everything)[0].times == [10, 20]
+
+
+def test_sqlite_refuses_a_file_of_another_schema_version(tmp_path: Path) -> None:
+    with closing(sqlite3.connect(tmp_path / "old.db")) as db:
+        db.execute("PRAGMA user_version = 1")
+    with pytest.raises(ConfigError, match="schema version 1, however this fraudflow expects 2"):
+        SQLiteStore(tmp_path / "old.db")
+
+
 @needs_redis
 @pytest.mark.slow
 def test_redis_replay_matches_batch(redis_url: str) -> None:

@@ -9,9 +9,10 @@ Paths follow the SQLAlchemy convention: ``sqlite:///state.db`` is relative,
 ``sqlite:////var/lib/fraudflow/state.db`` absolute.
 
 Each store keeps, per entity (customer or terminal), its recent events ordered by (time,
-arrival sequence), and per transaction its time, its two entities and its latest label. A
-fraud label is also copied onto the entity's event (SQLite) or into a per-entity fraud set
-(Redis), so that the evaluator's label counts are range counts, without a join.
+arrival sequence), and per transaction its time, its two entities and its latest label.
+SQLite keeps the transactions on disk and answers from an in-memory mirror of them; Redis
+keeps per-entity sorted sets and a per-entity fraud set, so that the evaluator's label
+counts are range counts, without a join.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fraudflow.errors import ConfigError
+from fraudflow.errors import ArtifactError, ConfigError
 from fraudflow.features.online import (
     Event,
+    MemoryStore,
     RangeQuery,
     RangeResult,
     StateStore,
@@ -58,49 +59,44 @@ def open_store(url: str | None, *, default_path: Path) -> StateStore:
 
 # --- SQLite ------------------------------------------------------------------------------
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order, never reused
-    transaction_id TEXT NOT NULL UNIQUE,               -- the label lookup
+    transaction_id TEXT NOT NULL UNIQUE,
     t_us           INTEGER NOT NULL,
     customer_id    TEXT NOT NULL,
     terminal_id    TEXT NOT NULL,
-    is_fraud       INTEGER                             -- latest label; NULL: none yet
+    amount         REAL NOT NULL,
+    is_fraud       INTEGER NOT NULL DEFAULT 0          -- the latest label
 );
 CREATE INDEX IF NOT EXISTS transactions_by_time ON transactions (t_us);
-CREATE TABLE IF NOT EXISTS events (
-    entity    TEXT NOT NULL,                           -- 'customer' or 'terminal'
-    entity_id TEXT NOT NULL,
-    t_us      INTEGER NOT NULL,
-    seq       INTEGER NOT NULL,
-    amount    REAL NOT NULL,
-    fraud     INTEGER NOT NULL DEFAULT 0,              -- the label, copied for range counts
-    PRIMARY KEY (entity, entity_id, t_us, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_by_time ON events (t_us);  -- for prune()
+CREATE TABLE IF NOT EXISTS label_changes (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- replayed in this order
+    transaction_id TEXT NOT NULL,
+    t_us           INTEGER NOT NULL,                   -- the transaction's, for forgetting
+    is_fraud       INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS label_changes_by_time ON label_changes (t_us);
 """
-_RANGE = "entity = ? AND entity_id = ? AND t_us > ? AND t_us <= ?"
-_ROWS = f"SELECT t_us, amount, fraud FROM events WHERE {_RANGE} ORDER BY t_us, seq"
-
-
-@cache
-def _counts_sql(n: int) -> str:
-    """One statement for n range counts: a statement per count would double the read time."""
-    parts = [
-        f"SELECT {i}, COUNT(*), COALESCE(SUM(fraud), 0) FROM events WHERE {_RANGE}"
-        for i in range(n)
-    ]
-    return " UNION ALL ".join(parts) + " ORDER BY 1"
+_LOW_US = -(2**62)  # before any event: forget nothing
 
 
 class SQLiteStore:
     """A ``StateStore`` in one SQLite file (WAL mode); reopening it gives the same state.
 
+    The file is the durable, shared truth: every transaction (time, entities, amount, latest
+    label) in arrival order, and a log of label changes. Queries are answered from a
+    ``MemoryStore`` mirror of it (O(log n) per count, against a range scan per count in SQL:
+    measured at ~40% of a decision's time), which each call first brings up to date with what
+    other writers (processes sharing the file) committed since: the transactions and label
+    changes past the last sequence numbers it has seen. A call that fails rebuilds the mirror
+    from the file on the next call.
+
     Thread-safe: one connection guarded by a lock, which also serialises ``apply_many``.
-    Several processes may share the file: ``apply_many`` runs in a ``BEGIN IMMEDIATE``
-    transaction, which
-    takes SQLite's write lock before reading, so each event sees all events stored before it.
+    Several processes may share the file: ``apply_many`` and ``set_label`` run in a
+    ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock before catching up, so
+    each event sees all events stored before it.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -119,10 +115,17 @@ class SQLiteStore:
         # fsyncs, and pages rewritten in between are copied once. Measured: -30% per event.
         self._db.execute("PRAGMA wal_autocheckpoint=4000")
         self._migrate()
+        self._mirror = MemoryStore()
+        self._seen_seq = 0  # the last transaction seq in the mirror
+        self._seen_label = 0  # the last label change applied to the mirror
+        self._stale = True  # rebuild the mirror from the file before the next answer
+        with self._transaction("BEGIN"):
+            self._catch_up()
 
     def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
-        with self._transaction("BEGIN"):  # one snapshot for all queries
-            return self._answer(queries)
+        with self._transaction("BEGIN"):  # one snapshot to catch up from
+            self._catch_up()
+            return self._mirror.read(queries)
 
     def apply_many(
         self,
@@ -134,46 +137,48 @@ class SQLiteStore:
         # One transaction for the whole call: BEGIN and COMMIT cost more than an event's
         # statements, and the write lock is taken once.
         with self._transaction("BEGIN IMMEDIATE"):
-            out: list[list[RangeResult] | None] = []
-            touched: set[tuple[str, str]] = set()
-            for event, event_queries in zip(events, queries, strict=True):
-                seq = self._insert_transaction(event)
-                if seq is None:
-                    out.append(None)
-                    continue
-                out.append(self._answer(event_queries))  # the event's own rows come after
-                self._insert_events(event, seq)
-                touched.update((("customer", event.customer_id), ("terminal", event.terminal_id)))
-            self._forget(sorted(touched), forget_until_us)
+            self._catch_up()
+            fresh = [self._insert(e) for e in events]  # the file decides what is a duplicate
+            new = [i for i, seq in enumerate(fresh) if seq is not None]
+            answers = self._mirror.apply_many(
+                [events[i] for i in new], [queries[i] for i in new], forget_until_us=forget_until_us
+            )
+            if any(a is None for a in answers):
+                raise ArtifactError(f"the state mirror of {self.path} disagrees with the file")
+            out: list[list[RangeResult] | None] = [None] * len(events)
+            for i, answer in zip(new, answers, strict=True):
+                out[i] = answer
+                self._seen_seq = max(self._seen_seq, fresh[i] or 0)
+            self._forget_in_file(forget_until_us)
             return out
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         with self._transaction("BEGIN IMMEDIATE"):
+            self._catch_up()
             found = self._db.execute(
-                "SELECT seq, t_us, customer_id, terminal_id FROM transactions "
-                "WHERE transaction_id = ?",
-                (transaction_id,),
+                "SELECT t_us FROM transactions WHERE transaction_id = ?", (transaction_id,)
             ).fetchone()
             if found is None:
                 return False
-            seq, t_us, customer_id, terminal_id = found
             flag = int(is_fraud)
-            self._db.execute("UPDATE transactions SET is_fraud = ? WHERE seq = ?", (flag, seq))
-            self._db.executemany(
-                "UPDATE events SET fraud = ? "
-                "WHERE entity = ? AND entity_id = ? AND t_us = ? AND seq = ?",
-                [
-                    (flag, "customer", customer_id, t_us, seq),
-                    (flag, "terminal", terminal_id, t_us, seq),
-                ],
+            self._db.execute(
+                "UPDATE transactions SET is_fraud = ? WHERE transaction_id = ?",
+                (flag, transaction_id),
             )
+            change = self._db.execute(
+                "INSERT INTO label_changes (transaction_id, t_us, is_fraud) VALUES (?, ?, ?)",
+                (transaction_id, found[0], flag),
+            )
+            self._mirror.set_label(transaction_id, is_fraud)  # False if it forgot: no matter
+            self._seen_label = change.lastrowid or self._seen_label
             return True
 
     def prune(self, until_us: int) -> int:
         with self._transaction("BEGIN IMMEDIATE"):
-            self._db.execute("DELETE FROM events WHERE t_us <= ?", (until_us,))
-            gone = self._db.execute("DELETE FROM transactions WHERE t_us <= ?", (until_us,))
-            return gone.rowcount
+            self._catch_up()
+            gone = self._forget_in_file(until_us)
+            self._mirror.prune(until_us)
+            return gone
 
     def close(self) -> None:
         with self._lock:
@@ -203,46 +208,51 @@ class SQLiteStore:
             try:
                 yield
             except BaseException:
+                self._stale = True  # the mirror may hold what the rollback undoes
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
 
-    def _answer(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
-        counted = [q for q in queries if not q.rows]
-        args = [a for q in counted for a in (q.entity, q.entity_id, q.after_us, q.until_us)]
-        rows = self._db.execute(_counts_sql(len(counted)), args).fetchall() if counted else []
-        counts = iter(RangeResult(count, frauds) for _, count, frauds in rows)
-        return [self._rows(q) if q.rows else next(counts) for q in queries]
+    def _catch_up(self) -> None:
+        """Bring the mirror up to what the file holds (inside a transaction)."""
+        if self._stale:
+            (last_label,) = self._db.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM label_changes"
+            ).fetchone()
+            # Labels up to here are in transactions.is_fraud already.
+            self._mirror, self._seen_seq, self._seen_label = MemoryStore(), 0, last_label
+            self._stale = False
+        rows = self._db.execute(
+            "SELECT seq, transaction_id, t_us, customer_id, terminal_id, amount, is_fraud "
+            "FROM transactions WHERE seq > ? ORDER BY seq",
+            (self._seen_seq,),
+        ).fetchall()
+        if rows:
+            events = [Event(tid, t, c, term, amount) for _, tid, t, c, term, amount, _ in rows]
+            self._mirror.apply_many(events, [()] * len(events), forget_until_us=_LOW_US)
+            for _, tid, *_, is_fraud in rows:
+                if is_fraud:
+                    self._mirror.set_label(tid, True)
+            self._seen_seq = rows[-1][0]
+        for seq, tid, is_fraud in self._db.execute(
+            "SELECT seq, transaction_id, is_fraud FROM label_changes WHERE seq > ? ORDER BY seq",
+            (self._seen_label,),
+        ):
+            self._mirror.set_label(tid, bool(is_fraud))
+            self._seen_label = seq
 
-    def _rows(self, q: RangeQuery) -> RangeResult:
-        args = (q.entity, q.entity_id, q.after_us, q.until_us)
-        rows = self._db.execute(_ROWS, args).fetchall()
-        times = [t for t, _, _ in rows]
-        amounts = [a for _, a, _ in rows]
-        return RangeResult(len(rows), sum(f for _, _, f in rows), times, amounts)
-
-    def _insert_transaction(self, e: Event) -> int | None:
+    def _insert(self, e: Event) -> int | None:
         """The new transaction's arrival sequence; None if its id is already stored."""
         cursor = self._db.execute(
-            "INSERT OR IGNORE INTO transactions (transaction_id, t_us, customer_id, terminal_id) "
-            "VALUES (?, ?, ?, ?)",
-            (e.transaction_id, e.t_us, e.customer_id, e.terminal_id),
+            "INSERT OR IGNORE INTO transactions "
+            "(transaction_id, t_us, customer_id, terminal_id, amount) VALUES (?, ?, ?, ?, ?)",
+            (e.transaction_id, e.t_us, e.customer_id, e.terminal_id, e.amount),
         )
         return cursor.lastrowid if cursor.rowcount == 1 else None
 
-    def _insert_events(self, e: Event, seq: int) -> None:
-        self._db.execute(
-            "INSERT INTO events (entity, entity_id, t_us, seq, amount) "
-            "VALUES ('customer', ?, ?, ?, ?), ('terminal', ?, ?, ?, ?)",
-            (e.customer_id, e.t_us, seq, e.amount, e.terminal_id, e.t_us, seq, e.amount),
-        )
-
-    def _forget(self, entities: Sequence[tuple[str, str]], until_us: int) -> None:
-        self._db.executemany(
-            "DELETE FROM events WHERE entity = ? AND entity_id = ? AND t_us <= ?",
-            [(entity, entity_id, until_us) for entity, entity_id in entities],
-        )
-        self._db.execute("DELETE FROM transactions WHERE t_us <= ?", (until_us,))
+    def _forget_in_file(self, until_us: int) -> int:
+        self._db.execute("DELETE FROM label_changes WHERE t_us <= ?", (until_us,))
+        return self._db.execute("DELETE FROM transactions WHERE t_us <= ?", (until_us,)).rowcount
 
 
 # --- Redis -------------------------------------------------------------------------------
