@@ -34,7 +34,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from fraudflow.config import FeatureConfig
 from fraudflow.data.schema import (
@@ -76,8 +76,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One transaction, normalised: string ids, time in epoch microseconds (UTC)."""
 
     transaction_id: str
@@ -87,8 +86,7 @@ class Event:
     amount: float
 
 
-@dataclass(frozen=True, slots=True)
-class RangeQuery:
+class RangeQuery(NamedTuple):
     """The stored events of one entity with ``after_us < t <= until_us``."""
 
     entity: Entity
@@ -98,7 +96,7 @@ class RangeQuery:
     rows: bool = False  # also return the events' times and amounts, not only counts
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RangeResult:
     count: int  # stored events in the range
     frauds: int  # those currently labelled fraud
@@ -369,12 +367,11 @@ class _History:
         del self.fraud_times[: bisect_right(self.fraud_times, until_us)]
 
 
-@dataclass
-class _Transaction:
-    t_us: int
-    customer_id: str
-    terminal_id: str
-    is_fraud: bool = False
+# A stored transaction: (t_us, customer_id, terminal_id, is_fraud). A plain tuple of atoms,
+# which Python's cyclic GC stops tracking: a service's mirror holds millions of them, and a
+# tracked object each made every full collection scan them all (measured: batch throughput
+# divided by ~2.5).
+_Transaction = tuple[int, str, str, bool]
 
 
 class MemoryStore:
@@ -388,10 +385,11 @@ class MemoryStore:
         self._entities: dict[tuple[Entity, str], _History] = {}
         self._transactions: dict[str, _Transaction] = {}
         self._by_time: list[tuple[int, str]] = []  # heap of (t_us, transaction_id)
+        self._empty = _History()  # the answer source for an entity never seen; never written
 
     def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
-        empty = _History()
-        return [self._entities.get((q.entity, q.entity_id), empty).answer(q) for q in queries]
+        get, empty = self._entities.get, self._empty
+        return [get((q.entity, q.entity_id), empty).answer(q) for q in queries]
 
     def apply_many(
         self,
@@ -410,7 +408,7 @@ class MemoryStore:
             for key in self._keys(event.customer_id, event.terminal_id):
                 self._entities.setdefault(key, _History()).add(event.t_us, event.amount)
                 touched.add(key)
-            tx = _Transaction(event.t_us, event.customer_id, event.terminal_id)
+            tx = (event.t_us, event.customer_id, event.terminal_id, False)
             self._transactions[event.transaction_id] = tx
             heapq.heappush(self._by_time, (event.t_us, event.transaction_id))
         for key in touched:
@@ -422,9 +420,10 @@ class MemoryStore:
         tx = self._transactions.get(transaction_id)
         if tx is None:
             return False
-        for key in self._keys(tx.customer_id, tx.terminal_id):
-            self._entities[key].set_fraud(tx.t_us, was=tx.is_fraud, now=is_fraud)
-        tx.is_fraud = is_fraud
+        t_us, customer_id, terminal_id, was = tx
+        for key in self._keys(customer_id, terminal_id):
+            self._entities[key].set_fraud(t_us, was=was, now=is_fraud)
+        self._transactions[transaction_id] = (t_us, customer_id, terminal_id, is_fraud)
         return True
 
     def prune(self, until_us: int) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -42,6 +43,9 @@ log = logging.getLogger("fraudflow.serve")
 _ERROR_KIND_BY_STATUS = {401: "auth", 403: "auth", 413: "too_large", 422: "validation"}
 _WORKER_HEALTHCHECK_SECONDS = 60
 _SWITCH_INTERVAL_SECONDS = 0.0005
+# A batch request allocates hundreds of thousands of short-lived objects: with the default
+# 700, young collections ran every few transactions. Larger generations, the same rules.
+_GC_THRESHOLDS = (50_000, 20, 20)
 _KIND_KEY = "fraudflow_error_kind"  # request.state.<this>: set by the ServeError handler
 
 
@@ -92,7 +96,9 @@ def _lifespan(service: DecisionService) -> Any:
         # with the default 5 ms switch interval a busy event loop makes it wait that long.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
-        starting = asyncio.create_task(service.start())
+        gc_thresholds = gc.get_threshold()
+        gc.set_threshold(*_GC_THRESHOLDS)
+        starting = asyncio.create_task(_start_and_freeze(service))
         watcher = None
         if service.settings.workers > 1:
             watcher = asyncio.create_task(service.watch_reloads())
@@ -106,8 +112,21 @@ def _lifespan(service: DecisionService) -> Any:
             await starting  # a load in a thread cannot be cancelled; let it end
             service.close()
             sys.setswitchinterval(switch_interval)
+            gc.set_threshold(*gc_thresholds)
+            gc.unfreeze()
 
     return lifespan
+
+
+async def _start_and_freeze(service: DecisionService) -> None:
+    """Start the service, then keep what it loaded out of every later GC collection.
+
+    The model and the state mirror are long-lived; scanning them in each full collection
+    cost more than the decisions in between (measured: batch throughput divided by ~2.5).
+    """
+    await service.start()
+    gc.collect()
+    gc.freeze()
 
 
 async def _serve_error(request: Request, exc: Exception) -> JSONResponse:

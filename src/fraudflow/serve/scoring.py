@@ -33,7 +33,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -229,8 +229,7 @@ def _calibration_of(bundle: Bundle) -> Calibration:
     return lambda x, raw: raw
 
 
-@dataclass(frozen=True, slots=True)
-class Judged:
+class Judged(NamedTuple):
     """One scored and decided transaction."""
 
     score: float
