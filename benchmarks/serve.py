@@ -213,6 +213,26 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3_000:]
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants; Linux only.
+
+    Throughput on a shared 2-core machine swings with what else runs; the server's own CPU
+    per decision barely does, so it is the figure to compare versions by.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    try:
+        while todo:
+            current = todo.pop()
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
 # --- a minimal HTTP/1.1 keep-alive client -------------------------------------------------------
 
 
@@ -408,13 +428,16 @@ async def serve_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame)
             await wait_ready(proc, port, scratch / "server.log")
             stream = transaction_stream(frame)
             await _warm_up(port, stream)
+            cpu_before = tree_cpu_seconds(proc.pid)
             single = await drive(
                 port, single_bodies(stream), "/v1/decisions", args.concurrency, args.seconds
             )
+            cpu_single = _cpu_since(proc.pid, cpu_before)
             at_rate = await drive_rate(
                 port, single_bodies(stream), "/v1/decisions",
                 rate=args.rate, seconds=args.rate_seconds, connections=args.rate_connections,
             )  # fmt: skip
+            cpu_before = tree_cpu_seconds(proc.pid)
             batch = await drive(
                 port,
                 batch_bodies(stream, args.batch_size),
@@ -422,9 +445,23 @@ async def serve_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame)
                 args.batch_concurrency,
                 args.batch_seconds,
             )
+            cpu_batch = _cpu_since(proc.pid, cpu_before)
         finally:
             stop_server(proc)
-    return _serve_results(single, at_rate, batch) | {"rate": args.rate}
+    return _serve_results(single, at_rate, batch) | {
+        "rate": args.rate,
+        "server_cpu_ms_per_decision": _per_decision(cpu_single, single.decisions),
+        "batch_server_cpu_ms_per_decision": _per_decision(cpu_batch, batch.decisions),
+    }
+
+
+def _cpu_since(pid: int, before: float | None) -> float | None:
+    after = tree_cpu_seconds(pid)
+    return None if before is None or after is None else after - before
+
+
+def _per_decision(cpu_seconds: float | None, decisions: int) -> float | None:
+    return None if cpu_seconds is None or decisions == 0 else cpu_seconds / decisions * 1e3
 
 
 async def _warm_up(port: int, stream: Iterator[dict[str, Any]]) -> None:
@@ -499,6 +536,10 @@ def report(result: dict[str, Any]) -> None:
         f"failed {fmt('rate_failed_requests', 'd')}"
     )
     print(f"batch: {fmt('batch_decisions_per_second', ',.0f')} decisions/s")
+    print(
+        f"server CPU per decision: single {fmt('server_cpu_ms_per_decision', '.3f')} ms, "
+        f"batch {fmt('batch_server_cpu_ms_per_decision', '.3f')} ms"
+    )
     met = targets(result)
     print(
         f"target >= {TARGET_SINGLE_PER_SECOND:,}/s with p99 <= {TARGET_P99_MS:g} ms: "

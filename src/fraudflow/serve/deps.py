@@ -56,9 +56,11 @@ __all__ = [
     "EngineLoader",
     "ServeError",
     "TimedStore",
+    "authorise",
     "get_service",
     "require_admin",
     "require_client",
+    "service_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -518,16 +520,16 @@ def _record_of(
 
 
 async def get_service(request: Request) -> DecisionService:
-    return _service(request)
+    return service_of(request)
 
 
-def _service(request: Request) -> DecisionService:
+def service_of(request: Request) -> DecisionService:
     service: DecisionService = request.app.state.service
     return service
 
 
-def _authorise(request: Request, *, admin: bool) -> None:
-    service = _service(request)
+def authorise(request: Request, *, admin: bool) -> None:
+    service = service_of(request)
     role = service.keys.role(bearer_token(request.headers.get("authorization")))
     if role is None:
         raise HTTPException(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
@@ -536,8 +538,8 @@ def _authorise(request: Request, *, admin: bool) -> None:
 
 
 async def require_client(request: Request) -> None:
-    _authorise(request, admin=False)
+    authorise(request, admin=False)
 
 
 async def require_admin(request: Request) -> None:
-    _authorise(request, admin=True)
+    authorise(request, admin=True)

@@ -11,16 +11,35 @@
 Health, readiness and metrics are open: probes and scrapers carry no keys, and they reveal no
 transaction data. Responses are serialised with orjson once (and stored for idempotent
 replays); the ``response_model``s document them.
+
+The decision and label routes are ``_direct`` routes: their handler checks the key, then
+validates the raw body with pydantic-core in one call (``model_validate_json``) and calls the
+service, instead of FastAPI's dependency solving and JSON-then-model parsing. Measured on the
+single-decision route: FastAPI's request path cost about as much as the decision itself. The
+endpoint signatures still document the routes in OpenAPI, and errors keep FastAPI's shapes
+(401 from the key check, 422 with ``["body", field, ...]`` locations).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 
-from fraudflow.serve.deps import DecisionService, get_service, require_admin, require_client
+from fraudflow.serve.deps import (
+    DecisionService,
+    authorise,
+    get_service,
+    require_admin,
+    require_client,
+    service_of,
+)
 from fraudflow.serve.metrics import CONTENT_TYPE_LATEST
 from fraudflow.serve.schemas import (
     DecisionBatchIn,
@@ -58,21 +77,29 @@ def build_router(settings: ServeSettings) -> APIRouter:
     client, admin = [Depends(require_client)], [Depends(require_admin)]
     single, batch = settings.max_body_bytes, settings.max_batch_body_bytes
 
-    @router.post(DECISIONS, response_model=DecisionOut, dependencies=client, max_body_size=single)
     async def decide(
         tx: TransactionIn, service: DecisionService = Depends(get_service)
     ) -> Response:
         return _json(await service.decide(tx))
 
-    @router.post(BATCH, response_model=DecisionBatchOut, dependencies=client, max_body_size=batch)
     async def decide_batch(
         body: DecisionBatchIn, service: DecisionService = Depends(get_service)
     ) -> Response:
         return _json(await service.decide_batch(body.transactions))
 
-    @router.post(LABELS, response_model=LabelOut, dependencies=client, max_body_size=single)
     async def label(label: LabelIn, service: DecisionService = Depends(get_service)) -> Response:
         return _json(await service.label(label))
+
+    direct: list[tuple[str, Callable[..., Any], type[Any], int, type[APIRoute]]] = [
+        (DECISIONS, decide, DecisionOut, single, _direct(TransactionIn, _decide)),
+        (BATCH, decide_batch, DecisionBatchOut, batch, _direct(DecisionBatchIn, _decide_batch)),
+        (LABELS, label, LabelOut, single, _direct(LabelIn, _label)),
+    ]
+    for path, endpoint, out, limit, route_class in direct:
+        router.add_api_route(
+            path, endpoint, methods=["POST"], response_model=out, dependencies=client,
+            max_body_size=limit, route_class_override=route_class,
+        )  # fmt: skip
 
     @router.post(RELOAD, response_model=ReloadOut, dependencies=admin, max_body_size=single)
     async def reload(
@@ -97,3 +124,43 @@ def build_router(settings: ServeSettings) -> APIRouter:
         return Response(content=service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def _decide(service: DecisionService, tx: TransactionIn) -> Awaitable[bytes]:
+    return service.decide(tx)
+
+
+def _decide_batch(service: DecisionService, body: DecisionBatchIn) -> Awaitable[bytes]:
+    return service.decide_batch(body.transactions)
+
+
+def _label(service: DecisionService, label: LabelIn) -> Awaitable[bytes]:
+    return service.label(label)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _direct(
+    model: type[M], handle: Callable[[DecisionService, M], Awaitable[bytes]]
+) -> type[APIRoute]:
+    """An ``APIRoute`` whose request handler is: key check, ``model`` from the raw body,
+    ``handle`` (see the module docstring). The endpoint function only documents the route."""
+
+    class DirectRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            async def handler(request: Request) -> Response:
+                authorise(request, admin=False)
+                body = await request.body()
+                try:
+                    parsed = model.model_validate_json(body)
+                except ValidationError as exc:
+                    errors = exc.errors(include_url=False)
+                    for error in errors:
+                        error["loc"] = ("body", *error["loc"])
+                    raise RequestValidationError(errors, body=body) from None
+                return _json(await handle(service_of(request), parsed))
+
+            return handler
+
+    return DirectRoute
