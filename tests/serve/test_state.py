@@ -262,3 +262,19 @@ def test_open_store_rejects_other_urls_without_echoing_secrets(tmp_path: Path) -
         open_store("postgres://user:secret@host/db", default_path=tmp_path / "x.db")
     with pytest.raises(ConfigError, match="however got 'sqlite:///'"):
         open_store("sqlite:///", default_path=tmp_path / "x.db")
+
+
+def test_sqlite_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
+    """Writers never checkpoint (no copy and fsync inside a request); the thread does."""
+    path = tmp_path / "state.db"
+    with SQLiteStore(path) as store:
+        store._checkpointer.interval_seconds = 0.01  # hurry the thread
+        events = [_event(f"tx{i}", (i + 1) * 10, 1.0) for i in range(2_000)]
+        store.apply_many(events, [[]] * len(events), forget_until_us=0)
+        deadline = time.monotonic() + 10
+        while store._checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store._checkpointer.checkpoints > 0
+        assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT COUNT(*) FROM transactions").fetchone() == (2_000,)

@@ -44,6 +44,7 @@ import polars as pl
 
 from fraudflow.data.io import write_table
 from fraudflow.errors import ArtifactError, ConfigError
+from fraudflow.serve.checkpoint import Checkpointer
 
 __all__ = [
     "AfterCommit",
@@ -158,7 +159,10 @@ class AuditLog:
         self._after_commit = after_commit
         self._max_group = max_group
         self._writer = _connect(self.path, synchronous="FULL")
+        # Checkpoints run in their own thread, not inside a group commit (``checkpoint``).
+        self._writer.execute("PRAGMA wal_autocheckpoint=0")
         self._reader = _connect(self.path, synchronous="FULL")
+        self._checkpointer = Checkpointer(self.path)
         self._read_lock = threading.Lock()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
@@ -201,6 +205,7 @@ class AuditLog:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
+        self._checkpointer.close()
         with self._read_lock:
             self._reader.close()
 
