@@ -8,6 +8,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -278,3 +279,19 @@ def test_sqlite_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
         assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT COUNT(*) FROM transactions").fetchone() == (2_000,)
+
+
+def test_sqlite_writers_wait_for_the_lock_in_small_steps(tmp_path: Path) -> None:
+    """A writer that finds the file locked retries until the holder commits, then proceeds."""
+    path = tmp_path / "state.db"
+    with (
+        SQLiteStore(path) as store,
+        closing(sqlite3.connect(path, isolation_level=None, check_same_thread=False)) as other,
+    ):
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        threading.Timer(0.05, lambda: other.execute("COMMIT")).start()
+        started = time.monotonic()
+        apply_one(store, _event("a", 10), [], forget_until_us=0)
+        waited = time.monotonic() - started
+        assert 0.04 <= waited < 2.0
+        assert store.read([_query(rows=True)])[0].times == [10]

@@ -33,7 +33,7 @@ from fraudflow.features.online import (
     RangeResult,
     StateStore,
 )
-from fraudflow.serve.checkpoint import Checkpointer
+from fraudflow.serve.sqlite import Checkpointer, execute_waiting
 
 if TYPE_CHECKING:
     import redis
@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS label_changes (
 CREATE INDEX IF NOT EXISTS label_changes_by_time ON label_changes (t_us);
 """
 _LOW_US = -(2**62)  # before any event: forget nothing
+_LOCK_TIMEOUT_SECONDS = 5.0  # sqlite3's default busy timeout
 
 
 class SQLiteStore:
@@ -112,9 +113,11 @@ class SQLiteStore:
         # ms of feature state shifts a few counts by one; an fsync per event (FULL) would
         # cost more than the whole feature computation.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints run in their own thread, not inside an apply (``checkpoint``).
+        # Checkpoints run in their own thread, not inside an apply (``fraudflow.serve.sqlite``).
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._migrate()
+        # Lock waits are ``execute_waiting``'s, in ~50 us steps (fraudflow.serve.sqlite).
+        self._db.execute("PRAGMA busy_timeout=0")
         self._checkpointer = Checkpointer(self.path)
         self._mirror = MemoryStore()
         self._seen_seq = 0  # the last transaction seq in the mirror
@@ -206,14 +209,15 @@ class SQLiteStore:
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[None]:
         with self._lock:
-            self._db.execute(begin)
+            execute_waiting(self._db, begin, _LOCK_TIMEOUT_SECONDS)
             try:
                 yield
+                execute_waiting(self._db, "COMMIT", _LOCK_TIMEOUT_SECONDS)
             except BaseException:
                 self._stale = True  # the mirror may hold what the rollback undoes
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # some errors end the transaction themselves
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _catch_up(self) -> None:
         """Bring the mirror up to what the file holds (inside a transaction)."""

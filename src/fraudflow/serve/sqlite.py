@@ -1,6 +1,14 @@
-"""WAL checkpoints of a SQLite file in a background thread, off the request path.
+"""How the service's SQLite files (state store, audit log) wait for locks and checkpoint.
 
-In WAL mode SQLite by default checkpoints inside the COMMIT that pushes the WAL past
+Lock waits. Several worker processes share each file, and a writer must wait while another
+holds the write lock (a transaction of a fraction of a millisecond, plus an fsync for the
+audit log). SQLite's own busy handler sleeps 1, 2, 5, 10, ... ms between tries: on a loaded
+two-worker service that turned sub-millisecond waits into 1-10 ms stalls, the bulk of the
+p99 latency (measured: open-loop p99 at 1,000 decisions/s 44 ms with two workers against 19
+ms with one). So the writing connections run with ``busy_timeout=0`` and ``execute_waiting``
+retries a statement that found the file busy every ~50 us, up to a deadline.
+
+Checkpoints. In WAL mode SQLite by default checkpoints inside the COMMIT that pushes the WAL past
 ``wal_autocheckpoint`` pages: that commit copies megabytes into the database file and fsyncs
 it, and every request waiting on it (an audit group commit, a state transaction) waits too:
 a tail-latency spike every few thousand decisions. The connections that write set
@@ -16,11 +24,31 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "execute_waiting"]
 
 log = logging.getLogger(__name__)
+
+_RETRY_SECONDS = 50e-6
+
+
+def execute_waiting(db: sqlite3.Connection, sql: str, timeout_seconds: float) -> None:
+    """``db.execute(sql)``, retried while the file is busy (locked by another connection).
+
+    For a connection with ``PRAGMA busy_timeout=0`` (module docstring). Raises the last
+    ``sqlite3.OperationalError`` if the file is still busy after ``timeout_seconds``.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            db.execute(sql)
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+        time.sleep(_RETRY_SECONDS)
 
 
 class Checkpointer:
