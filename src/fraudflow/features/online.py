@@ -166,6 +166,17 @@ class OnlineFeatures:
         self._customer = [(w.label, w.window_seconds * _US) for w in customer_windows(cfg)]
         self._terminal = [(w.label, w.window_seconds * _US) for w in terminal_windows(cfg)]
         self._longest = customer_windows(cfg)[-1]
+        # Feature names, built once: per event they would cost more than the arithmetic.
+        self._customer_names = [
+            (w, f"customer__count__{label}", f"customer__mean_amount__{label}",
+             None if label == "1h" else f"customer__amount_ratio__{label}")
+            for label, w in sorted(self._customer, key=lambda lw: lw[1])
+        ]  # fmt: skip
+        self._terminal_names = [
+            (f"terminal__count__{label}", f"terminal__fraud_rate__{label}")
+            for label, _ in self._terminal
+        ]
+        self._known_name = f"customer__known_fraud_count__{self._longest.label}"
         # The customer history read per event must cover every customer window, the 1d
         # small-amount window, and the gap cap (no earlier event: the gap is the cap anyway).
         cap_us = int(HOURS_SINCE_PREV_CAP * _HOUR_US)
@@ -241,27 +252,34 @@ class OnlineFeatures:
     def _compute(self, e: Event, results: list[RangeResult]) -> dict[str, float]:
         history, known, live, *delayed = results
         values = _calendar(e) | self._customer_features(e, history)
-        values[f"customer__known_fraud_count__{self._longest.label}"] = float(known.frauds)
+        values[self._known_name] = float(known.frauds)
         values["terminal__live_count__1d"] = float(live.count + 1)  # this event included
-        for (label, _), r in zip(self._terminal, delayed, strict=True):
-            values[f"terminal__count__{label}"] = float(r.count)
-            values[f"terminal__fraud_rate__{label}"] = r.frauds / r.count if r.count else 0.0
+        for (count_name, rate_name), r in zip(self._terminal_names, delayed, strict=True):
+            values[count_name] = float(r.count)
+            values[rate_name] = r.frauds / r.count if r.count else 0.0
         return {name: values[name] for name in self.names}
 
     def _customer_features(self, e: Event, history: RangeResult) -> dict[str, float]:
         times, amounts = history.times, history.amounts
         out: dict[str, float] = {}
-        for label, w in self._customer:
-            window = amounts[bisect_right(times, e.t_us - w) :]
-            mean = math.fsum([*window, e.amount]) / (len(window) + 1)
-            out[f"customer__count__{label}"] = float(len(window) + 1)
-            out[f"customer__mean_amount__{label}"] = mean
-            if label != "1h":
+        # The windows are nested suffixes of the history (narrowest first): each one's sum is
+        # the previous one's plus the events only it holds, one pass over the history.
+        total, end = e.amount, len(amounts)
+        for w, count_name, mean_name, ratio_name in self._customer_names:
+            start = bisect_right(times, e.t_us - w, 0, end)
+            total += sum(amounts[start:end])
+            end = start
+            n = len(amounts) - start + 1
+            mean = total / n
+            out[count_name] = float(n)
+            out[mean_name] = mean
+            if ratio_name is not None:
                 # As in batch: a zero mean (only zero amounts) gives a ratio of 1.
-                out[f"customer__amount_ratio__{label}"] = e.amount / mean if mean > 0 else 1.0
-        day = amounts[bisect_right(times, e.t_us - _DAY_US) :]
-        small = sum(a < self.cfg.small_amount for a in [*day, e.amount])
-        out["customer__small_count__1d"] = float(small)
+                out[ratio_name] = e.amount / mean if mean > 0 else 1.0
+        small_amount = self.cfg.small_amount
+        day_start = bisect_right(times, e.t_us - _DAY_US)
+        small = sum(1 for a in amounts[day_start:] if a < small_amount)
+        out["customer__small_count__1d"] = float(small + (e.amount < small_amount))
         gap = (e.t_us - times[-1]) / _HOUR_US if times else HOURS_SINCE_PREV_CAP
         out["customer__hours_since_prev"] = min(gap, HOURS_SINCE_PREV_CAP)
         return out
@@ -350,7 +368,7 @@ class _History:
     def answer(self, q: RangeQuery) -> RangeResult:
         lo, hi = bisect_right(self.times, q.after_us), bisect_right(self.times, q.until_us)
         fr = self.fraud_times
-        frauds = bisect_right(fr, q.until_us) - bisect_right(fr, q.after_us)
+        frauds = bisect_right(fr, q.until_us) - bisect_right(fr, q.after_us) if fr else 0
         if not q.rows:
             return RangeResult(hi - lo, frauds)
         return RangeResult(hi - lo, frauds, self.times[lo:hi], self.amounts[lo:hi])
