@@ -132,3 +132,28 @@ def test_export_refuses_a_missing_log_or_other_suffix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"--out must be a \.parquet file"):
         export_audit(tmp_path / "nope.db", tmp_path / "out.csv")
     assert not (tmp_path / "nope.db").exists()
+
+
+def test_writers_take_their_own_shards_and_readers_see_them_all(tmp_path: Path) -> None:
+    """Two writers (two workers) on one log: two files, one log to read, export and look up."""
+    path = tmp_path / "audit.db"
+    first, second = AuditLog(path), AuditLog(path)
+    try:
+        assert (first.file, second.file) == (path, tmp_path / "audit.1.db")
+        first.submit([decision(1)]).result(timeout=10)
+        second.submit([decision(2)]).result(timeout=10)
+        second.submit([LabelRecord("tx-1", True, None, 5, True)]).result(timeout=10)
+        assert first.lookup("tx-2") == b'{"transaction_id":"tx-2"}'  # in the other shard
+        assert second.lookup("tx-1") == b'{"transaction_id":"tx-1"}'
+        assert first.lookup("tx-3") is None
+    finally:
+        second.close()
+    assert sorted(read_decisions(path)["transaction_id"]) == ["tx-1", "tx-2"]
+    assert read_labels(path)["transaction_id"].to_list() == ["tx-1"]
+    assert export_audit(path, tmp_path / "all.parquet") == 2
+    third = AuditLog(path)  # the second's shard is free again: a restarted worker reuses it
+    try:
+        assert third.file == tmp_path / "audit.1.db"
+    finally:
+        third.close()
+        first.close()
