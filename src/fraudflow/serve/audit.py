@@ -290,25 +290,26 @@ class AuditLog:
         self._writer.close()
 
     def _commit(self, group: list[_Pending]) -> None:
-        """One transaction for the whole group, with as few statements as possible.
+        """One transaction for the whole group, in as few SQLite calls as possible.
 
         Each SQLite call releases the GIL and must take it back, and while the event loop is
-        busy that can wait a whole switch interval (5 ms): ``executemany`` would pay it per
-        row. So the rows go in multi-row INSERTs, and the commit (the fsync) is one call.
+        busy that waits up to a switch interval: ``executemany`` would pay it per row. So the
+        rows go in multi-row INSERTs; and a group that needs one statement (the usual case:
+        decisions only) runs it alone in autocommit mode, where SQLite begins, inserts and
+        commits (the fsync) inside that one call.
         """
         decisions = [d for p in group for d in p.decisions]
+        statements = _inserts(
+            "INSERT OR IGNORE INTO decisions", _DECISION_COLUMNS,
+            [row for p in group for row in p.decision_rows],
+        ) + _inserts(
+            "INSERT INTO labels", _LABEL_COLUMNS, [row for p in group for row in p.label_rows]
+        )  # fmt: skip
         try:
-            execute_waiting(self._writer, "BEGIN IMMEDIATE", _LOCK_TIMEOUT_SECONDS)
-            try:
-                rows = [row for p in group for row in p.decision_rows]
-                _insert(self._writer, "INSERT OR IGNORE INTO decisions", _DECISION_COLUMNS, rows)
-                labels = [row for p in group for row in p.label_rows]
-                _insert(self._writer, "INSERT INTO labels", _LABEL_COLUMNS, labels)
-                execute_waiting(self._writer, "COMMIT", _LOCK_TIMEOUT_SECONDS)
-            except BaseException:
-                if self._writer.in_transaction:  # some errors end the transaction themselves
-                    self._writer.execute("ROLLBACK")
-                raise
+            if len(statements) == 1:
+                execute_waiting(self._writer, *statements[0], _LOCK_TIMEOUT_SECONDS)
+            else:
+                self._transaction(statements)
             self.commits += 1
             if self._after_commit is not None and decisions:
                 self._after_commit(decisions)
@@ -321,6 +322,17 @@ class AuditLog:
             if p.future.set_running_or_notify_cancel():
                 p.future.set_result(None)
 
+    def _transaction(self, statements: list[tuple[str, list[Any]]]) -> None:
+        execute_waiting(self._writer, "BEGIN IMMEDIATE", (), _LOCK_TIMEOUT_SECONDS)
+        try:
+            for sql, values in statements:
+                self._writer.execute(sql, values)
+            execute_waiting(self._writer, "COMMIT", (), _LOCK_TIMEOUT_SECONDS)
+        except BaseException:
+            if self._writer.in_transaction:  # some errors end the transaction themselves
+                self._writer.execute("ROLLBACK")
+            raise
+
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
@@ -330,15 +342,17 @@ class _Pending:
     future: Future[None]
 
 
-def _insert(
-    db: sqlite3.Connection, insert: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
-) -> None:
-    """``insert`` every row, in as few statements as SQLite's variable limit allows."""
+def _inserts(
+    insert: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> list[tuple[str, list[Any]]]:
+    """Statements that ``insert`` every row, as few as SQLite's variable limit allows."""
     per_statement = _MAX_VARIABLES // len(columns)
+    statements = []
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
         values = [value for row in chunk for value in row]
-        db.execute(_insert_sql(insert, columns, len(chunk)), values)
+        statements.append((_insert_sql(insert, columns, len(chunk)), values))
+    return statements
 
 
 @functools.lru_cache(maxsize=256)

@@ -25,7 +25,9 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Checkpointer", "execute_waiting"]
 
@@ -34,8 +36,10 @@ log = logging.getLogger(__name__)
 _RETRY_SECONDS = 50e-6
 
 
-def execute_waiting(db: sqlite3.Connection, sql: str, timeout_seconds: float) -> None:
-    """``db.execute(sql)``, retried while the file is busy (locked by another connection).
+def execute_waiting(
+    db: sqlite3.Connection, sql: str, params: Sequence[Any], timeout_seconds: float
+) -> None:
+    """``db.execute(sql, params)``, retried while the file is busy (locked elsewhere).
 
     For a connection with ``PRAGMA busy_timeout=0`` (module docstring). Raises the last
     ``sqlite3.OperationalError`` if the file is still busy after ``timeout_seconds``.
@@ -43,7 +47,7 @@ def execute_waiting(db: sqlite3.Connection, sql: str, timeout_seconds: float) ->
     deadline = time.monotonic() + timeout_seconds
     while True:
         try:
-            db.execute(sql)
+            db.execute(sql, params)
             return
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:

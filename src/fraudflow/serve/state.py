@@ -209,10 +209,10 @@ class SQLiteStore:
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[None]:
         with self._lock:
-            execute_waiting(self._db, begin, _LOCK_TIMEOUT_SECONDS)
+            execute_waiting(self._db, begin, (), _LOCK_TIMEOUT_SECONDS)
             try:
                 yield
-                execute_waiting(self._db, "COMMIT", _LOCK_TIMEOUT_SECONDS)
+                execute_waiting(self._db, "COMMIT", (), _LOCK_TIMEOUT_SECONDS)
             except BaseException:
                 self._stale = True  # the mirror may hold what the rollback undoes
                 if self._db.in_transaction:  # some errors end the transaction themselves
