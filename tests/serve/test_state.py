@@ -199,6 +199,7 @@ def test_sqlite_failed_call_changes_nothing_and_the_mirror_recovers(
             raise sqlite3.OperationalError("disk I/O error")
 
         monkeypatch.setattr(store, "_forget_in_file", broken)
+        monkeypatch.setattr("fraudflow.serve.state._FORGET_STEP_US", 0)  # forget every call
         with pytest.raises(sqlite3.OperationalError):
             store.apply_many([_event("b", 20)], [everything], forget_until_us=0)
         monkeypatch.undo()

@@ -82,6 +82,9 @@ CREATE INDEX IF NOT EXISTS label_changes_by_time ON label_changes (t_us);
 """
 _LOW_US = -(2**62)  # before any event: forget nothing
 _LOCK_TIMEOUT_SECONDS = 5.0  # sqlite3's default busy timeout
+# The file forgets old transactions when the bound has moved this far (the mirror forgets at
+# every call): two DELETEs per call cost more than the rows they rarely find.
+_FORGET_STEP_US = 60 * 1_000_000
 
 
 class SQLiteStore:
@@ -123,6 +126,8 @@ class SQLiteStore:
         self._seen_seq = 0  # the last transaction seq in the mirror
         self._seen_label = 0  # the last label change applied to the mirror
         self._stale = True  # rebuild the mirror from the file before the next answer
+        self._data_version: int | None = None  # PRAGMA data_version when last caught up
+        self._forgot_until = _LOW_US  # the last bound applied to the file
         with self._transaction("BEGIN"):
             self._catch_up()
 
@@ -153,17 +158,24 @@ class SQLiteStore:
             for i, answer in zip(new, answers, strict=True):
                 out[i] = answer
                 self._seen_seq = max(self._seen_seq, fresh[i] or 0)
-            self._forget_in_file(forget_until_us)
+            if forget_until_us - self._forgot_until >= _FORGET_STEP_US:
+                self._forget_in_file(forget_until_us)
             return out
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         with self._transaction("BEGIN IMMEDIATE"):
             self._catch_up()
+            # The mirror holds every stored transaction it has not forgotten: one it forgot
+            # can no longer count, so its label is refused, as the file may keep it a while.
+            if not self._mirror.set_label(transaction_id, is_fraud):
+                return False
             found = self._db.execute(
                 "SELECT t_us FROM transactions WHERE transaction_id = ?", (transaction_id,)
             ).fetchone()
-            if found is None:
+            if found is None:  # another writer's file forget was ahead of this mirror's
+                self._stale = True  # the mirror just labelled it: rebuild
                 return False
+            (t_us,) = found
             flag = int(is_fraud)
             self._db.execute(
                 "UPDATE transactions SET is_fraud = ? WHERE transaction_id = ?",
@@ -171,9 +183,8 @@ class SQLiteStore:
             )
             change = self._db.execute(
                 "INSERT INTO label_changes (transaction_id, t_us, is_fraud) VALUES (?, ?, ?)",
-                (transaction_id, found[0], flag),
+                (transaction_id, t_us, flag),
             )
-            self._mirror.set_label(transaction_id, is_fraud)  # False if it forgot: no matter
             self._seen_label = change.lastrowid or self._seen_label
             return True
 
@@ -221,6 +232,12 @@ class SQLiteStore:
 
     def _catch_up(self) -> None:
         """Bring the mirror up to what the file holds (inside a transaction)."""
+        # data_version changes only when another connection committed: otherwise there is
+        # nothing to read, and the two queries below are skipped.
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        if version == self._data_version and not self._stale:
+            return
+        self._data_version = version
         if self._stale:
             (last_label,) = self._db.execute(
                 "SELECT COALESCE(MAX(seq), 0) FROM label_changes"
@@ -257,6 +274,7 @@ class SQLiteStore:
         return cursor.lastrowid if cursor.rowcount == 1 else None
 
     def _forget_in_file(self, until_us: int) -> int:
+        self._forgot_until = max(self._forgot_until, until_us)
         self._db.execute("DELETE FROM label_changes WHERE t_us <= ?", (until_us,))
         return self._db.execute("DELETE FROM transactions WHERE t_us <= ?", (until_us,)).rowcount
 
