@@ -249,11 +249,12 @@ class DecisionService:
         call. If the store fails, nothing is applied and the request fails with 503.
         """
         engine, resources = await self._ready_soon()
-        answers = await self._decide_many(engine, resources, txs)
-        for answer in answers:
-            if isinstance(answer, BaseException):
+        bodies: list[bytes] = []
+        for answer in await self._decide_many(engine, resources, txs):
+            if isinstance(answer, ServeError):
                 raise answer
-        return b'{"decisions":[' + b",".join(answers) + b"]}"  # type: ignore[arg-type]
+            bodies.append(answer)
+        return b'{"decisions":[' + b",".join(bodies) + b"]}"
 
     async def _decide_coalesced(self, txs: Sequence[TransactionIn]) -> list[bytes | ServeError]:
         engine, resources = self._ready()
@@ -284,7 +285,12 @@ class DecisionService:
         for i, f in zip(unique, features, strict=True):
             if f is None:  # already decided, in an earlier request
                 answers[i] = await self._replay_or_error(events[i].transaction_id, resources)
-        return [answers[first_of[events[i].transaction_id]] for i in range(len(rows))]  # type: ignore[misc]
+        out: list[bytes | ServeError] = []
+        for event in events:  # a repeat within the request gets its first occurrence's answer
+            answer = answers[first_of[event.transaction_id]]
+            assert answer is not None  # every first occurrence was answered above
+            out.append(answer)
+        return out
 
     async def _decide_fresh(
         self, engine: Engine, resources: _Resources, batch: _Fresh, answers: list[Any]
