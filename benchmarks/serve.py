@@ -331,21 +331,36 @@ async def _client(
     conn: Connection | None = None
     while time.perf_counter() < deadline:
         body, n = next(bodies)
-        try:
-            conn = conn or await Connection.open(port)
-            started = time.perf_counter()
-            status, answer = await asyncio.wait_for(
-                conn.request("POST", path, body), REQUEST_TIMEOUT_SECONDS
-            )
-            load.record(status, answer, (time.perf_counter() - started) * 1e3, n)
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
-            load.errors[type(exc).__name__] += 1
-            if conn is not None:
-                conn.close()
-            conn = None
-            await asyncio.sleep(0.01)
+        conn = await _post(port, conn, path, (body, n), time.perf_counter(), load)
+        if conn is None:
+            await asyncio.sleep(0.01)  # it failed: a moment before a new connection
     if conn is not None:
         conn.close()
+
+
+async def _post(
+    port: int,
+    conn: Connection | None,
+    path: str,
+    request: tuple[bytes, int],
+    since: float,
+    load: Load,
+) -> Connection | None:
+    """POST one body on ``conn`` (opened if None), record it with latency from ``since``;
+    the connection to go on with, None after a failure (then closed)."""
+    body, n = request
+    try:
+        conn = conn or await Connection.open(port)
+        status, answer = await asyncio.wait_for(
+            conn.request("POST", path, body), REQUEST_TIMEOUT_SECONDS
+        )
+        load.record(status, answer, (time.perf_counter() - since) * 1e3, n)
+        return conn
+    except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
+        load.errors[type(exc).__name__] += 1
+        if conn is not None:
+            conn.close()
+        return None
 
 
 async def drive_rate(
@@ -392,18 +407,7 @@ async def _scheduled(
     load: Load,
 ) -> None:
     conn = await idle.get()
-    try:
-        conn = conn or await Connection.open(port)
-        status, answer = await asyncio.wait_for(
-            conn.request("POST", path, body), REQUEST_TIMEOUT_SECONDS
-        )
-        load.record(status, answer, (time.perf_counter() - scheduled) * 1e3, n)
-    except (OSError, ConnectionError, asyncio.IncompleteReadError, TimeoutError) as exc:
-        load.errors[type(exc).__name__] += 1
-        if conn is not None:
-            conn.close()
-        conn = None
-    idle.put_nowait(conn)
+    idle.put_nowait(await _post(port, conn, path, (body, n), scheduled, load))
 
 
 def single_bodies(stream: Iterator[dict[str, Any]]) -> Iterator[tuple[bytes, int]]:

@@ -24,8 +24,9 @@ from fraudflow.features.online import (
     MemoryStore,
     OnlineFeatures,
     RangeQuery,
+    RangeResult,
     StateStore,
-    apply_one,
+    duplicate_transaction,
 )
 from fraudflow.features.specs import Entity
 from fraudflow.serve.state import RedisStore, SQLiteStore, open_store
@@ -93,6 +94,16 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore
 
 _LOW, _HIGH = -(2**62), 2**62
 _IDS = {"customer": "c:1", "terminal": "t|1"}  # separators the Redis layout must survive
+
+
+def apply_one(
+    store: StateStore, event: Event, queries: list[RangeQuery], *, forget_until_us: int
+) -> list[RangeResult]:
+    """``apply_many`` of one event; the store's duplicate error if it is already stored."""
+    (results,) = store.apply_many([event], [queries], forget_until_us=forget_until_us)
+    if results is None:
+        raise duplicate_transaction(event.transaction_id)
+    return results
 
 
 def _event(tx: str, t_us: int, amount: float = 1.0) -> Event:

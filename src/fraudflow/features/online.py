@@ -64,7 +64,6 @@ __all__ = [
     "RangeQuery",
     "RangeResult",
     "StateStore",
-    "apply_one",
     "duplicate_transaction",
     "to_event",
 ]
@@ -472,13 +471,3 @@ def duplicate_transaction(transaction_id: str) -> DataError:
         f"transaction_id {transaction_id!r} is already in the state store: expected each "
         "transaction to be scored once (ids are unique, see fraudflow.data.schema)"
     )
-
-
-def apply_one(
-    store: StateStore, event: Event, queries: Sequence[RangeQuery], *, forget_until_us: int
-) -> list[RangeResult]:
-    """``store.apply_many`` of one event; ``DataError`` if its transaction_id is stored."""
-    (results,) = store.apply_many([event], [queries], forget_until_us=forget_until_us)
-    if results is None:
-        raise duplicate_transaction(event.transaction_id)
-    return results

@@ -52,12 +52,17 @@ def _scaled_keep_mask(x: Tensor, threshold: int) -> Tensor:
     return torch.from_numpy(keep).view(x.shape).to(x.dtype).mul_(keep_scale)
 
 
-class ByteDropout(nn.Module):
+class _QuantisedDropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
         self.threshold = _threshold(p)
 
+    def extra_repr(self) -> str:
+        return f"p={self.p} (quantised to {self.threshold}/{_LEVELS} on CPU)"
+
+
+class ByteDropout(_QuantisedDropout):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.threshold == 0:
             return x
@@ -65,17 +70,9 @@ class ByteDropout(nn.Module):
             return F.dropout(x, self.p, training=True)
         return x * _scaled_keep_mask(x, self.threshold)
 
-    def extra_repr(self) -> str:
-        return f"p={self.p} (quantised to {self.threshold}/{_LEVELS} on CPU)"
 
-
-class ReLUDropout(nn.Module):
+class ReLUDropout(_QuantisedDropout):
     """``ByteDropout(p)(relu(x))``; on the CPU in training it overwrites x (see module doc)."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-        self.threshold = _threshold(p)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.threshold == 0:
@@ -86,9 +83,6 @@ class ReLUDropout(nn.Module):
         if not (torch.is_grad_enabled() and x.requires_grad):
             return F.relu(x).mul_(mask)
         return _InPlaceReLUDropout.apply(x, mask)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p} (quantised to {self.threshold}/{_LEVELS} on CPU)"
 
 
 class _InPlaceReLUDropout(torch.autograd.Function):
