@@ -422,8 +422,11 @@ class MemoryStore:
                 out.append(None)
                 continue
             out.append(self.read(event_queries))
-            for key in self._keys(event.customer_id, event.terminal_id):
-                self._entities.setdefault(key, _History()).add(event.t_us, event.amount)
+            for key in (("customer", event.customer_id), ("terminal", event.terminal_id)):
+                history = self._entities.get(key)
+                if history is None:  # not setdefault: it would build a _History every call
+                    history = self._entities[key] = _History()
+                history.add(event.t_us, event.amount)
                 touched.add(key)
             tx = (event.t_us, event.customer_id, event.terminal_id, False)
             self._transactions[event.transaction_id] = tx
