@@ -267,16 +267,21 @@ class Engine:
         x = np.array([[row[n] for n in names] for row in features], dtype=np.float32)  # (N, F)
         # float32, as training fed the model (fraudflow.train.run._matrix).
         scores = self.scorer.score(x.reshape(len(features), len(names)))
-        top = _top_features(scores.contributions)
+        top = _top_features(scores.contributions)  # (N, k)
+        # Python lists once: indexing numpy arrays element by element costs more per row.
+        top_contributions = np.take_along_axis(scores.contributions, top, axis=1).tolist()
+        rows = zip(
+            features, amounts, scores.score.tolist(), scores.raw.tolist(), top.tolist(),
+            top_contributions, strict=True,
+        )  # fmt: skip
         out = []
-        for i, row in enumerate(features):
-            score = float(scores.score[i])
-            decision = decide(self.policy, score=score, amount=amounts[i], features=row)
+        for row, amount, score, raw, top_j, top_c in rows:
+            decision = decide(self.policy, score=score, amount=amount, features=row)
             reasons = decision.reasons + tuple(
-                _feature_reason(names[j], row[names[j]], float(scores.contributions[i, j]))
-                for j in top[i]
+                _feature_reason(names[j], row[names[j]], c)
+                for j, c in zip(top_j, top_c, strict=True)
             )
-            out.append(Judged(score, float(scores.raw[i]), decision.action, reasons))
+            out.append(Judged(score, raw, decision.action, reasons))
         return out
 
 
