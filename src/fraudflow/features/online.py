@@ -190,7 +190,7 @@ class OnlineFeatures:
         Raises ``DataError`` if its transaction_id is already recorded.
         """
         event = to_event(tx)
-        (values,) = self._record([event])
+        (values,) = self.record_events([event])
         if values is None:
             raise duplicate_transaction(event.transaction_id)
         return values
@@ -201,9 +201,10 @@ class OnlineFeatures:
         Each sees the ones before it, as one-by-one calls would. A transaction_id already
         recorded (or earlier in ``txs``) gets None and changes nothing.
         """
-        return self._record([to_event(tx) for tx in txs])
+        return self.record_events([to_event(tx) for tx in txs])
 
-    def _record(self, events: list[Event]) -> list[dict[str, float] | None]:
+    def record_events(self, events: Sequence[Event]) -> list[dict[str, float] | None]:
+        """``features_many`` of events already normalised (``to_event``)."""
         if not events:
             return []
         # Forgetting less than each event alone would allow is always safe.

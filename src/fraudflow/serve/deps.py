@@ -273,7 +273,7 @@ class DecisionService:
             first_of.setdefault(events[i].transaction_id, i)
             if first_of[events[i].transaction_id] == i:
                 unique.append(i)
-        features = self._record(engine, [rows[i] for i in unique])
+        features = self._record(engine, [events[i] for i in unique])
         answers: list[bytes | ServeError | None] = [None] * len(rows)
         fresh = [(i, f) for i, f in zip(unique, features, strict=True) if f is not None]
         if fresh:
@@ -301,8 +301,9 @@ class DecisionService:
             self._pending.add(tid)
         try:
             judged = engine.judge(batch.features, [e.amount for e in batch.events])
+            decided_at = now_us()  # one clock read for the group, decided together
             records = [
-                _record_of(engine, tx, event, f, j)
+                _record_of(engine, tx, event, f, j, decided_at)
                 for tx, event, f, j in zip(
                     batch.txs, batch.events, batch.features, judged, strict=True
                 )
@@ -317,9 +318,9 @@ class DecisionService:
             answers[i] = record.response
         self._observe(judged)
 
-    def _record(self, engine: Engine, rows: list[dict[str, Any]]) -> list[dict[str, float] | None]:
+    def _record(self, engine: Engine, events: list[Event]) -> list[dict[str, float] | None]:
         try:
-            return engine.record(rows)
+            return engine.record(events)
         except DataError:
             raise ServeError(422, "invalid transaction", "validation") from None
         except Exception:
@@ -498,7 +499,12 @@ def _events(rows: Sequence[dict[str, Any]]) -> list[Event]:
 
 
 def _record_of(
-    engine: Engine, tx: TransactionIn, event: Event, features: dict[str, float], judged: Judged
+    engine: Engine,
+    tx: TransactionIn,
+    event: Event,
+    features: dict[str, float],
+    judged: Judged,
+    decided_at_us: int,
 ) -> DecisionRecord:
     reasons = [r.as_dict() for r in judged.reasons]
     response = orjson.dumps(
@@ -514,7 +520,7 @@ def _record_of(
         transaction_id=event.transaction_id, t_us=event.t_us, customer_id=event.customer_id,
         terminal_id=event.terminal_id, amount=event.amount, score=judged.score,
         raw_score=judged.raw_score, decision=judged.action, model_version=engine.model_version,
-        decided_at_us=now_us(), features=features, reasons=reasons, response=response,
+        decided_at_us=decided_at_us, features=features, reasons=reasons, response=response,
     )  # fmt: skip
 
 

@@ -43,7 +43,7 @@ import torch
 from fraudflow.artifacts import BUNDLE_DIR, Bundle, load_bundle
 from fraudflow.config import FeatureConfig
 from fraudflow.errors import ArtifactError
-from fraudflow.features.online import OnlineFeatures, StateStore
+from fraudflow.features.online import Event, OnlineFeatures, StateStore
 from fraudflow.serve.policy import (
     DEFAULT_POLICY,
     Action,
@@ -253,11 +253,11 @@ class Engine:
     def model_version(self) -> str:
         return self.scorer.model_version
 
-    def record(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float] | None]:
-        """The features of each row in order, which the state store then holds, in one store
-        transaction; None for a transaction_id the store already holds (or earlier in rows).
+    def record(self, events: Sequence[Event]) -> list[dict[str, float] | None]:
+        """The features of each event in order, which the state store then holds, in one
+        store transaction; None for a transaction_id the store already holds (or earlier).
         """
-        return self.online.features_many(rows)
+        return self.online.record_events(events)
 
     def judge(
         self, features: Sequence[Mapping[str, float]], amounts: Sequence[float]
