@@ -293,7 +293,7 @@ def test_sqlite_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
         assert db.execute("SELECT COUNT(*) FROM transactions").fetchone() == (2_000,)
 
 
-def test_sqlite_writers_wait_for_the_lock_in_small_steps(tmp_path: Path) -> None:
+def test_sqlite_writers_wait_for_another_writers_lock(tmp_path: Path) -> None:
     """A writer that finds the file locked retries until the holder commits, then proceeds."""
     path = tmp_path / "state.db"
     with (
