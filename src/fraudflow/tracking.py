@@ -210,7 +210,29 @@ class RunTracker(Protocol):
     ) -> None: ...
 
 
-class NullTracker:
+class _EndsOnError:
+    """The context-manager half of ``RunTracker``: an exception inside calls ``fail``."""
+
+    def fail(self, *, interrupted: bool = False) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            return
+        # The training error is the one to report, not a second one from the store.
+        with contextlib.suppress(FraudflowError):
+            self.fail(interrupted=not issubclass(exc_type, Exception))
+
+
+class NullTracker(_EndsOnError):
     """Records nothing (``--no-track``, DDP ranks other than 0)."""
 
     run_id: str | None = None
@@ -236,19 +258,8 @@ class NullTracker:
     def fail(self, *, interrupted: bool = False) -> None:
         pass
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        pass
-
-
-class Tracker:
+class Tracker(_EndsOnError):
     """One MLflow run: ``start`` opens it, ``log_epoch`` adds a step, ``finish`` logs the final
     metrics and artifacts and closes it FINISHED."""
 
@@ -312,21 +323,6 @@ class Tracker:
         client, run_id = self._active()
         with _store_errors(self.cfg, "end the run"):
             client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            return
-        # The training error is the one to report, not a second one from the store.
-        with contextlib.suppress(FraudflowError):
-            self.fail(interrupted=not issubclass(exc_type, Exception))
 
     def _active(self) -> tuple[MlflowClient, str]:
         assert self._client is not None and self.run_id is not None, "start() the run first"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -352,18 +352,23 @@ def test_key_is_checked_before_the_body(client: httpx.Client) -> None:
 # --- health, readiness, metrics -----------------------------------------------------------
 
 
+def _loading_until(release: threading.Event) -> Callable[[Path, StateStore], Engine]:
+    """A model loader that takes until ``release`` is set."""
+
+    def slow_loader(run: Path, store: StateStore) -> Engine:
+        release.wait(timeout=30)
+        return load_engine(run, store=store, policy_path=None)
+
+    return slow_loader
+
+
 def test_readiness_waits_for_the_model(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A request waits this long for a loading model before its 503.
     monkeypatch.setattr("fraudflow.serve.deps.READY_WAIT_SECONDS", 0.3)
     release = threading.Event()
-
-    def slow_loader(run: Path, store: StateStore) -> Engine:
-        release.wait(timeout=30)
-        return load_engine(run, store=store, policy_path=None)
-
-    app = create_app(settings_for(run_dir, tmp_path), loader=slow_loader)
+    app = create_app(settings_for(run_dir, tmp_path), loader=_loading_until(release))
     with LiveServer(app) as live, live.client() as c:
         _readiness_while_loading(c, release)
 
@@ -533,12 +538,7 @@ def test_a_request_during_a_short_load_waits_instead_of_failing(
     run_dir: Path, tmp_path: Path
 ) -> None:
     release = threading.Event()
-
-    def slow_loader(run: Path, store: StateStore) -> Engine:
-        release.wait(timeout=30)
-        return load_engine(run, store=store, policy_path=None)
-
-    app = create_app(settings_for(run_dir, tmp_path), loader=slow_loader)
+    app = create_app(settings_for(run_dir, tmp_path), loader=_loading_until(release))
     with LiveServer(app) as live, live.client() as c:
         threading.Timer(0.5, release.set).start()
         early = c.post("/v1/decisions", json=transaction(1), headers=AUTH)

@@ -57,7 +57,7 @@ import polars as pl
 
 from fraudflow.data.io import write_table
 from fraudflow.errors import ArtifactError, ConfigError
-from fraudflow.serve.sqlite import Checkpointer, execute_waiting
+from fraudflow.serve.sqlite import Checkpointer, connect_wal, execute_waiting, hand_over_waits
 
 try:
     import fcntl
@@ -214,10 +214,7 @@ class AuditLog:
         self._after_commit = after_commit
         self._max_group = max_group
         self._writer = _connect(self.file, synchronous="FULL")
-        # Checkpoints run in their own thread, not inside a group commit, and lock waits are
-        # ``execute_waiting``'s, in ~50 us steps (both in ``fraudflow.serve.sqlite``).
-        self._writer.execute("PRAGMA wal_autocheckpoint=0")
-        self._writer.execute("PRAGMA busy_timeout=0")
+        hand_over_waits(self._writer)  # no checkpoint inside a group commit
         self._reader = _connect(self.file, synchronous="FULL")
         self._checkpointer = Checkpointer(self.file)
         self._read_lock = threading.Lock()
@@ -364,11 +361,7 @@ def _insert_sql(insert: str, columns: tuple[str, ...], n_rows: int) -> str:
 def _connect(path: Path, *, synchronous: str) -> sqlite3.Connection:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode; transactions are explicit. A generous busy timeout: several worker
-        # processes share the file and take turns committing.
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={synchronous}")
+        db = connect_wal(path, synchronous=synchronous, timeout_seconds=_LOCK_TIMEOUT_SECONDS)
         _migrate(db, path)
     except sqlite3.Error as exc:
         raise ConfigError(f"audit log {path} cannot be opened: {exc}") from None

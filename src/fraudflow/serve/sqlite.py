@@ -29,11 +29,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Checkpointer", "execute_waiting"]
+__all__ = ["Checkpointer", "connect_wal", "execute_waiting", "hand_over_waits"]
 
 log = logging.getLogger(__name__)
 
 _RETRY_SECONDS = 50e-6
+
+
+def connect_wal(path: Path, *, synchronous: str, timeout_seconds: float) -> sqlite3.Connection:
+    """A connection to ``path`` in WAL mode and autocommit mode (transactions are explicit),
+    usable from any thread; ``timeout_seconds`` is SQLite's own busy timeout."""
+    db = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=timeout_seconds
+    )
+    db.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    return db
+
+
+def hand_over_waits(db: sqlite3.Connection) -> None:
+    """A writing connection leaves checkpoints to a ``Checkpointer`` and lock waits to
+    ``execute_waiting`` (module docstring); set once its start-up statements have run."""
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("PRAGMA busy_timeout=0")
 
 
 def execute_waiting(

@@ -18,7 +18,6 @@ counts are range counts, without a join.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from fraudflow.features.online import (
     RangeResult,
     StateStore,
 )
-from fraudflow.serve.sqlite import Checkpointer, execute_waiting
+from fraudflow.serve.sqlite import Checkpointer, connect_wal, execute_waiting, hand_over_waits
 
 if TYPE_CHECKING:
     import redis
@@ -108,19 +107,15 @@ class SQLiteStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        # Autocommit mode (isolation_level=None): transactions are the explicit BEGINs below.
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
         # NORMAL, not FULL: in WAL mode a commit survives a process crash and the file stays
         # consistent; only a power loss or OS crash can drop the last commits. Losing a few
         # ms of feature state shifts a few counts by one; an fsync per event (FULL) would
         # cost more than the whole feature computation.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # Checkpoints run in their own thread, not inside an apply (``fraudflow.serve.sqlite``).
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._db = connect_wal(
+            self.path, synchronous="NORMAL", timeout_seconds=_LOCK_TIMEOUT_SECONDS
+        )
         self._migrate()
-        # Lock waits are ``execute_waiting``'s, in ~50 us steps (fraudflow.serve.sqlite).
-        self._db.execute("PRAGMA busy_timeout=0")
+        hand_over_waits(self._db)
         self._checkpointer = Checkpointer(self.path)
         self._mirror = MemoryStore()
         self._seen_seq = 0  # the last transaction seq in the mirror
@@ -157,7 +152,7 @@ class SQLiteStore:
             out: list[list[RangeResult] | None] = [None] * len(events)
             for i, answer in zip(new, answers, strict=True):
                 out[i] = answer
-                self._seen_seq = max(self._seen_seq, fresh[i] or 0)
+            self._seen_seq = max([self._seen_seq, *(seq for seq in fresh if seq is not None)])
             if forget_until_us - self._forgot_until >= _FORGET_STEP_US:
                 self._forget_in_file(forget_until_us)
             return out
