@@ -176,6 +176,18 @@ class OnlineFeatures:
             for label, _ in self._terminal
         ]
         self._known_name = f"customer__known_fraud_count__{self._longest.label}"
+        # Each value's position in a row (``names`` order), resolved once.
+        at = {name: i for i, name in enumerate(self.names)}
+        self._customer_slots = [
+            (w, at[count], at[mean], None if ratio is None else at[ratio])
+            for w, count, mean, ratio in self._customer_names
+        ]
+        self._terminal_slots = [(at[count], at[rate]) for count, rate in self._terminal_names]
+        self._tx_slots = tuple(at[n] for n in _CALENDAR_NAMES)
+        self._small_slot = at["customer__small_count__1d"]
+        self._gap_slot = at["customer__hours_since_prev"]
+        self._known_slot = at[self._known_name]
+        self._live_slot = at["terminal__live_count__1d"]
         # The customer history read per event must cover every customer window, the 1d
         # small-amount window, and the gap cap (no earlier event: the gap is the cap anyway).
         cap_us = int(HOURS_SINCE_PREV_CAP * _HOUR_US)
@@ -190,10 +202,10 @@ class OnlineFeatures:
         Raises ``DataError`` if its transaction_id is already recorded.
         """
         event = to_event(tx)
-        (values,) = self.record_events([event])
-        if values is None:
+        (row,) = self.record_events([event])
+        if row is None:
             raise duplicate_transaction(event.transaction_id)
-        return values
+        return dict(zip(self.names, row, strict=True))
 
     def features_many(self, txs: Sequence[Mapping[str, Any]]) -> list[dict[str, float] | None]:
         """``features`` of each transaction in order, in one store transaction.
@@ -201,10 +213,12 @@ class OnlineFeatures:
         Each sees the ones before it, as one-by-one calls would. A transaction_id already
         recorded (or earlier in ``txs``) gets None and changes nothing.
         """
-        return self.record_events([to_event(tx) for tx in txs])
+        rows = self.record_events([to_event(tx) for tx in txs])
+        return [None if r is None else dict(zip(self.names, r, strict=True)) for r in rows]
 
-    def record_events(self, events: Sequence[Event]) -> list[dict[str, float] | None]:
-        """``features_many`` of events already normalised (``to_event``)."""
+    def record_events(self, events: Sequence[Event]) -> list[list[float] | None]:
+        """``features_many`` of events already normalised (``to_event``), each as a row of
+        values in ``names`` order (what a model takes) instead of a dict."""
         if not events:
             return []
         # Forgetting less than each event alone would allow is always safe.
@@ -217,7 +231,8 @@ class OnlineFeatures:
     def peek(self, tx: Mapping[str, Any]) -> dict[str, float]:
         """The features ``features(tx)`` would return now, recording nothing."""
         event = to_event(tx)
-        return self._compute(event, self.store.read(self._queries(event)))
+        row = self._compute(event, self.store.read(self._queries(event)))
+        return dict(zip(self.names, row, strict=True))
 
     def record_label(self, transaction_id: str | int, is_fraud: bool | int) -> None:
         """Set the label of a scored transaction; the latest call wins.
@@ -249,52 +264,58 @@ class OnlineFeatures:
             *(RangeQuery("terminal", term, known - w, known) for _, w in self._terminal),
         ]
 
-    def _compute(self, e: Event, results: list[RangeResult]) -> dict[str, float]:
+    def _compute(self, e: Event, results: list[RangeResult]) -> list[float]:
+        """The event's row, values in ``names`` order (slots resolved in ``__init__``)."""
         history, known, live, *delayed = results
-        values = _calendar(e) | self._customer_features(e, history)
-        values[self._known_name] = float(known.frauds)
-        values["terminal__live_count__1d"] = float(live.count + 1)  # this event included
-        for (count_name, rate_name), r in zip(self._terminal_names, delayed, strict=True):
-            values[count_name] = float(r.count)
-            values[rate_name] = r.frauds / r.count if r.count else 0.0
-        return {name: values[name] for name in self.names}
+        row = [0.0] * len(self.names)
+        for slot, value in zip(self._tx_slots, _calendar(e), strict=True):
+            row[slot] = value
+        self._customer_features(e, history, row)
+        row[self._known_slot] = float(known.frauds)
+        row[self._live_slot] = float(live.count + 1)  # this event included
+        for (count_slot, rate_slot), r in zip(self._terminal_slots, delayed, strict=True):
+            row[count_slot] = float(r.count)
+            row[rate_slot] = r.frauds / r.count if r.count else 0.0
+        return row
 
-    def _customer_features(self, e: Event, history: RangeResult) -> dict[str, float]:
+    def _customer_features(self, e: Event, history: RangeResult, row: list[float]) -> None:
         times, amounts = history.times, history.amounts
-        out: dict[str, float] = {}
         # The windows are nested suffixes of the history (narrowest first): each one's sum is
         # the previous one's plus the events only it holds, one pass over the history.
         total, end = e.amount, len(amounts)
-        for w, count_name, mean_name, ratio_name in self._customer_names:
+        for w, count_slot, mean_slot, ratio_slot in self._customer_slots:
             start = bisect_right(times, e.t_us - w, 0, end)
             total += sum(amounts[start:end])
             end = start
             n = len(amounts) - start + 1
             mean = total / n
-            out[count_name] = float(n)
-            out[mean_name] = mean
-            if ratio_name is not None:
+            row[count_slot] = float(n)
+            row[mean_slot] = mean
+            if ratio_slot is not None:
                 # As in batch: a zero mean (only zero amounts) gives a ratio of 1.
-                out[ratio_name] = e.amount / mean if mean > 0 else 1.0
+                row[ratio_slot] = e.amount / mean if mean > 0 else 1.0
         small_amount = self.cfg.small_amount
         day_start = bisect_right(times, e.t_us - _DAY_US)
         small = sum(1 for a in amounts[day_start:] if a < small_amount)
-        out["customer__small_count__1d"] = float(small + (e.amount < small_amount))
+        row[self._small_slot] = float(small + (e.amount < small_amount))
         gap = (e.t_us - times[-1]) / _HOUR_US if times else HOURS_SINCE_PREV_CAP
-        out["customer__hours_since_prev"] = min(gap, HOURS_SINCE_PREV_CAP)
-        return out
+        row[self._gap_slot] = min(gap, HOURS_SINCE_PREV_CAP)
 
 
-def _calendar(e: Event) -> dict[str, float]:
-    """Calendar features from the integer time: UTC, as in batch (Saturday, Sunday = weekend)."""
+_CALENDAR_NAMES = ("tx__log_amount", "tx__is_weekend", "tx__is_night", "tx__hour")
+
+
+def _calendar(e: Event) -> tuple[float, float, float, float]:
+    """``_CALENDAR_NAMES`` from the integer time: UTC, as in batch (Saturday, Sunday =
+    weekend)."""
     hour = (e.t_us // _HOUR_US) % 24
     weekday = (e.t_us // _DAY_US + _EPOCH_WEEKDAY) % 7
-    return {
-        "tx__log_amount": math.log1p(e.amount),
-        "tx__is_weekend": float(weekday >= 5),
-        "tx__is_night": float(hour < NIGHT_END_HOUR),
-        "tx__hour": float(hour),
-    }
+    return (
+        math.log1p(e.amount),
+        float(weekday >= 5),
+        float(hour < NIGHT_END_HOUR),
+        float(hour),
+    )
 
 
 def to_event(tx: Mapping[str, Any]) -> Event:

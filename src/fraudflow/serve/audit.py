@@ -45,7 +45,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -126,8 +126,8 @@ class DecisionRecord(NamedTuple):
     decision: str
     model_version: str
     decided_at_us: int
-    features: dict[str, float]
-    reasons: list[dict[str, Any]]
+    features: Mapping[str, float]
+    reasons: Sequence[Any]  # as in the response: ``Reason``s or their dicts (orjson writes both)
     response: bytes
 
     def row(self) -> tuple[Any, ...]:

@@ -300,12 +300,12 @@ class DecisionService:
         for tid in tids:
             self._pending.add(tid)
         try:
-            judged = engine.judge(batch.features, [e.amount for e in batch.events])
+            judged = engine.judge(batch.rows, [e.amount for e in batch.events])
             decided_at = now_us()  # one clock read for the group, decided together
             records = [
-                _record_of(engine, tx, event, f, j, decided_at)
-                for tx, event, f, j in zip(
-                    batch.txs, batch.events, batch.features, judged, strict=True
+                _record_of(engine, tx, event, row, j, decided_at)
+                for tx, event, row, j in zip(
+                    batch.txs, batch.events, batch.rows, judged, strict=True
                 )
             ]
             await self._commit(resources, records)
@@ -318,7 +318,7 @@ class DecisionService:
             answers[i] = record.response
         self._observe(judged)
 
-    def _record(self, engine: Engine, events: list[Event]) -> list[dict[str, float] | None]:
+    def _record(self, engine: Engine, events: list[Event]) -> list[list[float] | None]:
         try:
             return engine.record(events)
         except DataError:
@@ -488,7 +488,7 @@ class _Fresh:
     indices: list[int]  # positions in the request
     events: list[Event]
     txs: list[TransactionIn]
-    features: list[dict[str, float]]
+    rows: list[list[float]]  # feature values, in the model's feature order
 
 
 def _events(rows: Sequence[dict[str, Any]]) -> list[Event]:
@@ -502,11 +502,11 @@ def _record_of(
     engine: Engine,
     tx: TransactionIn,
     event: Event,
-    features: dict[str, float],
+    row: list[float],
     judged: Judged,
     decided_at_us: int,
 ) -> DecisionRecord:
-    reasons = [r.as_dict() for r in judged.reasons]
+    reasons = judged.reasons  # Reason dataclasses: orjson writes each as an object
     response = orjson.dumps(
         {
             "transaction_id": tx.transaction_id,
@@ -516,6 +516,7 @@ def _record_of(
             "model_version": engine.model_version,
         }
     )
+    features = dict(zip(engine.scorer.features, row, strict=True))
     return DecisionRecord(
         transaction_id=event.transaction_id, t_us=event.t_us, customer_id=event.customer_id,
         terminal_id=event.terminal_id, amount=event.amount, score=judged.score,

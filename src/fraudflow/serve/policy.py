@@ -22,12 +22,13 @@ reached threshold and fired rule is one reason.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import yaml
 
 from fraudflow.errors import ConfigError
@@ -47,6 +48,7 @@ __all__ = [
     "Thresholds",
     "check_rule_features",
     "decide",
+    "decide_many",
     "load_policy",
     "policy_to_dict",
     "save_policy",
@@ -72,11 +74,12 @@ class Condition:
     above: float | None = None  # value > above
     at_least: float | None = None  # value >= at_least
 
-    def holds(self, value: float) -> bool:
+    def holds(self, values: np.ndarray) -> np.ndarray:
+        """Whether each value meets the condition. Shape: (N,) -> (N,) bool."""
         if self.above is not None:
-            return value > self.above
+            return np.greater(values, self.above)
         assert self.at_least is not None  # load_policy guarantees exactly one bound
-        return value >= self.at_least
+        return np.greater_equal(values, self.at_least)
 
     def describe(self, value: float) -> str:
         op, bound = (">", self.above) if self.above is not None else (">=", self.at_least)
@@ -102,7 +105,11 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 
-class Reason(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """Why a decision is what it is. A dataclass so that orjson writes it as a JSON object
+    (``as_dict``'s keys, in that order) without a dict per reason on the hot path."""
+
     kind: ReasonKind
     name: str
     detail: str
@@ -124,29 +131,61 @@ class Decision(NamedTuple):
     reasons: tuple[Reason, ...]
 
 
+_APPROVED = Decision("approve", ())
+
+
 def decide(
     policy: Policy, *, score: float, amount: float, features: Mapping[str, float]
 ) -> Decision:
-    """Apply ``policy`` to one scored transaction.
+    """Apply ``policy`` to one scored transaction (``decide_many`` of one row).
 
     Every rule must name ``amount`` or a key of ``features`` (``check_rule_features``).
     """
-    action: Action = "approve"
-    reasons: list[Reason] = []
-    for name in ("review", "block"):
-        threshold: float = getattr(policy.thresholds, name)
-        if score >= threshold:
-            action = name  # thresholds are visited in rising severity
-            detail = f"score {score:.4f} >= {name} threshold {threshold:g}"
-            reasons.append(Reason("threshold", name, detail, value=score))
+    (decision,) = decide_many(
+        policy,
+        scores=np.array([score], dtype=np.float64),
+        column=lambda name: np.array(
+            [amount if name == AMOUNT_FEATURE else features[name]], dtype=np.float64
+        ),
+    )
+    return decision
+
+
+def decide_many(
+    policy: Policy, *, scores: np.ndarray, column: Callable[[str], np.ndarray]
+) -> list[Decision]:
+    """Apply ``policy`` to N scored transactions at once. Shape: scores (N,) -> N decisions.
+
+    ``column(name)`` gives the (N,) values a rule reads: ``amount`` or a model feature, in
+    float64 (the values the service computed, not the float32 the model saw). The comparisons
+    are vectorised; reasons are built only for the rows where something fired, which under
+    normal traffic is a small minority.
+    """
+    t = policy.thresholds
+    reached = (scores >= t.review) | (scores >= t.block)  # (N,) some threshold reached
+    severity = np.where(scores >= t.block, 2, np.where(scores >= t.review, 1, 0))  # (N,)
+    fired: list[tuple[Rule, np.ndarray, np.ndarray]] = []
     for rule in policy.rules:
-        feature = rule.when.feature
-        value = amount if feature == AMOUNT_FEATURE else features[feature]
-        if rule.when.holds(value):
-            reasons.append(Reason("rule", rule.name, rule.when.describe(value), value=value))
-            if _SEVERITY[rule.action] > _SEVERITY[action]:
-                action = rule.action
-    return Decision(action, tuple(reasons))
+        values = column(rule.when.feature)  # (N,)
+        mask = rule.when.holds(values)  # (N,) bool
+        severity = np.maximum(severity, np.where(mask, _SEVERITY[rule.action], 0))
+        fired.append((rule, mask, values))
+    out = [_APPROVED] * len(scores)
+    for _, mask, _ in fired:
+        reached |= mask
+    for i in np.flatnonzero(reached).tolist():
+        reasons: list[Reason] = []
+        score = float(scores[i])
+        for name, threshold in (("review", t.review), ("block", t.block)):
+            if score >= threshold:  # visited in rising severity
+                detail = f"score {score:.4f} >= {name} threshold {threshold:g}"
+                reasons.append(Reason("threshold", name, detail, value=score))
+        for rule, mask, values in fired:
+            if mask[i]:
+                value = float(values[i])
+                reasons.append(Reason("rule", rule.name, rule.when.describe(value), value=value))
+        out[i] = Decision(ACTIONS[int(severity[i])], tuple(reasons))
+    return out
 
 
 def check_rule_features(policy: Policy, features: list[str], *, source: str) -> None:
