@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import glob
 import itertools
 import os
@@ -57,7 +56,13 @@ import polars as pl
 
 from fraudflow.data.io import write_table
 from fraudflow.errors import ArtifactError, ConfigError
-from fraudflow.serve.sqlite import Checkpointer, connect_wal, execute_waiting, hand_over_waits
+from fraudflow.serve.sqlite import (
+    Checkpointer,
+    connect_wal,
+    execute_waiting,
+    hand_over_waits,
+    multi_row_inserts,
+)
 
 try:
     import fcntl
@@ -109,7 +114,6 @@ _DECISION_COLUMNS = (
     "decision", "model_version", "decided_at_us", "features", "reasons", "response",
 )  # fmt: skip
 _LABEL_COLUMNS = ("transaction_id", "is_fraud", "reported_at_us", "received_at_us", "applied")
-_MAX_VARIABLES = 32_766  # SQLite's limit on ? per statement (since 3.32)
 _STOP = object()
 _LOCK_TIMEOUT_SECONDS = 30.0  # several workers take turns committing
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -127,7 +131,7 @@ class DecisionRecord(NamedTuple):
     model_version: str
     decided_at_us: int
     features: Mapping[str, float]
-    reasons: Sequence[Any]  # as in the response: ``Reason``s or their dicts (orjson writes both)
+    reasons: list[dict[str, Any]]  # as in the response
     response: bytes
 
     def row(self) -> tuple[Any, ...]:
@@ -296,10 +300,10 @@ class AuditLog:
         commits (the fsync) inside that one call.
         """
         decisions = [d for p in group for d in p.decisions]
-        statements = _inserts(
+        statements = multi_row_inserts(
             "INSERT OR IGNORE INTO decisions", _DECISION_COLUMNS,
             [row for p in group for row in p.decision_rows],
-        ) + _inserts(
+        ) + multi_row_inserts(
             "INSERT INTO labels", _LABEL_COLUMNS, [row for p in group for row in p.label_rows]
         )  # fmt: skip
         try:
@@ -337,25 +341,6 @@ class _Pending:
     decision_rows: list[tuple[Any, ...]]
     label_rows: list[tuple[Any, ...]]
     future: Future[None]
-
-
-def _inserts(
-    insert: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
-) -> list[tuple[str, list[Any]]]:
-    """Statements that ``insert`` every row, as few as SQLite's variable limit allows."""
-    per_statement = _MAX_VARIABLES // len(columns)
-    statements = []
-    for start in range(0, len(rows), per_statement):
-        chunk = rows[start : start + per_statement]
-        values = [value for row in chunk for value in row]
-        statements.append((_insert_sql(insert, columns, len(chunk)), values))
-    return statements
-
-
-@functools.lru_cache(maxsize=256)
-def _insert_sql(insert: str, columns: tuple[str, ...], n_rows: int) -> str:
-    row = "(" + ", ".join("?" * len(columns)) + ")"
-    return f"{insert} ({', '.join(columns)}) VALUES " + ", ".join([row] * n_rows)
 
 
 def _connect(path: Path, *, synchronous: str) -> sqlite3.Connection:

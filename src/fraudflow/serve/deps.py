@@ -506,7 +506,7 @@ def _record_of(
     judged: Judged,
     decided_at_us: int,
 ) -> DecisionRecord:
-    reasons = judged.reasons  # Reason dataclasses: orjson writes each as an object
+    reasons = [r.as_dict() for r in judged.reasons]
     response = orjson.dumps(
         {
             "transaction_id": tx.transaction_id,

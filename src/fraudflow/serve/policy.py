@@ -105,10 +105,9 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 
-@dataclass(frozen=True, slots=True)
-class Reason:
-    """Why a decision is what it is. A dataclass so that orjson writes it as a JSON object
-    (``as_dict``'s keys, in that order) without a dict per reason on the hot path."""
+class Reason(NamedTuple):
+    """Why a decision is what it is (a NamedTuple: cheaper to build than a frozen dataclass,
+    and ``as_dict`` is cheaper than orjson's dataclass path, both measured)."""
 
     kind: ReasonKind
     name: str

@@ -21,6 +21,7 @@ lock taken just tries again later.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -29,11 +30,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Checkpointer", "connect_wal", "execute_waiting", "hand_over_waits"]
+__all__ = [
+    "Checkpointer",
+    "connect_wal",
+    "execute_waiting",
+    "hand_over_waits",
+    "multi_row_inserts",
+]
 
 log = logging.getLogger(__name__)
 
 _RETRY_SECONDS = 50e-6
+_MAX_VARIABLES = 32_766  # SQLite's limit on ? per statement (since 3.32)
 
 
 def connect_wal(path: Path, *, synchronous: str, timeout_seconds: float) -> sqlite3.Connection:
@@ -71,6 +79,28 @@ def execute_waiting(
             if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
                 raise
         time.sleep(_RETRY_SECONDS)
+
+
+def multi_row_inserts(
+    insert: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]], *, returning: str = ""
+) -> list[tuple[str, list[Any]]]:
+    """(sql, parameters) statements that ``insert`` every row, as few as SQLite's variable
+    limit allows: one statement of many rows is one call into SQLite (one GIL hand-off) and
+    one statement compilation, against one per row with ``executemany``."""
+    per_statement = _MAX_VARIABLES // len(columns)
+    statements = []
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        values = [value for row in chunk for value in row]
+        statements.append((_insert_sql(insert, columns, len(chunk), returning), values))
+    return statements
+
+
+@functools.lru_cache(maxsize=256)
+def _insert_sql(insert: str, columns: tuple[str, ...], n_rows: int, returning: str) -> str:
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    sql = f"{insert} ({', '.join(columns)}) VALUES " + ", ".join([row] * n_rows)
+    return f"{sql} RETURNING {returning}" if returning else sql
 
 
 class Checkpointer:

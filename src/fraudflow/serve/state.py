@@ -18,6 +18,7 @@ counts are range counts, without a join.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,7 +33,13 @@ from fraudflow.features.online import (
     RangeResult,
     StateStore,
 )
-from fraudflow.serve.sqlite import Checkpointer, connect_wal, execute_waiting, hand_over_waits
+from fraudflow.serve.sqlite import (
+    Checkpointer,
+    connect_wal,
+    execute_waiting,
+    hand_over_waits,
+    multi_row_inserts,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -79,6 +86,9 @@ CREATE TABLE IF NOT EXISTS label_changes (
 );
 CREATE INDEX IF NOT EXISTS label_changes_by_time ON label_changes (t_us);
 """
+# Event's fields, in order.
+_TRANSACTION_COLUMNS = ("transaction_id", "t_us", "customer_id", "terminal_id", "amount")
+_SQLITE_NEEDED = (3, 35, 0)
 _LOW_US = -(2**62)  # before any event: forget nothing
 _LOCK_TIMEOUT_SECONDS = 5.0  # sqlite3's default busy timeout
 # The file forgets old transactions when the bound has moved this far (the mirror forgets at
@@ -105,6 +115,12 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        if sqlite3.sqlite_version_info < _SQLITE_NEEDED:
+            raise ConfigError(
+                f"the SQLite state store needs SQLite >= 3.35 (INSERT ... RETURNING), however "
+                f"this Python has SQLite {sqlite3.sqlite_version}: use --state redis://... or "
+                "a Python built with a newer SQLite"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         # NORMAL, not FULL: in WAL mode a commit survives a process crash and the file stays
@@ -142,7 +158,7 @@ class SQLiteStore:
         # statements, and the write lock is taken once.
         with self._transaction("BEGIN IMMEDIATE"):
             self._catch_up()
-            fresh = [self._insert(e) for e in events]  # the file decides what is a duplicate
+            fresh = self._insert(events)  # the file decides what is a duplicate
             new = [i for i, seq in enumerate(fresh) if seq is not None]
             answers = self._mirror.apply_many(
                 [events[i] for i in new], [queries[i] for i in new], forget_until_us=forget_until_us
@@ -259,14 +275,18 @@ class SQLiteStore:
             self._mirror.set_label(tid, bool(is_fraud))
             self._seen_label = seq
 
-    def _insert(self, e: Event) -> int | None:
-        """The new transaction's arrival sequence; None if its id is already stored."""
-        cursor = self._db.execute(
-            "INSERT OR IGNORE INTO transactions "
-            "(transaction_id, t_us, customer_id, terminal_id, amount) VALUES (?, ?, ?, ?, ?)",
-            (e.transaction_id, e.t_us, e.customer_id, e.terminal_id, e.amount),
-        )
-        return cursor.lastrowid if cursor.rowcount == 1 else None
+    def _insert(self, events: Sequence[Event]) -> list[int | None]:
+        """Each new transaction's arrival sequence, in order; None where its id is already
+        stored (or earlier in ``events``). Multi-row statements: one SQLite call per ~6,500
+        events instead of one per event."""
+        seq_of: dict[str, int] = {}
+        for sql, values in multi_row_inserts(
+            "INSERT OR IGNORE INTO transactions", _TRANSACTION_COLUMNS, events,
+            returning="seq, transaction_id",
+        ):  # fmt: skip
+            seq_of.update((tid, seq) for seq, tid in self._db.execute(sql, values))
+        # An id repeated in ``events`` was inserted once: its first occurrence gets the seq.
+        return [seq_of.pop(e.transaction_id, None) for e in events]
 
     def _forget_in_file(self, until_us: int) -> int:
         self._forgot_until = max(self._forgot_until, until_us)
