@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from fraudflow.serve.policy import Condition, Policy, Rule, save_policy
 from fraudflow.serve.scoring import (
     BundleScorer,
     GradientAttribution,
+    LeafIndex,
     TreePathAttribution,
     load_engine,
     reference_scores,
@@ -76,6 +78,28 @@ def test_tree_path_contributions_sum_to_the_log_odds() -> None:
     # Feature 2 is noise: it moves the score far less than the two that decide the label.
     mean_abs = np.abs(contributions).mean(axis=0)
     assert mean_abs[2] < 0.2 * min(mean_abs[0], mean_abs[1])
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_leaf_index_equals_lightgbm_predict_and_leaves_no_garbage(rows: int) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 4)).astype(np.float32)
+    y = (x[:, 0] - x[:, 2] > 0.3).astype(int)
+    params = {"objective": "binary", "num_leaves": 8, "verbosity": -1, "num_threads": 1}
+    booster = lgb.train(params, lgb.Dataset(x, label=y), num_boost_round=15)
+    leaves = LeafIndex(booster, n_trees=booster.num_trees())
+    got = leaves(x[:rows])
+    assert got.dtype == np.int64 and got.shape == (rows, 15)
+    np.testing.assert_array_equal(got, booster.predict(x[:rows], pred_leaf=True))
+    np.testing.assert_array_equal(leaves(x[:rows].astype(np.float64)), got)  # any float input
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            leaves(x[:rows])
+        assert gc.collect() == 0  # no reference cycles per call (booster.predict leaves some)
+    finally:
+        gc.enable()
 
 
 def test_stump_attribution_by_hand() -> None:
