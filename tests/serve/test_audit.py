@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from contextlib import closing
 from pathlib import Path
 
+import orjson
 import polars as pl
 import pytest
 
@@ -23,14 +24,15 @@ from fraudflow.serve.audit import (
 )
 
 
-def decision(i: int, **features: float) -> DecisionRecord:
+def decision(i: int, *, version: str = "gbdt-x", **features: float) -> DecisionRecord:
+    features = features or {"f": float(i)}
+    reasons = [{"kind": "feature", "name": "f", "detail": "d", "value": 1.0, "contribution": 0.1}]
     return DecisionRecord(
         transaction_id=f"tx-{i}", t_us=1_767_225_600_000_000 + i, customer_id="c", terminal_id="t",
-        amount=10.0 + i, score=0.25, raw_score=0.5, decision="approve", model_version="gbdt-x",
-        decided_at_us=1_767_225_600_000_000, features=features or {"f": float(i)},
-        reasons=[{"kind": "feature", "name": "f", "detail": "d", "value": 1.0,
-                  "contribution": 0.1}],
-        response=f'{{"transaction_id":"tx-{i}"}}'.encode(),
+        amount=10.0 + i, score=0.25, raw_score=0.5, decision="approve", model_version=version,
+        decided_at_us=1_767_225_600_000_000, feature_names=tuple(features),
+        feature_values=list(features.values()),
+        response=orjson.dumps({"transaction_id": f"tx-{i}", "reasons": reasons}),
     )  # fmt: skip
 
 
@@ -76,7 +78,7 @@ def test_concurrent_appends_share_commits(audit: AuditLog) -> None:
 
 def test_lookup_returns_the_recorded_response(audit: AuditLog) -> None:
     audit.submit([decision(1), decision(1)]).result(timeout=10)  # a repeat is ignored
-    assert audit.lookup("tx-1") == b'{"transaction_id":"tx-1"}'
+    assert audit.lookup("tx-1") == decision(1).response
     assert audit.lookup("tx-2") is None
     assert _committed(audit.path) == 1
 
@@ -113,10 +115,16 @@ def test_after_commit_sees_the_decisions_and_its_failure_fails_the_append(tmp_pa
 
 def test_read_and_export(audit: AuditLog, tmp_path: Path) -> None:
     labels = [LabelRecord("tx-1", True, None, 5, True), LabelRecord("zz", False, 3, 6, False)]
-    audit.submit([decision(1, a=1.0, b=2.0), decision(2, a=3.0), *labels]).result(timeout=10)
+    # Two model versions (a reload) with different feature sets, in one shard.
+    first, second = decision(1, a=0.1, b=2.0), decision(2, version="mlp-y", a=1 / 3)
+    audit.submit([first, second, *labels]).result(timeout=10)
     frame = read_decisions(audit.path)
     assert frame["transaction_id"].to_list() == ["tx-1", "tx-2"]
-    assert frame["a"].to_list() == [1.0, 3.0] and frame["b"].to_list() == [2.0, None]
+    assert frame["model_version"].to_list() == ["gbdt-x", "mlp-y"]
+    assert frame["a"].to_list() == [0.1, 1 / 3] and frame["b"].to_list() == [2.0, None]  # exact
+    assert [orjson.loads(r) for r in frame["reasons"]] == [
+        orjson.loads(first.response)["reasons"]
+    ] * 2
     assert frame.schema["timestamp"] == pl.Datetime("us", "UTC")
     assert export_audit(audit.path, tmp_path / "out.parquet") == 2
     assert pl.read_parquet(tmp_path / "out.parquet").equals(frame)
@@ -143,8 +151,8 @@ def test_writers_take_their_own_shards_and_readers_see_them_all(tmp_path: Path) 
         first.submit([decision(1)]).result(timeout=10)
         second.submit([decision(2)]).result(timeout=10)
         second.submit([LabelRecord("tx-1", True, None, 5, True)]).result(timeout=10)
-        assert first.lookup("tx-2") == b'{"transaction_id":"tx-2"}'  # in the other shard
-        assert second.lookup("tx-1") == b'{"transaction_id":"tx-1"}'
+        assert first.lookup("tx-2") == decision(2).response  # in the other shard
+        assert second.lookup("tx-1") == decision(1).response
         assert first.lookup("tx-3") is None
     finally:
         second.close()
@@ -157,3 +165,45 @@ def test_writers_take_their_own_shards_and_readers_see_them_all(tmp_path: Path) 
     finally:
         third.close()
         first.close()
+
+
+_SCHEMA_1 = """
+CREATE TABLE decisions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, transaction_id TEXT NOT NULL UNIQUE,
+    t_us INTEGER NOT NULL, customer_id TEXT NOT NULL, terminal_id TEXT NOT NULL,
+    amount REAL NOT NULL, score REAL NOT NULL, raw_score REAL NOT NULL, decision TEXT NOT NULL,
+    model_version TEXT NOT NULL, decided_at_us INTEGER NOT NULL, features TEXT NOT NULL,
+    reasons TEXT NOT NULL, response BLOB NOT NULL
+);
+CREATE TABLE labels (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, transaction_id TEXT NOT NULL,
+    is_fraud INTEGER NOT NULL, reported_at_us INTEGER, received_at_us INTEGER NOT NULL,
+    applied INTEGER NOT NULL
+);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_schema_1_log_stays_readable_and_writers_move_to_a_new_shard(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    with closing(sqlite3.connect(path)) as db:  # a log written by an earlier fraudflow
+        db.executescript(_SCHEMA_1)
+        db.execute(
+            "INSERT INTO decisions VALUES (1, 'old-1', 5, 'c', 't', 1.0, 0.9, 0.8, 'block', "
+            "'gbdt-old', 7, '{\"f\": 4.5}', '[{\"kind\": \"threshold\"}]', ?)",
+            (b"old body",),
+        )
+        db.commit()
+    log = AuditLog(path)
+    try:
+        assert log.file == tmp_path / "audit.1.db"  # the old file is left as it is
+        log.submit([decision(1)]).result(timeout=10)
+        assert log.lookup("old-1") == b"old body"  # a replay still finds the old decision
+    finally:
+        log.close()
+    frame = read_decisions(path)
+    assert frame["transaction_id"].to_list() == ["old-1", "tx-1"]
+    assert frame["f"].to_list() == [4.5, 1.0]
+    assert frame["reasons"][0] == '[{"kind": "threshold"}]'
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)

@@ -506,22 +506,21 @@ def _record_of(
     judged: Judged,
     decided_at_us: int,
 ) -> DecisionRecord:
-    reasons = [r.as_dict() for r in judged.reasons]
     response = orjson.dumps(
         {
             "transaction_id": tx.transaction_id,
             "score": judged.score,
             "decision": judged.action,
-            "reasons": reasons,
+            "reasons": [r.as_dict() for r in judged.reasons],
             "model_version": engine.model_version,
         }
     )
-    features = dict(zip(engine.scorer.features, row, strict=True))
     return DecisionRecord(
         transaction_id=event.transaction_id, t_us=event.t_us, customer_id=event.customer_id,
         terminal_id=event.terminal_id, amount=event.amount, score=judged.score,
         raw_score=judged.raw_score, decision=judged.action, model_version=engine.model_version,
-        decided_at_us=decided_at_us, features=features, reasons=reasons, response=response,
+        decided_at_us=decided_at_us, feature_names=engine.scorer.features, feature_values=row,
+        response=response,
     )  # fmt: skip
 
 
