@@ -6,6 +6,7 @@ port; the client is httpx. The helpers here are shared by the other service test
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -214,6 +215,20 @@ def test_missing_or_wrong_key_is_401(client: httpx.Client) -> None:
         assert response.status_code == 401
         assert response.json() == {"detail": "missing or invalid API key"}
         assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_the_direct_routes_answer_posts_and_leave_the_rest_to_fastapi(
+    client: httpx.Client,
+) -> None:
+    for path in ("/v1/decisions", "/v1/decisions/batch", "/v1/labels"):
+        assert client.get(path, headers=AUTH).status_code == 405  # FastAPI's answer
+    answer = client.post("/v1/decisions", json=transaction(77), headers=AUTH)
+    assert answer.headers["content-type"] == "application/json"
+    assert int(answer.headers["content-length"]) == len(answer.content)
+    body = json.dumps(transaction(78)).encode()
+    chunks = iter([body[:20], body[20:]])  # a body in two chunks (no Content-Length)
+    streamed = client.post("/v1/decisions", content=chunks, headers=AUTH | _JSON)
+    assert streamed.status_code == 200 and streamed.json()["transaction_id"] == "tx-78"
 
 
 def test_admin_key_is_a_client_key(client: httpx.Client) -> None:

@@ -32,8 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fraudflow.serve.auth import load_api_keys
 from fraudflow.serve.deps import ACTIVE_MODEL_FILE, DecisionService, EngineLoader, ServeError
+from fraudflow.serve.direct import ERROR_KIND_KEY, DirectRoutes, direct_routes, serve_error_headers
 from fraudflow.serve.metrics import ServiceMetrics
-from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router
+from fraudflow.serve.routes import BATCH, DECISION_ROUTES, DECISIONS, LABELS, ROUTES, build_router
 from fraudflow.serve.settings import ServeSettings, load_settings, settings_environment
 
 __all__ = ["app_from_environment", "create_app", "run_server"]
@@ -46,7 +47,6 @@ _SWITCH_INTERVAL_SECONDS = 0.0005
 # A batch request allocates hundreds of thousands of short-lived objects: with the default
 # 700, young collections ran every few transactions. Larger generations, the same rules.
 _GC_THRESHOLDS = (50_000, 20, 20)
-_KIND_KEY = "fraudflow_error_kind"  # request.state.<this>: set by the ServeError handler
 
 
 def create_app(settings: ServeSettings, *, loader: EngineLoader | None = None) -> FastAPI:
@@ -66,7 +66,12 @@ def create_app(settings: ServeSettings, *, loader: EngineLoader | None = None) -
     app.include_router(build_router(settings))
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(Exception, _internal_error)
-    app.add_middleware(_RequestMetrics, metrics=metrics)
+    routes = direct_routes(
+        DECISIONS, BATCH, LABELS,
+        single_limit=settings.max_body_bytes, batch_limit=settings.max_batch_body_bytes,
+    )  # fmt: skip
+    app.add_middleware(DirectRoutes, service=service, routes=routes)
+    app.add_middleware(_RequestMetrics, metrics=metrics)  # added last: outermost, sees all
     return app
 
 
@@ -131,8 +136,8 @@ async def _start_and_freeze(service: DecisionService) -> None:
 
 async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServeError)
-    request.state.fraudflow_error_kind = exc.kind
-    headers = {"Retry-After": "1"} if exc.status == 503 else None
+    setattr(request.state, ERROR_KIND_KEY, exc.kind)
+    headers = {k.decode(): v.decode() for k, v in serve_error_headers(exc)}
     return JSONResponse({"detail": exc.detail}, exc.status, headers=headers)
 
 
@@ -176,7 +181,7 @@ class _RequestMetrics:
         m.requests.labels(route=route, status=str(status)).inc()
         if route in DECISION_ROUTES:
             m.decision_latency.labels(route=route).observe(seconds)
-        kind = scope.get("state", {}).get(_KIND_KEY) or _ERROR_KIND_BY_STATUS.get(status)
+        kind = scope.get("state", {}).get(ERROR_KIND_KEY) or _ERROR_KIND_BY_STATUS.get(status)
         if kind is None and status >= 500:
             kind = "internal"
         if kind is not None:

@@ -12,33 +12,25 @@ Health, readiness and metrics are open: probes and scrapers carry no keys, and t
 transaction data. Responses are serialised with orjson once (and stored for idempotent
 replays); the ``response_model``s document them.
 
-The decision and label routes are ``_direct`` routes: their handler checks the key, then
-validates the raw body with pydantic-core in one call (``model_validate_json``) and calls the
-service, instead of FastAPI's dependency solving and JSON-then-model parsing, which showed up
-in profiles of the single-decision route as a visible share of its CPU. The endpoint
-functions still document the routes in OpenAPI (and do the same if called), and errors keep
-FastAPI's shapes (401 from the key check, 422 with ``["body", field, ...]`` locations).
+In the app, the decision and label routes are answered before FastAPI by
+``fraudflow.serve.direct.DirectRoutes`` (their CPU cost per request); the endpoints here
+document them in OpenAPI and answer the same way when the router is used on its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
-from pydantic import BaseModel, ValidationError
 
 from fraudflow.serve.deps import (
     DecisionService,
-    authorise,
     get_service,
     require_admin,
     require_client,
-    service_of,
 )
 from fraudflow.serve.metrics import CONTENT_TYPE_LATEST
 from fraudflow.serve.schemas import (
@@ -54,7 +46,7 @@ from fraudflow.serve.schemas import (
 )
 from fraudflow.serve.settings import ServeSettings
 
-__all__ = ["DECISION_ROUTES", "ROUTES", "build_router"]
+__all__ = ["BATCH", "DECISIONS", "DECISION_ROUTES", "LABELS", "RELOAD", "ROUTES", "build_router"]
 
 DECISIONS, BATCH, LABELS, RELOAD = (
     "/v1/decisions",
@@ -80,25 +72,25 @@ def build_router(settings: ServeSettings) -> APIRouter:
     async def decide(
         tx: TransactionIn, service: DecisionService = Depends(get_service)
     ) -> Response:
-        return _json(await _decide(service, tx))
+        return _json(await service.decide(tx))
 
     async def decide_batch(
         body: DecisionBatchIn, service: DecisionService = Depends(get_service)
     ) -> Response:
-        return _json(await _decide_batch(service, body))
+        return _json(await service.decide_batch(body.transactions))
 
     async def label(label: LabelIn, service: DecisionService = Depends(get_service)) -> Response:
-        return _json(await _label(service, label))
+        return _json(await service.label(label))
 
-    direct: list[tuple[str, Callable[..., Any], type[Any], int, type[APIRoute]]] = [
-        (DECISIONS, decide, DecisionOut, single, _direct(TransactionIn, _decide)),
-        (BATCH, decide_batch, DecisionBatchOut, batch, _direct(DecisionBatchIn, _decide_batch)),
-        (LABELS, label, LabelOut, single, _direct(LabelIn, _label)),
+    documented: list[tuple[str, Callable[..., Any], type[Any], int]] = [
+        (DECISIONS, decide, DecisionOut, single),
+        (BATCH, decide_batch, DecisionBatchOut, batch),
+        (LABELS, label, LabelOut, single),
     ]
-    for path, endpoint, out, limit, route_class in direct:
+    for path, endpoint, out, limit in documented:
         router.add_api_route(
             path, endpoint, methods=["POST"], response_model=out, dependencies=client,
-            max_body_size=limit, route_class_override=route_class,
+            max_body_size=limit,
         )  # fmt: skip
 
     @router.post(RELOAD, response_model=ReloadOut, dependencies=admin, max_body_size=single)
@@ -124,43 +116,3 @@ def build_router(settings: ServeSettings) -> APIRouter:
         return Response(content=service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return router
-
-
-def _decide(service: DecisionService, tx: TransactionIn) -> Awaitable[bytes]:
-    return service.decide(tx)
-
-
-def _decide_batch(service: DecisionService, body: DecisionBatchIn) -> Awaitable[bytes]:
-    return service.decide_batch(body.transactions)
-
-
-def _label(service: DecisionService, label: LabelIn) -> Awaitable[bytes]:
-    return service.label(label)
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _direct(
-    model: type[M], handle: Callable[[DecisionService, M], Awaitable[bytes]]
-) -> type[APIRoute]:
-    """An ``APIRoute`` whose request handler is: key check, ``model`` from the raw body,
-    ``handle`` (see the module docstring). The endpoint function only documents the route."""
-
-    class DirectRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            async def handler(request: Request) -> Response:
-                authorise(request, admin=False)
-                body = await request.body()
-                try:
-                    parsed = model.model_validate_json(body)
-                except ValidationError as exc:
-                    errors = exc.errors(include_url=False)
-                    for error in errors:
-                        error["loc"] = ("body", *error["loc"])
-                    raise RequestValidationError(errors, body=body) from None
-                return _json(await handle(service_of(request), parsed))
-
-            return handler
-
-    return DirectRoute
