@@ -333,8 +333,10 @@ class Engine:
         decisions = decide_many(self.policy, scores=scores.score, column=column)
         top = _top_features(scores.contributions)  # (N, k)
         # Python lists once: indexing numpy arrays element by element costs more per row.
-        top_values = np.take_along_axis(x, top, axis=1).tolist()
-        top_contributions = np.take_along_axis(scores.contributions, top, axis=1).tolist()
+        # Plain fancy indexing: take_along_axis costs ~9 us a call before any work.
+        at = np.arange(len(x))[:, None]  # (N, 1)
+        top_values = x[at, top].tolist()
+        top_contributions = scores.contributions[at, top].tolist()
         per_row = zip(
             decisions, scores.score.tolist(), scores.raw.tolist(), top.tolist(), top_values,
             top_contributions, strict=True,
