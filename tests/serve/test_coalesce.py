@@ -63,3 +63,27 @@ def test_a_cancelled_request_does_not_break_its_group() -> None:
         return await kept
 
     assert asyncio.run(main()) == 2
+
+
+def test_items_arriving_while_a_group_is_in_flight_wait_and_go_as_one_group() -> None:
+    groups: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def process(items: list[int]) -> list[int | BaseException]:
+        groups.append(items)
+        if items == [1]:
+            await release.wait()  # the first group awaits its commit
+        return [i * 10 for i in items]
+
+    async def main() -> list[int]:
+        coalescer: Coalescer[int, int] = Coalescer(process)
+        first = asyncio.ensure_future(coalescer.submit(1))
+        await asyncio.sleep(0.01)  # group [1] is in flight
+        later = [asyncio.ensure_future(coalescer.submit(i)) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        assert groups == [[1]]  # 2 and 3 wait for it, they do not start groups of their own
+        release.set()
+        return list(await asyncio.gather(first, *later))
+
+    assert asyncio.run(main()) == [10, 20, 30]
+    assert groups == [[1], [2, 3]]
