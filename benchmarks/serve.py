@@ -90,6 +90,7 @@ TARGET_BATCH_PER_SECOND = 30_000
 READY_TIMEOUT_SECONDS = 120.0
 WARMUP_REQUESTS = 200
 REQUEST_TIMEOUT_SECONDS = 30.0
+STAGGER_SECONDS = 0.02  # between the closed-loop clients' starts (see drive)
 # Batch bodies encoded before the batch phase's clock starts: enough for this rate.
 ENCODED_AHEAD_PER_SECOND = 40_000
 
@@ -319,20 +320,36 @@ class Load:
 async def drive(
     port: int, bodies: Iterator[tuple[bytes, int]], path: str, concurrency: int, seconds: float
 ) -> Load:
-    """``concurrency`` closed-loop clients POSTing ``bodies`` to ``path`` for ``seconds``."""
+    """``concurrency`` closed-loop clients POSTing ``bodies`` to ``path`` for ``seconds``.
+
+    The clients start ``STAGGER_SECONDS`` apart, each opening its connection and sending its
+    first request before the next one connects. Opened all at once, the connections arrive
+    together and one uvicorn worker accepts them all (the workers share one listening
+    socket): measured, every batch connection on one worker and the other idle. Staggered, a
+    worker busy with a request leaves the next connection to an idle one, as a load
+    balancer's pool opened over time would spread.
+    """
     load = Load()
     deadline = time.perf_counter() + seconds
     cpu, wall = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(_client(port, bodies, path, deadline, load) for _ in range(concurrency)))
+    clients = []
+    for _ in range(concurrency):
+        clients.append(asyncio.create_task(_client(port, bodies, path, deadline, load, None)))
+        await asyncio.sleep(STAGGER_SECONDS)
+    await asyncio.gather(*clients)
     load.seconds = time.perf_counter() - wall
     load.client_cpu_seconds = time.process_time() - cpu
     return load
 
 
 async def _client(
-    port: int, bodies: Iterator[tuple[bytes, int]], path: str, deadline: float, load: Load
+    port: int,
+    bodies: Iterator[tuple[bytes, int]],
+    path: str,
+    deadline: float,
+    load: Load,
+    conn: Connection | None,
 ) -> None:
-    conn: Connection | None = None
     while time.perf_counter() < deadline:
         body, n = next(bodies)
         conn = await _post(port, conn, path, (body, n), time.perf_counter(), load)
