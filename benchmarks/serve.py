@@ -238,6 +238,30 @@ def tree_cpu_seconds(pid: int) -> float | None:
     return total
 
 
+def worker_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds so far of each worker of the server (a direct child, with its threads and
+    children; multiprocessing's resource tracker is not a worker); empty where /proc cannot
+    tell."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        workers = [
+            int(c) for c in children
+            if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()
+        ]  # fmt: skip
+    except OSError:
+        return {}
+    seconds = {worker: tree_cpu_seconds(worker) for worker in workers}
+    return {child: value for child, value in seconds.items() if value is not None}
+
+
+def worker_shares(before: dict[int, float], after: dict[int, float]) -> list[float]:
+    """Each worker's share of the server's CPU between two ``worker_cpu_seconds``, largest
+    first: [0.5, 0.5] is an even spread, [1.0, 0.0] one worker doing all the work."""
+    used = [after[w] - before.get(w, 0.0) for w in after]
+    total = sum(used)
+    return sorted((round(u / total, 3) for u in used), reverse=True) if total > 0 else []
+
+
 # --- a minimal HTTP/1.1 keep-alive client -------------------------------------------------------
 
 
@@ -471,6 +495,7 @@ async def serve_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame)
             ahead = math.ceil(ENCODED_AHEAD_PER_SECOND * args.batch_seconds / args.batch_size)
             batches = encoded_ahead(batch_bodies(stream, args.batch_size), ahead)
             cpu_before = tree_cpu_seconds(proc.pid)
+            workers_before = worker_cpu_seconds(proc.pid)
             batch = await drive(
                 port,
                 batches,
@@ -479,12 +504,15 @@ async def serve_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame)
                 args.batch_seconds,
             )
             cpu_batch = _cpu_since(proc.pid, cpu_before)
+            shares = worker_shares(workers_before, worker_cpu_seconds(proc.pid))
         finally:
             stop_server(proc)
     return _serve_results(single, at_rate, batch) | {
         "rate": args.rate,
         "server_cpu_ms_per_decision": _per_decision(cpu_single, single.decisions),
         "batch_server_cpu_ms_per_decision": _per_decision(cpu_batch, batch.decisions),
+        # Connections stay on the worker that accepted them: an uneven spread caps throughput.
+        "batch_worker_cpu_shares": shares,
     }
 
 
@@ -568,7 +596,10 @@ def report(result: dict[str, Any]) -> None:
         f"p95 {fmt('p95_ms', '.2f')} ms, p99 {fmt('p99_ms', '.2f')} ms, "
         f"failed {fmt('rate_failed_requests', 'd')}"
     )
-    print(f"batch: {fmt('batch_decisions_per_second', ',.0f')} decisions/s")
+    print(
+        f"batch: {fmt('batch_decisions_per_second', ',.0f')} decisions/s "
+        f"(server CPU by worker: {result.get('batch_worker_cpu_shares')})"
+    )
     print(
         f"server CPU per decision: single {fmt('server_cpu_ms_per_decision', '.3f')} ms, "
         f"batch {fmt('batch_server_cpu_ms_per_decision', '.3f')} ms"
