@@ -358,7 +358,7 @@ async def drive(
     cpu, wall = time.process_time(), time.perf_counter()
     clients = []
     for _ in range(concurrency):
-        clients.append(asyncio.create_task(_client(port, bodies, path, deadline, load, None)))
+        clients.append(asyncio.create_task(_client(port, bodies, path, deadline, load)))
         await asyncio.sleep(STAGGER_SECONDS)
     await asyncio.gather(*clients)
     load.seconds = time.perf_counter() - wall
@@ -367,13 +367,9 @@ async def drive(
 
 
 async def _client(
-    port: int,
-    bodies: Iterator[tuple[bytes, int]],
-    path: str,
-    deadline: float,
-    load: Load,
-    conn: Connection | None,
+    port: int, bodies: Iterator[tuple[bytes, int]], path: str, deadline: float, load: Load
 ) -> None:
+    conn: Connection | None = None  # opened by the first request
     while time.perf_counter() < deadline:
         body, n = next(bodies)
         conn = await _post(port, conn, path, (body, n), time.perf_counter(), load)
