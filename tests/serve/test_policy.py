@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fraudflow.errors import ConfigError
@@ -16,6 +17,7 @@ from fraudflow.serve.policy import (
     Thresholds,
     check_rule_features,
     decide,
+    decide_many,
     load_policy,
     save_policy,
 )
@@ -56,20 +58,21 @@ def test_save_then_load_round_trips(policy: Policy, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.yaml", "policy.yaml"]
 
 
-@pytest.mark.parametrize(
-    ("score", "amount", "features", "action", "fired"),
-    [
-        (0.1, 10.0, FEATURES, "approve", []),
-        (0.3, 10.0, FEATURES, "review", ["review"]),  # the threshold is inclusive
-        (0.95, 10.0, FEATURES, "block", ["review", "block"]),
-        (0.1, 5000.0, FEATURES, "approve", []),  # `above` is strict
-        (0.1, 5000.01, FEATURES, "review", ["large_amount"]),
-        (0.1, 10.0, FEATURES | {"customer__count__1h": 10.0}, "block", ["burst"]),  # at_least
-        (0.5, 9e3, FEATURES | {"terminal__fraud_rate__30d": 0.5}, "review",
-         ["review", "large_amount", "terminal_with_known_fraud"]),
-        (0.95, 9e3, FEATURES, "block", ["review", "block", "large_amount"]),  # most severe wins
-    ],
-)  # fmt: skip
+# (score, amount, features, action, fired reasons)
+CASES = [
+    (0.1, 10.0, FEATURES, "approve", []),
+    (0.3, 10.0, FEATURES, "review", ["review"]),  # the threshold is inclusive
+    (0.95, 10.0, FEATURES, "block", ["review", "block"]),
+    (0.1, 5000.0, FEATURES, "approve", []),  # `above` is strict
+    (0.1, 5000.01, FEATURES, "review", ["large_amount"]),
+    (0.1, 10.0, FEATURES | {"customer__count__1h": 10.0}, "block", ["burst"]),  # at_least
+    (0.5, 9e3, FEATURES | {"terminal__fraud_rate__30d": 0.5}, "review",
+     ["review", "large_amount", "terminal_with_known_fraud"]),
+    (0.95, 9e3, FEATURES, "block", ["review", "block", "large_amount"]),  # most severe wins
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("score", "amount", "features", "action", "fired"), CASES)
 def test_decisions(
     policy: Policy,
     score: float,
@@ -81,6 +84,19 @@ def test_decisions(
     decision = decide(policy, score=score, amount=amount, features=features)
     assert decision.action == action
     assert [r.name for r in decision.reasons] == fired
+
+
+def test_decide_many_decides_each_row_as_alone(policy: Policy) -> None:
+    """All the cases as one batch: the vectorised masks pick each row's own reasons."""
+    scores = np.array([c[0] for c in CASES])
+    columns = {"amount": np.array([c[1] for c in CASES])}
+    for name in FEATURES:
+        columns[name] = np.array([c[2].get(name, FEATURES[name]) for c in CASES])
+    decisions = decide_many(policy, scores=scores, column=columns.__getitem__)
+    assert [d.action for d in decisions] == [c[3] for c in CASES]
+    assert [[r.name for r in d.reasons] for d in decisions] == [c[4] for c in CASES]
+    alone = [decide(policy, score=c[0], amount=c[1], features=c[2]) for c in CASES]
+    assert decisions == alone
 
 
 def test_reasons_say_what_fired(policy: Policy) -> None:

@@ -165,30 +165,25 @@ class OnlineFeatures:
         self._delay_us = cfg.label_delay_days * _DAY_US
         self._customer = [(w.label, w.window_seconds * _US) for w in customer_windows(cfg)]
         self._terminal = [(w.label, w.window_seconds * _US) for w in terminal_windows(cfg)]
-        self._longest = customer_windows(cfg)[-1]
-        self._longest_us = self._longest.window_seconds * _US
-        # Feature names, built once: per event they would cost more than the arithmetic.
-        self._customer_names = [
-            (w, f"customer__count__{label}", f"customer__mean_amount__{label}",
-             None if label == "1h" else f"customer__amount_ratio__{label}")
-            for label, w in sorted(self._customer, key=lambda lw: lw[1])
-        ]  # fmt: skip
-        self._terminal_names = [
-            (f"terminal__count__{label}", f"terminal__fraud_rate__{label}")
-            for label, _ in self._terminal
-        ]
-        self._known_name = f"customer__known_fraud_count__{self._longest.label}"
-        # Each value's position in a row (``names`` order), resolved once.
+        longest = customer_windows(cfg)[-1]
+        self._longest_us = longest.window_seconds * _US
+        # Each value's position in a row (``names`` order), resolved once: per event, name
+        # lookups would cost more than the arithmetic. Customer windows come narrowest first
+        # (``customer_windows`` sorts them), as ``_customer_features`` needs.
         at = {name: i for i, name in enumerate(self.names)}
         self._customer_slots = [
-            (w, at[count], at[mean], None if ratio is None else at[ratio])
-            for w, count, mean, ratio in self._customer_names
+            (w, at[f"customer__count__{label}"], at[f"customer__mean_amount__{label}"],
+             None if label == "1h" else at[f"customer__amount_ratio__{label}"])
+            for label, w in self._customer
+        ]  # fmt: skip
+        self._terminal_slots = [
+            (at[f"terminal__count__{label}"], at[f"terminal__fraud_rate__{label}"])
+            for label, _ in self._terminal
         ]
-        self._terminal_slots = [(at[count], at[rate]) for count, rate in self._terminal_names]
+        self._known_slot = at[f"customer__known_fraud_count__{longest.label}"]
         self._tx_slots = tuple(at[n] for n in _CALENDAR_NAMES)
         self._small_slot = at["customer__small_count__1d"]
         self._gap_slot = at["customer__hours_since_prev"]
-        self._known_slot = at[self._known_name]
         self._live_slot = at["terminal__live_count__1d"]
         # The customer history read per event must cover every customer window, the 1d
         # small-amount window, and the gap cap (no earlier event: the gap is the cap anyway).

@@ -155,10 +155,6 @@ class DecisionRecord(NamedTuple):
             _packer(len(self.feature_values)).pack(*self.feature_values), self.response,
         )  # fmt: skip
 
-    @property
-    def features(self) -> dict[str, float]:
-        return dict(zip(self.feature_names, self.feature_values, strict=True))
-
 
 @functools.lru_cache(maxsize=64)
 def _packer(n_features: int) -> struct.Struct:
@@ -253,9 +249,9 @@ class AuditLog:
         self._max_group = max_group
         self._writer = _connect(self.file, synchronous="FULL")
         hand_over_waits(self._writer)  # no checkpoint inside a group commit
-        self._feature_sets = {  # model version -> names, as stored in this shard
-            version: tuple(orjson.loads(names))
-            for version, names in self._writer.execute("SELECT * FROM feature_sets")
+        # The model versions whose feature names this shard holds.
+        self._feature_sets = {
+            v for (v,) in self._writer.execute("SELECT model_version FROM feature_sets")
         }
         self._reader = _connect(self.file, synchronous="FULL")
         self._checkpointer = Checkpointer(self.file)
@@ -354,7 +350,7 @@ class AuditLog:
             else:
                 self._transaction(statements)
             self.commits += 1
-            self._feature_sets.update(new_sets)
+            self._feature_sets.update(new_sets)  # their versions
             if self._after_commit is not None and decisions:
                 self._after_commit(decisions)
         except Exception as exc:  # every waiter learns of it; the writer lives on

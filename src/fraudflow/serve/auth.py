@@ -23,9 +23,11 @@ from pydantic import SecretStr
 from fraudflow.errors import ConfigError
 from fraudflow.serve.settings import ServeSettings
 
-__all__ = ["ApiKeys", "Role", "bearer_token", "load_api_keys"]
+__all__ = ["NO_VALID_KEY", "ApiKeys", "Role", "bearer_token", "load_api_keys"]
 
 Role = Literal["client", "admin"]
+# The 401 detail (sent with ``WWW-Authenticate: Bearer``) of every route that needs a key.
+NO_VALID_KEY = "missing or invalid API key"
 _BEARER = "bearer "
 
 
@@ -45,6 +47,10 @@ class ApiKeys:
         if _matches_any(digest, self.admins):
             return "admin"
         return "client" if _matches_any(digest, self.clients) else None
+
+    def role_of_header(self, authorization: str | None) -> Role | None:
+        """``role`` of the key in an ``Authorization`` header value."""
+        return self.role(bearer_token(authorization))
 
 
 def _matches_any(digest: bytes, known: tuple[bytes, ...]) -> bool:

@@ -51,8 +51,6 @@ class Coalescer(Generic[T, R]):
         return await future
 
     def _flush(self) -> None:
-        if not self._queued:
-            return
         queued, self._queued = self._queued, []
         for start in range(0, len(queued), self._max_group):
             task = asyncio.ensure_future(self._run(queued[start : start + self._max_group]))

@@ -35,7 +35,7 @@ from fraudflow.errors import DataError, FraudflowError
 from fraudflow.features.online import Event, RangeQuery, RangeResult, StateStore, to_event
 from fraudflow.files import write_json_atomic
 from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, epoch_us, now_us
-from fraudflow.serve.auth import ApiKeys, bearer_token
+from fraudflow.serve.auth import NO_VALID_KEY, ApiKeys
 from fraudflow.serve.coalesce import Coalescer
 from fraudflow.serve.idempotency import (
     AuditLedger,
@@ -542,9 +542,9 @@ def service_of(request: Request) -> DecisionService:
 
 def authorise(request: Request, *, admin: bool) -> None:
     service = service_of(request)
-    role = service.keys.role(bearer_token(request.headers.get("authorization")))
+    role = service.keys.role_of_header(request.headers.get("authorization"))
     if role is None:
-        raise HTTPException(401, "missing or invalid API key", {"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, NO_VALID_KEY, {"WWW-Authenticate": "Bearer"})
     if admin and role != "admin":
         raise HTTPException(403, "this API key may not use admin routes")
 

@@ -23,7 +23,7 @@ from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fraudflow.serve.auth import bearer_token
+from fraudflow.serve.auth import NO_VALID_KEY
 from fraudflow.serve.deps import DecisionService, ServeError
 from fraudflow.serve.schemas import DecisionBatchIn, LabelIn, TransactionIn
 
@@ -80,9 +80,9 @@ class DirectRoutes:
         await send({"type": "http.response.body", "body": body})
 
     def _authorise(self, authorization: bytes | None) -> None:
-        token = bearer_token(None if authorization is None else authorization.decode("latin-1"))
-        if self.service.keys.role(token) is None:
-            body = orjson.dumps({"detail": "missing or invalid API key"})
+        header = None if authorization is None else authorization.decode("latin-1")
+        if self.service.keys.role_of_header(header) is None:
+            body = orjson.dumps({"detail": NO_VALID_KEY})
             raise _Reject(401, body, [(b"www-authenticate", b"Bearer")])
 
 

@@ -161,17 +161,16 @@ def decide_many(
     normal traffic is a small minority.
     """
     t = policy.thresholds
-    reached = (scores >= t.review) | (scores >= t.block)  # (N,) some threshold reached
+    reached = (scores >= t.review) | (scores >= t.block)  # (N,) a threshold or rule fired
     severity = np.where(scores >= t.block, 2, np.where(scores >= t.review, 1, 0))  # (N,)
     fired: list[tuple[Rule, np.ndarray, np.ndarray]] = []
     for rule in policy.rules:
         values = column(rule.when.feature)  # (N,)
         mask = rule.when.holds(values)  # (N,) bool
         severity = np.maximum(severity, np.where(mask, _SEVERITY[rule.action], 0))
+        reached |= mask
         fired.append((rule, mask, values))
     out = [_APPROVED] * len(scores)
-    for _, mask, _ in fired:
-        reached |= mask
     for i in np.flatnonzero(reached).tolist():
         reasons: list[Reason] = []
         score = float(scores[i])
