@@ -15,7 +15,7 @@ from fraudflow.data.schema import IS_FRAUD, TIMESTAMP, TRANSACTION_ID
 from fraudflow.data.simulator import simulate
 from fraudflow.errors import DataError
 from fraudflow.features import build_features, feature_names
-from fraudflow.features.online import MemoryStore, OnlineFeatures, RangeQuery
+from fraudflow.features.online import Event, MemoryStore, OnlineFeatures, Window
 from tests.features.test_batch import CFG, TINY
 
 SIM_CFG = FeatureConfig()  # the production windows: 1h/1d/7d/30d, terminals 1d/7d/30d, delay 7d
@@ -164,9 +164,9 @@ def test_old_events_are_forgotten() -> None:
     later = first[TIMESTAMP] + timedelta(days=60)  # past the 30-day retention (the gap cap)
     out = online.features({**second, TIMESTAMP: later})
     assert out["customer__hours_since_prev"] == 720
-    everything = RangeQuery("customer", "A", -(2**62), 2**62)
-    assert store.read([everything])[0].count == 1
+    probe, everything = Event("probe", 2**62, "A", "X", 1.0), [Window("customer", 2**63)]
+    assert store.read([probe], everything).count.tolist() == [[1]]
     with pytest.raises(DataError, match="'r0'"):
         online.record_label("r0", 1)
     assert online.prune(later + timedelta(days=60)) == 1
-    assert store.read([everything])[0].count == 0
+    assert store.read([probe], everything).count.tolist() == [[0]]

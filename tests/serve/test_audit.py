@@ -19,6 +19,7 @@ from fraudflow.serve.audit import (
     DecisionRecord,
     LabelRecord,
     export_audit,
+    pack_features,
     read_decisions,
     read_labels,
 )
@@ -31,7 +32,7 @@ def decision(i: int, *, version: str = "gbdt-x", **features: float) -> DecisionR
         transaction_id=f"tx-{i}", t_us=1_767_225_600_000_000 + i, customer_id="c", terminal_id="t",
         amount=10.0 + i, score=0.25, raw_score=0.5, decision="approve", model_version=version,
         decided_at_us=1_767_225_600_000_000, feature_names=tuple(features),
-        feature_values=list(features.values()),
+        packed_features=pack_features(list(features.values())),
         response=orjson.dumps({"transaction_id": f"tx-{i}", "reasons": reasons}),
     )  # fmt: skip
 

@@ -20,12 +20,12 @@ import pytest
 
 from fraudflow.errors import ConfigError, DataError
 from fraudflow.features.online import (
+    Answers,
     Event,
     MemoryStore,
     OnlineFeatures,
-    RangeQuery,
-    RangeResult,
     StateStore,
+    Window,
     duplicate_transaction,
 )
 from fraudflow.features.specs import Entity
@@ -92,63 +92,97 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore
 
 # --- The StateStore contract, on every store ---------------------------------------------
 
-_LOW, _HIGH = -(2**62), 2**62
 _IDS = {"customer": "c:1", "terminal": "t|1"}  # separators the Redis layout must survive
+_PROBE = 2**61  # a time after every event of these tests
+# Each window as seen from _PROBE: "since" windows reach back to time 0 (exclusive).
+_EVERYTHING = [Window("customer", _PROBE, amounts=True, below=1.0), Window("terminal", _PROBE)]
 
 
 def apply_one(
-    store: StateStore, event: Event, queries: list[RangeQuery], *, forget_until_us: int
-) -> list[RangeResult]:
-    """``apply_many`` of one event; the store's duplicate error if it is already stored."""
-    (results,) = store.apply_many([event], [queries], forget_until_us=forget_until_us)
-    if results is None:
+    store: StateStore, event: Event, windows: list[Window], *, forget_until_us: int
+) -> list[tuple[int, ...]]:
+    """``apply_many`` of one event: per window (count, frauds, amount, below, latest); the
+    store's duplicate error if it is already stored."""
+    answers = store.apply_many([event], windows, forget_until_us=forget_until_us)
+    if not answers.fresh[0]:
         raise duplicate_transaction(event.transaction_id)
-    return results
+    return _per_window(answers, 0)
+
+
+def _per_window(answers: Answers, i: int) -> list[tuple[int, ...]]:
+    columns = (answers.count, answers.frauds, answers.amount, answers.below, answers.latest)
+    return [tuple(c[j, i].item() for c in columns) for j in range(answers.count.shape[0])]
 
 
 def _event(tx: str, t_us: int, amount: float = 1.0) -> Event:
     return Event(tx, t_us, _IDS["customer"], _IDS["terminal"], amount)
 
 
-def _query(entity: Entity = "customer", after: int = _LOW, rows: bool = False) -> RangeQuery:
-    return RangeQuery(entity, _IDS[entity], after, _HIGH, rows=rows)
+def _read(store: StateStore, windows: list[Window] = _EVERYTHING) -> list[tuple[int, ...]]:
+    """The windows from an event at _PROBE of the same customer and terminal."""
+    return _per_window(store.read([_event("probe", _PROBE)], windows), 0)
+
+
+def _since(t_us: int, entity: Entity = "customer") -> list[Window]:
+    """From _PROBE: the entity's events after ``t_us``."""
+    return [Window(entity, _PROBE - t_us)]
 
 
 def test_store_contract(store: StateStore) -> None:
-    everything = [_query(rows=True), _query("terminal")]
-    assert apply_one(store, _event("a", 10, 0.1), everything, forget_until_us=0)[0].count == 0
+    assert apply_one(store, _event("a", 10, 0.1), _EVERYTHING, forget_until_us=0) == [
+        (0, 0, 0, 0, 0), (0, 0, 0, 0, 0)
+    ]  # fmt: skip
     apply_one(store, _event("b", 20, 2.5), [], forget_until_us=0)
     apply_one(store, _event("c", 20, 1e-5), [], forget_until_us=0)  # tie: after "b"
-    history, terminal = store.read(everything)
-    assert (history.times, history.amounts) == ([10, 20, 20], [0.1, 2.5, 1e-5])
-    assert (terminal.count, terminal.frauds) == (3, 0)
+    (count, frauds, amount, below, latest), terminal = _read(store)
+    assert (count, frauds, below, latest) == (3, 0, 2, 20)  # 0.1 and 1e-5 are below 1.0
+    assert amount == pytest.approx(2.60001, rel=1e-12)
+    assert terminal[:2] == (3, 0)
+    assert terminal[2:] == (0, 0, 0)  # no amounts asked
     assert store.set_label("b", True) and not store.set_label("zz", True)
-    assert store.read([_query(after=15)])[0].frauds == 1
+    assert _read(store, _since(15))[0][:2] == (2, 1)
+    assert _read(store, _since(15, "terminal"))[0][:2] == (2, 1)
+    assert _read(store, _since(20))[0][:2] == (0, 0)  # (20, probe]: the events at 20 are out
     assert store.set_label("b", False)
-    assert store.read([_query(after=15)])[0].frauds == 0
+    assert _read(store, _since(15))[0][:2] == (2, 0)
     with pytest.raises(DataError, match="transaction_id 'b' is already in the state store"):
-        apply_one(store, _event("b", 30), everything, forget_until_us=0)
+        apply_one(store, _event("b", 30), _EVERYTHING, forget_until_us=0)
     assert store.prune(15) == 1
-    assert store.read(everything)[0].times == [20, 20]
+    assert _read(store)[0][0] == 2
     assert not store.set_label("a", True)
+
+
+def test_windows_are_relative_to_each_event(store: StateStore) -> None:
+    """(t - after, t - until] per event, in integer microseconds, ends included as stated."""
+    for i, t in enumerate([100, 200, 300, 400]):
+        apply_one(store, _event(f"e{t}", t, float(i + 1)), [], forget_until_us=0)
+    store.set_label("e200", True)
+    windows = [
+        Window("customer", 200, amounts=True),  # (t - 200, t]
+        Window("terminal", 300, 100),  # (t - 300, t - 100]: a label-delayed window
+    ]
+    answers = store.read([_event("p1", 400), _event("p2", 300)], windows)
+    assert _per_window(answers, 0) == [(2, 0, 7.0, 0, 400), (2, 1, 0.0, 0, 0)]
+    assert _per_window(answers, 1) == [(2, 1, 5.0, 0, 300), (2, 1, 0.0, 0, 0)]
+    assert answers.fresh.tolist() == [True, True]
 
 
 def test_apply_many_is_one_by_one_in_one_call(store: StateStore) -> None:
     """Each event sees the ones before it in the call; a repeated id is skipped, not stored."""
-    everything = [_query(rows=True), _query("terminal")]
+    everything = [Window("customer", 1_000, amounts=True), Window("terminal", 1_000)]
     apply_one(store, _event("a", 10, 1.0), [], forget_until_us=0)
     events = [_event("b", 20, 2.0), _event("a", 25, 9.0), _event("c", 30, 3.0), _event("b", 40)]
-    out = store.apply_many(events, [everything] * 4, forget_until_us=0)
-    assert out[1] is None and out[3] is None  # "a" was stored before; "b" earlier in the call
-    assert out[0] is not None and out[2] is not None
-    assert (out[0][0].times, out[0][1].count) == ([10], 1)
-    assert (out[2][0].times, out[2][0].amounts, out[2][1].count) == ([10, 20], [1.0, 2.0], 2)
-    history, terminal = store.read(everything)
-    assert (history.times, terminal.count) == ([10, 20, 30], 3)
-    assert store.apply_many([], [], forget_until_us=0) == []
+    out = store.apply_many(events, everything, forget_until_us=0)
+    assert out.fresh.tolist() == [True, False, True, False]  # "a" stored before; "b" earlier
+    assert _per_window(out, 0) == [(1, 0, 1.0, 0, 10), (1, 0, 0.0, 0, 0)]
+    assert _per_window(out, 1) == [(0, 0, 0.0, 0, 0)] * 2  # not stored: zeros
+    assert _per_window(out, 2) == [(2, 0, 3.0, 0, 20), (2, 0, 0.0, 0, 0)]
+    assert [r[0] for r in _read(store)] == [3, 3]
+    empty = store.apply_many([], everything, forget_until_us=0)
+    assert empty.fresh.shape == (0,) and empty.count.shape == (2, 0)
     # Forgetting: events at or before forget_until_us of the touched entities may go.
-    store.apply_many([_event("d", 50)], [[]], forget_until_us=20)
-    assert store.read(everything)[0].times == [30, 50]
+    store.apply_many([_event("d", 50)], [], forget_until_us=20)
+    assert _read(store)[0][::4] == (2, 50)  # "c" and "d" are left
     assert not store.set_label("a", True)  # forgotten transactions cannot be labelled
 
 
@@ -202,7 +236,6 @@ def test_sqlite_replicas_on_one_file_alternating_equal_one(tmp_path: Path) -> No
 def test_sqlite_failed_call_changes_nothing_and_the_mirror_recovers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    everything = [_query(rows=True), _query("terminal")]
     with SQLiteStore(tmp_path / "state.db") as store:
         apply_one(store, _event("a", 10), [], forget_until_us=0)
 
@@ -212,12 +245,12 @@ def test_sqlite_failed_call_changes_nothing_and_the_mirror_recovers(
         monkeypatch.setattr(store, "_forget_in_file", broken)
         monkeypatch.setattr("fraudflow.serve.state._FORGET_STEP_US", 0)  # forget every call
         with pytest.raises(sqlite3.OperationalError):
-            store.apply_many([_event("b", 20)], [everything], forget_until_us=0)
+            store.apply_many([_event("b", 20)], _EVERYTHING, forget_until_us=0)
         monkeypatch.undo()
-        assert store.read(everything)[0].times == [10]  # "b" rolled back, mirror too
-        assert apply_one(store, _event("b", 20), everything, forget_until_us=0)[0].times == [10]
+        assert _read(store)[0][::4] == (1, 10)  # "b" rolled back, mirror too
+        assert apply_one(store, _event("b", 20), _EVERYTHING, forget_until_us=0)[0][::4] == (1, 10)
     with SQLiteStore(tmp_path / "state.db") as reopened:
-        assert reopened.read(everything)[0].times == [10, 20]
+        assert _read(reopened)[0][::4] == (2, 20)
 
 
 def test_sqlite_refuses_a_file_of_another_schema_version(tmp_path: Path) -> None:
@@ -283,7 +316,7 @@ def test_sqlite_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
     with SQLiteStore(path) as store:
         store._checkpointer.interval_seconds = 0.01  # hurry the thread
         events = [_event(f"tx{i}", (i + 1) * 10, 1.0) for i in range(2_000)]
-        store.apply_many(events, [[]] * len(events), forget_until_us=0)
+        store.apply_many(events, [], forget_until_us=0)
         deadline = time.monotonic() + 10
         while store._checkpointer.checkpoints == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -306,4 +339,4 @@ def test_sqlite_writers_wait_for_another_writers_lock(tmp_path: Path) -> None:
         apply_one(store, _event("a", 10), [], forget_until_us=0)
         waited = time.monotonic() - started
         assert 0.04 <= waited < 2.0
-        assert store.read([_query(rows=True)])[0].times == [10]
+        assert _read(store)[0][::4] == (1, 10)

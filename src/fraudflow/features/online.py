@@ -15,8 +15,10 @@ windows and caps, read from ``fraudflow.features.specs``) from each entity's sto
   transaction as not fraud. That is the one unavoidable online/offline difference; replays
   that report each label by s + delay reproduce the batch features exactly.
 
-The store answers range queries over an entity's history (``RangeQuery``) and records events
-and labels; it never computes a feature, so there is one feature implementation. Stores:
+The store answers range aggregates over each entity's history (``Window``: count, frauds,
+amount sum, count below a bound, latest time), as columns for a group of events, and records
+events and labels; it never computes a feature, so there is one feature implementation, and
+the evaluator turns the columns into features with array arithmetic, once per group. Stores:
 ``MemoryStore`` here (tests, per-request scratch), the durable ones in
 ``fraudflow.serve.state``.
 
@@ -32,9 +34,11 @@ import heapq
 import math
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
+
+import numpy as np
 
 from fraudflow.config import FeatureConfig
 from fraudflow.data.schema import (
@@ -58,12 +62,14 @@ from fraudflow.features.specs import (
 )
 
 __all__ = [
+    "AnswerLists",
+    "Answers",
     "Event",
+    "FeatureRows",
     "MemoryStore",
     "OnlineFeatures",
-    "RangeQuery",
-    "RangeResult",
     "StateStore",
+    "Window",
     "duplicate_transaction",
     "to_event",
 ]
@@ -85,55 +91,100 @@ class Event(NamedTuple):
     amount: float
 
 
-class RangeQuery(NamedTuple):
-    """The stored events of one entity with ``after_us < t <= until_us``."""
+class Window(NamedTuple):
+    """For an event at time t: its entity's stored events with t - after_us < time <= t -
+    until_us (the batch windows, in integer microseconds)."""
 
     entity: Entity
-    entity_id: str
     after_us: int
-    until_us: int
-    rows: bool = False  # also return the events' times and amounts, not only counts
+    until_us: int = 0
+    # Also answer the events' amount sum and latest time, and, where ``below`` is set, how
+    # many have amount < below. Counts and fraud counts are always answered.
+    amounts: bool = False
+    below: float | None = None
 
 
 @dataclass(slots=True)
-class RangeResult:
-    count: int  # stored events in the range
-    frauds: int  # those currently labelled fraud
-    # With ``RangeQuery.rows``: times and amounts of those events, in arrival order (which is
-    # time order, ties by arrival). Empty otherwise: shared empty tuples, since a service
-    # builds six results per decision.
-    times: Sequence[int] = ()
-    amounts: Sequence[float] = ()
+class Answers:
+    """A store's answers for a group of N events and W windows, as columns.
+
+    An event's entries are zero where it was not stored (``fresh`` False) and, for the amount
+    columns, where its window does not ask for them; ``latest`` holds only where count > 0.
+    """
+
+    fresh: np.ndarray  # (N,) bool: stored by this call; False: its id was stored already
+    count: np.ndarray  # (W, N) int64: stored events in the window
+    frauds: np.ndarray  # (W, N) int64: those currently labelled fraud
+    amount: np.ndarray  # (W, N) float64: their amount sum
+    below: np.ndarray  # (W, N) int64: those with amount < ``Window.below``
+    latest: np.ndarray  # (W, N) int64: the latest time among them
+
+    def expand(self, n_events: int, at: Sequence[int]) -> Answers:
+        """These answers (for a subset of a group) placed at positions ``at`` of a group of
+        ``n_events``; the other events count as not stored."""
+        fresh = np.zeros(n_events, dtype=bool)
+        fresh[at] = self.fresh
+        columns = []
+        for column in (self.count, self.frauds, self.amount, self.below, self.latest):
+            full = np.zeros((column.shape[0], n_events), dtype=column.dtype)
+            full[:, at] = column
+            columns.append(full)
+        return Answers(fresh, *columns)
+
+
+class AnswerLists:
+    """``Answers`` being filled event by event (plain lists: cheaper to write one entry at a
+    time than numpy arrays), then turned into arrays once."""
+
+    def __init__(self, n_windows: int, n_events: int) -> None:
+        self.fresh = [False] * n_events
+        self.count = [[0] * n_events for _ in range(n_windows)]
+        self.frauds = [[0] * n_events for _ in range(n_windows)]
+        self.amount = [[0.0] * n_events for _ in range(n_windows)]
+        self.below = [[0] * n_events for _ in range(n_windows)]
+        self.latest = [[0] * n_events for _ in range(n_windows)]
+        self._shape = (n_windows, n_events)
+
+    def done(self) -> Answers:
+        def ints(rows: list[list[int]]) -> np.ndarray:
+            return np.array(rows, dtype=np.int64).reshape(self._shape)
+
+        return Answers(
+            np.array(self.fresh, dtype=bool),
+            ints(self.count),
+            ints(self.frauds),
+            np.array(self.amount, dtype=np.float64).reshape(self._shape),
+            ints(self.below),
+            ints(self.latest),
+        )
 
 
 class StateStore(Protocol):
     """Where the evaluator keeps each customer's and terminal's recent events and the labels.
 
     A store keeps, per entity, its events in arrival order (time order; ties by arrival), and
-    per transaction its time, its two entities and its latest label. It answers counts (and
-    optionally rows) over time ranges; it computes no feature.
+    per transaction its time, its two entities, its amount and its latest label. It answers
+    range aggregates over windows of each event (count, frauds, amount sum, count below a
+    bound, latest time), as columns for a whole group of events; it computes no feature.
     """
 
-    def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
-        """Answer the queries from one consistent snapshot; change nothing."""
+    def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
+        """Each event's windows over the stored events, as if it came next (it does not see
+        the other events of ``events``); change nothing. ``fresh`` is all True."""
         ...
 
     def apply_many(
-        self,
-        events: Sequence[Event],
-        queries: Sequence[Sequence[RangeQuery]],
-        *,
-        forget_until_us: int,
-    ) -> list[list[RangeResult] | None]:
-        """Atomically, event by event in the given order: answer the event's queries, then
+        self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
+    ) -> Answers:
+        """Atomically, event by event in the given order: answer the event's windows, then
         store it after every event stored so far (earlier events of this call included).
 
         Atomic so that concurrent writers (service replicas) each see exactly the events that
         arrived before theirs; one call is one store transaction (one round trip), which is
         what makes batches cheap. An event whose transaction_id is already stored (or earlier
-        in this call) is not stored again: its entry is None. Afterwards the store may forget
-        the touched entities' events, and any transaction, with t <= ``forget_until_us``: no
-        later query reaches them.
+        in this call) is not stored again: ``fresh`` is False for it. Afterwards the store may
+        forget the touched entities' events, and any transaction, with t <=
+        ``forget_until_us``: no later window reaches them.
         """
         ...
 
@@ -144,54 +195,72 @@ class StateStore(Protocol):
     def prune(self, until_us: int) -> int:
         """Forget every event and transaction with t <= ``until_us``; return transactions gone.
 
-        ``apply`` already prunes the entities it touches; this sweeps idle ones (maintenance).
+        ``apply_many`` already prunes the entities it touches; this sweeps idle ones.
         """
         ...
 
     def close(self) -> None: ...
 
 
+class FeatureRows(NamedTuple):
+    """Features of a group of N events, in the evaluator's ``names`` order."""
+
+    values: np.ndarray  # (N, F) float64; rows of events not stored hold zeros
+    fresh: np.ndarray  # (N,) bool: the event was stored (False: a repeated transaction_id)
+
+
 class OnlineFeatures:
     """The batch features (``fraudflow.features.batch``) of one event at a time.
 
     Holds no state of its own: it is as thread-safe as its store, and several instances (one
-    per service replica) may share one store.
+    per service replica) may share one store. Features are computed as columns over a group
+    of events (numpy), so a batch costs one pass of array arithmetic, not one per event.
     """
 
     def __init__(self, *, cfg: FeatureConfig, store: StateStore) -> None:
         self.cfg = cfg
         self.store = store
         self.names = feature_names(cfg)
-        self._delay_us = cfg.label_delay_days * _DAY_US
-        self._customer = [(w.label, w.window_seconds * _US) for w in customer_windows(cfg)]
-        self._terminal = [(w.label, w.window_seconds * _US) for w in terminal_windows(cfg)]
-        longest = customer_windows(cfg)[-1]
-        self._longest_us = longest.window_seconds * _US
-        # Each value's position in a row (``names`` order), resolved once: per event, name
-        # lookups would cost more than the arithmetic. Customer windows come narrowest first
-        # (``customer_windows`` sorts them), as ``_customer_features`` needs.
+        delay_us = cfg.label_delay_days * _DAY_US
         at = {name: i for i, name in enumerate(self.names)}
-        self._customer_slots = [
-            (w, at[f"customer__count__{label}"], at[f"customer__mean_amount__{label}"],
-             None if label == "1h" else at[f"customer__amount_ratio__{label}"])
-            for label, w in self._customer
+        windows: dict[Window, int] = {}
+
+        def window(w: Window) -> int:  # equal windows are asked once
+            return windows.setdefault(w, len(windows))
+
+        small = cfg.small_amount
+        # Each feature's window and its position in a row (``names`` order), resolved once.
+        self._customer = [
+            (window(Window("customer", w.window_seconds * _US, amounts=True)),
+             at[f"customer__count__{w.label}"], at[f"customer__mean_amount__{w.label}"],
+             None if w.label == "1h" else at[f"customer__amount_ratio__{w.label}"])
+            for w in customer_windows(cfg)
         ]  # fmt: skip
-        self._terminal_slots = [
-            (at[f"terminal__count__{label}"], at[f"terminal__fraud_rate__{label}"])
-            for label, _ in self._terminal
-        ]
-        self._known_slot = at[f"customer__known_fraud_count__{longest.label}"]
-        self._tx_slots = tuple(at[n] for n in _CALENDAR_NAMES)
-        self._small_slot = at["customer__small_count__1d"]
-        self._gap_slot = at["customer__hours_since_prev"]
-        self._live_slot = at["terminal__live_count__1d"]
-        # The customer history read per event must cover every customer window, the 1d
-        # small-amount window, and the gap cap (no earlier event: the gap is the cap anyway).
+        self._small = (
+            window(Window("customer", _DAY_US, amounts=True, below=small)),
+            at["customer__small_count__1d"],
+        )
+        # The gap needs the latest earlier event within the cap (none: the gap is the cap).
         cap_us = int(HOURS_SINCE_PREV_CAP * _HOUR_US)
-        self._history_us = max(self._customer[-1][1], cap_us, _DAY_US)
+        self._gap = (
+            window(Window("customer", cap_us, amounts=True)),
+            at["customer__hours_since_prev"],
+        )
+        longest_us = customer_windows(cfg)[-1].window_seconds * _US
+        self._known = (
+            window(Window("customer", delay_us + longest_us, delay_us)),
+            at[f"customer__known_fraud_count__{customer_windows(cfg)[-1].label}"],
+        )
+        self._live = (window(Window("terminal", _DAY_US)), at["terminal__live_count__1d"])
+        self._terminal = [
+            (window(Window("terminal", delay_us + w.window_seconds * _US, delay_us)),
+             at[f"terminal__count__{w.label}"], at[f"terminal__fraud_rate__{w.label}"])
+            for w in terminal_windows(cfg)
+        ]  # fmt: skip
+        self._calendar = tuple(at[n] for n in _CALENDAR_NAMES)
+        self.windows = tuple(windows)
         # Events older than this are outside every window, delayed ones included.
-        widest_delayed_us = max(self._customer[-1][1], *(w for _, w in self._terminal))
-        self.retention_us = max(self._history_us, self._delay_us + widest_delayed_us)
+        self.retention_us = max(w.after_us for w in self.windows)
 
     def features(self, tx: Mapping[str, Any]) -> dict[str, float]:
         """The features of ``tx``, which it then records: later events see it.
@@ -199,10 +268,10 @@ class OnlineFeatures:
         Raises ``DataError`` if its transaction_id is already recorded.
         """
         event = to_event(tx)
-        (row,) = self.record_events([event])
-        if row is None:
+        (values,), (fresh,) = self.record_events([event])
+        if not fresh:
             raise duplicate_transaction(event.transaction_id)
-        return dict(zip(self.names, row, strict=True))
+        return dict(zip(self.names, values.tolist(), strict=True))
 
     def features_many(self, txs: Sequence[Mapping[str, Any]]) -> list[dict[str, float] | None]:
         """``features`` of each transaction in order, in one store transaction.
@@ -210,26 +279,27 @@ class OnlineFeatures:
         Each sees the ones before it, as one-by-one calls would. A transaction_id already
         recorded (or earlier in ``txs``) gets None and changes nothing.
         """
-        rows = self.record_events([to_event(tx) for tx in txs])
-        return [None if r is None else dict(zip(self.names, r, strict=True)) for r in rows]
+        values, fresh = self.record_events([to_event(tx) for tx in txs])
+        return [
+            dict(zip(self.names, row, strict=True)) if new else None
+            for row, new in zip(values.tolist(), fresh.tolist(), strict=True)
+        ]
 
-    def record_events(self, events: Sequence[Event]) -> list[list[float] | None]:
-        """``features_many`` of events already normalised (``to_event``), each as a row of
-        values in ``names`` order (what a model takes) instead of a dict."""
+    def record_events(self, events: Sequence[Event]) -> FeatureRows:
+        """``features_many`` of events already normalised (``to_event``), as one (N, F) array
+        (what a model takes) instead of dicts."""
         if not events:
-            return []
+            return FeatureRows(np.zeros((0, len(self.names))), np.zeros(0, dtype=bool))
         # Forgetting less than each event alone would allow is always safe.
         forget = min(e.t_us for e in events) - self.retention_us
-        queries = [self._queries(e) for e in events]
-        results = self.store.apply_many(events, queries, forget_until_us=forget)
-        pairs = zip(events, results, strict=True)
-        return [None if r is None else self._compute(e, r) for e, r in pairs]
+        answers = self.store.apply_many(events, self.windows, forget_until_us=forget)
+        return FeatureRows(self._compute(events, answers), answers.fresh)
 
     def peek(self, tx: Mapping[str, Any]) -> dict[str, float]:
         """The features ``features(tx)`` would return now, recording nothing."""
         event = to_event(tx)
-        row = self._compute(event, self.store.read(self._queries(event)))
-        return dict(zip(self.names, row, strict=True))
+        (values,) = self._compute([event], self.store.read([event], self.windows))
+        return dict(zip(self.names, values.tolist(), strict=True))
 
     def record_label(self, transaction_id: str | int, is_fraud: bool | int) -> None:
         """Set the label of a scored transaction; the latest call wins.
@@ -249,71 +319,52 @@ class OnlineFeatures:
         """Forget everything no event at or after ``now`` can see; return transactions gone."""
         return self.store.prune(_epoch_us(now) - self.retention_us)
 
-    def _queries(self, e: Event) -> list[RangeQuery]:
-        """[customer history with rows, customer known frauds, terminal live 1d, *delayed]."""
-        t, known = e.t_us, e.t_us - self._delay_us
-        cust, term = e.customer_id, e.terminal_id
-        queries = [
-            RangeQuery("customer", cust, t - self._history_us, t, True),
-            RangeQuery("customer", cust, known - self._longest_us, known),
-            RangeQuery("terminal", term, t - _DAY_US, t),
-        ]
-        for _, w in self._terminal:
-            queries.append(RangeQuery("terminal", term, known - w, known))
-        return queries
+    def _compute(self, events: Sequence[Event], a: Answers) -> np.ndarray:
+        """The events' rows (N, F) from their answers: the batch formulas, as columns.
 
-    def _compute(self, e: Event, results: list[RangeResult]) -> list[float]:
-        """The event's row, values in ``names`` order (slots resolved in ``__init__``)."""
-        history, known, live, *delayed = results
-        row = [0.0] * len(self.names)
-        for slot, value in zip(self._tx_slots, _calendar(e), strict=True):
-            row[slot] = value
-        self._customer_features(e, history, row)
-        row[self._known_slot] = float(known.frauds)
-        row[self._live_slot] = float(live.count + 1)  # this event included
-        for (count_slot, rate_slot), r in zip(self._terminal_slots, delayed, strict=True):
-            row[count_slot] = float(r.count)
-            row[rate_slot] = r.frauds / r.count if r.count else 0.0
-        return row
-
-    def _customer_features(self, e: Event, history: RangeResult, row: list[float]) -> None:
-        times, amounts = history.times, history.amounts
-        # The windows are nested suffixes of the history (narrowest first): each one's sum is
-        # the previous one's plus the events only it holds, one pass over the history.
-        total, end = e.amount, len(amounts)
-        for w, count_slot, mean_slot, ratio_slot in self._customer_slots:
-            start = bisect_right(times, e.t_us - w, 0, end)
-            total += sum(amounts[start:end])
-            end = start
-            n = len(amounts) - start + 1
-            mean = total / n
-            row[count_slot] = float(n)
-            row[mean_slot] = mean
+        Each window's answer covers the stored events before the event; the live windows
+        (ending at t) then add the event itself, as batch rows count themselves.
+        """
+        n = len(events)
+        t = np.fromiter((e.t_us for e in events), dtype=np.int64, count=n)  # (N,)
+        amount = np.fromiter((e.amount for e in events), dtype=np.float64, count=n)  # (N,)
+        x = np.empty((n, len(self.names)), dtype=np.float64)  # (N, F)
+        log_slot, weekend_slot, night_slot, hour_slot = self._calendar
+        hour = (t // _HOUR_US) % 24
+        x[:, log_slot] = np.log1p(amount)
+        x[:, weekend_slot] = (t // _DAY_US + _EPOCH_WEEKDAY) % 7 >= 5  # Saturday, Sunday
+        x[:, night_slot] = hour < NIGHT_END_HOUR
+        x[:, hour_slot] = hour
+        for j, count_slot, mean_slot, ratio_slot in self._customer:
+            count = a.count[j] + 1
+            mean = (a.amount[j] + amount) / count
+            x[:, count_slot] = count
+            x[:, mean_slot] = mean
             if ratio_slot is not None:
                 # As in batch: a zero mean (only zero amounts) gives a ratio of 1.
-                row[ratio_slot] = e.amount / mean if mean > 0 else 1.0
-        small_amount = self.cfg.small_amount
-        day_start = bisect_right(times, e.t_us - _DAY_US)
-        small = sum(1 for a in amounts[day_start:] if a < small_amount)
-        row[self._small_slot] = float(small + (e.amount < small_amount))
-        gap = (e.t_us - times[-1]) / _HOUR_US if times else HOURS_SINCE_PREV_CAP
-        row[self._gap_slot] = min(gap, HOURS_SINCE_PREV_CAP)
+                ratio = x[:, ratio_slot]
+                ratio.fill(1.0)
+                np.divide(amount, mean, out=ratio, where=mean > 0)
+        j, slot = self._small
+        x[:, slot] = a.below[j] + (amount < self.cfg.small_amount)
+        j, slot = self._gap
+        gap = x[:, slot]
+        gap.fill(HOURS_SINCE_PREV_CAP)
+        np.divide(t - a.latest[j], _HOUR_US, out=gap, where=a.count[j] > 0)
+        np.minimum(gap, HOURS_SINCE_PREV_CAP, out=gap)
+        j, slot = self._known
+        x[:, slot] = a.frauds[j]
+        j, slot = self._live
+        x[:, slot] = a.count[j] + 1  # this event included
+        for j, count_slot, rate_slot in self._terminal:
+            x[:, count_slot] = a.count[j]
+            rate = x[:, rate_slot]
+            rate.fill(0.0)
+            np.divide(a.frauds[j], a.count[j], out=rate, where=a.count[j] > 0)
+        return x
 
 
 _CALENDAR_NAMES = ("tx__log_amount", "tx__is_weekend", "tx__is_night", "tx__hour")
-
-
-def _calendar(e: Event) -> tuple[float, float, float, float]:
-    """``_CALENDAR_NAMES`` from the integer time: UTC, as in batch (Saturday, Sunday =
-    weekend)."""
-    hour = (e.t_us // _HOUR_US) % 24
-    weekday = (e.t_us // _DAY_US + _EPOCH_WEEKDAY) % 7
-    return (
-        math.log1p(e.amount),
-        float(weekday >= 5),
-        float(hour < NIGHT_END_HOUR),
-        float(hour),
-    )
 
 
 def to_event(tx: Mapping[str, Any]) -> Event:
@@ -371,26 +422,36 @@ def _label_flag(is_fraud: Any) -> bool:
     raise DataError(f"is_fraud must be 0 or 1, however got {is_fraud!r}")
 
 
-@dataclass
 class _History:
-    """One entity's events in arrival order, and the times of those labelled fraud."""
+    """One entity's events in arrival order (time order; ties by arrival), with running amount
+    sums, and the times of those labelled fraud."""
 
-    times: list[int] = field(default_factory=list)
-    amounts: list[float] = field(default_factory=list)
-    fraud_times: list[int] = field(default_factory=list)  # sorted; a multiset
+    __slots__ = ("amounts", "cum", "fraud_times", "times")
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self.amounts: list[float] = []
+        # cum[i]: the amount sum of the events before position i, plus a base (what the
+        # forgotten ones summed to): a range's sum is a difference, O(1) per window.
+        self.cum: list[float] = [0.0]
+        self.fraud_times: list[int] = []  # sorted; a multiset
 
     def add(self, t_us: int, amount: float) -> None:
-        i = bisect_right(self.times, t_us)  # after equal times: arrival order within ties
-        self.times.insert(i, t_us)
+        times = self.times
+        if not times or t_us >= times[-1]:  # the usual case: the newest event
+            times.append(t_us)
+            self.amounts.append(amount)
+            self.cum.append(self.cum[-1] + amount)
+            return
+        i = bisect_right(times, t_us)  # after equal times: arrival order within ties
+        times.insert(i, t_us)
         self.amounts.insert(i, amount)
-
-    def answer(self, q: RangeQuery) -> RangeResult:
-        lo, hi = bisect_right(self.times, q.after_us), bisect_right(self.times, q.until_us)
-        fr = self.fraud_times
-        frauds = bisect_right(fr, q.until_us) - bisect_right(fr, q.after_us) if fr else 0
-        if not q.rows:
-            return RangeResult(hi - lo, frauds)
-        return RangeResult(hi - lo, frauds, self.times[lo:hi], self.amounts[lo:hi])
+        cum = self.cum
+        del cum[i + 1 :]
+        total = cum[i]
+        for value in self.amounts[i:]:
+            total += value
+            cum.append(total)
 
     def set_fraud(self, t_us: int, was: bool, now: bool) -> None:
         if now and not was:
@@ -400,8 +461,56 @@ class _History:
 
     def forget(self, until_us: int) -> None:
         k = bisect_right(self.times, until_us)
-        del self.times[:k], self.amounts[:k]
+        if k:
+            del self.times[:k], self.amounts[:k], self.cum[:k]
+            if abs(self.cum[0]) > _REBASE_ABOVE:  # keep the sums' rounding at their scale
+                base = self.cum[0]
+                self.cum = [c - base for c in self.cum]
         del self.fraud_times[: bisect_right(self.fraud_times, until_us)]
+
+
+_REBASE_ABOVE = 2.0**24
+_EMPTY = _History()  # the history of an entity never seen; never written
+
+
+# One window of a call, bound to its output rows: (after_us, until_us, count, frauds, amount
+# (None: not asked), below, below count, latest).
+_Bound = tuple[
+    int, int, list[int], list[int], list[float] | None, float | None, list[int], list[int]
+]
+
+
+def _bind(windows: Sequence[Window], out: AnswerLists) -> tuple[list[_Bound], list[_Bound]]:
+    """The windows split by entity (customer, terminal), each with its rows of ``out``."""
+    split: dict[Entity, list[_Bound]] = {"customer": [], "terminal": []}
+    for j, w in enumerate(windows):
+        amount = out.amount[j] if w.amounts else None
+        split[w.entity].append(
+            (w.after_us, w.until_us, out.count[j], out.frauds[j], amount, w.below, out.below[j],
+             out.latest[j])
+        )  # fmt: skip
+    return split["customer"], split["terminal"]
+
+
+def _answer(i: int, t_us: int, h: _History, windows: list[_Bound]) -> None:
+    """Event ``i``'s windows (at time ``t_us``) over one entity's history: the hot loop of a
+    service, hence the flat tuples and the shared upper end of the live windows."""
+    times, fraud_times = h.times, h.fraud_times
+    n = len(times)
+    top = n if not n or times[-1] <= t_us else bisect_right(times, t_us)
+    for after_us, until_us, counts, frauds, amounts, below, belows, latests in windows:
+        hi = bisect_right(times, t_us - until_us, 0, top) if until_us else top
+        lo = bisect_right(times, t_us - after_us, 0, hi)
+        counts[i] = hi - lo
+        if fraud_times:
+            frauds[i] = bisect_right(fraud_times, t_us - until_us) - bisect_right(
+                fraud_times, t_us - after_us
+            )
+        if amounts is not None and hi > lo:
+            amounts[i] = h.cum[hi] - h.cum[lo]
+            latests[i] = times[hi - 1]
+            if below is not None:
+                belows[i] = sum(1 for v in h.amounts[lo:hi] if v < below)
 
 
 # A stored transaction: (t_us, customer_id, terminal_id, is_fraud). A plain tuple of atoms,
@@ -415,74 +524,79 @@ class MemoryStore:
     """A ``StateStore`` in plain dicts and sorted lists: for tests and per-request scratch.
 
     Not thread-safe and not durable: use one per thread, or a store of
-    ``fraudflow.serve.state`` in the service. Queries cost O(log n) plus the rows returned.
+    ``fraudflow.serve.state`` in the service. A window costs O(log n) (a below-count: plus
+    the events in it).
     """
 
     def __init__(self) -> None:
-        self._entities: dict[tuple[Entity, str], _History] = {}
+        self._customers: dict[str, _History] = {}
+        self._terminals: dict[str, _History] = {}
         self._transactions: dict[str, _Transaction] = {}
         self._by_time: list[tuple[int, str]] = []  # heap of (t_us, transaction_id)
-        self._empty = _History()  # the answer source for an entity never seen; never written
 
-    def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
-        get, empty = self._entities.get, self._empty
-        return [get((q.entity, q.entity_id), empty).answer(q) for q in queries]
+    def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
+        out = AnswerLists(len(windows), len(events))
+        by_customer, by_terminal = _bind(windows, out)
+        customers, terminals = self._customers, self._terminals
+        for i, e in enumerate(events):
+            out.fresh[i] = True
+            _answer(i, e.t_us, customers.get(e.customer_id, _EMPTY), by_customer)
+            _answer(i, e.t_us, terminals.get(e.terminal_id, _EMPTY), by_terminal)
+        return out.done()
 
     def apply_many(
-        self,
-        events: Sequence[Event],
-        queries: Sequence[Sequence[RangeQuery]],
-        *,
-        forget_until_us: int,
-    ) -> list[list[RangeResult] | None]:
-        out: list[list[RangeResult] | None] = []
-        touched: set[tuple[Entity, str]] = set()
-        entities, transactions, empty = self._entities, self._transactions, self._empty
-        for event, event_queries in zip(events, queries, strict=True):
-            if event.transaction_id in transactions:
-                out.append(None)
+        self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
+    ) -> Answers:
+        out = AnswerLists(len(windows), len(events))
+        by_customer, by_terminal = _bind(windows, out)
+        customers, terminals, transactions = self._customers, self._terminals, self._transactions
+        touched_customers, touched_terminals = set(), set()
+        for i, e in enumerate(events):
+            if e.transaction_id in transactions:
                 continue
-            # The hot loop of a service: the reads inlined rather than through ``read``.
-            out.append([
-                entities.get((q.entity, q.entity_id), empty).answer(q) for q in event_queries
-            ])  # fmt: skip
-            for key in (("customer", event.customer_id), ("terminal", event.terminal_id)):
-                history = entities.get(key)
-                if history is None:  # not setdefault: it would build a _History every call
-                    history = entities[key] = _History()
-                history.add(event.t_us, event.amount)
-                touched.add(key)
-            tx = (event.t_us, event.customer_id, event.terminal_id, False)
-            transactions[event.transaction_id] = tx
-            heapq.heappush(self._by_time, (event.t_us, event.transaction_id))
-        for key in touched:
-            entities[key].forget(forget_until_us)
+            out.fresh[i] = True
+            customer = customers.get(e.customer_id)
+            if customer is None:  # not setdefault: it would build a _History every call
+                customer = customers[e.customer_id] = _History()
+            terminal = terminals.get(e.terminal_id)
+            if terminal is None:
+                terminal = terminals[e.terminal_id] = _History()
+            if windows:
+                _answer(i, e.t_us, customer, by_customer)
+                _answer(i, e.t_us, terminal, by_terminal)
+            customer.add(e.t_us, e.amount)
+            terminal.add(e.t_us, e.amount)
+            touched_customers.add(e.customer_id)
+            touched_terminals.add(e.terminal_id)
+            transactions[e.transaction_id] = (e.t_us, e.customer_id, e.terminal_id, False)
+            heapq.heappush(self._by_time, (e.t_us, e.transaction_id))
+        for key in touched_customers:
+            customers[key].forget(forget_until_us)
+        for key in touched_terminals:
+            terminals[key].forget(forget_until_us)
         self._forget_transactions(forget_until_us)
-        return out
+        return out.done()
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         tx = self._transactions.get(transaction_id)
         if tx is None:
             return False
         t_us, customer_id, terminal_id, was = tx
-        for key in self._keys(customer_id, terminal_id):
-            self._entities[key].set_fraud(t_us, was=was, now=is_fraud)
+        self._customers[customer_id].set_fraud(t_us, was=was, now=is_fraud)
+        self._terminals[terminal_id].set_fraud(t_us, was=was, now=is_fraud)
         self._transactions[transaction_id] = (t_us, customer_id, terminal_id, is_fraud)
         return True
 
     def prune(self, until_us: int) -> int:
-        for key, history in list(self._entities.items()):
-            history.forget(until_us)
-            if not history.times:
-                del self._entities[key]
+        for histories in (self._customers, self._terminals):
+            for key, history in list(histories.items()):
+                history.forget(until_us)
+                if not history.times:
+                    del histories[key]
         return self._forget_transactions(until_us)
 
     def close(self) -> None:
         """Nothing to release; here for the ``StateStore`` protocol."""
-
-    @staticmethod
-    def _keys(customer_id: str, terminal_id: str) -> list[tuple[Entity, str]]:
-        return [("customer", customer_id), ("terminal", terminal_id)]
 
     def _forget_transactions(self, until_us: int) -> int:
         gone = 0

@@ -32,7 +32,7 @@ import orjson
 from fastapi import HTTPException, Request
 
 from fraudflow.errors import DataError, FraudflowError
-from fraudflow.features.online import Event, RangeQuery, RangeResult, StateStore, to_event
+from fraudflow.features.online import Answers, Event, FeatureRows, StateStore, Window, to_event
 from fraudflow.files import write_json_atomic
 from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, epoch_us, now_us
 from fraudflow.serve.auth import NO_VALID_KEY, ApiKeys
@@ -101,22 +101,18 @@ class TimedStore:
         self._label = metrics.store_latency.labels(operation="set_label")
         self._prune = metrics.store_latency.labels(operation="prune")
 
-    def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
+    def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
         with self._read.time():
-            return self.inner.read(queries)
+            return self.inner.read(events, windows)
 
     def apply_many(
-        self,
-        events: Sequence[Event],
-        queries: Sequence[Sequence[RangeQuery]],
-        *,
-        forget_until_us: int,
-    ) -> list[list[RangeResult] | None]:
+        self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
+    ) -> Answers:
         # One call serves a whole batch: its time per event keeps the histogram (and the
         # FraudflowStateStoreSlow alert) about what a decision costs, whatever the batch size.
         started = time.perf_counter()
         try:
-            return self.inner.apply_many(events, queries, forget_until_us=forget_until_us)
+            return self.inner.apply_many(events, windows, forget_until_us=forget_until_us)
         finally:
             self._apply.observe((time.perf_counter() - started) / max(1, len(events)))
 
@@ -275,15 +271,14 @@ class DecisionService:
                 unique.append(i)
         features = self._record(engine, [events[i] for i in unique])
         answers: list[bytes | ServeError | None] = [None] * len(rows)
-        fresh = [(i, f) for i, f in zip(unique, features, strict=True) if f is not None]
+        stored = features.fresh.tolist()
+        fresh = [i for i, new in zip(unique, stored, strict=True) if new]
         if fresh:
-            batch = _Fresh(
-                [i for i, _ in fresh], [events[i] for i, _ in fresh], [txs[i] for i, _ in fresh],
-                [f for _, f in fresh],
-            )  # fmt: skip
+            values = features.values if len(fresh) == len(unique) else features.values[stored]
+            batch = _Fresh(fresh, [events[i] for i in fresh], [txs[i] for i in fresh], values)
             await self._decide_fresh(engine, resources, batch, answers)
-        for i, f in zip(unique, features, strict=True):
-            if f is None:  # already decided, in an earlier request
+        for i, new in zip(unique, stored, strict=True):
+            if not new:  # already decided, in an earlier request
                 answers[i] = await self._replay_or_error(events[i].transaction_id, resources)
         out: list[bytes | ServeError] = []
         for event in events:  # a repeat within the request gets its first occurrence's answer
@@ -300,13 +295,15 @@ class DecisionService:
         for tid in tids:
             self._pending.add(tid)
         try:
-            judged = engine.judge(batch.rows, [e.amount for e in batch.events])
+            judged = engine.judge(batch.values, [e.amount for e in batch.events])
             decided_at = now_us()  # one clock read for the group, decided together
+            # The audit log stores each row's values as float64 little-endian bytes.
+            packed = batch.values.astype("<f8", copy=False).tobytes()
+            width = 8 * batch.values.shape[1]
+            per_row = enumerate(zip(batch.txs, batch.events, judged, strict=True))
             records = [
-                _record_of(engine, tx, event, row, j, decided_at)
-                for tx, event, row, j in zip(
-                    batch.txs, batch.events, batch.rows, judged, strict=True
-                )
+                _record_of(engine, tx, event, packed[k * width : (k + 1) * width], j, decided_at)
+                for k, (tx, event, j) in per_row
             ]
             await self._commit(resources, records)
         except BaseException as exc:
@@ -318,7 +315,7 @@ class DecisionService:
             answers[i] = record.response
         self._observe(judged)
 
-    def _record(self, engine: Engine, events: list[Event]) -> list[list[float] | None]:
+    def _record(self, engine: Engine, events: list[Event]) -> FeatureRows:
         try:
             return engine.record(events)
         except DataError:
@@ -488,7 +485,7 @@ class _Fresh:
     indices: list[int]  # positions in the request
     events: list[Event]
     txs: list[TransactionIn]
-    rows: list[list[float]]  # feature values, in the model's feature order
+    values: np.ndarray  # (N, F) feature values, in the model's feature order
 
 
 def _events(rows: Sequence[dict[str, Any]]) -> list[Event]:
@@ -502,7 +499,7 @@ def _record_of(
     engine: Engine,
     tx: TransactionIn,
     event: Event,
-    row: list[float],
+    values: bytes,
     judged: Judged,
     decided_at_us: int,
 ) -> DecisionRecord:
@@ -519,7 +516,7 @@ def _record_of(
         transaction_id=event.transaction_id, t_us=event.t_us, customer_id=event.customer_id,
         terminal_id=event.terminal_id, amount=event.amount, score=judged.score,
         raw_score=judged.raw_score, decision=judged.action, model_version=engine.model_version,
-        decided_at_us=decided_at_us, feature_names=engine.scorer.features, feature_values=row,
+        decided_at_us=decided_at_us, feature_names=engine.scorer.features, packed_features=values,
         response=response,
     )  # fmt: skip
 

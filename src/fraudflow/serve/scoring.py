@@ -44,7 +44,7 @@ import torch
 from fraudflow.artifacts import BUNDLE_DIR, Bundle, load_bundle
 from fraudflow.config import FeatureConfig
 from fraudflow.errors import ArtifactError
-from fraudflow.features.online import Event, OnlineFeatures, StateStore
+from fraudflow.features.online import Event, FeatureRows, OnlineFeatures, StateStore
 from fraudflow.serve.policy import (
     AMOUNT_FEATURE,
     DEFAULT_POLICY,
@@ -308,20 +308,19 @@ class Engine:
     def model_version(self) -> str:
         return self.scorer.model_version
 
-    def record(self, events: Sequence[Event]) -> list[list[float] | None]:
-        """The feature row of each event in order (``features`` order), which the state store
-        then holds, in one store transaction; None for a transaction_id the store already
-        holds (or earlier).
+    def record(self, events: Sequence[Event]) -> FeatureRows:
+        """The feature rows of the events in order (``features`` order), which the state store
+        then holds, in one store transaction; ``fresh`` is False for a transaction_id the
+        store already holds (or earlier).
         """
         return self.online.record_events(events)
 
-    def judge(self, rows: Sequence[Sequence[float]], amounts: Sequence[float]) -> list[Judged]:
+    def judge(self, x: np.ndarray, amounts: Sequence[float]) -> list[Judged]:
         """Score and decide feature rows at once: one model call, vectorised policy.
 
-        Shape: rows (N, F) in ``scorer.features`` order, amounts (N,) -> N judgements.
+        Shape: x (N, F) float64 in ``scorer.features`` order, amounts (N,) -> N judgements.
         """
         names = self.scorer.features
-        x = np.array(rows, dtype=np.float64).reshape(len(rows), len(names))  # (N, F)
         # float32, as training fed the model (fraudflow.train.run._matrix); the policy's
         # rules and the reasons read the float64 values the service computed.
         scores = self.scorer.score(x.astype(np.float32))

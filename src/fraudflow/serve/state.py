@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from fraudflow.errors import ArtifactError, ConfigError
 from fraudflow.features.online import (
+    AnswerLists,
+    Answers,
     Event,
     MemoryStore,
-    RangeQuery,
-    RangeResult,
     StateStore,
+    Window,
 )
 from fraudflow.serve.sqlite import (
     Checkpointer,
@@ -142,36 +143,32 @@ class SQLiteStore:
         with self._transaction("BEGIN"):
             self._catch_up()
 
-    def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
+    def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
         with self._transaction("BEGIN"):  # one snapshot to catch up from
             self._catch_up()
-            return self._mirror.read(queries)
+            return self._mirror.read(events, windows)
 
     def apply_many(
-        self,
-        events: Sequence[Event],
-        queries: Sequence[Sequence[RangeQuery]],
-        *,
-        forget_until_us: int,
-    ) -> list[list[RangeResult] | None]:
+        self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
+    ) -> Answers:
         # One transaction for the whole call: BEGIN and COMMIT cost more than an event's
         # statements, and the write lock is taken once.
         with self._transaction("BEGIN IMMEDIATE"):
             self._catch_up()
             fresh = self._insert(events)  # the file decides what is a duplicate
             new = [i for i, seq in enumerate(fresh) if seq is not None]
-            answers = self._mirror.apply_many(
-                [events[i] for i in new], [queries[i] for i in new], forget_until_us=forget_until_us
-            )
-            if any(a is None for a in answers):
+            if len(new) == len(events):
+                answers = self._mirror.apply_many(events, windows, forget_until_us=forget_until_us)
+            else:
+                answers = self._mirror.apply_many(
+                    [events[i] for i in new], windows, forget_until_us=forget_until_us
+                ).expand(len(events), new)
+            if int(answers.fresh.sum()) != len(new):
                 raise ArtifactError(f"the state mirror of {self.path} disagrees with the file")
-            out: list[list[RangeResult] | None] = [None] * len(events)
-            for i, answer in zip(new, answers, strict=True):
-                out[i] = answer
             self._seen_seq = max([self._seen_seq, *(seq for seq in fresh if seq is not None)])
             if forget_until_us - self._forgot_until >= _FORGET_STEP_US:
                 self._forget_in_file(forget_until_us)
-            return out
+            return answers
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         with self._transaction("BEGIN IMMEDIATE"):
@@ -263,7 +260,7 @@ class SQLiteStore:
         ).fetchall()
         if rows:
             events = [Event(tid, t, c, term, amount) for _, tid, t, c, term, amount, _ in rows]
-            self._mirror.apply_many(events, [()] * len(events), forget_until_us=_LOW_US)
+            self._mirror.apply_many(events, (), forget_until_us=_LOW_US)
             for _, tid, *_, is_fraud in rows:
                 if is_fraud:
                     self._mirror.set_label(tid, True)
@@ -415,27 +412,34 @@ class RedisStore:
         self._label = self._client.register_script(_LABEL_LUA)
         self._forget = self._client.register_script(_PRUNE_LUA)
 
-    def read(self, queries: Sequence[RangeQuery]) -> list[RangeResult]:
-        reply = self._read(keys=[self._seq], args=[self.prefix, _query_json(queries)])
-        return _results(json.loads(reply))
+    def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
+        queries = [q for e in events for q in _queries(e, windows)]
+        reply = json.loads(self._read(keys=[self._seq], args=[self.prefix, json.dumps(queries)]))
+        out = AnswerLists(len(windows), len(events))
+        answers = reply if isinstance(reply, list) else []  # cjson writes [] as {}
+        for i in range(len(events)):
+            out.fresh[i] = True
+            _aggregate(out, i, windows, answers[i * len(windows) : (i + 1) * len(windows)])
+        return out.done()
 
     def apply_many(
-        self,
-        events: Sequence[Event],
-        queries: Sequence[Sequence[RangeQuery]],
-        *,
-        forget_until_us: int,
-    ) -> list[list[RangeResult] | None]:
+        self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
+    ) -> Answers:
+        out = AnswerLists(len(windows), len(events))
         if not events:
-            return []
+            return out.done()
         payload = [
             [e.transaction_id, str(e.t_us), e.customer_id, e.terminal_id, repr(e.amount),
-             _query_lists(q)]
-            for e, q in zip(events, queries, strict=True)
+             _queries(e, windows)]
+            for e in events
         ]  # fmt: skip
         args: list[str | int] = [self.prefix, forget_until_us, json.dumps(payload)]
         reply = self._apply_many(keys=[self._seq], args=args)
-        return [None if r == 0 else _results(r) for r in json.loads(reply)]
+        for i, answers in enumerate(json.loads(reply)):
+            if answers != 0:
+                out.fresh[i] = True
+                _aggregate(out, i, windows, answers if isinstance(answers, list) else [])
+        return out.done()
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         args = [self.prefix, transaction_id, "1" if is_fraud else "0"]
@@ -472,23 +476,30 @@ def _redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
 
 
-def _query_lists(queries: Sequence[RangeQuery]) -> list[list[str | bool]]:
-    return [[q.entity, q.entity_id, str(q.after_us), str(q.until_us), q.rows] for q in queries]
+def _queries(event: Event, windows: Sequence[Window]) -> list[list[str | bool]]:
+    """The event's windows as the scripts' queries: [entity, id, after_us, until_us, rows]."""
+    ids = {"customer": event.customer_id, "terminal": event.terminal_id}
+    return [
+        [w.entity, ids[w.entity], str(event.t_us - w.after_us), str(event.t_us - w.until_us),
+         w.amounts]
+        for w in windows
+    ]  # fmt: skip
 
 
-def _query_json(queries: Sequence[RangeQuery]) -> str:
-    return json.dumps(_query_lists(queries))
-
-
-def _results(answers: list[list[Any]] | dict[str, Any]) -> list[RangeResult]:
-    """Parsed query answers; Lua's cjson writes an empty list as ``{}``."""
-    out = []
-    for count, frauds, rows in answers if isinstance(answers, list) else []:
-        fields = rows.split("|") if rows else []  # per member: seq, t_us, amount
-        times = [int(t) for t in fields[1::3]]
-        amounts = [float(a) for a in fields[2::3]]
-        out.append(RangeResult(count, frauds, times, amounts))
-    return out
+def _aggregate(
+    out: AnswerLists, i: int, windows: Sequence[Window], answers: Sequence[list[Any]]
+) -> None:
+    """Event ``i``'s script answers ``[count, frauds, rows]`` as window aggregates."""
+    for j, (w, (count, frauds, rows)) in enumerate(zip(windows, answers, strict=True)):
+        out.count[j][i] = count
+        out.frauds[j][i] = frauds
+        if w.amounts and rows:
+            fields = rows.split("|")  # per member: seq, t_us, amount (time order)
+            amounts = [float(a) for a in fields[2::3]]
+            out.amount[j][i] = sum(amounts)
+            out.latest[j][i] = int(fields[-2])
+            if w.below is not None:
+                out.below[j][i] = sum(1 for a in amounts if a < w.below)
 
 
 def _glob_escape(text: str) -> str:
