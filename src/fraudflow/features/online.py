@@ -71,6 +71,7 @@ __all__ = [
     "StateStore",
     "Window",
     "duplicate_transaction",
+    "epoch_us",
     "to_event",
 ]
 
@@ -400,9 +401,14 @@ def _epoch_us(value: Any) -> int:
             f"`{TIMESTAMP}` must be a datetime or ISO 8601 string, however got "
             f"{type(value).__name__} {value!r}"
         )
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    delta = value - _EPOCH  # exact integer arithmetic, unlike .timestamp()
+    return epoch_us(value)
+
+
+def epoch_us(when: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float); a naive datetime is UTC."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delta = when - _EPOCH  # exact integer arithmetic, unlike .timestamp()
     return (delta.days * DAY_SECONDS + delta.seconds) * _US + delta.microseconds
 
 
@@ -460,13 +466,15 @@ class _History:
             del self.fraud_times[bisect_left(self.fraud_times, t_us)]
 
     def forget(self, until_us: int) -> None:
-        k = bisect_right(self.times, until_us)
-        if k:
-            del self.times[:k], self.amounts[:k], self.cum[:k]
+        times = self.times
+        if times and times[0] <= until_us:  # most calls find nothing to forget
+            k = bisect_right(times, until_us)
+            del times[:k], self.amounts[:k], self.cum[:k]
             if abs(self.cum[0]) > _REBASE_ABOVE:  # keep the sums' rounding at their scale
                 base = self.cum[0]
                 self.cum = [c - base for c in self.cum]
-        del self.fraud_times[: bisect_right(self.fraud_times, until_us)]
+        if self.fraud_times and self.fraud_times[0] <= until_us:
+            del self.fraud_times[: bisect_right(self.fraud_times, until_us)]
 
 
 _REBASE_ABOVE = 2.0**24

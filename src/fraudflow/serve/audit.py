@@ -66,6 +66,7 @@ import polars as pl
 
 from fraudflow.data.io import write_table
 from fraudflow.errors import ArtifactError, ConfigError
+from fraudflow.features.online import epoch_us
 from fraudflow.serve.sqlite import (
     Checkpointer,
     connect_wal,
@@ -84,7 +85,6 @@ __all__ = [
     "AuditLog",
     "DecisionRecord",
     "LabelRecord",
-    "epoch_us",
     "export_audit",
     "now_us",
     "pack_features",
@@ -131,7 +131,6 @@ _DECISION_COLUMNS = (
 _LABEL_COLUMNS = ("transaction_id", "is_fraud", "reported_at_us", "received_at_us", "applied")
 _STOP = object()
 _LOCK_TIMEOUT_SECONDS = 30.0  # several workers take turns committing
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class DecisionRecord(NamedTuple):
@@ -184,14 +183,6 @@ class LabelRecord:
 
 Record = DecisionRecord | LabelRecord
 AfterCommit = Callable[[Sequence[DecisionRecord]], None]
-
-
-def epoch_us(when: datetime) -> int:
-    """Microseconds since the epoch, exactly (no float); a naive datetime is UTC."""
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    delta = when - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def now_us() -> int:

@@ -32,9 +32,9 @@ import orjson
 from fastapi import HTTPException, Request
 
 from fraudflow.errors import DataError, FraudflowError
-from fraudflow.features.online import Answers, Event, FeatureRows, StateStore, Window, to_event
+from fraudflow.features.online import Answers, Event, FeatureRows, StateStore, Window, epoch_us
 from fraudflow.files import write_json_atomic
-from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, epoch_us, now_us
+from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, now_us
 from fraudflow.serve.auth import NO_VALID_KEY, ApiKeys
 from fraudflow.serve.coalesce import Coalescer
 from fraudflow.serve.idempotency import (
@@ -260,9 +260,8 @@ class DecisionService:
         self, engine: Engine, resources: _Resources, txs: Sequence[TransactionIn]
     ) -> list[bytes | ServeError]:
         """Per transaction, in request order: its response body or its error."""
-        rows = [tx.row() for tx in txs]
-        events = _events(rows)  # all valid before any is applied
-        order = sorted(range(len(rows)), key=lambda i: events[i].t_us)  # stable: ties keep order
+        events = [tx.event() for tx in txs]  # all valid (pydantic) before any is applied
+        order = sorted(range(len(txs)), key=lambda i: events[i].t_us)  # stable: ties keep order
         first_of: dict[str, int] = {}
         unique: list[int] = []  # first occurrences, in the order applied
         for i in order:
@@ -270,7 +269,7 @@ class DecisionService:
             if first_of[events[i].transaction_id] == i:
                 unique.append(i)
         features = self._record(engine, [events[i] for i in unique])
-        answers: list[bytes | ServeError | None] = [None] * len(rows)
+        answers: list[bytes | ServeError | None] = [None] * len(txs)
         stored = features.fresh.tolist()
         fresh = [i for i, new in zip(unique, stored, strict=True) if new]
         if fresh:
@@ -488,13 +487,6 @@ class _Fresh:
     values: np.ndarray  # (N, F) feature values, in the model's feature order
 
 
-def _events(rows: Sequence[dict[str, Any]]) -> list[Event]:
-    try:
-        return [to_event(row) for row in rows]
-    except DataError:  # pydantic has checked the fields already: not expected
-        raise ServeError(422, "invalid transaction", "validation") from None
-
-
 def _record_of(
     engine: Engine,
     tx: TransactionIn,
@@ -508,7 +500,7 @@ def _record_of(
             "transaction_id": tx.transaction_id,
             "score": judged.score,
             "decision": judged.action,
-            "reasons": [r.as_dict() for r in judged.reasons],
+            "reasons": judged.reasons,
             "model_version": engine.model_version,
         }
     )

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
-from fraudflow.data.schema import AMOUNT, CUSTOMER_ID, TERMINAL_ID, TIMESTAMP, TRANSACTION_ID
+from fraudflow.features.online import Event, epoch_us
 
 __all__ = [
     "MAX_BATCH",
@@ -56,15 +56,15 @@ class TransactionIn(BaseModel):
     terminal_id: Id
     amount: float = Field(ge=0, allow_inf_nan=False)
 
-    def row(self) -> dict[str, Any]:
-        """The canonical row the online features read."""
-        return {
-            TRANSACTION_ID: str(self.transaction_id),
-            TIMESTAMP: self.timestamp,
-            CUSTOMER_ID: str(self.customer_id),
-            TERMINAL_ID: str(self.terminal_id),
-            AMOUNT: self.amount,
-        }
+    def event(self) -> Event:
+        """The transaction as the online features read it (ids as strings, as in a log)."""
+        return Event(
+            str(self.transaction_id),
+            epoch_us(self.timestamp),
+            str(self.customer_id),
+            str(self.terminal_id),
+            self.amount,
+        )
 
 
 class DecisionBatchIn(BaseModel):
