@@ -135,28 +135,36 @@ class Answers:
 
 class AnswerLists:
     """``Answers`` being filled event by event (plain lists: cheaper to write one entry at a
-    time than numpy arrays), then turned into arrays once."""
+    time than numpy arrays), then turned into arrays once. The amount columns exist only for
+    the windows that ask for them (``amount[j]`` for window j), the others stay zero."""
 
-    def __init__(self, n_windows: int, n_events: int) -> None:
-        self.fresh = [False] * n_events
-        self.count = [[0] * n_events for _ in range(n_windows)]
-        self.frauds = [[0] * n_events for _ in range(n_windows)]
-        self.amount = [[0.0] * n_events for _ in range(n_windows)]
-        self.below = [[0] * n_events for _ in range(n_windows)]
-        self.latest = [[0] * n_events for _ in range(n_windows)]
-        self._shape = (n_windows, n_events)
+    def __init__(self, windows: Sequence[Window], n_events: int) -> None:
+        n = n_events
+        self.fresh = [False] * n
+        self.count = [[0] * n for _ in windows]
+        self.frauds = [[0] * n for _ in windows]
+        asked = [j for j, w in enumerate(windows) if w.amounts]
+        self.amount = {j: [0.0] * n for j in asked}
+        self.below = {j: [0] * n for j in asked if windows[j].below is not None}
+        self.latest = {j: [0] * n for j in asked}
+        self._shape = (len(windows), n)
 
     def done(self) -> Answers:
-        def ints(rows: list[list[int]]) -> np.ndarray:
-            return np.array(rows, dtype=np.int64).reshape(self._shape)
+        def full(rows: list[list[int]] | dict[int, list[Any]], dtype: type) -> np.ndarray:
+            if isinstance(rows, list):
+                return np.array(rows, dtype=dtype).reshape(self._shape)
+            out: np.ndarray = np.zeros(self._shape, dtype=dtype)
+            if rows:
+                out[list(rows)] = np.array(list(rows.values()), dtype=dtype)
+            return out
 
         return Answers(
             np.array(self.fresh, dtype=bool),
-            ints(self.count),
-            ints(self.frauds),
-            np.array(self.amount, dtype=np.float64).reshape(self._shape),
-            ints(self.below),
-            ints(self.latest),
+            full(self.count, np.int64),
+            full(self.frauds, np.int64),
+            full(self.amount, np.float64),
+            full(self.below, np.int64),
+            full(self.latest, np.int64),
         )
 
 
@@ -491,11 +499,11 @@ _Bound = tuple[
 def _bind(windows: Sequence[Window], out: AnswerLists) -> tuple[list[_Bound], list[_Bound]]:
     """The windows split by entity (customer, terminal), each with its rows of ``out``."""
     split: dict[Entity, list[_Bound]] = {"customer": [], "terminal": []}
+    unused: list[int] = []  # the rows of what a window does not ask: never written
     for j, w in enumerate(windows):
-        amount = out.amount[j] if w.amounts else None
         split[w.entity].append(
-            (w.after_us, w.until_us, out.count[j], out.frauds[j], amount, w.below, out.below[j],
-             out.latest[j])
+            (w.after_us, w.until_us, out.count[j], out.frauds[j], out.amount.get(j), w.below,
+             out.below.get(j, unused), out.latest.get(j, unused))
         )  # fmt: skip
     return split["customer"], split["terminal"]
 
@@ -543,7 +551,7 @@ class MemoryStore:
         self._by_time: list[tuple[int, str]] = []  # heap of (t_us, transaction_id)
 
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
-        out = AnswerLists(len(windows), len(events))
+        out = AnswerLists(windows, len(events))
         by_customer, by_terminal = _bind(windows, out)
         customers, terminals = self._customers, self._terminals
         for i, e in enumerate(events):
@@ -555,33 +563,33 @@ class MemoryStore:
     def apply_many(
         self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
     ) -> Answers:
-        out = AnswerLists(len(windows), len(events))
+        out = AnswerLists(windows, len(events))
         by_customer, by_terminal = _bind(windows, out)
+        # The hot loop of a service: everything it touches bound to locals.
         customers, terminals, transactions = self._customers, self._terminals, self._transactions
-        touched_customers, touched_terminals = set(), set()
-        for i, e in enumerate(events):
-            if e.transaction_id in transactions:
+        fresh, by_time, push = out.fresh, self._by_time, heapq.heappush
+        touched: dict[int, _History] = {}  # by id(): each touched history once
+        for i, (tid, t_us, customer_id, terminal_id, amount) in enumerate(events):
+            if tid in transactions:
                 continue
-            out.fresh[i] = True
-            customer = customers.get(e.customer_id)
+            fresh[i] = True
+            customer = customers.get(customer_id)
             if customer is None:  # not setdefault: it would build a _History every call
-                customer = customers[e.customer_id] = _History()
-            terminal = terminals.get(e.terminal_id)
+                customer = customers[customer_id] = _History()
+            terminal = terminals.get(terminal_id)
             if terminal is None:
-                terminal = terminals[e.terminal_id] = _History()
+                terminal = terminals[terminal_id] = _History()
             if windows:
-                _answer(i, e.t_us, customer, by_customer)
-                _answer(i, e.t_us, terminal, by_terminal)
-            customer.add(e.t_us, e.amount)
-            terminal.add(e.t_us, e.amount)
-            touched_customers.add(e.customer_id)
-            touched_terminals.add(e.terminal_id)
-            transactions[e.transaction_id] = (e.t_us, e.customer_id, e.terminal_id, False)
-            heapq.heappush(self._by_time, (e.t_us, e.transaction_id))
-        for key in touched_customers:
-            customers[key].forget(forget_until_us)
-        for key in touched_terminals:
-            terminals[key].forget(forget_until_us)
+                _answer(i, t_us, customer, by_customer)
+                _answer(i, t_us, terminal, by_terminal)
+            customer.add(t_us, amount)
+            terminal.add(t_us, amount)
+            touched[id(customer)] = customer
+            touched[id(terminal)] = terminal
+            transactions[tid] = (t_us, customer_id, terminal_id, False)
+            push(by_time, (t_us, tid))
+        for history in touched.values():
+            history.forget(forget_until_us)
         self._forget_transactions(forget_until_us)
         return out.done()
 

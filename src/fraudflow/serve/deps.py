@@ -44,7 +44,7 @@ from fraudflow.serve.idempotency import (
     RedisLedger,
     resolve_duplicate,
 )
-from fraudflow.serve.metrics import ScoreDrift, ServiceMetrics
+from fraudflow.serve.metrics import ScoreDrift, ServiceMetrics, observe_many
 from fraudflow.serve.schemas import LabelIn, TransactionIn
 from fraudflow.serve.scoring import Engine, Judged, load_engine
 from fraudflow.serve.settings import ServeSettings
@@ -261,7 +261,8 @@ class DecisionService:
     ) -> list[bytes | ServeError]:
         """Per transaction, in request order: its response body or its error."""
         events = [tx.event() for tx in txs]  # all valid (pydantic) before any is applied
-        order = sorted(range(len(txs)), key=lambda i: events[i].t_us)  # stable: ties keep order
+        times = [e.t_us for e in events]
+        order = sorted(range(len(txs)), key=times.__getitem__)  # stable: ties keep order
         first_of: dict[str, int] = {}
         unique: list[int] = []  # first occurrences, in the order applied
         for i in order:
@@ -291,8 +292,7 @@ class DecisionService:
     ) -> None:
         """Score the applied transactions at once, record them, fill in their answers."""
         tids = [e.transaction_id for e in batch.events]
-        for tid in tids:
-            self._pending.add(tid)
+        pending = self._pending.add(tids)
         try:
             judged = engine.judge(batch.values, [e.amount for e in batch.events])
             decided_at = now_us()  # one clock read for the group, decided together
@@ -306,12 +306,12 @@ class DecisionService:
             ]
             await self._commit(resources, records)
         except BaseException as exc:
-            for tid in tids:
-                self._pending.fail(tid, exc)
+            self._pending.fail(pending, tids, exc)
             raise
-        for i, tid, record in zip(batch.indices, tids, records, strict=True):
-            self._pending.resolve(tid, record.response)
-            answers[i] = record.response
+        bodies = [record.response for record in records]
+        self._pending.resolve(pending, tids, bodies)
+        for i, body in zip(batch.indices, bodies, strict=True):
+            answers[i] = body
         self._observe(judged)
 
     def _record(self, engine: Engine, events: list[Event]) -> FeatureRows:
@@ -357,11 +357,11 @@ class DecisionService:
         m = self.metrics
         for action, count in collections.Counter(j.action for j in judged).items():
             m.decisions.labels(decision=action).inc(count)
-        for j in judged:
-            m.score.observe(j.score)
+        scores = _scores(judged)
+        observe_many(m.score, scores)
         drift = self._drift
         if drift is not None:
-            drift.add(_scores(judged))
+            drift.add(scores)
             if drift.due():
                 m.score_psi.set(drift.psi())
 
@@ -504,12 +504,11 @@ def _record_of(
             "model_version": engine.model_version,
         }
     )
+    # Positional: keywords cost twice as much to build (~0.4 us per decision).
     return DecisionRecord(
-        transaction_id=event.transaction_id, t_us=event.t_us, customer_id=event.customer_id,
-        terminal_id=event.terminal_id, amount=event.amount, score=judged.score,
-        raw_score=judged.raw_score, decision=judged.action, model_version=engine.model_version,
-        decided_at_us=decided_at_us, feature_names=engine.scorer.features, packed_features=values,
-        response=response,
+        event.transaction_id, event.t_us, event.customer_id, event.terminal_id, event.amount,
+        judged.score, judged.raw_score, judged.action, engine.model_version, decided_at_us,
+        engine.scorer.features, values, response,
     )  # fmt: skip
 
 

@@ -84,25 +84,49 @@ class RedisLedger:
 
 
 class PendingDecisions:
-    """Decisions of this process applied to the state but not yet committed to the audit."""
+    """Decisions of this process applied to the state but not yet committed to the audit.
+
+    One future per group decided together (a batch: thousands of transactions), whose result
+    maps each of its transaction_ids to its response body: a future per transaction cost
+    ~2 us each to make and resolve, a few percent of a batched decision.
+    """
 
     def __init__(self) -> None:
-        self._futures: dict[str, asyncio.Future[bytes]] = {}
+        self._groups: dict[str, asyncio.Future[dict[str, bytes]]] = {}
 
-    def add(self, transaction_id: str) -> None:
-        self._futures[transaction_id] = asyncio.get_running_loop().create_future()
+    def add(self, transaction_ids: Sequence[str]) -> asyncio.Future[dict[str, bytes]]:
+        """Mark the ids pending; pass the returned future to ``resolve`` or ``fail``."""
+        future: asyncio.Future[dict[str, bytes]] = asyncio.get_running_loop().create_future()
+        self._groups.update(dict.fromkeys(transaction_ids, future))
+        return future
 
-    def get(self, transaction_id: str) -> asyncio.Future[bytes] | None:
-        return self._futures.get(transaction_id)
+    def get(self, transaction_id: str) -> asyncio.Future[dict[str, bytes]] | None:
+        """The future of the group that holds the id; its result is indexed by id."""
+        return self._groups.get(transaction_id)
 
-    def resolve(self, transaction_id: str, body: bytes) -> None:
-        self._futures.pop(transaction_id).set_result(body)
+    def resolve(
+        self,
+        future: asyncio.Future[dict[str, bytes]],
+        transaction_ids: Sequence[str],
+        bodies: Sequence[bytes],
+    ) -> None:
+        self._forget(transaction_ids)
+        future.set_result(dict(zip(transaction_ids, bodies, strict=True)))
 
-    def fail(self, transaction_id: str, error: BaseException) -> None:
-        future = self._futures.pop(transaction_id, None)
-        if future is not None:
-            future.set_exception(error)
-            future.exception()  # retrieved: waiters re-raise it; nobody waiting is fine too
+    def fail(
+        self,
+        future: asyncio.Future[dict[str, bytes]],
+        transaction_ids: Sequence[str],
+        error: BaseException,
+    ) -> None:
+        self._forget(transaction_ids)
+        future.set_exception(error)
+        future.exception()  # retrieved: waiters re-raise it; nobody waiting is fine too
+
+    def _forget(self, transaction_ids: Sequence[str]) -> None:
+        groups = self._groups
+        for tid in transaction_ids:
+            del groups[tid]
 
 
 async def resolve_duplicate(
@@ -115,7 +139,7 @@ async def resolve_duplicate(
     """The recorded response for a refused duplicate, or None if none appears in time."""
     future = pending.get(transaction_id)
     if future is not None:
-        return await asyncio.shield(future)
+        return (await asyncio.shield(future))[transaction_id]
     deadline = time.monotonic() + wait_seconds
     delay = 0.002
     while True:

@@ -42,6 +42,7 @@ __all__ = [
     "ERROR_KINDS",
     "ScoreDrift",
     "ServiceMetrics",
+    "observe_many",
     "population_stability_index",
 ]
 
@@ -59,6 +60,27 @@ ERROR_KINDS = (
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 1.0)
 _STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
 _SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for each value, at once: a batch's scores cost one
+    ``searchsorted`` and a counter bump per bucket, not ~1.5 us per value.
+
+    It reads the histogram's per-bucket counters (``_upper_bounds``, ``_buckets``, ``_sum``,
+    each bucket counting the values in (previous bound, bound]), as ``observe`` writes them;
+    a test holds the two equal. Not for a histogram with labels (call it on ``.labels(...)``).
+    """
+    if not len(values):
+        return
+    bounds: list[float] = histogram._upper_bounds
+    # observe puts a value in the first bucket whose bound is >= it: searchsorted "left".
+    # A NaN would land past the last bound (observe counts it in no bucket): dropped too.
+    at = np.searchsorted(bounds, values, side="left")
+    counts = np.bincount(at, minlength=len(bounds))[: len(bounds)]
+    for bucket, count in zip(histogram._buckets, counts.tolist(), strict=True):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(values.sum()))
 
 
 class ServiceMetrics:

@@ -415,7 +415,7 @@ class RedisStore:
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
         queries = [q for e in events for q in _queries(e, windows)]
         reply = json.loads(self._read(keys=[self._seq], args=[self.prefix, json.dumps(queries)]))
-        out = AnswerLists(len(windows), len(events))
+        out = AnswerLists(windows, len(events))
         answers = reply if isinstance(reply, list) else []  # cjson writes [] as {}
         for i in range(len(events)):
             out.fresh[i] = True
@@ -425,7 +425,7 @@ class RedisStore:
     def apply_many(
         self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
     ) -> Answers:
-        out = AnswerLists(len(windows), len(events))
+        out = AnswerLists(windows, len(events))
         if not events:
             return out.done()
         payload = [
