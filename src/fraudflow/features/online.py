@@ -239,8 +239,10 @@ class OnlineFeatures:
 
         small = cfg.small_amount
         # Each feature's window and its position in a row (``names`` order), resolved once.
+        # The small-amount count rides on the 1d window where there is one.
         self._customer = [
-            (window(Window("customer", w.window_seconds * _US, amounts=True)),
+            (window(Window("customer", w.window_seconds * _US, amounts=True,
+                           below=small if w.window_seconds == DAY_SECONDS else None)),
              at[f"customer__count__{w.label}"], at[f"customer__mean_amount__{w.label}"],
              None if w.label == "1h" else at[f"customer__amount_ratio__{w.label}"])
             for w in customer_windows(cfg)
@@ -489,44 +491,49 @@ _REBASE_ABOVE = 2.0**24
 _EMPTY = _History()  # the history of an entity never seen; never written
 
 
-# One window of a call, bound to its output rows: (after_us, until_us, count, frauds, amount
-# (None: not asked), below, below count, latest).
-_Bound = tuple[
-    int, int, list[int], list[int], list[float] | None, float | None, list[int], list[int]
-]
+# One window of a call, bound to its output rows: (after_us, count, frauds, amount (None: not
+# asked), below, below count, latest).
+_Bound = tuple[int, list[int], list[int], list[float] | None, float | None, list[int], list[int]]
+# An entity's windows that end at the same until_us, which they share one search for.
+_Group = tuple[int, list[_Bound]]
 
 
-def _bind(windows: Sequence[Window], out: AnswerLists) -> tuple[list[_Bound], list[_Bound]]:
-    """The windows split by entity (customer, terminal), each with its rows of ``out``."""
-    split: dict[Entity, list[_Bound]] = {"customer": [], "terminal": []}
+def _bind(windows: Sequence[Window], out: AnswerLists) -> tuple[list[_Group], list[_Group]]:
+    """The windows split by entity (customer, terminal) and grouped by ``until_us``, each
+    with its rows of ``out``."""
+    split: dict[Entity, dict[int, list[_Bound]]] = {"customer": {}, "terminal": {}}
     unused: list[int] = []  # the rows of what a window does not ask: never written
     for j, w in enumerate(windows):
-        split[w.entity].append(
-            (w.after_us, w.until_us, out.count[j], out.frauds[j], out.amount.get(j), w.below,
+        split[w.entity].setdefault(w.until_us, []).append(
+            (w.after_us, out.count[j], out.frauds[j], out.amount.get(j), w.below,
              out.below.get(j, unused), out.latest.get(j, unused))
         )  # fmt: skip
-    return split["customer"], split["terminal"]
+    return list(split["customer"].items()), list(split["terminal"].items())
 
 
-def _answer(i: int, t_us: int, h: _History, windows: list[_Bound]) -> None:
+def _answer(i: int, t_us: int, h: _History, groups: list[_Group]) -> None:
     """Event ``i``'s windows (at time ``t_us``) over one entity's history: the hot loop of a
-    service, hence the flat tuples and the shared upper end of the live windows."""
+    service, hence the flat tuples and the searches shared by windows with one end."""
     times, fraud_times = h.times, h.fraud_times
     n = len(times)
     top = n if not n or times[-1] <= t_us else bisect_right(times, t_us)
-    for after_us, until_us, counts, frauds, amounts, below, belows, latests in windows:
-        hi = bisect_right(times, t_us - until_us, 0, top) if until_us else top
-        lo = bisect_right(times, t_us - after_us, 0, hi)
-        counts[i] = hi - lo
+    fraud_hi = 0
+    for until_us, windows in groups:
+        end = t_us - until_us
+        hi = bisect_right(times, end, 0, top) if until_us else top
         if fraud_times:
-            frauds[i] = bisect_right(fraud_times, t_us - until_us) - bisect_right(
-                fraud_times, t_us - after_us
-            )
-        if amounts is not None and hi > lo:
-            amounts[i] = h.cum[hi] - h.cum[lo]
-            latests[i] = times[hi - 1]
-            if below is not None:
-                belows[i] = sum(1 for v in h.amounts[lo:hi] if v < below)
+            fraud_hi = bisect_right(fraud_times, end)
+        for after_us, counts, frauds, amounts, below, belows, latests in windows:
+            start = t_us - after_us
+            lo = bisect_right(times, start, 0, hi)
+            counts[i] = hi - lo
+            if fraud_times:
+                frauds[i] = fraud_hi - bisect_right(fraud_times, start)
+            if amounts is not None and hi > lo:
+                amounts[i] = h.cum[hi] - h.cum[lo]
+                latests[i] = times[hi - 1]
+                if below is not None:
+                    belows[i] = sum(1 for v in h.amounts[lo:hi] if v < below)
 
 
 # A stored transaction: (t_us, customer_id, terminal_id, is_fraud). A plain tuple of atoms,
