@@ -54,6 +54,7 @@ def test_an_acknowledged_record_is_committed(audit: AuditLog) -> None:
     assert _committed(audit.path) == 1
     with closing(sqlite3.connect(audit.path)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA page_size").fetchone() == (8192,)  # ~1 KB rows: fewer writes
 
 
 def test_concurrent_appends_share_commits(audit: AuditLog) -> None:

@@ -131,6 +131,10 @@ _DECISION_COLUMNS = (
 _LABEL_COLUMNS = ("transaction_id", "is_fraud", "reported_at_us", "received_at_us", "applied")
 _STOP = object()
 _LOCK_TIMEOUT_SECONDS = 30.0  # several workers take turns committing
+# A decision row is ~1 KB: 8 KiB pages halve the WAL writes (system calls) of 4 KiB ones;
+# measured with 1,000-decision groups: 6.4 against 7.9 us of CPU per decision, checkpoints
+# included. 16 KiB gained nothing more.
+_PAGE_SIZE = 8192
 
 
 class DecisionRecord(NamedTuple):
@@ -392,7 +396,10 @@ class _Pending:
 def _connect(path: Path, *, synchronous: str) -> sqlite3.Connection:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = connect_wal(path, synchronous=synchronous, timeout_seconds=_LOCK_TIMEOUT_SECONDS)
+        db = connect_wal(
+            path, synchronous=synchronous, timeout_seconds=_LOCK_TIMEOUT_SECONDS,
+            page_size=_PAGE_SIZE,
+        )  # fmt: skip
         _migrate(db, path)
     except sqlite3.Error as exc:
         raise ConfigError(f"audit log {path} cannot be opened: {exc}") from None

@@ -44,12 +44,17 @@ _RETRY_SECONDS = 50e-6
 _MAX_VARIABLES = 32_766  # SQLite's limit on ? per statement (since 3.32)
 
 
-def connect_wal(path: Path, *, synchronous: str, timeout_seconds: float) -> sqlite3.Connection:
+def connect_wal(
+    path: Path, *, synchronous: str, timeout_seconds: float, page_size: int | None = None
+) -> sqlite3.Connection:
     """A connection to ``path`` in WAL mode and autocommit mode (transactions are explicit),
-    usable from any thread; ``timeout_seconds`` is SQLite's own busy timeout."""
+    usable from any thread; ``timeout_seconds`` is SQLite's own busy timeout. ``page_size``
+    applies to a new file only (SQLite fixes it with the first table, and in WAL mode)."""
     db = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, timeout=timeout_seconds
     )
+    if page_size is not None:
+        db.execute(f"PRAGMA page_size={int(page_size)}")
     db.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
     db.execute(f"PRAGMA synchronous={synchronous}")
     return db

@@ -155,17 +155,17 @@ class SQLiteStore:
         # statements, and the write lock is taken once.
         with self._transaction("BEGIN IMMEDIATE"):
             self._catch_up()
-            fresh = self._insert(events)  # the file decides what is a duplicate
-            new = [i for i, seq in enumerate(fresh) if seq is not None]
-            if len(new) == len(events):
+            new = self._insert(events)  # the file decides what is a duplicate
+            if new is None:
                 answers = self._mirror.apply_many(events, windows, forget_until_us=forget_until_us)
+                stored = len(events)
             else:
                 answers = self._mirror.apply_many(
                     [events[i] for i in new], windows, forget_until_us=forget_until_us
                 ).expand(len(events), new)
-            if int(answers.fresh.sum()) != len(new):
+                stored = len(new)
+            if int(answers.fresh.sum()) != stored:
                 raise ArtifactError(f"the state mirror of {self.path} disagrees with the file")
-            self._seen_seq = max([self._seen_seq, *(seq for seq in fresh if seq is not None)])
             if forget_until_us - self._forgot_until >= _FORGET_STEP_US:
                 self._forget_in_file(forget_until_us)
             return answers
@@ -272,18 +272,28 @@ class SQLiteStore:
             self._mirror.set_label(tid, bool(is_fraud))
             self._seen_label = seq
 
-    def _insert(self, events: Sequence[Event]) -> list[int | None]:
-        """Each new transaction's arrival sequence, in order; None where its id is already
-        stored (or earlier in ``events``). Multi-row statements: one SQLite call per ~6,500
-        events instead of one per event."""
-        seq_of: dict[str, int] = {}
+    def _insert(self, events: Sequence[Event]) -> list[int] | None:
+        """Store the transactions new to the file (inside a caught-up write transaction);
+        return the positions in ``events`` of those stored, or None if all were (the usual
+        case). Multi-row statements: one SQLite call per ~6,500 events instead of one per
+        event; no RETURNING, whose per-row results cost more than the check below."""
+        before = self._db.total_changes
+        last = self._seen_seq  # caught up under the write lock: every seq above is ours
         for sql, values in multi_row_inserts(
-            "INSERT OR IGNORE INTO transactions", _TRANSACTION_COLUMNS, events,
-            returning="seq, transaction_id",
-        ):  # fmt: skip
-            seq_of.update((tid, seq) for seq, tid in self._db.execute(sql, values))
-        # An id repeated in ``events`` was inserted once: its first occurrence gets the seq.
-        return [seq_of.pop(e.transaction_id, None) for e in events]
+            "INSERT OR IGNORE INTO transactions", _TRANSACTION_COLUMNS, events
+        ):
+            cursor = self._db.execute(sql, values)
+            self._seen_seq = cursor.lastrowid or self._seen_seq
+        if self._db.total_changes - before == len(events):
+            return None
+        # Some were stored already (or repeated in ``events``): the file says which went in;
+        # a repeated id was inserted once, its first occurrence counts.
+        seq_of = dict(
+            self._db.execute(
+                "SELECT transaction_id, seq FROM transactions WHERE seq > ?", (last,)
+            ).fetchall()
+        )
+        return [i for i, e in enumerate(events) if seq_of.pop(e.transaction_id, None) is not None]
 
     def _forget_in_file(self, until_us: int) -> int:
         self._forgot_until = max(self._forgot_until, until_us)
