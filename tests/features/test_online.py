@@ -64,6 +64,38 @@ def assert_matches_batch(
         assert err[i] <= 1e-6, f"{name}, row {i}: online {online[i]!r}, batch {want[i]!r}"
 
 
+def replay_in_groups(
+    frame: pl.DataFrame, cfg: FeatureConfig, online: OnlineFeatures, sizes: list[int]
+) -> list[dict[str, float]]:
+    """``replay`` through ``features_many``, groups of the given sizes in turn; a group ends
+    early where a label becomes due, since labels are reported between groups."""
+    delay = timedelta(days=cfg.label_delay_days)
+    rows = list(frame.sort(TIMESTAMP, maintain_order=True).iter_rows(named=True))
+    due: list[tuple[datetime, int, Any, int]] = []
+    out: list[dict[str, float]] = []
+    start, turn = 0, 0
+    while start < len(rows):
+        while due and due[0][0] <= rows[start][TIMESTAMP]:
+            _, _, transaction_id, label = heapq.heappop(due)
+            online.record_label(transaction_id, label)
+        end = start + 1
+        while end < min(len(rows), start + sizes[turn % len(sizes)]):
+            first_due = min((d[0] for d in due), default=None)
+            if first_due is not None and first_due <= rows[end][TIMESTAMP]:
+                break
+            if rows[end][TIMESTAMP] >= rows[start][TIMESTAMP] + delay:  # its own labels
+                break
+            end += 1
+        group = rows[start:end]
+        features = online.features_many(group)
+        assert all(f is not None for f in features)
+        out += [f for f in features if f is not None]
+        for i, row in enumerate(group, start):
+            heapq.heappush(due, (row[TIMESTAMP] + delay, i, row[TRANSACTION_ID], row[IS_FRAUD]))
+        start, turn = end, turn + 1
+    return out
+
+
 def _memory(cfg: FeatureConfig) -> OnlineFeatures:
     return OnlineFeatures(cfg=cfg, store=MemoryStore())
 
@@ -79,6 +111,25 @@ def test_tiny_table_equals_batch_exactly() -> None:
 def test_simulated_replay_matches_batch() -> None:
     online = _memory(SIM_CFG)
     assert_matches_batch(replay(simulated(), SIM_CFG, lambda _: online), simulated(), SIM_CFG)
+
+
+def test_groups_equal_one_by_one() -> None:
+    """features_many of groups small (numpy rows) and large (list rows) equals features one
+    by one, hence batch."""
+    online = _memory(SIM_CFG)
+    grouped = replay_in_groups(simulated(), SIM_CFG, online, [1, 3, 15, 16, 17, 200, 1000])
+    assert_matches_batch(grouped, simulated(), SIM_CFG)
+    one = _memory(SIM_CFG)
+    assert grouped == replay(simulated(), SIM_CFG, lambda _: one)
+
+
+def test_a_group_skips_repeated_ids_and_sees_its_earlier_events() -> None:
+    online = _memory(CFG)
+    r0, r1, *_ = _tiny_rows()
+    out = online.features_many([r0, r1, r0])
+    assert out[2] is None and out[0] is not None and out[1] is not None
+    assert out[1]["customer__count__1d"] == 2  # r1 sees r0, as one by one
+    assert online.features_many([r1]) == [None]
 
 
 def _tiny_rows() -> list[Row]:

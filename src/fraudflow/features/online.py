@@ -134,23 +134,47 @@ class Answers:
 
 
 class AnswerLists:
-    """``Answers`` being filled event by event (plain lists: cheaper to write one entry at a
-    time than numpy arrays), then turned into arrays once. The amount columns exist only for
-    the windows that ask for them (``amount[j]`` for window j), the others stay zero."""
+    """``Answers`` being filled event by event, then turned into arrays once. Rows are plain
+    lists (cheaper to write one entry at a time than numpy arrays, then one conversion) for
+    a group of ``_LISTS_FROM`` events or more; for fewer, the conversions would cost more than
+    the writes, and rows are the arrays' own (views). The amount columns exist only for the
+    windows that ask for them (``amount[j]`` for window j), the others stay zero."""
 
     def __init__(self, windows: Sequence[Window], n_events: int) -> None:
-        n = n_events
+        n, shape = n_events, (len(windows), n_events)
+        asked = [j for j, w in enumerate(windows) if w.amounts]
+        below = [j for j in asked if windows[j].below is not None]
+        self._shape = shape
+        self._arrays: list[np.ndarray] | None = None
+        self.fresh: list[bool] | np.ndarray
+        self.count: list[list[int]] | np.ndarray
+        self.frauds: list[list[int]] | np.ndarray
+        self.amount: dict[int, Any]
+        self.below: dict[int, Any]
+        self.latest: dict[int, Any]
+        if n < _LISTS_FROM:
+            arrays = [np.zeros(n, dtype=bool)] + [
+                np.zeros(shape, dtype=dtype)
+                for dtype in (np.int64, np.int64, np.float64, np.int64, np.int64)
+            ]
+            self._arrays = arrays
+            self.fresh, self.count, self.frauds = arrays[:3]
+            self.amount = {j: arrays[3][j] for j in asked}
+            self.below = {j: arrays[4][j] for j in below}
+            self.latest = {j: arrays[5][j] for j in asked}
+            return
         self.fresh = [False] * n
         self.count = [[0] * n for _ in windows]
         self.frauds = [[0] * n for _ in windows]
-        asked = [j for j, w in enumerate(windows) if w.amounts]
         self.amount = {j: [0.0] * n for j in asked}
-        self.below = {j: [0] * n for j in asked if windows[j].below is not None}
+        self.below = {j: [0] * n for j in below}
         self.latest = {j: [0] * n for j in asked}
-        self._shape = (len(windows), n)
 
     def done(self) -> Answers:
-        def full(rows: list[list[int]] | dict[int, list[Any]], dtype: type) -> np.ndarray:
+        if self._arrays is not None:
+            return Answers(*self._arrays)
+
+        def full(rows: Any, dtype: type) -> np.ndarray:
             if isinstance(rows, list):
                 return np.array(rows, dtype=dtype).reshape(self._shape)
             out: np.ndarray = np.zeros(self._shape, dtype=dtype)
@@ -166,6 +190,9 @@ class AnswerLists:
             full(self.below, np.int64),
             full(self.latest, np.int64),
         )
+
+
+_LISTS_FROM = 16
 
 
 class StateStore(Protocol):
@@ -270,6 +297,22 @@ class OnlineFeatures:
         ]  # fmt: skip
         self._calendar = tuple(at[n] for n in _CALENDAR_NAMES)
         self.windows = tuple(windows)
+        # The same, stacked: _compute does each formula once over all windows of its kind.
+        ratios = [(k, r) for k, (_, _, _, r) in enumerate(self._customer) if r is not None]
+
+        def index(values: list[int]) -> np.ndarray:  # arrays: cheaper to index with
+            return np.array(values, dtype=np.int64)
+
+        self._stacked = _Stacked(
+            customer=index([j for j, *_ in self._customer]),
+            customer_counts=index([c for _, c, _, _ in self._customer]),
+            customer_means=index([m for _, _, m, _ in self._customer]),
+            ratio_rows=index([k for k, _ in ratios]),
+            ratio_slots=index([r for _, r in ratios]),
+            terminal=index([j for j, *_ in self._terminal]),
+            terminal_counts=index([c for _, c, _ in self._terminal]),
+            terminal_rates=index([r for _, _, r in self._terminal]),
+        )
         # Events older than this are outside every window, delayed ones included.
         self.retention_us = max(w.after_us for w in self.windows)
 
@@ -334,9 +377,11 @@ class OnlineFeatures:
         """The events' rows (N, F) from their answers: the batch formulas, as columns.
 
         Each window's answer covers the stored events before the event; the live windows
-        (ending at t) then add the event itself, as batch rows count themselves.
+        (ending at t) then add the event itself, as batch rows count themselves. Each formula
+        runs once over all windows of its kind (arrays (K, N)): a single event costs the
+        same number of numpy calls as a batch.
         """
-        n = len(events)
+        n, st = len(events), self._stacked
         t = np.fromiter((e.t_us for e in events), dtype=np.int64, count=n)  # (N,)
         amount = np.fromiter((e.amount for e in events), dtype=np.float64, count=n)  # (N,)
         x = np.empty((n, len(self.names)), dtype=np.float64)  # (N, F)
@@ -346,33 +391,46 @@ class OnlineFeatures:
         x[:, weekend_slot] = (t // _DAY_US + _EPOCH_WEEKDAY) % 7 >= 5  # Saturday, Sunday
         x[:, night_slot] = hour < NIGHT_END_HOUR
         x[:, hour_slot] = hour
-        for j, count_slot, mean_slot, ratio_slot in self._customer:
-            count = a.count[j] + 1
-            mean = (a.amount[j] + amount) / count
-            x[:, count_slot] = count
-            x[:, mean_slot] = mean
-            if ratio_slot is not None:
-                # As in batch: a zero mean (only zero amounts) gives a ratio of 1.
-                ratio = x[:, ratio_slot]
-                ratio.fill(1.0)
-                np.divide(amount, mean, out=ratio, where=mean > 0)
+        count = a.count[st.customer] + 1  # (K, N)
+        mean = (a.amount[st.customer] + amount) / count  # (K, N)
+        x[:, st.customer_counts] = count.T
+        x[:, st.customer_means] = mean.T
+        # As in batch: a zero mean (only zero amounts) gives a ratio of 1.
+        means = mean[st.ratio_rows]  # (R, N)
+        ratio = np.ones(means.shape)
+        np.divide(amount, means, out=ratio, where=means > 0)
+        x[:, st.ratio_slots] = ratio.T
         j, slot = self._small
         x[:, slot] = a.below[j] + (amount < self.cfg.small_amount)
         j, slot = self._gap
-        gap = x[:, slot]
-        gap.fill(HOURS_SINCE_PREV_CAP)
+        gap = np.full(n, HOURS_SINCE_PREV_CAP)
         np.divide(t - a.latest[j], _HOUR_US, out=gap, where=a.count[j] > 0)
-        np.minimum(gap, HOURS_SINCE_PREV_CAP, out=gap)
+        x[:, slot] = np.minimum(gap, HOURS_SINCE_PREV_CAP)
         j, slot = self._known
         x[:, slot] = a.frauds[j]
         j, slot = self._live
         x[:, slot] = a.count[j] + 1  # this event included
-        for j, count_slot, rate_slot in self._terminal:
-            x[:, count_slot] = a.count[j]
-            rate = x[:, rate_slot]
-            rate.fill(0.0)
-            np.divide(a.frauds[j], a.count[j], out=rate, where=a.count[j] > 0)
+        counts, frauds = a.count[st.terminal], a.frauds[st.terminal]  # (K, N)
+        rate = np.zeros(counts.shape)
+        np.divide(frauds, counts, out=rate, where=counts > 0)
+        x[:, st.terminal_counts] = counts.T
+        x[:, st.terminal_rates] = rate.T
         return x
+
+
+@dataclass(frozen=True)
+class _Stacked:
+    """``OnlineFeatures``' customer and terminal windows, as index arrays: window rows of the
+    answers, and the feature slots their values go to, in the same order."""
+
+    customer: np.ndarray  # (K,) customer windows
+    customer_counts: np.ndarray  # (K,)
+    customer_means: np.ndarray  # (K,)
+    ratio_rows: np.ndarray  # (R,) positions in ``customer`` of the windows with a ratio
+    ratio_slots: np.ndarray  # (R,)
+    terminal: np.ndarray  # (K,) label-delayed terminal windows
+    terminal_counts: np.ndarray  # (K,)
+    terminal_rates: np.ndarray  # (K,)
 
 
 _CALENDAR_NAMES = ("tx__log_amount", "tx__is_weekend", "tx__is_night", "tx__hour")
