@@ -128,6 +128,7 @@ _DECISION_COLUMNS = (
     "transaction_id", "t_us", "customer_id", "terminal_id", "amount", "score", "raw_score",
     "decision", "model_version", "decided_at_us", "features", "response",
 )  # fmt: skip
+_N_DECISION_COLUMNS = len(_DECISION_COLUMNS)
 _LABEL_COLUMNS = ("transaction_id", "is_fraud", "reported_at_us", "received_at_us", "applied")
 _STOP = object()
 _LOCK_TIMEOUT_SECONDS = 30.0  # several workers take turns committing
@@ -148,18 +149,16 @@ class DecisionRecord(NamedTuple):
     decision: str
     model_version: str
     decided_at_us: int
-    feature_names: Sequence[str]  # the model's, shared by its records
     # The values in ``feature_names`` order as float64 little-endian (``pack_features``): the
     # service packs a whole group's rows with one numpy call, not one struct call per row.
     packed_features: bytes
     response: bytes  # the body sent, reasons included
+    feature_names: Sequence[str]  # the model's, shared by its records
 
     def row(self) -> tuple[Any, ...]:
-        return (
-            self.transaction_id, self.t_us, self.customer_id, self.terminal_id, self.amount,
-            self.score, self.raw_score, self.decision, self.model_version, self.decided_at_us,
-            self.packed_features, self.response,
-        )  # fmt: skip
+        """The ``decisions`` row: the fields up to ``response``, in ``_DECISION_COLUMNS``
+        order (a slice: one C call per decision)."""
+        return self[:_N_DECISION_COLUMNS]
 
 
 def pack_features(values: Sequence[float]) -> bytes:

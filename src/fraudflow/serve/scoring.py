@@ -63,7 +63,7 @@ __all__ = [
     "BundleScorer",
     "Engine",
     "GradientAttribution",
-    "Judged",
+    "Judgements",
     "LeafIndex",
     "Scorer",
     "Scores",
@@ -289,15 +289,15 @@ def _calibration_of(bundle: Bundle) -> Calibration:
     return lambda x, raw: raw
 
 
-class Judged(NamedTuple):
-    """One scored and decided transaction."""
+class Judgements(NamedTuple):
+    """N scored and decided transactions, as columns."""
 
-    score: float
-    raw_score: float
-    action: Action
-    # Thresholds and rules, then the top features: ``Reason.as_dict`` forms, as the response
-    # carries them (built once here, not a Reason and then a dict per reason).
-    reasons: list[dict[str, Any]]
+    scores: np.ndarray  # (N,) what the policy saw: calibrated where the bundle calibrates
+    raw_scores: np.ndarray  # (N,) the model's probability
+    actions: list[Action]
+    # Per transaction: thresholds and rules, then the top features, in the ``Reason.as_dict``
+    # form the response carries (built once here, not a Reason and then a dict per reason).
+    reasons: list[list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -322,7 +322,7 @@ class Engine:
         """
         return self.online.record_events(events)
 
-    def judge(self, x: np.ndarray, amounts: Sequence[float]) -> list[Judged]:
+    def judge(self, x: np.ndarray, amounts: Sequence[float]) -> Judgements:
         """Score and decide feature rows at once: one model call, vectorised policy.
 
         Shape: x (N, F) float64 in ``scorer.features`` order, amounts (N,) -> N judgements.
@@ -341,24 +341,26 @@ class Engine:
         # Python lists once: indexing numpy arrays element by element costs more per row.
         # Plain fancy indexing: take_along_axis costs ~9 us a call before any work.
         at = np.arange(len(x))[:, None]  # (N, 1)
-        top_values = x[at, top].tolist()
-        top_contributions = scores.contributions[at, top].tolist()
-        per_row = zip(
-            decisions, scores.score.tolist(), scores.raw.tolist(), top.tolist(), top_values,
-            top_contributions, strict=True,
-        )  # fmt: skip
-        out = []
+        ranked = zip(
+            top.tolist(), x[at, top].tolist(), scores.contributions[at, top].tolist(), strict=True
+        )
         details = _feature_details(tuple(names))
-        for decision, score, raw, top_j, top_v, top_c in per_row:
-            reasons = [r.as_dict() for r in decision.reasons]
-            for j, v, c in zip(top_j, top_v, top_c, strict=True):
-                detail = details[j] % (v, "raised" if c >= 0 else "lowered", abs(c))
-                reasons.append(
-                    {"kind": "feature", "name": names[j], "detail": detail, "value": v,
-                     "contribution": c}
-                )  # fmt: skip
-            out.append(Judged(score, raw, decision.action, reasons))
-        return out
+        # Comprehensions, not loops of appends: this runs per reason of every decision.
+        features = [
+            [
+                {"kind": "feature", "name": names[j],
+                 "detail": details[j] % (v, "raised" if c >= 0 else "lowered", abs(c)),
+                 "value": v, "contribution": c}
+                for j, v, c in zip(top_j, top_v, top_c, strict=True)
+            ]
+            for top_j, top_v, top_c in ranked
+        ]  # fmt: skip
+        reasons = [
+            [*(r.as_dict() for r in d.reasons), *f] if d.reasons else f
+            for d, f in zip(decisions, features, strict=True)
+        ]
+        actions = [d.action for d in decisions]
+        return Judgements(scores.score, scores.raw, actions, reasons)
 
 
 def _top_features(contributions: np.ndarray) -> np.ndarray:

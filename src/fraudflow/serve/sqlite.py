@@ -22,6 +22,7 @@ lock taken just tries again later.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import sqlite3
 import threading
@@ -96,7 +97,7 @@ def multi_row_inserts(
     statements = []
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
-        values = [value for row in chunk for value in row]
+        values = list(itertools.chain.from_iterable(chunk))
         statements.append((_insert_sql(insert, columns, len(chunk), returning), values))
     return statements
 
