@@ -263,12 +263,14 @@ class DecisionService:
         events = [tx.event() for tx in txs]  # all valid (pydantic) before any is applied
         times = [e.t_us for e in events]
         order = sorted(range(len(txs)), key=times.__getitem__)  # stable: ties keep order
-        first_of: dict[str, int] = {}
-        unique: list[int] = []  # first occurrences, in the order applied
-        for i in order:
-            first_of.setdefault(events[i].transaction_id, i)
-            if first_of[events[i].transaction_id] == i:
-                unique.append(i)
+        tids = [events[i].transaction_id for i in order]
+        # Each id's first occurrence in the order applied: built from the end, the first
+        # assignment of an id is the one that stays.
+        first_of = dict(zip(reversed(tids), reversed(order), strict=True))
+        repeats = len(first_of) < len(txs)
+        unique = order  # the first occurrences, in the order applied: all, the usual case
+        if repeats:
+            unique = [i for i, tid in zip(order, tids, strict=True) if first_of[tid] == i]
         features = self._record(engine, [events[i] for i in unique])
         answers: list[bytes | ServeError | None] = [None] * len(txs)
         stored = features.fresh.tolist()
@@ -277,14 +279,14 @@ class DecisionService:
             values = features.values if len(fresh) == len(unique) else features.values[stored]
             batch = _Fresh(fresh, [events[i] for i in fresh], [txs[i] for i in fresh], values)
             await self._decide_fresh(engine, resources, batch, answers)
-        for i, new in zip(unique, stored, strict=True):
-            if not new:  # already decided, in an earlier request
-                answers[i] = await self._replay_or_error(events[i].transaction_id, resources)
-        out: list[bytes | ServeError] = []
-        for event in events:  # a repeat within the request gets its first occurrence's answer
-            answer = answers[first_of[event.transaction_id]]
-            assert answer is not None  # every first occurrence was answered above
-            out.append(answer)
+        if len(fresh) < len(unique):
+            for i, new in zip(unique, stored, strict=True):
+                if not new:  # already decided, in an earlier request
+                    answers[i] = await self._replay_or_error(events[i].transaction_id, resources)
+        if repeats:  # a repeat within the request gets its first occurrence's answer
+            answers = [answers[first_of[e.transaction_id]] for e in events]
+        out = [a for a in answers if a is not None]
+        assert len(out) == len(txs)  # every first occurrence was answered above
         return out
 
     async def _decide_fresh(
