@@ -180,10 +180,12 @@ def test_apply_many_is_one_by_one_in_one_call(store: StateStore) -> None:
     assert [r[0] for r in _read(store)] == [3, 3]
     empty = store.apply_many([], everything, forget_until_us=0)
     assert empty.fresh.shape == (0,) and empty.count.shape == (2, 0)
-    # Forgetting: events at or before forget_until_us of the touched entities may go.
+    # Forgetting: transactions at or before forget_until_us go (their events may stay a
+    # while, out of every window by the retention rule); prune forgets both.
     store.apply_many([_event("d", 50)], [], forget_until_us=20)
-    assert _read(store)[0][::4] == (2, 50)  # "c" and "d" are left
     assert not store.set_label("a", True)  # forgotten transactions cannot be labelled
+    store.prune(20)
+    assert _read(store)[0][::4] == (2, 50)  # "c" and "d" are left
 
 
 # --- Parity with batch -------------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import math
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -546,6 +547,7 @@ class _History:
 
 
 _REBASE_ABOVE = 2.0**24
+_SWEEP_EVERY = 4_096
 _EMPTY = _History()  # the history of an entity never seen; never written
 
 
@@ -613,7 +615,15 @@ class MemoryStore:
         self._customers: dict[str, _History] = {}
         self._terminals: dict[str, _History] = {}
         self._transactions: dict[str, _Transaction] = {}
-        self._by_time: list[tuple[int, str]] = []  # heap of (t_us, transaction_id)
+        # The transactions by time, to forget: those that arrive in time order (nearly all)
+        # in a deque, O(1) each, a late one (older than the newest before it) in a heap.
+        self._in_order: deque[tuple[int, str]] = deque()
+        self._late: list[tuple[int, str]] = []  # heap of (t_us, transaction_id)
+        # Histories touched since they were last swept for old events: swept every
+        # _SWEEP_EVERY applied events, not per call, so a busy terminal drops its old events
+        # in one slice instead of one per call.
+        self._touched: dict[int, _History] = {}  # by id(): each once
+        self._unswept = 0
 
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
         out = AnswerLists(windows, len(events))
@@ -632,8 +642,7 @@ class MemoryStore:
         by_customer, by_terminal = _bind(windows, out)
         # The hot loop of a service: everything it touches bound to locals.
         customers, terminals, transactions = self._customers, self._terminals, self._transactions
-        fresh, by_time, push = out.fresh, self._by_time, heapq.heappush
-        touched: dict[int, _History] = {}  # by id(): each touched history once
+        fresh, in_order, touched = out.fresh, self._in_order, self._touched
         for i, (tid, t_us, customer_id, terminal_id, amount) in enumerate(events):
             if tid in transactions:
                 continue
@@ -652,9 +661,16 @@ class MemoryStore:
             touched[id(customer)] = customer
             touched[id(terminal)] = terminal
             transactions[tid] = (t_us, customer_id, terminal_id, False)
-            push(by_time, (t_us, tid))
-        for history in touched.values():
-            history.forget(forget_until_us)
+            if not in_order or t_us >= in_order[-1][0]:
+                in_order.append((t_us, tid))
+            else:
+                heapq.heappush(self._late, (t_us, tid))
+        self._unswept += len(events)
+        if self._unswept >= _SWEEP_EVERY:
+            for history in touched.values():
+                history.forget(forget_until_us)
+            touched.clear()
+            self._unswept = 0
         self._forget_transactions(forget_until_us)
         return out.done()
 
@@ -669,6 +685,7 @@ class MemoryStore:
         return True
 
     def prune(self, until_us: int) -> int:
+        self._touched.clear()  # all are swept now
         for histories in (self._customers, self._terminals):
             for key, history in list(histories.items()):
                 history.forget(until_us)
@@ -680,9 +697,13 @@ class MemoryStore:
         """Nothing to release; here for the ``StateStore`` protocol."""
 
     def _forget_transactions(self, until_us: int) -> int:
+        transactions, in_order, late = self._transactions, self._in_order, self._late
         gone = 0
-        while self._by_time and self._by_time[0][0] <= until_us:
-            del self._transactions[heapq.heappop(self._by_time)[1]]
+        while in_order and in_order[0][0] <= until_us:
+            del transactions[in_order.popleft()[1]]
+            gone += 1
+        while late and late[0][0] <= until_us:
+            del transactions[heapq.heappop(late)[1]]
             gone += 1
         return gone
 

@@ -136,6 +136,7 @@ _LOCK_TIMEOUT_SECONDS = 30.0  # several workers take turns committing
 # measured with 1,000-decision groups: 6.4 against 7.9 us of CPU per decision, checkpoints
 # included. 16 KiB gained nothing more.
 _PAGE_SIZE = 8192
+_WRITER_CACHE_KIB = 64 * 1024
 
 
 class DecisionRecord(NamedTuple):
@@ -251,6 +252,11 @@ class AuditLog:
         self._max_group = max_group
         self._writer = _connect(self.file, synchronous="FULL")
         hand_over_waits(self._writer)  # no checkpoint inside a group commit
+        # Transaction ids arrive in no particular order (UUIDs, say), so each insert lands on
+        # a random page of the transaction_id index: beyond SQLite's default 2 MB cache every
+        # group re-reads those pages from the OS (measured at 300k random ids: 14.0 against
+        # 12.0 us of CPU per decision with this cache).
+        self._writer.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
         # The model versions whose feature names this shard holds.
         self._feature_sets = {
             v for (v,) in self._writer.execute("SELECT model_version FROM feature_sets")
