@@ -132,6 +132,26 @@ def test_a_group_skips_repeated_ids_and_sees_its_earlier_events() -> None:
     assert online.features_many([r1]) == [None]
 
 
+def test_sums_stay_right_when_a_whole_history_is_forgotten_unasked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A history whose running sums lag (events stored by calls that asked nothing, as a
+    mirror catching up) and is then forgotten whole starts its sums afresh."""
+    monkeypatch.setattr("fraudflow.features.online._SWEEP_EVERY", 1)
+    store, low = MemoryStore(), -(2**62)
+    window = [Window("customer", 100, amounts=True)]
+
+    def event(tx: str, t_us: int, amount: float) -> Event:
+        return Event(tx, t_us, "C", "T", amount)
+
+    store.apply_many([event("a", 1, 1.0), event("b", 2, 2.0)], window, forget_until_us=low)
+    store.apply_many([event("c", 3, 4.0)], [], forget_until_us=low)  # its sum not asked
+    store.apply_many([event("d", 1_000, 16.0)], [], forget_until_us=999)  # a, b, c go
+    answers = store.apply_many([event("e", 1_001, 32.0)], window, forget_until_us=low)
+    assert answers.count.tolist() == [[1]]
+    assert answers.amount.tolist() == [[16.0]]
+
+
 def _tiny_rows() -> list[Row]:
     return TINY.drop(IS_FRAUD).to_dicts()
 

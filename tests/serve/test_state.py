@@ -4,6 +4,7 @@ The Redis tests run against a real ``redis-server`` on loopback, started here; t
 where the binary is absent.
 """
 
+import random
 import shutil
 import socket
 import sqlite3
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -186,6 +188,75 @@ def test_apply_many_is_one_by_one_in_one_call(store: StateStore) -> None:
     assert not store.set_label("a", True)  # forgotten transactions cannot be labelled
     store.prune(20)
     assert _read(store)[0][::4] == (2, 50)  # "c" and "d" are left
+
+
+def test_windows_equal_a_brute_force_count(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random groups of events (late ones, repeated ids, labels between groups, forgetting
+    as the evaluator does) against counting the stored events directly."""
+    monkeypatch.setattr("fraudflow.features.online._SWEEP_EVERY", 16)  # sweep often
+    rng = random.Random(7)
+    windows = [
+        Window("customer", 60, amounts=True),
+        Window("customer", 300, amounts=True, below=2.0),
+        Window("customer", 450, 100),
+        Window("terminal", 200),
+        Window("terminal", 500, 150),
+    ]
+    retention = 1_000  # >= the widest window; a late event is at most 400 late
+    stored: dict[str, list[Any]] = {}  # id -> [t, customer, terminal, amount, fraud]
+    newest, n, burst, forgotten = 0, 0, 0, -(2**62)  # forgotten: the highest bound so far
+    for _ in range(120):
+        group = []
+        kept = sorted(tid for tid, v in stored.items() if v[0] > forgotten)
+        for _ in range(rng.randint(1, 12)):
+            if kept and rng.random() < 0.05:  # a repeat: not stored again
+                group.append(Event(rng.choice(kept), newest, "c0", "t0", 1.0))
+                continue
+            newest += rng.randint(0, 40)
+            t = newest - rng.randint(0, 400) if rng.random() < 0.15 else newest
+            amount = rng.choice([0.5, 1.0, 1.5, 3.0, 10.25])
+            tid, n = f"e{n}", n + 1
+            # c9 comes in rare bursts: idle past the retention, it is forgotten whole, then
+            # comes back.
+            burst = 3 if rng.random() < 0.01 else max(0, burst - 1)
+            customer = "c9" if burst else f"c{rng.randint(0, 2)}"
+            group.append(Event(tid, t, customer, f"t{rng.randint(0, 2)}", amount))
+        forget = min(e.t_us for e in group) - retention
+        # Some groups ask nothing, as a mirror catching up with another writer's events.
+        asked = windows if rng.random() < 0.8 else []
+        answers = store.apply_many(group, asked, forget_until_us=forget)
+        forgotten = max(forgotten, forget)
+        seen: set[str] = set()
+        for i, e in enumerate(group):
+            new = e.transaction_id not in stored and e.transaction_id not in seen
+            assert answers.fresh[i] == new
+            seen.add(e.transaction_id)
+            if not new:
+                continue
+            for j, w in enumerate(asked):
+                entity = e.customer_id if w.entity == "customer" else e.terminal_id
+                inside = [
+                    v for v in stored.values()
+                    if v[1 if w.entity == "customer" else 2] == entity
+                    and e.t_us - w.after_us < v[0] <= e.t_us - w.until_us
+                ]  # fmt: skip
+                assert answers.count[j, i] == len(inside), (j, e)
+                assert answers.frauds[j, i] == sum(v[4] for v in inside), (j, e)
+                if w.amounts:
+                    assert answers.amount[j, i] == pytest.approx(sum(v[3] for v in inside))
+                    if inside:
+                        assert answers.latest[j, i] == max(v[0] for v in inside)
+                if w.below is not None:
+                    below = sum(v[3] < w.below for v in inside)
+                    assert answers.below[j, i] == below
+            stored[e.transaction_id] = [e.t_us, e.customer_id, e.terminal_id, e.amount, False]
+        for tid in rng.sample(sorted(stored), k=min(3, len(stored))):  # labels, some undone
+            if stored[tid][0] > forgotten:  # a forgotten one may be refused
+                flag = rng.random() < 0.7
+                assert store.set_label(tid, flag)
+                stored[tid][4] = flag
 
 
 # --- Parity with batch -------------------------------------------------------------------

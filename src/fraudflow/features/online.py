@@ -507,7 +507,8 @@ class _History:
         self.times: list[int] = []
         self.amounts: list[float] = []
         # cum[i]: the amount sum of the events before position i, plus a base (what the
-        # forgotten ones summed to): a range's sum is a difference, O(1) per window.
+        # forgotten ones summed to): a range's sum is a difference, O(1) per window. Brought
+        # up to date only when asked (``sums``): terminals, say, are never asked.
         self.cum: list[float] = [0.0]
         self.fraud_times: list[int] = []  # sorted; a multiset
 
@@ -516,17 +517,21 @@ class _History:
         if not times or t_us >= times[-1]:  # the usual case: the newest event
             times.append(t_us)
             self.amounts.append(amount)
-            self.cum.append(self.cum[-1] + amount)
             return
         i = bisect_right(times, t_us)  # after equal times: arrival order within ties
         times.insert(i, t_us)
         self.amounts.insert(i, amount)
-        cum = self.cum
-        del cum[i + 1 :]
-        total = cum[i]
-        for value in self.amounts[i:]:
-            total += value
-            cum.append(total)
+        del self.cum[i + 1 :]  # sums past the insertion are stale
+
+    def sums(self) -> list[float]:
+        """``cum``, up to date."""
+        cum, amounts = self.cum, self.amounts
+        if len(cum) <= len(amounts):
+            total = cum[-1]
+            for value in amounts[len(cum) - 1 :]:
+                total += value
+                cum.append(total)
+        return cum
 
     def set_fraud(self, t_us: int, was: bool, now: bool) -> None:
         if now and not was:
@@ -538,10 +543,14 @@ class _History:
         times = self.times
         if times and times[0] <= until_us:  # most calls find nothing to forget
             k = bisect_right(times, until_us)
-            del times[:k], self.amounts[:k], self.cum[:k]
-            if abs(self.cum[0]) > _REBASE_ABOVE:  # keep the sums' rounding at their scale
-                base = self.cum[0]
-                self.cum = [c - base for c in self.cum]
+            del times[:k], self.amounts[:k]
+            if len(self.cum) > k:
+                del self.cum[:k]  # cum[0]: what the forgotten events summed to
+                if abs(self.cum[0]) > _REBASE_ABOVE:  # keep the sums' rounding at their scale
+                    base = self.cum[0]
+                    self.cum = [c - base for c in self.cum]
+            else:  # the sums had not reached the new first event: start them afresh there
+                self.cum = [0.0]
         if self.fraud_times and self.fraud_times[0] <= until_us:
             del self.fraud_times[: bisect_right(self.fraud_times, until_us)]
 
@@ -578,6 +587,7 @@ def _answer(i: int, t_us: int, h: _History, groups: list[_Group]) -> None:
     n = len(times)
     top = n if not n or times[-1] <= t_us else bisect_right(times, t_us)
     fraud_hi = 0
+    cum: list[float] = []  # the running sums, fetched by the first window that asks
     for until_us, windows in groups:
         end = t_us - until_us
         hi = bisect_right(times, end, 0, top) if until_us else top
@@ -590,7 +600,8 @@ def _answer(i: int, t_us: int, h: _History, groups: list[_Group]) -> None:
             if fraud_times:
                 frauds[i] = fraud_hi - bisect_right(fraud_times, start)
             if amounts is not None and hi > lo:
-                amounts[i] = h.cum[hi] - h.cum[lo]
+                cum = cum or h.sums()
+                amounts[i] = cum[hi] - cum[lo]
                 latests[i] = times[hi - 1]
                 if below is not None:
                     belows[i] = sum(1 for v in h.amounts[lo:hi] if v < below)

@@ -279,12 +279,17 @@ class SQLiteStore:
         event; no RETURNING, whose per-row results cost more than the check below."""
         before = self._db.total_changes
         last = self._seen_seq  # caught up under the write lock: every seq above is ours
+        cursor = None
         for sql, values in multi_row_inserts(
             "INSERT OR IGNORE INTO transactions", _TRANSACTION_COLUMNS, events
         ):
             cursor = self._db.execute(sql, values)
-            self._seen_seq = cursor.lastrowid or self._seen_seq
+        if cursor is None:
+            return None
         if self._db.total_changes - before == len(events):
+            # Every row went in, the last one last. (Only then: after an insert that stored
+            # nothing, lastrowid is the connection's last insert in any table.)
+            self._seen_seq = cursor.lastrowid or self._seen_seq
             return None
         # Some were stored already (or repeated in ``events``): the file says which went in;
         # a repeated id was inserted once, its first occurrence counts.
@@ -293,6 +298,7 @@ class SQLiteStore:
                 "SELECT transaction_id, seq FROM transactions WHERE seq > ?", (last,)
             ).fetchall()
         )
+        self._seen_seq = max(seq_of.values(), default=last)
         return [i for i, e in enumerate(events) if seq_of.pop(e.transaction_id, None) is not None]
 
     def _forget_in_file(self, until_us: int) -> int:
