@@ -615,7 +615,8 @@ _Transaction = tuple[int, str, str, bool]
 
 
 class MemoryStore:
-    """A ``StateStore`` in plain dicts and sorted lists: for tests and per-request scratch.
+    """A ``StateStore`` in plain dicts and sorted lists: the in-memory mirror that answers for
+    ``fraudflow.serve.state.SQLiteStore``, and the store of tests and notebooks.
 
     Not thread-safe and not durable: use one per thread, or a store of
     ``fraudflow.serve.state`` in the service. A window costs O(log n) (a below-count: plus
