@@ -169,6 +169,27 @@ def test_writers_take_their_own_shards_and_readers_see_them_all(tmp_path: Path) 
         first.close()
 
 
+def test_a_full_shard_makes_the_writer_move_on_and_stays_readable(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    log = AuditLog(path, max_shard_decisions=5)
+    try:
+        log.submit([decision(i) for i in range(4)]).result(timeout=10)
+        assert log.file == path  # 4 < 5: still the first
+        log.submit([decision(i) for i in range(4, 7)]).result(timeout=10)  # 7: full, move on
+        assert log.file == tmp_path / "audit.1.db"
+        log.submit([decision(i) for i in range(7, 9)]).result(timeout=10)
+        assert log.lookup("tx-2") == decision(2).response  # in the full shard
+        assert log.lookup("tx-8") == decision(8).response
+    finally:
+        log.close()
+    assert read_decisions(path)["transaction_id"].to_list() == [f"tx-{i}" for i in range(9)]
+    again = AuditLog(path, max_shard_decisions=5)  # a restart skips the full shard
+    try:
+        assert again.file == tmp_path / "audit.1.db"
+    finally:
+        again.close()
+
+
 _SCHEMA_1 = """
 CREATE TABLE decisions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, transaction_id TEXT NOT NULL UNIQUE,

@@ -22,8 +22,11 @@ beside it. Each ``AuditLog`` (one per worker process) writes to the first file w
 restarted worker takes its shard back). A single-process server writes ``audit.db`` alone.
 Writers sharing one file take turns for its write lock, each holding it through its fsync:
 with two workers that serialised every commit and capped single-decision throughput
-(measured: ~2,000/s, against ~2,900/s without the fsync). ``lookup`` searches the other
-shards too; ``read_decisions``, ``read_labels`` and the export read them all.
+(measured: ~2,000/s, against ~2,900/s without the fsync). A writer whose shard holds
+``max_shard_decisions`` decisions moves on to the next free shard with room, so no file grows
+without end (an insert's cost grows with the transaction_id index once it outgrows memory).
+``lookup`` searches the other shards too; ``read_decisions``, ``read_labels`` and the export
+read them all.
 
 Tables (``decisions`` is unique by transaction_id; ``labels`` keeps every report, the latest
 wins when read):
@@ -49,6 +52,7 @@ import contextlib
 import functools
 import glob
 import itertools
+import logging
 import os
 import queue
 import sqlite3
@@ -91,6 +95,8 @@ __all__ = [
     "read_decisions",
     "read_labels",
 ]
+
+log = logging.getLogger(__name__)
 
 _SCHEMA_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
@@ -137,6 +143,9 @@ _LOCK_TIMEOUT_SECONDS = 30.0  # several workers take turns committing
 # included. 16 KiB gained nothing more.
 _PAGE_SIZE = 8192
 _WRITER_CACHE_KIB = 64 * 1024
+# A writer moves to a new shard after this many decisions (~1 GB of file; its
+# transaction_id index, ~40 MB, still fits the writer's cache).
+_MAX_SHARD_DECISIONS = 1_000_000
 
 
 class DecisionRecord(NamedTuple):
@@ -208,13 +217,17 @@ def _shard(path: Path, number: int) -> Path:
     return path if number == 0 else path.with_name(f"{path.stem}.{number}{path.suffix}")
 
 
-def _claim_shard(path: Path) -> tuple[Path, int | None]:
-    """The first shard of ``path`` no other writer holds and of this schema (or new), and the
-    lock's file descriptor. Shards of an older schema are left as they are, for reading."""
+def _claim_shard(path: Path, *, max_decisions: int) -> tuple[Path, int | None]:
+    """The first shard of ``path`` no other writer holds, of this schema (or new) and with
+    fewer than ``max_decisions`` decisions, and the lock's file descriptor. Shards of an
+    older schema are left as they are, for reading, and so are full ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for number in itertools.count():
         candidate = _shard(path, number)
-        if _schema_version(candidate) not in (0, _SCHEMA_VERSION):
+        version = _schema_version(candidate)
+        if version not in (0, _SCHEMA_VERSION):
+            continue
+        if version and _decisions_in(candidate) >= max_decisions:
             continue
         if fcntl is None:  # no flock (Windows): one writer process, as uvicorn runs there
             return candidate, None
@@ -226,6 +239,14 @@ def _claim_shard(path: Path) -> tuple[Path, int | None]:
             continue
         return candidate, fd
     raise AssertionError("unreachable")
+
+
+def _decisions_in(path: Path) -> int:
+    """The decisions an audit file of this schema holds (rows are never deleted, so the
+    highest seq is their number: no table scan)."""
+    with contextlib.closing(_read_only(path)) as db:
+        (count,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM decisions").fetchone()
+    return int(count)
 
 
 def _schema_version(path: Path) -> int:
@@ -244,26 +265,19 @@ class AuditLog:
     """
 
     def __init__(
-        self, path: Path, *, after_commit: AfterCommit | None = None, max_group: int = 4096
+        self,
+        path: Path,
+        *,
+        after_commit: AfterCommit | None = None,
+        max_group: int = 4096,
+        max_shard_decisions: int = _MAX_SHARD_DECISIONS,
     ) -> None:
         self.path = Path(path)
-        self.file, self._shard_lock = _claim_shard(self.path)
         self._after_commit = after_commit
         self._max_group = max_group
-        self._writer = _connect(self.file, synchronous="FULL")
-        hand_over_waits(self._writer)  # no checkpoint inside a group commit
-        # Transaction ids arrive in no particular order (UUIDs, say), so each insert lands on
-        # a random page of the transaction_id index: beyond SQLite's default 2 MB cache every
-        # group re-reads those pages from the OS (measured at 300k random ids: 14.0 against
-        # 12.0 us of CPU per decision with this cache).
-        self._writer.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
-        # The model versions whose feature names this shard holds.
-        self._feature_sets = {
-            v for (v,) in self._writer.execute("SELECT model_version FROM feature_sets")
-        }
-        self._reader = _connect(self.file, synchronous="FULL")
-        self._checkpointer = Checkpointer(self.file)
-        self._read_lock = threading.Lock()
+        self._max_shard = max_shard_decisions
+        self._read_lock = threading.Lock()  # the reader, and which file it reads
+        self._open_shard()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self.commits = 0  # groups committed so far (each one fsync)
@@ -311,11 +325,50 @@ class AuditLog:
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join()
-        self._checkpointer.close()
+        self._close_shard(self._checkpointer, self._reader, self._shard_lock)
+
+    def _open_shard(self) -> None:
+        """Claim a shard with room and open it: at start, and when the last one is full."""
+        file, shard_lock = _claim_shard(self.path, max_decisions=self._max_shard)
+        writer = _connect(file, synchronous="FULL")
+        hand_over_waits(writer)  # no checkpoint inside a group commit
+        # Transaction ids arrive in no particular order (UUIDs, say), so each insert lands on
+        # a random page of the transaction_id index: beyond SQLite's default 2 MB cache every
+        # group re-reads those pages from the OS (measured at 300k random ids: 14.0 against
+        # 12.0 us of CPU per decision with this cache).
+        writer.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
+        # The model versions whose feature names this shard holds.
+        sets = writer.execute("SELECT model_version FROM feature_sets")
+        self._feature_sets = {v for (v,) in sets}
+        count = writer.execute("SELECT COALESCE(MAX(seq), 0) FROM decisions").fetchone()
+        self._in_shard = int(count[0])
+        self._writer, self._shard_lock = writer, shard_lock
+        self._checkpointer = Checkpointer(file)
+        reader = _connect(file, synchronous="FULL")
+        with self._read_lock:  # a lookup sees the file and its reader change together
+            self.file, self._reader = file, reader
+
+    def _rotate(self) -> None:
+        """Move to a new shard: one that grew without end would make every insert slower (a
+        random id lands on a random page of an index that no longer fits in memory) and
+        every file copy longer. The full one stays for lookups and export."""
+        old = (self._writer, self._checkpointer, self._reader, self._shard_lock)
+        try:
+            self._open_shard()
+        except (ConfigError, sqlite3.Error) as exc:  # the full shard still works: keep it
+            log.warning("audit log %s: could not open a new shard: %s", self.path, exc)
+            return
+        old[0].close()
+        self._close_shard(*old[1:])
+
+    def _close_shard(
+        self, checkpointer: Checkpointer, reader: sqlite3.Connection, shard_lock: int | None
+    ) -> None:
+        checkpointer.close()
         with self._read_lock:
-            self._reader.close()
-        if self._shard_lock is not None:
-            os.close(self._shard_lock)  # the shard is free for the next writer
+            reader.close()
+        if shard_lock is not None:
+            os.close(shard_lock)  # the shard is free for the next writer
 
     def _run(self) -> None:
         stop = False
@@ -366,6 +419,9 @@ class AuditLog:
                 if p.future.set_running_or_notify_cancel():
                     p.future.set_exception(exc)
             return
+        self._in_shard += len(decisions)
+        if self._in_shard >= self._max_shard:  # before the waiters go: they see the new file
+            self._rotate()
         for p in group:
             if p.future.set_running_or_notify_cancel():
                 p.future.set_result(None)
