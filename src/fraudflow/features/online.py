@@ -268,7 +268,7 @@ class OnlineFeatures:
         small = cfg.small_amount
         # Each feature's window and its position in a row (``names`` order), resolved once.
         # The small-amount count rides on the 1d window where there is one.
-        self._customer = [
+        customer = [
             (window(Window("customer", w.window_seconds * _US, amounts=True,
                            below=small if w.window_seconds == DAY_SECONDS else None)),
              at[f"customer__count__{w.label}"], at[f"customer__mean_amount__{w.label}"],
@@ -291,28 +291,29 @@ class OnlineFeatures:
             at[f"customer__known_fraud_count__{customer_windows(cfg)[-1].label}"],
         )
         self._live = (window(Window("terminal", _DAY_US)), at["terminal__live_count__1d"])
-        self._terminal = [
+        terminal = [
             (window(Window("terminal", delay_us + w.window_seconds * _US, delay_us)),
              at[f"terminal__count__{w.label}"], at[f"terminal__fraud_rate__{w.label}"])
             for w in terminal_windows(cfg)
         ]  # fmt: skip
         self._calendar = tuple(at[n] for n in _CALENDAR_NAMES)
         self.windows = tuple(windows)
-        # The same, stacked: _compute does each formula once over all windows of its kind.
-        ratios = [(k, r) for k, (_, _, _, r) in enumerate(self._customer) if r is not None]
+        # Customer and terminal windows stacked: _compute does each formula once over all
+        # windows of its kind.
+        ratios = [(k, r) for k, (_, _, _, r) in enumerate(customer) if r is not None]
 
         def index(values: list[int]) -> np.ndarray:  # arrays: cheaper to index with
             return np.array(values, dtype=np.int64)
 
         self._stacked = _Stacked(
-            customer=index([j for j, *_ in self._customer]),
-            customer_counts=index([c for _, c, _, _ in self._customer]),
-            customer_means=index([m for _, _, m, _ in self._customer]),
+            customer=index([j for j, *_ in customer]),
+            customer_counts=index([c for _, c, _, _ in customer]),
+            customer_means=index([m for _, _, m, _ in customer]),
             ratio_rows=index([k for k, _ in ratios]),
             ratio_slots=index([r for _, r in ratios]),
-            terminal=index([j for j, *_ in self._terminal]),
-            terminal_counts=index([c for _, c, _ in self._terminal]),
-            terminal_rates=index([r for _, _, r in self._terminal]),
+            terminal=index([j for j, *_ in terminal]),
+            terminal_counts=index([c for _, c, _ in terminal]),
+            terminal_rates=index([r for _, _, r in terminal]),
         )
         # Events older than this are outside every window, delayed ones included.
         self.retention_us = max(w.after_us for w in self.windows)
