@@ -636,7 +636,7 @@ class MemoryStore:
         # Histories touched since they were last swept for old events: swept every
         # _SWEEP_EVERY applied events, not per call, so a busy terminal drops its old events
         # in one slice instead of one per call.
-        self._touched: dict[int, _History] = {}  # by id(): each once
+        self._touched: set[_History] = set()  # by identity
         self._unswept = 0
 
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
@@ -670,10 +670,14 @@ class MemoryStore:
             if windows:
                 _answer(i, t_us, customer, by_customer)
                 _answer(i, t_us, terminal, by_terminal)
-            customer.add(t_us, amount)
-            terminal.add(t_us, amount)
-            touched[id(customer)] = customer
-            touched[id(terminal)] = terminal
+            for history in (customer, terminal):
+                times = history.times
+                if not times or t_us >= times[-1]:  # ``_History.add``'s usual case, inline
+                    times.append(t_us)
+                    history.amounts.append(amount)
+                else:
+                    history.add(t_us, amount)
+                touched.add(history)
             transactions[tid] = (t_us, customer_id, terminal_id, False)
             if not in_order or t_us >= in_order[-1][0]:
                 in_order.append((t_us, tid))
@@ -681,7 +685,7 @@ class MemoryStore:
                 heapq.heappush(self._late, (t_us, tid))
         self._unswept += len(events)
         if self._unswept >= _SWEEP_EVERY:
-            for history in touched.values():
+            for history in touched:
                 history.forget(forget_until_us)
             touched.clear()
             self._unswept = 0

@@ -253,18 +253,20 @@ class SQLiteStore:
             # Labels up to here are in transactions.is_fraud already.
             self._mirror, self._seen_seq, self._seen_label = MemoryStore(), 0, last_label
             self._stale = False
+        after = self._seen_seq
+        # Rows as the Event tuples they are (no per-row Python), the labelled few apart.
         rows = self._db.execute(
-            "SELECT seq, transaction_id, t_us, customer_id, terminal_id, amount, is_fraud "
-            "FROM transactions WHERE seq > ? ORDER BY seq",
-            (self._seen_seq,),
+            f"SELECT {', '.join(_TRANSACTION_COLUMNS)} FROM transactions WHERE seq > ? "
+            "ORDER BY seq",
+            (after,),
         ).fetchall()
         if rows:
-            events = [Event(tid, t, c, term, amount) for _, tid, t, c, term, amount, _ in rows]
-            self._mirror.apply_many(events, (), forget_until_us=_LOW_US)
-            for _, tid, *_, is_fraud in rows:
-                if is_fraud:
-                    self._mirror.set_label(tid, True)
-            self._seen_seq = rows[-1][0]
+            self._mirror.apply_many(list(map(Event._make, rows)), (), forget_until_us=_LOW_US)
+            for (tid,) in self._db.execute(
+                "SELECT transaction_id FROM transactions WHERE seq > ? AND is_fraud", (after,)
+            ):
+                self._mirror.set_label(tid, True)
+            (self._seen_seq,) = self._db.execute("SELECT MAX(seq) FROM transactions").fetchone()
         for seq, tid, is_fraud in self._db.execute(
             "SELECT seq, transaction_id, is_fraud FROM label_changes WHERE seq > ? ORDER BY seq",
             (self._seen_label,),
