@@ -55,7 +55,7 @@ def test_scores_equal_the_bundle_calibrated_predictions(run: Path) -> None:
 
 
 def test_one_row_equals_its_row_in_a_batch(run: Path) -> None:
-    # 200 rows: the batch sums attributions tree by tree, a single row in one gather.
+    # 200 rows: the batch's attributions are one sparse product, a single row's one gather.
     scorer, x = BundleScorer(load_bundle(run), version="v"), _rows(run, 200)
     batch = scorer.score(x)
     for i in (0, 17, 199):

@@ -19,7 +19,7 @@ The store answers range aggregates over each entity's history (``Window``: count
 amount sum, count below a bound, latest time), as columns for a group of events, and records
 events and labels; it never computes a feature, so there is one feature implementation, and
 the evaluator turns the columns into features with array arithmetic, once per group. Stores:
-``MemoryStore`` here (tests, per-request scratch), the durable ones in
+``MemoryStore`` here (tests; the SQLite store's in-memory mirror), the durable ones in
 ``fraudflow.serve.state``.
 
 Retention: scoring an event at t lets the store forget what is older than t minus
@@ -242,7 +242,7 @@ class StateStore(Protocol):
 class FeatureRows(NamedTuple):
     """Features of a group of N events, in the evaluator's ``names`` order."""
 
-    values: np.ndarray  # (N, F) float64; rows of events not stored hold zeros
+    values: np.ndarray  # (N, F) float64; the rows of events not stored mean nothing
     fresh: np.ndarray  # (N,) bool: the event was stored (False: a repeated transaction_id)
 
 
@@ -670,14 +670,10 @@ class MemoryStore:
             if windows:
                 _answer(i, t_us, customer, by_customer)
                 _answer(i, t_us, terminal, by_terminal)
-            for history in (customer, terminal):
-                times = history.times
-                if not times or t_us >= times[-1]:  # ``_History.add``'s usual case, inline
-                    times.append(t_us)
-                    history.amounts.append(amount)
-                else:
-                    history.add(t_us, amount)
-                touched.add(history)
+            customer.add(t_us, amount)
+            terminal.add(t_us, amount)
+            touched.add(customer)
+            touched.add(terminal)
             transactions[tid] = (t_us, customer_id, terminal_id, False)
             if not in_order or t_us >= in_order[-1][0]:
                 in_order.append((t_us, tid))

@@ -34,7 +34,7 @@ from fraudflow.serve.auth import load_api_keys
 from fraudflow.serve.deps import ACTIVE_MODEL_FILE, DecisionService, EngineLoader, ServeError
 from fraudflow.serve.direct import ERROR_KIND_KEY, DirectRoutes, direct_routes, serve_error_headers
 from fraudflow.serve.metrics import ServiceMetrics
-from fraudflow.serve.routes import BATCH, DECISION_ROUTES, DECISIONS, LABELS, ROUTES, build_router
+from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router
 from fraudflow.serve.settings import ServeSettings, load_settings, settings_environment
 
 __all__ = ["app_from_environment", "create_app", "run_server"]
@@ -66,11 +66,7 @@ def create_app(settings: ServeSettings, *, loader: EngineLoader | None = None) -
     app.include_router(build_router(settings))
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(Exception, _internal_error)
-    routes = direct_routes(
-        DECISIONS, BATCH, LABELS,
-        single_limit=settings.max_body_bytes, batch_limit=settings.max_batch_body_bytes,
-    )  # fmt: skip
-    app.add_middleware(DirectRoutes, service=service, routes=routes)
+    app.add_middleware(DirectRoutes, service=service, routes=direct_routes(settings))
     app.add_middleware(_RequestMetrics, metrics=metrics)  # added last: outermost, sees all
     return app
 

@@ -224,10 +224,8 @@ def _claim_shard(path: Path, *, max_decisions: int) -> tuple[Path, int | None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     for number in itertools.count():
         candidate = _shard(path, number)
-        version = _schema_version(candidate)
-        if version not in (0, _SCHEMA_VERSION):
-            continue
-        if version and _decisions_in(candidate) >= max_decisions:
+        version, decisions = _shard_state(candidate)
+        if version not in (0, _SCHEMA_VERSION) or decisions >= max_decisions:
             continue
         if fcntl is None:  # no flock (Windows): one writer process, as uvicorn runs there
             return candidate, None
@@ -241,21 +239,20 @@ def _claim_shard(path: Path, *, max_decisions: int) -> tuple[Path, int | None]:
     raise AssertionError("unreachable")
 
 
-def _decisions_in(path: Path) -> int:
-    """The decisions an audit file of this schema holds (rows are never deleted, so the
-    highest seq is their number: no table scan)."""
-    with contextlib.closing(_read_only(path)) as db:
-        (count,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM decisions").fetchone()
-    return int(count)
-
-
-def _schema_version(path: Path) -> int:
-    """The schema version of an audit file; 0 if it does not exist yet."""
+def _shard_state(path: Path) -> tuple[int, int]:
+    """An audit file's schema version and, for this schema, its number of decisions (rows
+    are never deleted, so the highest seq: no table scan); (0, 0) if it does not exist yet."""
     if not path.is_file():
-        return 0
+        return 0, 0
     with contextlib.closing(_read_only(path)) as db:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-    return int(version)
+        if version != _SCHEMA_VERSION:
+            return int(version), 0
+        (count,) = db.execute(_COUNT_DECISIONS).fetchone()
+    return int(version), int(count)
+
+
+_COUNT_DECISIONS = "SELECT COALESCE(MAX(seq), 0) FROM decisions"
 
 
 class AuditLog:
@@ -340,8 +337,7 @@ class AuditLog:
         # The model versions whose feature names this shard holds.
         sets = writer.execute("SELECT model_version FROM feature_sets")
         self._feature_sets = {v for (v,) in sets}
-        count = writer.execute("SELECT COALESCE(MAX(seq), 0) FROM decisions").fetchone()
-        self._in_shard = int(count[0])
+        (self._in_shard,) = writer.execute(_COUNT_DECISIONS).fetchone()
         self._writer, self._shard_lock = writer, shard_lock
         self._checkpointer = Checkpointer(file)
         reader = _connect(file, synchronous="FULL")
@@ -515,9 +511,8 @@ _DECISION_FIELDS = (
 )
 
 
-def _decision_rows(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
+def _decision_rows(db: sqlite3.Connection, version: int) -> list[tuple[Any, ...]]:
     """One shard's decisions: the ``_DECISION_SCHEMA`` fields, then a dict of features."""
-    (version,) = db.execute("PRAGMA user_version").fetchone()
     if version == 1:  # features as a JSON object, reasons in a column of their own
         sql = f"SELECT {_DECISION_FIELDS}, reasons, features FROM decisions ORDER BY seq"
         return [(*r[:-1], orjson.loads(r[-1])) for r in db.execute(sql)]
@@ -533,10 +528,14 @@ def _decision_rows(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
 
 
 def _read_all(
-    path: Path, read: Callable[[sqlite3.Connection], list[tuple[Any, ...]]], *, time_column: int
+    path: Path,
+    read: Callable[[sqlite3.Connection, int], list[tuple[Any, ...]]],
+    *,
+    time_column: int,
 ) -> list[tuple[Any, ...]]:
-    """``read``'s rows from every shard of the log named ``path``. One shard: in its order;
-    several: merged by ``time_column`` (stable, so each shard's order holds within ties)."""
+    """``read``'s rows (given a shard and its schema version) from every shard of the log
+    named ``path``. One shard: in its order; several: merged by ``time_column`` (stable, so
+    each shard's order holds within ties)."""
     files = shard_files(path)
     if not files:
         raise ConfigError(f"audit log {path} does not exist")
@@ -549,7 +548,7 @@ def _read_all(
                     f"audit log shard {file} has schema version {version}, however this "
                     f"fraudflow reads versions {list(_READABLE_VERSIONS)}"
                 )
-            rows += read(db)
+            rows += read(db, version)
     if len(files) > 1:
         rows.sort(key=lambda r: r[time_column])
     return rows
@@ -577,7 +576,7 @@ def read_labels(path: Path) -> pl.DataFrame:
         "SELECT transaction_id, is_fraud, reported_at_us, received_at_us, applied "
         "FROM labels ORDER BY seq"
     )
-    rows = _read_all(path, lambda db: db.execute(sql).fetchall(), time_column=3)
+    rows = _read_all(path, lambda db, _: db.execute(sql).fetchall(), time_column=3)
     schema = {
         "transaction_id": pl.String,
         "is_fraud": pl.Int8,

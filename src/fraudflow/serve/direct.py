@@ -25,9 +25,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fraudflow.serve.auth import NO_VALID_KEY
 from fraudflow.serve.deps import DecisionService, ServeError
+from fraudflow.serve.routes import BATCH, DECISIONS, LABELS, body_limits
 from fraudflow.serve.schemas import DecisionBatchIn, LabelIn, TransactionIn
+from fraudflow.serve.settings import ServeSettings
 
-__all__ = ["ERROR_KIND_KEY", "DirectRoutes", "serve_error_headers"]
+__all__ = ["ERROR_KIND_KEY", "DirectRoutes", "direct_routes", "serve_error_headers"]
 
 # scope["state"][ERROR_KIND_KEY]: the metric kind of a ServeError, for the request metrics.
 ERROR_KIND_KEY = "fraudflow_error_kind"
@@ -125,14 +127,14 @@ def _validate(model: type[BaseModel], body: bytes) -> BaseModel:
         raise _Reject(422, orjson.dumps({"detail": jsonable_encoder(errors)}), []) from None
 
 
-def direct_routes(
-    decisions: str, batch: str, labels: str, *, single_limit: int, batch_limit: int
-) -> dict[str, tuple[type[BaseModel], Handle, int]]:
-    """The routes ``DirectRoutes`` answers, with their models, handlers and limits."""
+def direct_routes(settings: ServeSettings) -> dict[str, tuple[type[BaseModel], Handle, int]]:
+    """The routes ``DirectRoutes`` answers, with their models, handlers and body limits (the
+    router's, ``fraudflow.serve.routes.body_limits``)."""
+    limits = body_limits(settings)
     return {
-        decisions: (TransactionIn, _decide, single_limit),
-        batch: (DecisionBatchIn, _decide_batch, batch_limit),
-        labels: (LabelIn, _label, single_limit),
+        DECISIONS: (TransactionIn, _decide, limits[DECISIONS]),
+        BATCH: (DecisionBatchIn, _decide_batch, limits[BATCH]),
+        LABELS: (LabelIn, _label, limits[LABELS]),
     }
 
 

@@ -46,7 +46,16 @@ from fraudflow.serve.schemas import (
 )
 from fraudflow.serve.settings import ServeSettings
 
-__all__ = ["BATCH", "DECISIONS", "DECISION_ROUTES", "LABELS", "RELOAD", "ROUTES", "build_router"]
+__all__ = [
+    "BATCH",
+    "DECISIONS",
+    "DECISION_ROUTES",
+    "LABELS",
+    "RELOAD",
+    "ROUTES",
+    "body_limits",
+    "build_router",
+]
 
 DECISIONS, BATCH, LABELS, RELOAD = (
     "/v1/decisions",
@@ -63,11 +72,17 @@ def _json(body: bytes) -> Response:
     return Response(content=body, media_type=_JSON)
 
 
+def body_limits(settings: ServeSettings) -> dict[str, int]:
+    """Each POST route's body size limit in bytes (413 beyond it)."""
+    single = settings.max_body_bytes
+    return {DECISIONS: single, BATCH: settings.max_batch_body_bytes, LABELS: single, RELOAD: single}
+
+
 def build_router(settings: ServeSettings) -> APIRouter:
     """The routes, with the body size limits of ``settings`` (413 beyond them)."""
     router = APIRouter()
     client, admin = [Depends(require_client)], [Depends(require_admin)]
-    single, batch = settings.max_body_bytes, settings.max_batch_body_bytes
+    limits = body_limits(settings)
 
     async def decide(
         tx: TransactionIn, service: DecisionService = Depends(get_service)
@@ -82,18 +97,18 @@ def build_router(settings: ServeSettings) -> APIRouter:
     async def label(label: LabelIn, service: DecisionService = Depends(get_service)) -> Response:
         return _json(await service.label(label))
 
-    documented: list[tuple[str, Callable[..., Any], type[Any], int]] = [
-        (DECISIONS, decide, DecisionOut, single),
-        (BATCH, decide_batch, DecisionBatchOut, batch),
-        (LABELS, label, LabelOut, single),
+    documented: list[tuple[str, Callable[..., Any], type[Any]]] = [
+        (DECISIONS, decide, DecisionOut),
+        (BATCH, decide_batch, DecisionBatchOut),
+        (LABELS, label, LabelOut),
     ]
-    for path, endpoint, out, limit in documented:
+    for path, endpoint, out in documented:
         router.add_api_route(
             path, endpoint, methods=["POST"], response_model=out, dependencies=client,
-            max_body_size=limit,
+            max_body_size=limits[path],
         )  # fmt: skip
 
-    @router.post(RELOAD, response_model=ReloadOut, dependencies=admin, max_body_size=single)
+    @router.post(RELOAD, response_model=ReloadOut, dependencies=admin, max_body_size=limits[RELOAD])
     async def reload(
         body: ReloadIn | None = None, service: DecisionService = Depends(get_service)
     ) -> ReloadOut:

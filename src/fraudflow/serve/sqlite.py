@@ -42,7 +42,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _RETRY_SECONDS = 50e-6
-_MAX_VARIABLES = 32_766  # SQLite's limit on ? per statement (since 3.32)
+# SQLite's default limit on ? per statement: 32,766 since 3.32, 999 before.
+_MAX_VARIABLES = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 
 def connect_wal(
@@ -88,7 +89,7 @@ def execute_waiting(
 
 
 def multi_row_inserts(
-    insert: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]], *, returning: str = ""
+    insert: str, columns: tuple[str, ...], rows: Sequence[Sequence[Any]]
 ) -> list[tuple[str, list[Any]]]:
     """(sql, parameters) statements that ``insert`` every row, as few as SQLite's variable
     limit allows: one statement of many rows is one call into SQLite (one GIL hand-off) and
@@ -98,15 +99,14 @@ def multi_row_inserts(
     for start in range(0, len(rows), per_statement):
         chunk = rows[start : start + per_statement]
         values = list(itertools.chain.from_iterable(chunk))
-        statements.append((_insert_sql(insert, columns, len(chunk), returning), values))
+        statements.append((_insert_sql(insert, columns, len(chunk)), values))
     return statements
 
 
 @functools.lru_cache(maxsize=256)
-def _insert_sql(insert: str, columns: tuple[str, ...], n_rows: int, returning: str) -> str:
+def _insert_sql(insert: str, columns: tuple[str, ...], n_rows: int) -> str:
     row = "(" + ", ".join("?" * len(columns)) + ")"
-    sql = f"{insert} ({', '.join(columns)}) VALUES " + ", ".join([row] * n_rows)
-    return f"{sql} RETURNING {returning}" if returning else sql
+    return f"{insert} ({', '.join(columns)}) VALUES " + ", ".join([row] * n_rows)
 
 
 class Checkpointer:

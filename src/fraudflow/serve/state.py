@@ -18,7 +18,6 @@ counts are range counts, without a join.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -89,7 +88,6 @@ CREATE INDEX IF NOT EXISTS label_changes_by_time ON label_changes (t_us);
 """
 # Event's fields, in order.
 _TRANSACTION_COLUMNS = ("transaction_id", "t_us", "customer_id", "terminal_id", "amount")
-_SQLITE_NEEDED = (3, 35, 0)
 _LOW_US = -(2**62)  # before any event: forget nothing
 _LOCK_TIMEOUT_SECONDS = 5.0  # sqlite3's default busy timeout
 # The file forgets old transactions when the bound has moved this far (the mirror forgets at
@@ -116,12 +114,6 @@ class SQLiteStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        if sqlite3.sqlite_version_info < _SQLITE_NEEDED:
-            raise ConfigError(
-                f"the SQLite state store needs SQLite >= 3.35 (INSERT ... RETURNING), however "
-                f"this Python has SQLite {sqlite3.sqlite_version}: use --state redis://... or "
-                "a Python built with a newer SQLite"
-            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         # NORMAL, not FULL: in WAL mode a commit survives a process crash and the file stays
@@ -278,7 +270,7 @@ class SQLiteStore:
         """Store the transactions new to the file (inside a caught-up write transaction);
         return the positions in ``events`` of those stored, or None if all were (the usual
         case). Multi-row statements: one SQLite call per ~6,500 events instead of one per
-        event; no RETURNING, whose per-row results cost more than the check below."""
+        event; no RETURNING (per-row results cost more than the check below)."""
         before = self._db.total_changes
         last = self._seen_seq  # caught up under the write lock: every seq above is ours
         cursor = None
