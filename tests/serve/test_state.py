@@ -326,6 +326,51 @@ def test_sqlite_failed_call_changes_nothing_and_the_mirror_recovers(
         assert _read(reopened)[0][::4] == (2, 20)
 
 
+def test_sqlite_mirror_works_after_the_file_lock_is_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's write lock covers the reads and inserts only: while the mirror computes an
+    answer, another process can write (here: takes the lock without waiting)."""
+    path = tmp_path / "state.db"
+    with (
+        SQLiteStore(path) as store,
+        closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as other,
+    ):
+        mirror_apply = MemoryStore.apply_many
+        took_lock = []
+
+        def apply_many(mirror: MemoryStore, *args: Any, **kwargs: Any) -> Any:
+            other.execute("BEGIN IMMEDIATE")  # raises "database is locked" if still held
+            other.execute("ROLLBACK")
+            took_lock.append(True)
+            return mirror_apply(mirror, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryStore, "apply_many", apply_many)
+        assert apply_one(store, _event("a", 10), _EVERYTHING, forget_until_us=0)[0][::4] == (0, 0)
+        assert took_lock == [True]
+
+
+def test_sqlite_mirror_failure_after_commit_keeps_the_events_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file committed first: a mirror that fails afterwards loses nothing; the call
+    raises, the next one rebuilds the mirror from the file, which holds the events."""
+    with SQLiteStore(tmp_path / "state.db") as store:
+        apply_one(store, _event("a", 10), [], forget_until_us=0)
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise MemoryError
+
+        monkeypatch.setattr(MemoryStore, "apply_many", broken)
+        with pytest.raises(MemoryError):
+            store.apply_many([_event("b", 20)], _EVERYTHING, forget_until_us=0)
+        monkeypatch.undo()
+        assert _read(store)[0][::4] == (2, 20)  # "b" is stored, and the mirror knows it
+        with pytest.raises(DataError, match="already in the state store"):
+            apply_one(store, _event("b", 20), _EVERYTHING, forget_until_us=0)
+        assert apply_one(store, _event("c", 30), _EVERYTHING, forget_until_us=0)[0][::4] == (2, 20)
+
+
 def test_sqlite_refuses_a_file_of_another_schema_version(tmp_path: Path) -> None:
     with closing(sqlite3.connect(tmp_path / "old.db")) as db:
         db.execute("PRAGMA user_version = 1")

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fraudflow.errors import ArtifactError, ConfigError
 from fraudflow.features.online import (
@@ -95,6 +95,18 @@ _LOCK_TIMEOUT_SECONDS = 5.0  # sqlite3's default busy timeout
 _FORGET_STEP_US = 60 * 1_000_000
 
 
+class _Changes(NamedTuple):
+    """Other writers' commits, read from the file for the mirror: transactions (Event
+    fields) in seq order, the ids among them labelled fraud, label changes (seq, id, flag)."""
+
+    rows: list[tuple[Any, ...]]
+    frauds: list[str]
+    labels: list[tuple[int, str, int]]
+
+
+_NO_CHANGES = _Changes([], [], [])
+
+
 class SQLiteStore:
     """A ``StateStore`` in one SQLite file (WAL mode); reopening it gives the same state.
 
@@ -108,8 +120,13 @@ class SQLiteStore:
 
     Thread-safe: one connection guarded by a lock, which also serialises ``apply_many``.
     Several processes may share the file: ``apply_many`` and ``set_label`` run in a
-    ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock before catching up, so
-    each event sees all events stored before it.
+    ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock before reading what
+    others stored, so each event sees all events stored before it. ``apply_many`` releases
+    the file's lock once its events are committed and then brings the mirror up to date
+    (others' events, then its own, in the file's order) and answers: the mirror's work, most
+    of a call, does not hold up the other processes (measured with two service workers:
+    ~1.9 instead of ~1.83 of two cores busy on batches). Should the mirror fail then, the
+    events stay stored, as a crash there would leave them, and the mirror is rebuilt.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -132,11 +149,11 @@ class SQLiteStore:
         self._stale = True  # rebuild the mirror from the file before the next answer
         self._data_version: int | None = None  # PRAGMA data_version when last caught up
         self._forgot_until = _LOW_US  # the last bound applied to the file
-        with self._transaction("BEGIN"):
+        with self._locked_transaction("BEGIN"):
             self._catch_up()
 
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
-        with self._transaction("BEGIN"):  # one snapshot to catch up from
+        with self._locked_transaction("BEGIN"):  # one snapshot to catch up from
             self._catch_up()
             return self._mirror.read(events, windows)
 
@@ -144,10 +161,31 @@ class SQLiteStore:
         self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
     ) -> Answers:
         # One transaction for the whole call: BEGIN and COMMIT cost more than an event's
-        # statements, and the write lock is taken once.
-        with self._transaction("BEGIN IMMEDIATE"):
-            self._catch_up()
-            new = self._insert(events)  # the file decides what is a duplicate
+        # statements, and the write lock is taken once. The mirror is brought up to date
+        # after the COMMIT, under this store's own lock only: the file's write lock is held
+        # for the reads and inserts alone, not for the mirror's work (most of a call), so
+        # other processes sharing the file wait less (see _apply_after_commit).
+        with self._lock:
+            with self._transaction("BEGIN IMMEDIATE"):
+                changes = self._changes()
+                new = self._insert(events)  # the file decides what is a duplicate
+                if forget_until_us - self._forgot_until >= _FORGET_STEP_US:
+                    self._forget_in_file(forget_until_us)
+            return self._apply_after_commit(changes, events, new, windows, forget_until_us)
+
+    def _apply_after_commit(
+        self,
+        changes: _Changes,
+        events: Sequence[Event],
+        new: list[int] | None,
+        windows: Sequence[Window],
+        forget_until_us: int,
+    ) -> Answers:
+        """The mirror, in the file's order: other writers' changes read before the insert,
+        then the events this call stored. The file holds them all already, so a failure here
+        leaves the mirror stale (rebuilt from the file by the next call), not the file."""
+        try:
+            self._apply_changes(changes)
             if new is None:
                 answers = self._mirror.apply_many(events, windows, forget_until_us=forget_until_us)
                 stored = len(events)
@@ -158,12 +196,13 @@ class SQLiteStore:
                 stored = len(new)
             if int(answers.fresh.sum()) != stored:
                 raise ArtifactError(f"the state mirror of {self.path} disagrees with the file")
-            if forget_until_us - self._forgot_until >= _FORGET_STEP_US:
-                self._forget_in_file(forget_until_us)
-            return answers
+        except BaseException:
+            self._stale = True
+            raise
+        return answers
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
-        with self._transaction("BEGIN IMMEDIATE"):
+        with self._locked_transaction("BEGIN IMMEDIATE"):
             self._catch_up()
             # The mirror holds every stored transaction it has not forgotten: one it forgot
             # can no longer count, so its label is refused, as the file may keep it a while.
@@ -189,7 +228,7 @@ class SQLiteStore:
             return True
 
     def prune(self, until_us: int) -> int:
-        with self._transaction("BEGIN IMMEDIATE"):
+        with self._locked_transaction("BEGIN IMMEDIATE"):
             self._catch_up()
             gone = self._forget_in_file(until_us)
             self._mirror.prune(until_us)
@@ -218,25 +257,36 @@ class SQLiteStore:
         self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @contextmanager
+    def _locked_transaction(self, begin: str) -> Iterator[None]:
+        with self._lock, self._transaction(begin):
+            yield
+
+    @contextmanager
     def _transaction(self, begin: str) -> Iterator[None]:
-        with self._lock:
-            execute_waiting(self._db, begin, (), _LOCK_TIMEOUT_SECONDS)
-            try:
-                yield
-                execute_waiting(self._db, "COMMIT", (), _LOCK_TIMEOUT_SECONDS)
-            except BaseException:
-                self._stale = True  # the mirror may hold what the rollback undoes
-                if self._db.in_transaction:  # some errors end the transaction themselves
-                    self._db.execute("ROLLBACK")
-                raise
+        """A file transaction; the caller holds ``_lock``."""
+        execute_waiting(self._db, begin, (), _LOCK_TIMEOUT_SECONDS)
+        try:
+            yield
+            execute_waiting(self._db, "COMMIT", (), _LOCK_TIMEOUT_SECONDS)
+        except BaseException:
+            self._stale = True  # the mirror may hold what the rollback undoes
+            if self._db.in_transaction:  # some errors end the transaction themselves
+                self._db.execute("ROLLBACK")
+            raise
 
     def _catch_up(self) -> None:
         """Bring the mirror up to what the file holds (inside a transaction)."""
+        self._apply_changes(self._changes())
+
+    def _changes(self) -> _Changes:
+        """What other writers committed since the mirror last caught up (inside a
+        transaction), for ``_apply_changes``; a stale mirror is replaced by an empty one
+        first, and then everything in the file is a change."""
         # data_version changes only when another connection committed: otherwise there is
-        # nothing to read, and the two queries below are skipped.
+        # nothing to read, and the queries below are skipped.
         (version,) = self._db.execute("PRAGMA data_version").fetchone()
         if version == self._data_version and not self._stale:
-            return
+            return _NO_CHANGES
         self._data_version = version
         if self._stale:
             (last_label,) = self._db.execute(
@@ -246,25 +296,37 @@ class SQLiteStore:
             self._mirror, self._seen_seq, self._seen_label = MemoryStore(), 0, last_label
             self._stale = False
         after = self._seen_seq
-        # Rows as the Event tuples they are (no per-row Python), the labelled few apart.
         rows = self._db.execute(
             f"SELECT {', '.join(_TRANSACTION_COLUMNS)} FROM transactions WHERE seq > ? "
             "ORDER BY seq",
             (after,),
         ).fetchall()
+        frauds: list[str] = []
         if rows:
-            self._mirror.apply_many(list(map(Event._make, rows)), (), forget_until_us=_LOW_US)
-            for (tid,) in self._db.execute(
-                "SELECT transaction_id FROM transactions WHERE seq > ? AND is_fraud", (after,)
-            ):
-                self._mirror.set_label(tid, True)
+            frauds = [
+                tid
+                for (tid,) in self._db.execute(
+                    "SELECT transaction_id FROM transactions WHERE seq > ? AND is_fraud", (after,)
+                )
+            ]
             (self._seen_seq,) = self._db.execute("SELECT MAX(seq) FROM transactions").fetchone()
-        for seq, tid, is_fraud in self._db.execute(
+        labels = self._db.execute(
             "SELECT seq, transaction_id, is_fraud FROM label_changes WHERE seq > ? ORDER BY seq",
             (self._seen_label,),
-        ):
-            self._mirror.set_label(tid, bool(is_fraud))
-            self._seen_label = seq
+        ).fetchall()
+        if labels:
+            self._seen_label = labels[-1][0]
+        return _Changes(rows, frauds, labels)
+
+    def _apply_changes(self, changes: _Changes) -> None:
+        rows, frauds, labels = changes
+        mirror = self._mirror
+        if rows:  # rows as the Event tuples they are (no per-row Python)
+            mirror.apply_many(list(map(Event._make, rows)), (), forget_until_us=_LOW_US)
+        for tid in frauds:
+            mirror.set_label(tid, True)
+        for _, tid, is_fraud in labels:
+            mirror.set_label(tid, bool(is_fraud))
 
     def _insert(self, events: Sequence[Event]) -> list[int] | None:
         """Store the transactions new to the file (inside a caught-up write transaction);
