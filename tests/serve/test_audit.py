@@ -46,7 +46,7 @@ def audit(tmp_path: Path) -> Iterator[AuditLog]:
 
 def _committed(path: Path) -> int:
     with closing(sqlite3.connect(path)) as db:  # another connection: what a restart would see
-        return int(db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0])
+        return int(db.execute("SELECT COUNT(*) FROM decision_ids").fetchone()[0])
 
 
 def test_an_acknowledged_record_is_committed(audit: AuditLog) -> None:
@@ -79,10 +79,19 @@ def test_concurrent_appends_share_commits(audit: AuditLog) -> None:
 
 
 def test_lookup_returns_the_recorded_response(audit: AuditLog) -> None:
-    audit.submit([decision(1), decision(1)]).result(timeout=10)  # a repeat is ignored
+    """An id's first decision is the recorded one: a repeat, in its group or a later one, is
+    neither found nor read."""
+    repeat = decision(1)._replace(response=b"a repeat", score=0.75)
+    audit.submit([decision(1), repeat, decision(2)]).result(timeout=10)
+    audit.submit([repeat, decision(3)]).result(timeout=10)
     assert audit.lookup("tx-1") == decision(1).response
-    assert audit.lookup("tx-2") is None
-    assert _committed(audit.path) == 1
+    assert audit.lookup("tx-2") == decision(2).response
+    assert audit.lookup("tx-3") == decision(3).response
+    assert audit.lookup("tx-4") is None
+    assert _committed(audit.path) == 3
+    frame = read_decisions(audit.path)
+    assert frame["transaction_id"].to_list() == ["tx-1", "tx-2", "tx-3"]
+    assert frame["score"].to_list() == [0.25] * 3
 
 
 def test_close_commits_what_is_queued(tmp_path: Path) -> None:
@@ -230,3 +239,50 @@ def test_a_schema_1_log_stays_readable_and_writers_move_to_a_new_shard(tmp_path:
     assert frame["reasons"][0] == '[{"kind": "threshold"}]'
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (1,)
+
+
+_SCHEMA_2 = """
+CREATE TABLE decisions (
+    seq INTEGER PRIMARY KEY, transaction_id TEXT NOT NULL UNIQUE, t_us INTEGER NOT NULL,
+    customer_id TEXT NOT NULL, terminal_id TEXT NOT NULL, amount REAL NOT NULL,
+    score REAL NOT NULL, raw_score REAL NOT NULL, decision TEXT NOT NULL,
+    model_version TEXT NOT NULL, decided_at_us INTEGER NOT NULL, features BLOB NOT NULL,
+    response BLOB NOT NULL
+);
+CREATE TABLE feature_sets (model_version TEXT PRIMARY KEY, features TEXT NOT NULL);
+CREATE TABLE labels (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, transaction_id TEXT NOT NULL,
+    is_fraud INTEGER NOT NULL, reported_at_us INTEGER, received_at_us INTEGER NOT NULL,
+    applied INTEGER NOT NULL
+);
+PRAGMA user_version = 2;
+"""
+
+
+def test_a_schema_2_log_stays_readable_and_writers_move_to_a_new_shard(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    old_response = orjson.dumps({"transaction_id": "old-1", "reasons": [{"kind": "rule"}]})
+    with closing(sqlite3.connect(path)) as db:  # a log written by fraudflow of stop 9
+        db.executescript(_SCHEMA_2)
+        db.execute("INSERT INTO feature_sets VALUES ('gbdt-old', '[\"f\", \"g\"]')")
+        db.execute(
+            "INSERT INTO decisions VALUES (1, 'old-1', 5, 'c', 't', 1.0, 0.9, 0.8, 'block', "
+            "'gbdt-old', 7, ?, ?)",
+            (pack_features([4.5, -1.0]), old_response),
+        )
+        db.commit()
+    log = AuditLog(path)
+    try:
+        assert log.file == tmp_path / "audit.1.db"  # the old file is left as it is
+        log.submit([decision(1)]).result(timeout=10)
+        assert log.lookup("old-1") == old_response  # a replay still finds the old decision
+        assert log.lookup("tx-1") == decision(1).response
+    finally:
+        log.close()
+    frame = read_decisions(path)
+    assert frame["transaction_id"].to_list() == ["old-1", "tx-1"]
+    assert frame["f"].to_list() == [4.5, 1.0] and frame["g"].to_list() == [-1.0, None]
+    assert frame["reasons"].to_list() == ['[{"kind":"rule"}]', '[{"kind":"feature","name":"f",'
+        '"detail":"d","value":1.0,"contribution":0.1}]']  # fmt: skip
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
