@@ -439,7 +439,7 @@ class AuditLog:
         if not decisions:
             return []
         seq, columns = self._next_group, list(zip(*decisions, strict=True))
-        fields = orjson.dumps(dict(zip(_GROUP_FIELDS, columns[:_N_GROUP_FIELDS], strict=False)))
+        fields = orjson.dumps(dict(zip(_GROUP_FIELDS, columns[:_N_GROUP_FIELDS], strict=True)))
         features, responses = columns[_N_GROUP_FIELDS], columns[_N_GROUP_FIELDS + 1]
         offsets = np.concatenate([_offsets(responses), _offsets(features)]).astype("<i8")
         row = [seq, len(decisions), fields, b"".join(features), b"".join(responses)]

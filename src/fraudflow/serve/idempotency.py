@@ -6,7 +6,7 @@ with the decision recorded for the first one, looked up in this order:
 
 1. ``PendingDecisions``: the first request is in this process, between its apply and its audit
    commit; wait for it.
-2. The ledgers: with SQLite state, the audit log (its ``decisions`` table is unique by
+2. The ledgers: with SQLite state, the audit log (its ``decision_ids`` are unique by
    transaction_id; every process sharing the state shares it); with Redis state, Redis
    (``RedisLedger``, written right after each audit commit with SET NX), so replicas on other
    hosts find it; then this replica's own audit log.
