@@ -338,23 +338,24 @@ class Engine:
 
         decisions = decide_many(self.policy, scores=scores.score, column=column)
         top = _top_features(scores.contributions)  # (N, k)
+        k = top.shape[1]
         # Python lists once: indexing numpy arrays element by element costs more per row.
         # Plain fancy indexing: take_along_axis costs ~9 us a call before any work.
         at = np.arange(len(x))[:, None]  # (N, 1)
         ranked = zip(
-            top.tolist(), x[at, top].tolist(), scores.contributions[at, top].tolist(), strict=True
-        )
+            top.ravel().tolist(), x[at, top].ravel().tolist(),
+            scores.contributions[at, top].ravel().tolist(), strict=True,
+        )  # fmt: skip
         details = _feature_details(tuple(names))
-        # Comprehensions, not loops of appends: this runs per reason of every decision.
-        features = [
-            [
-                {"kind": "feature", "name": names[j],
-                 "detail": details[j] % (v, "raised" if c >= 0 else "lowered", abs(c)),
-                 "value": v, "contribution": c}
-                for j, v, c in zip(top_j, top_v, top_c, strict=True)
-            ]
-            for top_j, top_v, top_c in ranked
+        # One flat comprehension over every reason of the group, then k per decision: this
+        # runs per reason of every decision (a comprehension per decision cost ~30% more).
+        flat = [
+            {"kind": "feature", "name": names[j],
+             "detail": details[j] % (v, "raised" if c >= 0 else "lowered", abs(c)),
+             "value": v, "contribution": c}
+            for j, v, c in ranked
         ]  # fmt: skip
+        features = [flat[i : i + k] for i in range(0, len(flat), k)] if k else [[] for _ in x]
         reasons = [
             [*(r.as_dict() for r in d.reasons), *f] if d.reasons else f
             for d, f in zip(decisions, features, strict=True)
