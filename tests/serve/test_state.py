@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from fraudflow.errors import ConfigError, DataError
 from fraudflow.features.online import (
     Answers,
     Event,
+    Histories,
     MemoryStore,
     OnlineFeatures,
     StateStore,
@@ -77,6 +78,37 @@ def _wait_for_port(port: int, server: subprocess.Popen[bytes]) -> None:
 def _redis(url: str) -> RedisStore:
     """A store in its own key space, so tests sharing the server do not meet."""
     return RedisStore(url, prefix=f"{{test-{uuid.uuid4().hex}}}:")
+
+
+class _Replicas:
+    """Two stores on one state (two service workers), each call to one of them at random.
+    Each catches up with the other's events and labels before it answers; each forgets on
+    its own calls (``prune`` included), so only the windows, which never reach forgotten
+    events, are the same as one store's."""
+
+    def __init__(self, a: StateStore, b: StateStore, *, seed: int = 3) -> None:
+        self._stores, self._rng = (a, b), random.Random(seed)
+
+    def _any(self) -> StateStore:
+        return self._rng.choice(self._stores)
+
+    def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
+        return self._any().read(events, windows)
+
+    def apply_many(
+        self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
+    ) -> Answers:
+        return self._any().apply_many(events, windows, forget_until_us=forget_until_us)
+
+    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
+        return self._any().set_label(transaction_id, is_fraud)
+
+    def prune(self, until_us: int) -> int:
+        return self._any().prune(until_us)
+
+    def close(self) -> None:
+        for store in self._stores:
+            store.close()
 
 
 @pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=needs_redis)])
@@ -195,6 +227,20 @@ def test_windows_equal_a_brute_force_count(
 ) -> None:
     """Random groups of events (late ones, repeated ids, labels between groups, forgetting
     as the evaluator does) against counting the stored events directly."""
+    _brute_force(store, monkeypatch)
+
+
+def test_two_sqlite_replicas_equal_a_brute_force_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with each call to one of two SQLite stores on one file: their mirrors catch
+    up with the other's events, fraud labels among them, and label changes."""
+    path = tmp_path / "state.db"
+    with closing(_Replicas(SQLiteStore(path), SQLiteStore(path))) as replicas:
+        _brute_force(replicas, monkeypatch)
+
+
+def _brute_force(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("fraudflow.features.online._SWEEP_EVERY", 16)  # sweep often
     rng = random.Random(7)
     windows = [
@@ -336,16 +382,16 @@ def test_sqlite_mirror_works_after_the_file_lock_is_released(
         SQLiteStore(path) as store,
         closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as other,
     ):
-        mirror_apply = MemoryStore.apply_many
+        mirror_apply = Histories.apply_many
         took_lock = []
 
-        def apply_many(mirror: MemoryStore, *args: Any, **kwargs: Any) -> Any:
+        def apply_many(mirror: Histories, *args: Any, **kwargs: Any) -> Any:
             other.execute("BEGIN IMMEDIATE")  # raises "database is locked" if still held
             other.execute("ROLLBACK")
             took_lock.append(True)
             return mirror_apply(mirror, *args, **kwargs)
 
-        monkeypatch.setattr(MemoryStore, "apply_many", apply_many)
+        monkeypatch.setattr(Histories, "apply_many", apply_many)
         assert apply_one(store, _event("a", 10), _EVERYTHING, forget_until_us=0)[0][::4] == (0, 0)
         assert took_lock == [True]
 
@@ -361,7 +407,7 @@ def test_sqlite_mirror_failure_after_commit_keeps_the_events_and_recovers(
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise MemoryError
 
-        monkeypatch.setattr(MemoryStore, "apply_many", broken)
+        monkeypatch.setattr(Histories, "apply_many", broken)
         with pytest.raises(MemoryError):
             store.apply_many([_event("b", 20)], _EVERYTHING, forget_until_us=0)
         monkeypatch.undo()

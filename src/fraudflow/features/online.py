@@ -19,8 +19,9 @@ The store answers range aggregates over each entity's history (``Window``: count
 amount sum, count below a bound, latest time), as columns for a group of events, and records
 events and labels; it never computes a feature, so there is one feature implementation, and
 the evaluator turns the columns into features with array arithmetic, once per group. Stores:
-``MemoryStore`` here (tests; the SQLite store's in-memory mirror), the durable ones in
-``fraudflow.serve.state``.
+``MemoryStore`` here (tests, notebooks), the durable ones in ``fraudflow.serve.state`` (the
+SQLite store answers from ``Histories``, the counting part of ``MemoryStore``, as its
+in-memory mirror).
 
 Retention: scoring an event at t lets the store forget what is older than t minus
 ``OnlineFeatures.retention_us`` (the widest window, label-delayed ones shifted by the delay,
@@ -67,6 +68,7 @@ __all__ = [
     "Answers",
     "Event",
     "FeatureRows",
+    "Histories",
     "MemoryStore",
     "OnlineFeatures",
     "StateStore",
@@ -609,35 +611,28 @@ def _answer(i: int, t_us: int, h: _History, groups: list[_Group]) -> None:
                     belows[i] = sum(1 for v in h.amounts[lo:hi] if v < below)
 
 
-# A stored transaction: (t_us, customer_id, terminal_id, is_fraud). A plain tuple of atoms,
-# which Python's cyclic GC stops tracking: a service's mirror holds millions of them, and a
-# tracked object each made every full collection scan them all (measured: batch throughput
-# divided by ~2.5).
-_Transaction = tuple[int, str, str, bool]
+class Histories:
+    """Each customer's and terminal's recent events, answering windows over them, and the
+    transactions labelled fraud: the part of a store that counts, without transaction ids.
 
-
-class MemoryStore:
-    """A ``StateStore`` in plain dicts and sorted lists: the in-memory mirror that answers for
-    ``fraudflow.serve.state.SQLiteStore``, and the store of tests and notebooks.
-
-    Not thread-safe and not durable: use one per thread, or a store of
-    ``fraudflow.serve.state`` in the service. A window costs O(log n) (a below-count: plus
-    the events in it).
+    Every event given to ``apply_many`` is stored: the caller keeps ids unique (``MemoryStore``
+    by its id index; the SQLite store's mirror by its file, which already decided what is
+    new, so the mirror keeps no index of its own: measured, ~1.2 us less per event). Not
+    thread-safe. A window costs O(log n) (a below-count: plus the events in it).
     """
 
     def __init__(self) -> None:
         self._customers: dict[str, _History] = {}
         self._terminals: dict[str, _History] = {}
-        self._transactions: dict[str, _Transaction] = {}
-        # The transactions by time, to forget: those that arrive in time order (nearly all)
-        # in a deque, O(1) each, a late one (older than the newest before it) in a heap.
-        self._in_order: deque[tuple[int, str]] = deque()
-        self._late: list[tuple[int, str]] = []  # heap of (t_us, transaction_id)
+        # The transactions labelled fraud now, with their time: what ``label`` changes.
+        self._frauds: dict[str, int] = {}
         # Histories touched since they were last swept for old events: swept every
         # _SWEEP_EVERY applied events, not per call, so a busy terminal drops its old events
         # in one slice instead of one per call.
         self._touched: set[_History] = set()  # by identity
         self._unswept = 0
+        # The highest bound forgotten: a label of an older transaction is refused.
+        self.forgot_until_us = _NEVER
 
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
         out = AnswerLists(windows, len(events))
@@ -652,14 +647,13 @@ class MemoryStore:
     def apply_many(
         self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
     ) -> Answers:
+        """``StateStore.apply_many`` of events that are all new (``fresh`` is all True)."""
         out = AnswerLists(windows, len(events))
         by_customer, by_terminal = _bind(windows, out)
         # The hot loop of a service: everything it touches bound to locals.
-        customers, terminals, transactions = self._customers, self._terminals, self._transactions
-        fresh, in_order, touched = out.fresh, self._in_order, self._touched
-        for i, (tid, t_us, customer_id, terminal_id, amount) in enumerate(events):
-            if tid in transactions:
-                continue
+        customers, terminals = self._customers, self._terminals
+        fresh, touched = out.fresh, self._touched
+        for i, (_, t_us, customer_id, terminal_id, amount) in enumerate(events):
             fresh[i] = True
             customer = customers.get(customer_id)
             if customer is None:  # not setdefault: it would build a _History every call
@@ -674,37 +668,107 @@ class MemoryStore:
             terminal.add(t_us, amount)
             touched.add(customer)
             touched.add(terminal)
-            transactions[tid] = (t_us, customer_id, terminal_id, False)
-            if not in_order or t_us >= in_order[-1][0]:
-                in_order.append((t_us, tid))
-            else:
-                heapq.heappush(self._late, (t_us, tid))
+        self.forgot_until_us = max(self.forgot_until_us, forget_until_us)
         self._unswept += len(events)
         if self._unswept >= _SWEEP_EVERY:
             for history in touched:
                 history.forget(forget_until_us)
             touched.clear()
             self._unswept = 0
-        self._forget_transactions(forget_until_us)
+            self._forget_frauds(self.forgot_until_us)
         return out.done()
 
-    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
-        tx = self._transactions.get(transaction_id)
-        if tx is None:
+    def label(
+        self, transaction_id: str, t_us: int, customer_id: str, terminal_id: str, is_fraud: bool
+    ) -> bool:
+        """Set the label of a stored transaction (its time and entities as stored); False,
+        changing nothing, if it is forgotten (t_us <= ``forgot_until_us``)."""
+        customer, terminal = self._customers.get(customer_id), self._terminals.get(terminal_id)
+        if t_us <= self.forgot_until_us or customer is None or terminal is None:
             return False
-        t_us, customer_id, terminal_id, was = tx
-        self._customers[customer_id].set_fraud(t_us, was=was, now=is_fraud)
-        self._terminals[terminal_id].set_fraud(t_us, was=was, now=is_fraud)
-        self._transactions[transaction_id] = (t_us, customer_id, terminal_id, is_fraud)
+        was = transaction_id in self._frauds
+        customer.set_fraud(t_us, was=was, now=is_fraud)
+        terminal.set_fraud(t_us, was=was, now=is_fraud)
+        if is_fraud:
+            self._frauds[transaction_id] = t_us
+        elif was:
+            del self._frauds[transaction_id]
         return True
 
-    def prune(self, until_us: int) -> int:
+    def prune(self, until_us: int) -> None:
+        """Forget every event and label with t <= ``until_us``."""
+        self.forgot_until_us = max(self.forgot_until_us, until_us)
         self._touched.clear()  # all are swept now
         for histories in (self._customers, self._terminals):
             for key, history in list(histories.items()):
                 history.forget(until_us)
                 if not history.times:
                     del histories[key]
+        self._forget_frauds(until_us)
+
+    def _forget_frauds(self, until_us: int) -> None:
+        # Their fraud times may still be in a history (swept later): no window reaches them.
+        if any(t <= until_us for t in self._frauds.values()):
+            self._frauds = {tid: t for tid, t in self._frauds.items() if t > until_us}
+
+
+_NEVER = -(2**62)  # before any event
+
+
+# A stored transaction: (t_us, customer_id, terminal_id). A plain tuple of atoms, which
+# Python's cyclic GC stops tracking: a store holds millions of them, and a tracked object each
+# made every full collection scan them all (measured: batch throughput divided by ~2.5).
+_Transaction = tuple[int, str, str]
+
+
+class MemoryStore:
+    """A ``StateStore`` in plain dicts and sorted lists: ``Histories`` plus an index of the
+    stored transactions by id (duplicates, labels); the store of tests and notebooks.
+
+    Not thread-safe and not durable: use one per thread, or a store of
+    ``fraudflow.serve.state`` in the service.
+    """
+
+    def __init__(self) -> None:
+        self._histories = Histories()
+        self._transactions: dict[str, _Transaction] = {}
+        # The transactions by time, to forget: those that arrive in time order (nearly all)
+        # in a deque, O(1) each, a late one (older than the newest before it) in a heap.
+        self._in_order: deque[tuple[int, str]] = deque()
+        self._late: list[tuple[int, str]] = []  # heap of (t_us, transaction_id)
+
+    def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
+        return self._histories.read(events, windows)
+
+    def apply_many(
+        self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
+    ) -> Answers:
+        transactions, in_order = self._transactions, self._in_order
+        stored = []  # positions of the events new to the store (first occurrences)
+        for i, (tid, t_us, customer_id, terminal_id, _) in enumerate(events):
+            if tid in transactions:
+                continue
+            stored.append(i)
+            transactions[tid] = (t_us, customer_id, terminal_id)
+            if not in_order or t_us >= in_order[-1][0]:
+                in_order.append((t_us, tid))
+            else:
+                heapq.heappush(self._late, (t_us, tid))
+        if len(stored) == len(events):
+            answers = self._histories.apply_many(events, windows, forget_until_us=forget_until_us)
+        else:
+            answers = self._histories.apply_many(
+                [events[i] for i in stored], windows, forget_until_us=forget_until_us
+            ).expand(len(events), stored)
+        self._forget_transactions(forget_until_us)
+        return answers
+
+    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
+        tx = self._transactions.get(transaction_id)
+        return tx is not None and self._histories.label(transaction_id, *tx, is_fraud)
+
+    def prune(self, until_us: int) -> int:
+        self._histories.prune(until_us)
         return self._forget_transactions(until_us)
 
     def close(self) -> None:

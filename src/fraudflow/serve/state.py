@@ -24,12 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from fraudflow.errors import ArtifactError, ConfigError
+from fraudflow.errors import ConfigError
 from fraudflow.features.online import (
     AnswerLists,
     Answers,
     Event,
-    MemoryStore,
+    Histories,
     StateStore,
     Window,
 )
@@ -97,11 +97,13 @@ _FORGET_STEP_US = 60 * 1_000_000
 
 class _Changes(NamedTuple):
     """Other writers' commits, read from the file for the mirror: transactions (Event
-    fields) in seq order, the ids among them labelled fraud, label changes (seq, id, flag)."""
+    fields) in seq order; those among them labelled fraud, as (id, t_us, customer_id,
+    terminal_id); label changes in seq order, as (id, flag, t_us, customer_id, terminal_id),
+    the last four None where the file forgot the transaction since."""
 
     rows: list[tuple[Any, ...]]
-    frauds: list[str]
-    labels: list[tuple[int, str, int]]
+    frauds: list[tuple[str, int, str, str]]
+    labels: list[tuple[Any, ...]]
 
 
 _NO_CHANGES = _Changes([], [], [])
@@ -143,7 +145,7 @@ class SQLiteStore:
         self._migrate()
         hand_over_waits(self._db)
         self._checkpointer = Checkpointer(self.path)
-        self._mirror = MemoryStore()
+        self._mirror = Histories()  # ids are the file's business (its UNIQUE key)
         self._seen_seq = 0  # the last transaction seq in the mirror
         self._seen_label = 0  # the last label change applied to the mirror
         self._stale = True  # rebuild the mirror from the file before the next answer
@@ -188,14 +190,10 @@ class SQLiteStore:
             self._apply_changes(changes)
             if new is None:
                 answers = self._mirror.apply_many(events, windows, forget_until_us=forget_until_us)
-                stored = len(events)
             else:
                 answers = self._mirror.apply_many(
                     [events[i] for i in new], windows, forget_until_us=forget_until_us
                 ).expand(len(events), new)
-                stored = len(new)
-            if int(answers.fresh.sum()) != stored:
-                raise ArtifactError(f"the state mirror of {self.path} disagrees with the file")
         except BaseException:
             self._stale = True
             raise
@@ -204,17 +202,17 @@ class SQLiteStore:
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
         with self._locked_transaction("BEGIN IMMEDIATE"):
             self._catch_up()
-            # The mirror holds every stored transaction it has not forgotten: one it forgot
-            # can no longer count, so its label is refused, as the file may keep it a while.
-            if not self._mirror.set_label(transaction_id, is_fraud):
-                return False
             found = self._db.execute(
-                "SELECT t_us FROM transactions WHERE transaction_id = ?", (transaction_id,)
+                "SELECT t_us, customer_id, terminal_id FROM transactions WHERE transaction_id = ?",
+                (transaction_id,),
             ).fetchone()
-            if found is None:  # another writer's file forget was ahead of this mirror's
-                self._stale = True  # the mirror just labelled it: rebuild
+            if found is None:  # not stored, or forgotten by the file
                 return False
-            (t_us,) = found
+            t_us, customer_id, terminal_id = found
+            # One the mirror forgot (the file lags it: it forgets in steps) could no longer
+            # count: refused, as the file would have been soon.
+            if not self._mirror.label(transaction_id, t_us, customer_id, terminal_id, is_fraud):
+                return False
             flag = int(is_fraud)
             self._db.execute(
                 "UPDATE transactions SET is_fraud = ? WHERE transaction_id = ?",
@@ -293,7 +291,7 @@ class SQLiteStore:
                 "SELECT COALESCE(MAX(seq), 0) FROM label_changes"
             ).fetchone()
             # Labels up to here are in transactions.is_fraud already.
-            self._mirror, self._seen_seq, self._seen_label = MemoryStore(), 0, last_label
+            self._mirror, self._seen_seq, self._seen_label = Histories(), 0, last_label
             self._stale = False
         after = self._seen_seq
         rows = self._db.execute(
@@ -301,32 +299,34 @@ class SQLiteStore:
             "ORDER BY seq",
             (after,),
         ).fetchall()
-        frauds: list[str] = []
+        frauds = []
         if rows:
-            frauds = [
-                tid
-                for (tid,) in self._db.execute(
-                    "SELECT transaction_id FROM transactions WHERE seq > ? AND is_fraud", (after,)
-                )
-            ]
+            frauds = self._db.execute(
+                "SELECT transaction_id, t_us, customer_id, terminal_id FROM transactions "
+                "WHERE seq > ? AND is_fraud",
+                (after,),
+            ).fetchall()
             (self._seen_seq,) = self._db.execute("SELECT MAX(seq) FROM transactions").fetchone()
         labels = self._db.execute(
-            "SELECT seq, transaction_id, is_fraud FROM label_changes WHERE seq > ? ORDER BY seq",
+            "SELECT c.seq, c.transaction_id, c.is_fraud, t.t_us, t.customer_id, t.terminal_id "
+            "FROM label_changes AS c LEFT JOIN transactions AS t USING (transaction_id) "
+            "WHERE c.seq > ? ORDER BY c.seq",
             (self._seen_label,),
         ).fetchall()
         if labels:
             self._seen_label = labels[-1][0]
-        return _Changes(rows, frauds, labels)
+        return _Changes(rows, frauds, [row[1:] for row in labels])
 
     def _apply_changes(self, changes: _Changes) -> None:
         rows, frauds, labels = changes
         mirror = self._mirror
         if rows:  # rows as the Event tuples they are (no per-row Python)
             mirror.apply_many(list(map(Event._make, rows)), (), forget_until_us=_LOW_US)
-        for tid in frauds:
-            mirror.set_label(tid, True)
-        for _, tid, is_fraud in labels:
-            mirror.set_label(tid, bool(is_fraud))
+        for tid, t_us, customer_id, terminal_id in frauds:
+            mirror.label(tid, t_us, customer_id, terminal_id, True)
+        for tid, is_fraud, t_us, customer_id, terminal_id in labels:
+            if t_us is not None:  # else the file forgot it: so does the mirror
+                mirror.label(tid, t_us, customer_id, terminal_id, bool(is_fraud))
 
     def _insert(self, events: Sequence[Event]) -> list[int] | None:
         """Store the transactions new to the file (inside a caught-up write transaction);
