@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -482,28 +483,36 @@ def _records(
     engine: Engine, batch: _Fresh, judged: Judgements, *, decided_at_us: int
 ) -> list[DecisionRecord]:
     """Each decided transaction's audit record, its response body included."""
-    version, names = engine.model_version, engine.scorer.features
+    version, names, n = engine.model_version, engine.scorer.features, len(batch.events)
+    scores = judged.scores.tolist()
     # The audit log stores each row's values as float64 little-endian bytes.
     packed = batch.values.astype("<f8", copy=False).tobytes()
     width = 8 * batch.values.shape[1]
-    per_row = zip(
-        batch.txs, batch.events, judged.scores.tolist(), judged.raw_scores.tolist(),
-        judged.actions, judged.reasons, strict=True,
-    )  # fmt: skip
-    # One comprehension with positional fields: this runs per decision (keywords cost twice
-    # as much to build).
-    return [
-        DecisionRecord(
-            e.transaction_id, e.t_us, e.customer_id, e.terminal_id, e.amount, score, raw,
-            action, version, decided_at_us, packed[k * width : (k + 1) * width],
-            orjson.dumps(
-                {"transaction_id": tx.transaction_id, "score": score, "decision": action,
-                 "reasons": reasons, "model_version": version}
-            ),
-            names,
+    responses = [
+        orjson.dumps(
+            {"transaction_id": tx.transaction_id, "score": score, "decision": action,
+             "reasons": reasons, "model_version": version}
         )
-        for k, (tx, e, score, raw, action, reasons) in enumerate(per_row)
+        for tx, score, action, reasons in zip(
+            batch.txs, scores, judged.actions, judged.reasons, strict=True
+        )
     ]  # fmt: skip
+    events = batch.events
+    # Records made by zip and NamedTuple._make (C loops): this runs per decision, and the
+    # class's own constructor, a Python function of 13 arguments, cost several times more.
+    return list(
+        map(
+            DecisionRecord._make,
+            zip(
+                [e.transaction_id for e in events], [e.t_us for e in events],
+                [e.customer_id for e in events], [e.terminal_id for e in events],
+                [e.amount for e in events], scores, judged.raw_scores.tolist(), judged.actions,
+                itertools.repeat(version, n), itertools.repeat(decided_at_us, n),
+                [packed[k * width : (k + 1) * width] for k in range(n)], responses,
+                itertools.repeat(names, n), strict=True,
+            ),
+        )
+    )  # fmt: skip
 
 
 # --- FastAPI dependencies -----------------------------------------------------------------
