@@ -199,7 +199,16 @@ def test_a_full_shard_makes_the_writer_move_on_and_stays_readable(tmp_path: Path
         again.close()
 
 
-_SCHEMA_1 = """
+# The labels table as schemas 1 and 2 created it (schema 3 keeps it).
+_OLD_LABELS = """
+CREATE TABLE labels (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, transaction_id TEXT NOT NULL,
+    is_fraud INTEGER NOT NULL, reported_at_us INTEGER, received_at_us INTEGER NOT NULL,
+    applied INTEGER NOT NULL
+);
+"""
+_SCHEMA_1 = (
+    """
 CREATE TABLE decisions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, transaction_id TEXT NOT NULL UNIQUE,
     t_us INTEGER NOT NULL, customer_id TEXT NOT NULL, terminal_id TEXT NOT NULL,
@@ -207,13 +216,10 @@ CREATE TABLE decisions (
     model_version TEXT NOT NULL, decided_at_us INTEGER NOT NULL, features TEXT NOT NULL,
     reasons TEXT NOT NULL, response BLOB NOT NULL
 );
-CREATE TABLE labels (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, transaction_id TEXT NOT NULL,
-    is_fraud INTEGER NOT NULL, reported_at_us INTEGER, received_at_us INTEGER NOT NULL,
-    applied INTEGER NOT NULL
-);
 PRAGMA user_version = 1;
 """
+    + _OLD_LABELS
+)
 
 
 def test_a_schema_1_log_stays_readable_and_writers_move_to_a_new_shard(tmp_path: Path) -> None:
@@ -241,7 +247,8 @@ def test_a_schema_1_log_stays_readable_and_writers_move_to_a_new_shard(tmp_path:
         assert db.execute("PRAGMA user_version").fetchone() == (1,)
 
 
-_SCHEMA_2 = """
+_SCHEMA_2 = (
+    """
 CREATE TABLE decisions (
     seq INTEGER PRIMARY KEY, transaction_id TEXT NOT NULL UNIQUE, t_us INTEGER NOT NULL,
     customer_id TEXT NOT NULL, terminal_id TEXT NOT NULL, amount REAL NOT NULL,
@@ -250,13 +257,10 @@ CREATE TABLE decisions (
     response BLOB NOT NULL
 );
 CREATE TABLE feature_sets (model_version TEXT PRIMARY KEY, features TEXT NOT NULL);
-CREATE TABLE labels (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, transaction_id TEXT NOT NULL,
-    is_fraud INTEGER NOT NULL, reported_at_us INTEGER, received_at_us INTEGER NOT NULL,
-    applied INTEGER NOT NULL
-);
 PRAGMA user_version = 2;
 """
+    + _OLD_LABELS
+)
 
 
 def test_a_schema_2_log_stays_readable_and_writers_move_to_a_new_shard(tmp_path: Path) -> None:
