@@ -36,6 +36,7 @@ METRIC_CONTRACT = {
     "fraudflow_errors_total",
     "fraudflow_requests_total",
     "fraudflow_state_store_latency_seconds",
+    "fraudflow_audit_commit_seconds",
     "fraudflow_model_info",
     "fraudflow_model_loaded",
     "fraudflow_score_psi",

@@ -444,6 +444,8 @@ def test_metrics_names_and_values(run_dir: Path, tmp_path: Path) -> None:
     # One store transaction per batch: the batch's 150 events, then the single one.
     applies = metric_value(text, "fraudflow_state_store_latency_seconds_count", operation="apply")
     assert applies == 2
+    # One durable audit commit per decided group: the batch, then the single decision.
+    assert metric_value(text, "fraudflow_audit_commit_seconds_count") == 2
     version = single["model_version"]
     assert metric_value(text, "fraudflow_model_info", model_version=version) == 1
     assert metric_value(text, "fraudflow_model_loaded") == 1

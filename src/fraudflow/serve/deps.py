@@ -343,11 +343,14 @@ class DecisionService:
     async def _commit(
         self, resources: _Resources, records: Sequence[DecisionRecord | LabelRecord]
     ) -> None:
+        started = time.perf_counter()
         try:
             await resources.audit.append(records)
         except Exception:
             log.exception("the audit log failed")
             raise ServeError(503, "audit log unavailable", "audit") from None
+        # A slow disk shows here first: every decision waits for its commit.
+        self.metrics.audit_commit_latency.observe(time.perf_counter() - started)
 
     def _observe(self, judged: Judgements) -> None:
         m = self.metrics

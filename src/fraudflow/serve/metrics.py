@@ -59,6 +59,8 @@ ERROR_KINDS = (
 )
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 1.0)
 _STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
+# An audit commit waits for its group and an fsync: a few ms when the disk keeps up.
+_COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
@@ -110,6 +112,12 @@ class ServiceMetrics:
         self.store_latency = Histogram(
             "fraudflow_state_store_latency_seconds", "Feature state store calls.", ["operation"],
             buckets=_STORE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.audit_commit_latency = Histogram(
+            "fraudflow_audit_commit_seconds",
+            "Time from handing records to the audit log until they are durable (their group "
+            "commit, fsync included); every decision waits for it before its answer.",
+            buckets=_COMMIT_BUCKETS, registry=registry,
         )  # fmt: skip
         # livemax: a version shows while any live worker serves it (during a rolling reload,
         # both); livemin: loaded only when every worker is.
