@@ -636,7 +636,7 @@ class Histories:
         self._touched: set[_History] = set()  # by identity
         self._unswept = 0
         # The highest bound forgotten: a label of an older transaction is refused.
-        self.forgot_until_us = _NEVER
+        self._forgot_until_us = _NEVER
 
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
         out = AnswerLists(windows, len(events))
@@ -672,23 +672,23 @@ class Histories:
             terminal.add(t_us, amount)
             touched.add(customer)
             touched.add(terminal)
-        self.forgot_until_us = max(self.forgot_until_us, forget_until_us)
+        self._forgot_until_us = max(self._forgot_until_us, forget_until_us)
         self._unswept += len(events)
         if self._unswept >= _SWEEP_EVERY:
             for history in touched:
                 history.forget(forget_until_us)
             touched.clear()
             self._unswept = 0
-            self._forget_frauds(self.forgot_until_us)
+            self._forget_frauds(self._forgot_until_us)
         return out.done()
 
     def label(
         self, transaction_id: str, t_us: int, customer_id: str, terminal_id: str, is_fraud: bool
     ) -> bool:
         """Set the label of a stored transaction (its time and entities as stored); False,
-        changing nothing, if it is forgotten (t_us <= ``forgot_until_us``)."""
+        changing nothing, if it is forgotten (at or before the highest bound forgotten)."""
         customer, terminal = self._customers.get(customer_id), self._terminals.get(terminal_id)
-        if t_us <= self.forgot_until_us or customer is None or terminal is None:
+        if t_us <= self._forgot_until_us or customer is None or terminal is None:
             return False
         was = transaction_id in self._frauds
         customer.set_fraud(t_us, was=was, now=is_fraud)
@@ -701,7 +701,7 @@ class Histories:
 
     def prune(self, until_us: int) -> None:
         """Forget every event and label with t <= ``until_us``."""
-        self.forgot_until_us = max(self.forgot_until_us, until_us)
+        self._forgot_until_us = max(self._forgot_until_us, until_us)
         self._touched.clear()  # all are swept now
         for histories in (self._customers, self._terminals):
             for key, history in list(histories.items()):
