@@ -114,7 +114,7 @@ class SQLiteStore:
 
     The file is the durable, shared truth: every transaction (time, entities, amount, latest
     label) in arrival order, and a log of label changes. Queries are answered from a
-    ``MemoryStore`` mirror of it (O(log n) per count, against a range scan per count in SQL:
+    ``Histories`` mirror of it (O(log n) per count, against a range scan per count in SQL:
     measured at ~40% of a decision's time), which each call first brings up to date with what
     other writers (processes sharing the file) committed since: the transactions and label
     changes past the last sequence numbers it has seen. A call that fails rebuilds the mirror
