@@ -23,8 +23,10 @@ print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_de
 PY
 
 started=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit \
+  --format=csv > "$OUT/nvidia_smi.csv" 2>&1 || true
 set +e
-"$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_gpu.py \
+"$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_gpu.py -W default \
   --junitxml="$OUT/gpu_tests.xml" -s 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
@@ -34,7 +36,8 @@ set -e
 import json, sys, time, xml.etree.ElementTree as ET
 from pathlib import Path
 out, tests_rc, started = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-suite = ET.parse(out / "gpu_tests.xml").getroot().find("testsuite") or ET.parse(out / "gpu_tests.xml").getroot()
+root = ET.parse(out / "gpu_tests.xml").getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
 tests = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 summary = {"tests": tests, "tests_exit_code": tests_rc,
            "train": json.loads((out / "train_gpu.json").read_text()),
