@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (issue 4): on a machine with one NVIDIA H100/H200, in under 8 minutes.
-#   1. the CUDA tests: fp16 + GradScaler, bf16, a real out-of-memory back-off, DDP with NCCL;
+#   1. the CUDA tests: fp16 + GradScaler, bf16, a real out-of-memory back-off, DDP with NCCL,
+#      and the training job's GPU memory gauge read at scrape time;
 #   2. the training benchmark on 10M x 100 synthetic samples: fp32 / bf16 / fp16, with and
 #      without torch.compile, a 100-epoch bf16 run, and the CPU figure for the ratio.
 # Every figure lands in one JSON file: $OUT/gpu_check.json (OUT defaults to runs/gpu_check).
@@ -26,7 +27,8 @@ started=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit \
   --format=csv > "$OUT/nvidia_smi.csv" 2>&1 || true
 set +e
-"$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/train/test_gpu.py -W default \
+"$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -W default \
+  tests/train/test_gpu.py tests/train/test_metrics_server.py \
   --junitxml="$OUT/gpu_tests.xml" -s 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 set -e
