@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from fraudflow.cli.main import app
+from fraudflow.tracking import TrackingConfig, list_runs
 from fraudflow.train import DONE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -47,13 +49,15 @@ def _env() -> dict[str, str]:
 
 
 def test_two_ranks_equal_one_process_with_the_same_global_batch(
-    features_path: Path, tmp_path: Path
+    features_path: Path, tmp_path: Path, tracking_uri: str
 ) -> None:
     single = CliRunner().invoke(app, _args(features_path, tmp_path / "single"))
     assert single.exit_code == 0, single.output
+    experiment = f"ddp-{uuid.uuid4().hex[:8]}"
     ddp = subprocess.run(
         _torchrun(_args(features_path, tmp_path / "ddp")),
-        env=_env(), capture_output=True, text=True, timeout=600,
+        env={**_env(), "MLFLOW_EXPERIMENT_NAME": experiment},
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert (tmp_path / "ddp" / DONE).is_file()
@@ -69,6 +73,12 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(
     assert metrics[1]["world_size"] == 2
     for key in ("average_precision", "validation_average_precision"):
         assert abs(metrics[0][key] - metrics[1][key]) < AP_TOLERANCE, key
+    # Tracked by rank 0 alone: one finished run holding the job's metrics, not one per rank.
+    tracked = list_runs(
+        TrackingConfig(enabled=True, tracking_uri=tracking_uri, experiment=experiment)
+    )
+    assert [run["status"] for run in tracked] == ["FINISHED"]
+    assert tracked[0]["average_precision"] == pytest.approx(metrics[1]["average_precision"])
 
 
 def _history(run: Path) -> list[dict[str, float]]:
