@@ -8,6 +8,7 @@ loop has no separate non-distributed path.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -82,4 +83,8 @@ def _device_for(device_name: str, local_rank: int) -> torch.device:
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # A DDP wrapper left in a reference cycle (by a training error's traceback, say) must go
+        # before its process group: freed after it, it aborts the process at exit (seen with
+        # gloo: "terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()

@@ -177,6 +177,7 @@ def fit(
     state = FitResult(batch_size=cfg.batch_size)
     if resume and (checkpoint_dir / LAST).is_file():
         state = _restore(checkpoint_dir / LAST, run)
+    _agree_on_start(state, dist_ctx, checkpoint_dir)
     valid = valid.to(device)
     run.weights = _class_weights(len(train), train.positives(), cfg.pos_weight).to(device)
     if cfg.max_batch_memory_mb is not None:
@@ -186,8 +187,33 @@ def fit(
             break
         _run_epoch(run, state, epoch, train, valid)
     dist_ctx.barrier()
-    model.load_state_dict(load_checkpoint(checkpoint_dir / BEST)["model"])
+    if dist_ctx.is_main:
+        model.load_state_dict(load_checkpoint(checkpoint_dir / BEST)["model"])
+    if dist_ctx.enabled:
+        # From rank 0's file to every rank: other machines need not see the checkpoint folder.
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
     return state
+
+
+def _agree_on_start(state: FitResult, dist_ctx: DistContext, checkpoint_dir: Path) -> None:
+    """Every rank must resume from the same point. A rank whose --out is not the folder rank 0
+    writes checkpoints to (another machine's local disk) would otherwise start over and, with
+    the other ranks, train on shards of different epochs' permutations, without any error."""
+    if not dist_ctx.enabled:
+        return
+    mine = (state.next_epoch, state.epoch_offset, state.steps)
+    every: list[Any] = [None] * dist_ctx.world_size
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        points = ", ".join(
+            f"rank {rank}: epoch {epoch}, sample {offset}, step {steps}"
+            for rank, (epoch, offset, steps) in enumerate(every)
+        )
+        raise TrainingError(
+            f"the ranks would start from different points ({points}) in {checkpoint_dir}: "
+            "with several machines, --out must be on a filesystem that every machine shares"
+        )
 
 
 def _setup(
