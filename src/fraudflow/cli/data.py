@@ -10,11 +10,7 @@ import typer
 from fraudflow.cli.errors import err_console, handle_errors
 from fraudflow.cli.progress import spinner, step_bar
 from fraudflow.config import FeatureConfig, SimulationConfig
-from fraudflow.data.ingest import parse_column_map, read_transactions
-from fraudflow.data.io import write_table
-from fraudflow.data.simulator import simulate
 from fraudflow.errors import ConfigError
-from fraudflow.features import build_features, write_feature_shards, write_feature_table
 
 __all__ = ["features", "generate"]
 
@@ -31,6 +27,9 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same file."),
 ) -> None:
     """Simulate a labelled transaction log with fraud scenarios."""
+    from fraudflow.data.io import write_table
+    from fraudflow.data.simulator import simulate
+
     cfg = SimulationConfig(
         n_customers=customers,
         n_terminals=terminals,
@@ -64,6 +63,9 @@ def features(
     ),
 ) -> None:
     """Build point-in-time features from a transaction log."""
+    from fraudflow.data.ingest import parse_column_map, read_transactions
+    from fraudflow.features import build_features, write_feature_shards, write_feature_table
+
     cfg = FeatureConfig(label_delay_days=label_delay_days)
     column_map = parse_column_map(map)
     if shard_days is None and out.suffix.lower() != ".parquet":

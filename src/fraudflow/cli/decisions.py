@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 
 from fraudflow.cli.errors import err_console, handle_errors
-from fraudflow.serve.audit import export_audit
-from fraudflow.serve.settings import audit_path_for
 
 __all__ = ["decisions_app", "export"]
 
@@ -27,6 +25,9 @@ def export(
     labels: bool = typer.Option(False, "--labels", help="Export the posted labels instead."),
 ) -> None:
     """Write every recorded decision (or label) to Parquet, one row each, atomically."""
+    from fraudflow.serve.audit import export_audit
+    from fraudflow.serve.settings import audit_path_for
+
     path = audit_path_for(audit=audit, run=run, data_dir=data_dir)
     rows = export_audit(path, out, labels=labels)
     err_console.print(f"{rows:,} {'labels' if labels else 'decisions'} from {path} -> {out}")

@@ -11,13 +11,8 @@ from rich.console import Console
 from fraudflow.cli.errors import err_console, handle_errors
 from fraudflow.cli.progress import spinner, step_bar
 from fraudflow.cli.tables import metrics_table
-from fraudflow.cli.train import run_training
 from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
-from fraudflow.data.io import write_table
-from fraudflow.data.simulator import simulate
 from fraudflow.errors import ConfigError
-from fraudflow.eval.report import write_report
-from fraudflow.features import build_features, write_feature_table
 
 __all__ = ["demo"]
 
@@ -34,6 +29,9 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Simulate data, build features, train LightGBM and the MLP, compare them on a future week."""
+    from fraudflow.cli.training import run_training
+    from fraudflow.eval.report import write_report
+
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty; remove it or pass another --out")
     sim = SimulationConfig(n_customers=customers, n_terminals=terminals, n_days=days, seed=seed)
@@ -48,6 +46,10 @@ def demo(
 
 
 def _prepare_features(out: Path, sim: SimulationConfig) -> Path:
+    from fraudflow.data.io import write_table
+    from fraudflow.data.simulator import simulate
+    from fraudflow.features import build_features, write_feature_table
+
     with step_bar("simulating transactions") as update:
         transactions = simulate(sim, progress=update)
     write_table(transactions, out / "transactions.parquet")

@@ -10,7 +10,6 @@ from rich.console import Console
 from fraudflow.cli.errors import handle_errors
 from fraudflow.cli.progress import spinner
 from fraudflow.cli.tables import metrics_table
-from fraudflow.eval.report import load_run, write_report
 
 __all__ = ["default_report_path", "evaluate"]
 
@@ -28,6 +27,8 @@ def evaluate(
     out: Path = typer.Option(None, "--out", help="HTML report to write [see above]."),
 ) -> None:
     """Compare finished runs in a table and an offline HTML report."""
+    from fraudflow.eval.report import load_run, write_report
+
     runs = [load_run(d) for d in run_dirs]
     Console().print(metrics_table([r.metrics for r in runs], [r.name for r in runs]))
     target = out or default_report_path(run_dirs)

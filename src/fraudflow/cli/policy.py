@@ -5,21 +5,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fraudflow.cli.errors import err_console, handle_errors
-from fraudflow.eval.thresholds import (
-    PolicyCalibration,
-    calibrate_policy,
-    policy_document,
-    policy_yaml,
-    read_validation,
-    validation_amounts,
-)
 from fraudflow.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from fraudflow.eval.thresholds import PolicyCalibration
 
 __all__ = ["calibrate", "policy_app"]
 
@@ -41,6 +37,14 @@ def calibrate(
     ),
 ) -> None:
     """Choose review and block thresholds on the run's validation period; write policy.yaml."""
+    from fraudflow.eval.thresholds import (
+        calibrate_policy,
+        policy_document,
+        policy_yaml,
+        read_validation,
+        validation_amounts,
+    )
+
     validation = read_validation(run)
     cal = calibrate_policy(
         validation,

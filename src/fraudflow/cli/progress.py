@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from rich.progress import (
     BarColumn,
@@ -15,7 +16,9 @@ from rich.progress import (
 )
 
 from fraudflow.cli.errors import err_console
-from fraudflow.train.loop import EpochLog
+
+if TYPE_CHECKING:
+    from fraudflow.train.loop import EpochLog
 
 __all__ = ["EpochProgress", "spinner", "step_bar"]
 

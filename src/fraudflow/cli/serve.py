@@ -7,8 +7,6 @@ from pathlib import Path
 import typer
 
 from fraudflow.cli.errors import handle_errors
-from fraudflow.serve.app import run_server
-from fraudflow.serve.settings import load_settings
 
 __all__ = ["serve"]
 
@@ -40,6 +38,9 @@ def serve(
     FRAUDFLOW_API_KEYS_FILE / FRAUDFLOW_ADMIN_KEYS_FILE; without any, the server refuses to
     start unless --insecure-no-auth is given.
     """
+    from fraudflow.serve.app import run_server
+    from fraudflow.serve.settings import load_settings
+
     settings = load_settings(
         run=run,
         host=host,

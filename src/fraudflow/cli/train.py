@@ -1,32 +1,20 @@
-"""`fraudflow train`."""
+"""`fraudflow train`: its flags. What it runs is in ``fraudflow.cli.training``, imported when
+the command runs: the CLI starts, and answers --help, without importing PyTorch."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from fraudflow.cli.errors import err_console, handle_errors
-from fraudflow.cli.progress import EpochProgress, spinner
+from fraudflow.cli.errors import handle_errors
 from fraudflow.cli.runs import tracking_from_environment
-from fraudflow.cli.tables import metrics_table
-from fraudflow.config import RunConfig, load_run_config, to_dict
-from fraudflow.models import NEURAL_MODELS
-from fraudflow.tracking import NullTracker, RunTracker, TrackingConfig, open_tracker
-from fraudflow.train.device import resolve_device
-from fraudflow.train.distributed import DistContext, cleanup, from_environment
-from fraudflow.train.loop import LoopObserver
-from fraudflow.train.metrics_server import DEFAULT_HOST, serve_metrics
-from fraudflow.train.observers import CompositeObserver, TrackingObserver
-from fraudflow.train.run import RunOutcome, train_run
+from fraudflow.config import RunConfig, load_run_config
 
-__all__ = ["run_training", "train"]
+__all__ = ["train"]
 
 
 @handle_errors
@@ -91,7 +79,7 @@ def train(
         None, "--metrics-port", min=0, max=65535, help="Serve Prometheus training metrics here."
     ),
     metrics_host: str = typer.Option(
-        DEFAULT_HOST, "--metrics-host", help="Address for --metrics-port (0.0.0.0: all)."
+        None, "--metrics-host", help="Address for --metrics-port [127.0.0.1; 0.0.0.0: all]."
     ),
 ) -> None:
     """Train a model on a feature table, evaluate it on the test period, write the run folder."""
@@ -110,19 +98,13 @@ def train(
         "max_batch_memory_mb": max_batch_memory, "min_batch_size": min_batch_size,
     }  # fmt: skip
     cfg = _with_flags(cfg, split_flags, train_flags)
-    dist_ctx = from_environment(os.environ, cfg.train.device) if ddp else None
-    tracking = tracking_from_environment(enabled=not no_track)
-    try:
-        with _metrics_observers(metrics_port, metrics_host, cfg, dist_ctx) as observers:
-            outcome = run_training(
-                features, out, cfg, resume=resume, dist_ctx=dist_ctx,
-                extra_observers=observers, tracking=tracking,
-            )  # fmt: skip
-    finally:
-        cleanup()
-    if dist_ctx is None or dist_ctx.is_main:
-        Console().print(metrics_table([outcome.metrics], [out.name]))
-        Console().print(f"run folder: {out}")
+    from fraudflow.cli.training import train_and_report
+
+    train_and_report(
+        features, out, cfg, resume=resume, ddp=ddp,
+        tracking=tracking_from_environment(enabled=not no_track),
+        metrics_port=metrics_port, metrics_host=metrics_host,
+    )  # fmt: skip
 
 
 def _with_flags(
@@ -136,76 +118,3 @@ def _with_flags(
         split=dataclasses.replace(cfg.split, **split_set),  # type: ignore[arg-type]
         train=dataclasses.replace(cfg.train, **train_set),  # type: ignore[arg-type]
     )
-
-
-@contextlib.contextmanager
-def _metrics_observers(
-    port: int | None, host: str, cfg: RunConfig, dist_ctx: DistContext | None
-) -> Iterator[list[LoopObserver]]:
-    """A Prometheus observer on ``port``, if given; rank 0 only, as only rank 0 observes."""
-    if port is None or (dist_ctx is not None and not dist_ctx.is_main):
-        yield []
-        return
-    device = dist_ctx.device if dist_ctx else resolve_device(cfg.train.device)
-    with serve_metrics(port, host=host, batch_size=cfg.train.batch_size, device=device) as obs:
-        err_console.print(f"Prometheus metrics: http://{host}:{obs.port}/metrics")
-        yield [obs]
-
-
-def run_training(
-    features: Path,
-    out: Path,
-    cfg: RunConfig,
-    *,
-    resume: bool = False,
-    dist_ctx: DistContext | None = None,
-    extra_observers: Sequence[LoopObserver] = (),
-    tracking: TrackingConfig | None = None,
-) -> RunOutcome:
-    """Train with a progress display suited to the model kind and, given ``tracking``, record
-    the run in MLflow (rank 0 only under DDP; no tracking by default)."""
-    if dist_ctx is not None and not dist_ctx.is_main:
-        return train_run(features, out, cfg, resume=resume, dist_ctx=dist_ctx)
-    tracker = open_tracker(tracking) if tracking else NullTracker()
-    with tracker:  # an exception inside ends the MLflow run as FAILED
-        if tracking is not None and tracking.enabled:
-            _start_tracking(tracker, tracking, features, out, cfg, resume=resume)
-        observers = [*extra_observers, TrackingObserver(tracker)]
-        outcome = _train_with_display(features, out, cfg, resume, dist_ctx, observers)
-        tracker.finish(outcome.metrics, outcome.run_dir)
-    if tracking is not None and tracker.run_id is not None:
-        err_console.print(f"MLflow run {tracker.run_id} in {tracking.tracking_uri}")
-    return outcome
-
-
-def _start_tracking(
-    tracker: RunTracker,
-    tracking: TrackingConfig,
-    features: Path,
-    out: Path,
-    cfg: RunConfig,
-    *,
-    resume: bool,
-) -> None:
-    tags = {"fraudflow.run_dir": str(out.resolve()), "fraudflow.resumed": str(resume).lower()}
-    with spinner(f"starting an MLflow run in {tracking.tracking_uri}"):
-        tracker.start(to_dict(cfg), features_path=features, run_name=out.name, tags=tags)
-
-
-def _train_with_display(
-    features: Path,
-    out: Path,
-    cfg: RunConfig,
-    resume: bool,
-    dist_ctx: DistContext | None,
-    observers: Sequence[LoopObserver],
-) -> RunOutcome:
-    label = cfg.train.model
-    if label in NEURAL_MODELS:
-        with EpochProgress.open(cfg.train.epochs, label) as progress:
-            observer = CompositeObserver([progress, *observers])
-            return train_run(
-                features, out, cfg, resume=resume, observer=observer, dist_ctx=dist_ctx
-            )
-    with spinner(f"training {label} (LightGBM, early stopping on validation AP)"):
-        return train_run(features, out, cfg, resume=resume)
