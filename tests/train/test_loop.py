@@ -172,3 +172,18 @@ def test_mid_epoch_checkpoints_resume_exactly(tmp_path: Path) -> None:
     assert state["next_epoch"] == 2 and 0 < state["epoch_offset"] < len(TRAIN)
     resumed, _ = _fit(tmp_path / "split", cfg, resume=True)
     assert _same_weights(whole, resumed)
+
+
+class _CountingMoves(TensorData):
+    moves = 0
+
+    def to(self, device: torch.device) -> TensorData:
+        type(self).moves += 1
+        return super().to(device)
+
+
+def test_in_memory_rows_move_to_the_device_once_not_every_epoch(tmp_path: Path) -> None:
+    # On a GPU each move of the training table is a host-to-device copy of all of it.
+    rows = _CountingMoves(inputs=TRAIN.inputs, labels=TRAIN.labels)
+    fit(_model(), rows, VALID, CFG, dist_ctx=CPU, checkpoint_dir=tmp_path)
+    assert CFG.epochs > 1 and _CountingMoves.moves == 1

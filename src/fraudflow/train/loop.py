@@ -179,6 +179,10 @@ def fit(
         state = _restore(checkpoint_dir / LAST, run)
     _agree_on_start(state, dist_ctx, checkpoint_dir)
     valid = valid.to(device)
+    if isinstance(train, TensorData):
+        # Once per fit: an in-memory table's segment() is its move to the device, which would
+        # otherwise copy the whole table to the GPU again every epoch.
+        train = train.to(device)
     run.weights = _class_weights(len(train), train.positives(), cfg.pos_weight).to(device)
     if cfg.max_batch_memory_mb is not None:
         run.bytes_per_sample = activation_bytes_per_sample(model, valid.batch(torch.arange(2))[0])
