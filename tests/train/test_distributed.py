@@ -222,9 +222,13 @@ def _two_ranks(tmp: Path, folders: list[Path], *, resume: bool) -> Path:
     ]
     for rank in ranks:
         rank.start()
-    for rank in ranks:
-        rank.join(timeout=300)
-        assert rank.exitcode == 0
+    try:
+        for rank in ranks:
+            rank.join(timeout=300)
+            assert rank.exitcode == 0
+    finally:
+        for rank in ranks:
+            rank.kill()  # a rank still waiting in a collective after a failure
     return results
 
 

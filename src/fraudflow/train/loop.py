@@ -81,6 +81,10 @@ class TensorData:
     def segment(self, index: int, device: torch.device) -> TensorData:
         return self.to(device)
 
+    def for_device(self, device: torch.device) -> TensorData:
+        # Moved once per fit: segment() then finds it there instead of copying every epoch.
+        return self.to(device)
+
 
 class TrainingRows(Protocol):
     """The loop's view of the training rows: segments that each fit on the device.
@@ -97,6 +101,10 @@ class TrainingRows(Protocol):
     def segment_sizes(self) -> list[int]: ...
 
     def segment(self, index: int, device: torch.device) -> TensorData: ...
+
+    def for_device(self, device: torch.device) -> TrainingRows:
+        """The rows as ``fit`` keeps them for a run on ``device``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -179,10 +187,7 @@ def fit(
         state = _restore(checkpoint_dir / LAST, run)
     _agree_on_start(state, dist_ctx, checkpoint_dir)
     valid = valid.to(device)
-    if isinstance(train, TensorData):
-        # Once per fit: an in-memory table's segment() is its move to the device, which would
-        # otherwise copy the whole table to the GPU again every epoch.
-        train = train.to(device)
+    train = train.for_device(device)
     run.weights = _class_weights(len(train), train.positives(), cfg.pos_weight).to(device)
     if cfg.max_batch_memory_mb is not None:
         run.bytes_per_sample = activation_bytes_per_sample(model, valid.batch(torch.arange(2))[0])

@@ -48,6 +48,9 @@ class ShardRows:
     def segment_sizes(self) -> list[int]:
         return list(self._sizes)
 
+    def for_device(self, device: torch.device) -> ShardRows:
+        return self  # streamed: each shard reaches the device when its segment comes
+
     def segment(self, index: int, device: torch.device) -> TensorData:
         frame = self.shards[index].select(*self.features, IS_FRAUD).collect()
         x = torch.from_numpy(frame.select(self.features).to_numpy().astype(np.float32))  # (n, F)
