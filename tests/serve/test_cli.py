@@ -65,6 +65,17 @@ def test_serve_rejects_bad_settings_by_flag_name(tmp_path: Path) -> None:
     assert_fails(from_env, "--workers (FRAUDFLOW_WORKERS)")
 
 
+def test_serve_checks_the_amount_and_clock_skew_limits(tmp_path: Path) -> None:
+    env = {"FRAUDFLOW_API_KEYS": "k"}
+    skew = invoke("serve", "--run", tmp_path, "--max-clock-skew", "0", env=env)
+    assert_fails(
+        skew,
+        "--max-clock-skew (FRAUDFLOW_MAX_CLOCK_SKEW_SECONDS): Input should be greater than 0",
+    )
+    amount = invoke("serve", "--run", tmp_path, env=env | {"FRAUDFLOW_MAX_AMOUNT": "inf"})
+    assert_fails(amount, "--max-amount (FRAUDFLOW_MAX_AMOUNT): Input should be a finite number")
+
+
 def test_decisions_export_writes_one_row_per_decision(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "run" / "serve" / "audit.db")
     log.submit([decision(i) for i in range(5)]).result(timeout=10)

@@ -30,6 +30,15 @@ def serve(
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Serve without API keys (never in production)."
     ),
+    max_amount: float = typer.Option(
+        None, "--max-amount", help="Largest transaction amount accepted (default 1e9); 422 above."
+    ),
+    max_clock_skew: float = typer.Option(
+        None,
+        "--max-clock-skew",
+        help="Seconds a transaction may be dated ahead of the server's clock (default 86400, "
+        "one day); 422 beyond. Env: FRAUDFLOW_MAX_CLOCK_SKEW_SECONDS.",
+    ),
 ) -> None:
     """Serve fraud decisions over HTTP.
 
@@ -51,5 +60,7 @@ def serve(
         data_dir=data_dir,
         audit=audit,
         insecure_no_auth=insecure_no_auth or None,  # unset: the environment may still say so
+        max_amount=max_amount,
+        max_clock_skew_seconds=max_clock_skew,
     )
     run_server(settings)

@@ -63,6 +63,11 @@ class ServeSettings(BaseSettings):
     insecure_no_auth: bool = False
     max_body_bytes: int = Field(1 * MIB, ge=1024)
     max_batch_body_bytes: int = Field(16 * MIB, ge=1024)
+    # A transaction's amount above this is refused (422): it would overflow the window sums.
+    max_amount: float = Field(1e9, gt=0, allow_inf_nan=False)
+    # A transaction dated further ahead of the server's clock is refused (422), and no single
+    # event may move the state's forgetting watermark by more than this (--max-clock-skew).
+    max_clock_skew_seconds: float = Field(86_400.0, gt=0, allow_inf_nan=False)
     psi_window: int = Field(10_000, ge=100)  # scores kept for fraudflow_score_psi
     psi_interval_seconds: float = Field(5.0, gt=0)
     # How long a duplicate transaction_id waits for a concurrent request to record its decision.
@@ -144,13 +149,17 @@ def load_settings(**flags: Any) -> ServeSettings:
         raise ConfigError(_describe(exc)) from None
 
 
+# Flags whose name leaves out the field's unit (the help text gives it).
+_FLAG_OF_FIELD = {"max_clock_skew_seconds": "--max-clock-skew"}
+
+
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors(include_url=False, include_input=False):
         where = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         if where:
-            flag = "--" + where.replace("_", "-")
+            flag = _FLAG_OF_FIELD.get(where, "--" + where.replace("_", "-"))
             env = ENV_PREFIX + where.upper()
             problems.append(f"{flag} ({env}): {message}")
         else:
