@@ -381,7 +381,7 @@ def test_readiness_waits_for_the_model(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A request waits this long for a loading model before its 503.
-    monkeypatch.setattr("fraudflow.serve.deps.READY_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr("fraudflow.serve.service.READY_WAIT_SECONDS", 0.3)
     release = threading.Event()
     app = create_app(settings_for(run_dir, tmp_path), loader=_loading_until(release))
     with LiveServer(app) as live, live.client() as c:

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from fraudflow.serve.auth import NO_VALID_KEY
-from fraudflow.serve.deps import DecisionService, ServeError
 from fraudflow.serve.routes import BATCH, DECISIONS, LABELS, body_limits
 from fraudflow.serve.schemas import DecisionBatchIn, LabelIn, TransactionIn
+from fraudflow.serve.service import DecisionService, ServeError
 from fraudflow.serve.settings import ServeSettings
 
 __all__ = ["ERROR_KIND_KEY", "DirectRoutes", "direct_routes", "serve_error_headers"]

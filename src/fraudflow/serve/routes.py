@@ -26,12 +26,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 
-from fraudflow.serve.deps import (
-    DecisionService,
-    get_service,
-    require_admin,
-    require_client,
-)
+from fraudflow.serve.deps import get_service, require_admin, require_client
 from fraudflow.serve.metrics import CONTENT_TYPE_LATEST
 from fraudflow.serve.schemas import (
     DecisionBatchIn,
@@ -44,6 +39,7 @@ from fraudflow.serve.schemas import (
     ReloadOut,
     TransactionIn,
 )
+from fraudflow.serve.service import DecisionService
 from fraudflow.serve.settings import ServeSettings
 
 __all__ = [

@@ -1,0 +1,507 @@
+"""The decision service core: ``DecisionService`` and what it needs.
+
+``DecisionService`` owns the long-lived pieces (state store, audit log, idempotency ledgers,
+the current ``Engine``, metrics) and runs a request through them:
+
+    features (state apply: atomic, refuses a duplicate) -> model -> policy
+    -> audit append (group commit, durable) -> response
+
+The synchronous part of a decision (store, model, policy: well under a millisecond) runs on the
+event loop itself: a thread hop would cost about as much, and the GIL would serialise the work
+anyway. Only the audit commit is awaited, so requests overlap while the disk syncs. Model loads
+(start-up, reload) run in a thread, so serving goes on meanwhile.
+
+Errors raised here are ``ServeError``s with a fixed detail string; ``fraudflow.serve.app``
+turns them into responses. Their causes go to the log, never to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from fraudflow.errors import DataError, FraudflowError
+from fraudflow.features.online import Answers, Event, FeatureRows, StateStore, Window, epoch_us
+from fraudflow.files import write_json_atomic
+from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, now_us
+from fraudflow.serve.auth import ApiKeys
+from fraudflow.serve.coalesce import Coalescer
+from fraudflow.serve.idempotency import (
+    AuditLedger,
+    DecisionLedger,
+    PendingDecisions,
+    RedisLedger,
+    resolve_duplicate,
+)
+from fraudflow.serve.metrics import ScoreDrift, ServiceMetrics, observe_many
+from fraudflow.serve.schemas import LabelIn, TransactionIn
+from fraudflow.serve.scoring import Engine, Judgements, load_engine
+from fraudflow.serve.settings import ServeSettings
+from fraudflow.serve.state import open_store
+
+__all__ = ["ACTIVE_MODEL_FILE", "DecisionService", "EngineLoader", "ServeError", "TimedStore"]
+
+log = logging.getLogger(__name__)
+
+# Written by a reload, watched by the other workers of a multi-worker server.
+ACTIVE_MODEL_FILE = "active_model.json"
+
+EngineLoader = Callable[[Path, StateStore], Engine]
+
+
+class ServeError(FraudflowError):
+    """A request the service cannot complete: HTTP status, fixed detail, metric kind."""
+
+    def __init__(self, status: int, detail: str, kind: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.kind = status, detail, kind
+
+
+# How long a request waits for a worker that is still loading its model before a 503.
+READY_WAIT_SECONDS = 10.0
+
+
+def _not_ready() -> ServeError:
+    return ServeError(503, "model not loaded", "not_ready")
+
+
+def _store_failed() -> ServeError:
+    return ServeError(503, "feature state store unavailable", "state_store")
+
+
+class TimedStore:
+    """A ``StateStore`` that reports each call's latency (``fraudflow_state_store_...``)."""
+
+    def __init__(self, store: StateStore, metrics: ServiceMetrics) -> None:
+        self.inner = store
+        self._apply = metrics.store_latency.labels(operation="apply")
+        self._read = metrics.store_latency.labels(operation="read")
+        self._label = metrics.store_latency.labels(operation="set_label")
+        self._prune = metrics.store_latency.labels(operation="prune")
+
+    def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
+        with self._read.time():
+            return self.inner.read(events, windows)
+
+    def apply_many(
+        self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
+    ) -> Answers:
+        # One call serves a whole batch: its time per event keeps the histogram (and the
+        # FraudflowStateStoreSlow alert) about what a decision costs, whatever the batch size.
+        started = time.perf_counter()
+        try:
+            return self.inner.apply_many(events, windows, forget_until_us=forget_until_us)
+        finally:
+            self._apply.observe((time.perf_counter() - started) / max(1, len(events)))
+
+    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
+        with self._label.time():
+            return self.inner.set_label(transaction_id, is_fraud)
+
+    def prune(self, until_us: int) -> int:
+        with self._prune.time():
+            return self.inner.prune(until_us)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class _Resources:
+    store: TimedStore
+    audit: AuditLog
+    ledgers: list[DecisionLedger]
+    redis_ledger: RedisLedger | None
+
+
+def default_loader(settings: ServeSettings) -> EngineLoader:
+    def load(run_dir: Path, store: StateStore) -> Engine:
+        return load_engine(run_dir, store=store, policy_path=settings.policy)
+
+    return load
+
+
+class DecisionService:
+    """The decision service's state and request handling (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        *,
+        metrics: ServiceMetrics,
+        keys: ApiKeys,
+        loader: EngineLoader | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.keys = keys
+        self.engine: Engine | None = None  # swapped whole on reload; read once per request
+        self.failed = False  # the start-up load failed: /readyz says so
+        self._loader = loader or default_loader(settings)
+        self._resources: _Resources | None = None
+        self._pending = PendingDecisions()
+        self._coalescer: Coalescer[TransactionIn, bytes] = Coalescer(self._decide_coalesced)
+        self._drift: ScoreDrift | None = None
+        self._reload_lock = asyncio.Lock()
+        self._loaded = asyncio.Event()  # set once start() has finished, loaded or failed
+        self._control = settings.data_folder / ACTIVE_MODEL_FILE
+        self._control_seen = _mtime(self._control)
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and the audit log, then load the model (in a thread)."""
+        try:
+            self._resources = await asyncio.to_thread(self._open)
+            run = self._announced_run() or self.settings.run
+            self._swap(await asyncio.to_thread(self._load, run))
+        except Exception:
+            self.failed = True
+            self.metrics.errors.labels(kind="reload").inc()
+            log.exception("the decision service could not start")
+        finally:
+            self._loaded.set()
+
+    def close(self) -> None:
+        self.metrics.model_changed(None)
+        if self._resources is not None:
+            self._resources.audit.close()  # commits what is queued first
+            self._resources.store.close()
+            if self._resources.redis_ledger is not None:
+                self._resources.redis_ledger.close()
+        self.metrics.process_exiting()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self._resources is not None
+
+    def _open(self) -> _Resources:
+        s = self.settings
+        store = TimedStore(open_store(s.state, default_path=s.state_default_path), self.metrics)
+        redis_ledger = None
+        if s.state is not None and s.state.startswith(("redis://", "rediss://")):
+            redis_ledger = RedisLedger(s.state, ttl_seconds=s.idempotency_ttl_seconds)
+        after_commit = redis_ledger.put if redis_ledger is not None else None
+        audit = AuditLog(s.audit_path, after_commit=after_commit)
+        ledgers: list[DecisionLedger] = [AuditLedger(audit)]
+        if redis_ledger is not None:
+            ledgers.insert(0, redis_ledger)
+        return _Resources(store, audit, ledgers, redis_ledger)
+
+    def _load(self, run_dir: Path) -> Engine:
+        assert self._resources is not None
+        return self._loader(Path(run_dir), self._resources.store)
+
+    def _swap(self, engine: Engine) -> None:
+        self.engine = engine  # one reference assignment: atomic for every reader
+        self.metrics.model_changed(engine.model_version)
+        s = self.settings
+        self._drift = None
+        if engine.reference is not None:  # scores of the old model are not this one's drift
+            window, every = s.psi_window, s.psi_interval_seconds
+            self._drift = ScoreDrift(engine.reference, window=window, interval_seconds=every)
+        log.info("serving %s from %s (policy: %s)", engine.model_version, engine.run_dir,
+                 engine.policy_source)  # fmt: skip
+
+    # --- decisions ------------------------------------------------------------------------
+
+    async def decide(self, tx: TransactionIn) -> bytes:
+        """The response body for one transaction.
+
+        Requests that arrive together are decided together (``_Coalescer``): one store
+        transaction, one model call and one audit commit for all of them, each with its own
+        answer or error, as if sent one by one in timestamp order.
+        """
+        await self._ready_soon()
+        return await self._coalescer.submit(tx)
+
+    async def decide_batch(self, txs: Sequence[TransactionIn]) -> bytes:
+        """The batch response body: one decision per transaction, in request order.
+
+        Transactions go through the state in timestamp order (stable for equal times), as
+        one-by-one requests would, in one store transaction; the model scores them all in one
+        call. If the store fails, nothing is applied and the request fails with 503.
+        """
+        engine, resources = await self._ready_soon()
+        bodies: list[bytes] = []
+        for answer in await self._decide_many(engine, resources, txs):
+            if isinstance(answer, ServeError):
+                raise answer
+            bodies.append(answer)
+        return b'{"decisions":[' + b",".join(bodies) + b"]}"
+
+    async def _decide_coalesced(self, txs: Sequence[TransactionIn]) -> list[bytes | ServeError]:
+        engine, resources = self._ready()
+        return await self._decide_many(engine, resources, txs)
+
+    async def _decide_many(
+        self, engine: Engine, resources: _Resources, txs: Sequence[TransactionIn]
+    ) -> list[bytes | ServeError]:
+        """Per transaction, in request order: its response body or its error."""
+        events = [tx.event() for tx in txs]  # all valid (pydantic) before any is applied
+        times = [e.t_us for e in events]
+        order = sorted(range(len(txs)), key=times.__getitem__)  # stable: ties keep order
+        tids = [events[i].transaction_id for i in order]
+        # Each id's first occurrence in the order applied: built from the end, the first
+        # assignment of an id is the one that stays.
+        first_of = dict(zip(reversed(tids), reversed(order), strict=True))
+        repeats = len(first_of) < len(txs)
+        unique = order  # the first occurrences, in the order applied: all, the usual case
+        if repeats:
+            unique = [i for i, tid in zip(order, tids, strict=True) if first_of[tid] == i]
+        features = self._record(engine, [events[i] for i in unique])
+        answers: list[bytes | ServeError | None] = [None] * len(txs)
+        stored = features.fresh.tolist()
+        fresh = [i for i, new in zip(unique, stored, strict=True) if new]
+        if fresh:
+            values = features.values if len(fresh) == len(unique) else features.values[stored]
+            batch = _Fresh(fresh, [events[i] for i in fresh], [txs[i] for i in fresh], values)
+            await self._decide_fresh(engine, resources, batch, answers)
+        if len(fresh) < len(unique):
+            for i, new in zip(unique, stored, strict=True):
+                if not new:  # already decided, in an earlier request
+                    answers[i] = await self._replay_or_error(events[i].transaction_id, resources)
+        if repeats:  # a repeat within the request gets its first occurrence's answer
+            answers = [answers[first_of[e.transaction_id]] for e in events]
+        out = [a for a in answers if a is not None]
+        assert len(out) == len(txs)  # every first occurrence was answered above
+        return out
+
+    async def _decide_fresh(
+        self, engine: Engine, resources: _Resources, batch: _Fresh, answers: list[Any]
+    ) -> None:
+        """Score the applied transactions at once, record them, fill in their answers."""
+        tids = [e.transaction_id for e in batch.events]
+        pending = self._pending.add(tids)
+        try:
+            judged = engine.judge(batch.values, [e.amount for e in batch.events])
+            # One clock read for the group, decided together.
+            records = _records(engine, batch, judged, decided_at_us=now_us())
+            await self._commit(resources, records)
+        except BaseException as exc:
+            self._pending.fail(pending, tids, exc)
+            raise
+        bodies = [record.response for record in records]
+        self._pending.resolve(pending, tids, bodies)
+        for i, body in zip(batch.indices, bodies, strict=True):
+            answers[i] = body
+        self._observe(judged)
+
+    def _record(self, engine: Engine, events: list[Event]) -> FeatureRows:
+        try:
+            return engine.record(events)
+        except DataError:
+            raise ServeError(422, "invalid transaction", "validation") from None
+        except Exception:
+            log.exception("the feature state store failed")
+            raise _store_failed() from None
+
+    async def _replay_or_error(self, tid: str, resources: _Resources) -> bytes | ServeError:
+        try:
+            return await self._replay(tid, resources)
+        except ServeError as exc:
+            return exc
+
+    async def _replay(self, tid: str, resources: _Resources) -> bytes:
+        body = await resolve_duplicate(
+            tid,
+            pending=self._pending,
+            ledgers=resources.ledgers,
+            wait_seconds=self.settings.duplicate_wait_seconds,
+        )
+        if body is None:
+            log.error("transaction %r is in the feature state but no decision was recorded", tid)
+            raise ServeError(
+                409, "transaction already applied; its decision was not recorded",
+                "duplicate_unresolved",
+            )  # fmt: skip
+        return body
+
+    async def _commit(
+        self, resources: _Resources, records: Sequence[DecisionRecord | LabelRecord]
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            await resources.audit.append(records)
+        except Exception:
+            log.exception("the audit log failed")
+            raise ServeError(503, "audit log unavailable", "audit") from None
+        # A slow disk shows here first: every decision waits for its commit.
+        self.metrics.audit_commit_latency.observe(time.perf_counter() - started)
+
+    def _observe(self, judged: Judgements) -> None:
+        m = self.metrics
+        for action, count in collections.Counter(judged.actions).items():
+            m.decisions.labels(decision=action).inc(count)
+        scores = judged.scores
+        observe_many(m.score, scores)
+        drift = self._drift
+        if drift is not None:
+            drift.add(scores)
+            if drift.due():
+                m.score_psi.set(drift.psi())
+
+    async def _ready_soon(self) -> tuple[Engine, _Resources]:
+        """The engine, waiting a little while it is still loading.
+
+        Several uvicorn workers share one socket, and a worker accepts connections while its
+        model is still loading; the pod is already ready through its other worker. Waiting
+        briefly turns that warm-up into latency instead of 503s.
+        """
+        if not self.ready and not self.failed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._loaded.wait(), READY_WAIT_SECONDS)
+        return self._ready()
+
+    def _ready(self) -> tuple[Engine, _Resources]:
+        engine, resources = self.engine, self._resources
+        if engine is None or resources is None:
+            raise _not_ready()
+        return engine, resources
+
+    # --- labels ---------------------------------------------------------------------------
+
+    async def label(self, label: LabelIn) -> bytes:
+        """Apply a label to the feature state (if it holds the transaction) and record it."""
+        engine, resources = await self._ready_soon()
+        tid, flag = str(label.transaction_id), bool(label.is_fraud)
+        try:
+            engine.online.record_label(tid, flag)
+            applied = True
+        except DataError:  # not in the state: unknown, or older than the retention
+            applied = False
+        except Exception:
+            log.exception("the feature state store failed")
+            raise _store_failed() from None
+        reported = None if label.reported_at is None else epoch_us(label.reported_at)
+        await self._commit(resources, [LabelRecord(tid, flag, reported, now_us(), applied)])
+        out = {"transaction_id": label.transaction_id, "is_fraud": flag, "applied": applied}
+        return orjson.dumps(out)
+
+    # --- reload ---------------------------------------------------------------------------
+
+    async def reload(self, run: Path | None, *, announce: bool = True) -> dict[str, Any]:
+        """Build the engine of ``run`` (default: the one served) fully, then swap it in.
+
+        In-flight requests finish on the engine they started with; new ones get the new one.
+        """
+        async with self._reload_lock:
+            current = self.engine
+            target = Path(run) if run is not None else self.settings.run
+            if current is None or self._resources is None:
+                raise _not_ready()
+            try:
+                engine = await asyncio.to_thread(self._load, target)
+            except Exception:
+                log.exception("reload of %s failed", target)
+                raise ServeError(400, "the run cannot be loaded", "reload") from None
+            self._swap(engine)
+            if announce:
+                self._announce(engine)
+        return {
+            "model_version": engine.model_version,
+            "previous_model_version": current.model_version,
+            "run": str(engine.run_dir),
+        }
+
+    def _announced_run(self) -> Path | None:
+        """A worker (re)started after a reload serves what the other workers serve.
+
+        ``run_server`` deletes the file before the workers start, so it only ever names a run
+        reloaded during this server's life.
+        """
+        if self.settings.workers == 1:
+            return None
+        self._control_seen = _mtime(self._control)
+        try:
+            return Path(orjson.loads(self._control.read_bytes())["run"])
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    def _announce(self, engine: Engine) -> None:
+        """Tell the other workers (``watch_reloads``) which run to serve now."""
+        if self.settings.workers > 1:
+            body = {"run": str(engine.run_dir), "model_version": engine.model_version}
+            write_json_atomic(self._control, body)
+            self._control_seen = _mtime(self._control)
+
+    async def watch_reloads(self) -> None:
+        """Multi-worker servers: follow reloads made by another worker (polls a small file)."""
+        while True:
+            await asyncio.sleep(self.settings.reload_poll_seconds)
+            seen = _mtime(self._control)
+            if seen == self._control_seen or self.engine is None:
+                continue
+            self._control_seen = seen
+            try:
+                wanted = orjson.loads(self._control.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            if wanted.get("model_version") != self.engine.model_version:
+                with contextlib.suppress(ServeError):  # logged by reload
+                    await self.reload(Path(wanted["run"]), announce=False)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """The transactions of a batch that were new to the state, in the order applied."""
+
+    indices: list[int]  # positions in the request
+    events: list[Event]
+    txs: list[TransactionIn]
+    values: np.ndarray  # (N, F) feature values, in the model's feature order
+
+
+def _records(
+    engine: Engine, batch: _Fresh, judged: Judgements, *, decided_at_us: int
+) -> list[DecisionRecord]:
+    """Each decided transaction's audit record, its response body included."""
+    version, names, n = engine.model_version, engine.scorer.features, len(batch.events)
+    scores = judged.scores.tolist()
+    # The audit log stores each row's values as float64 little-endian bytes.
+    packed = batch.values.astype("<f8", copy=False).tobytes()
+    width = 8 * batch.values.shape[1]
+    responses = [
+        orjson.dumps(
+            {"transaction_id": tx.transaction_id, "score": score, "decision": action,
+             "reasons": reasons, "model_version": version}
+        )
+        for tx, score, action, reasons in zip(
+            batch.txs, scores, judged.actions, judged.reasons, strict=True
+        )
+    ]  # fmt: skip
+    events = batch.events
+    # Records made by zip and NamedTuple._make (C loops) rather than by the class's own
+    # constructor, a Python function of 13 arguments: this function went from 2.5 to 1.65 us
+    # per decision.
+    return list(
+        map(
+            DecisionRecord._make,
+            zip(
+                [e.transaction_id for e in events], [e.t_us for e in events],
+                [e.customer_id for e in events], [e.terminal_id for e in events],
+                [e.amount for e in events], scores, judged.raw_scores.tolist(), judged.actions,
+                itertools.repeat(version, n), itertools.repeat(decided_at_us, n),
+                [packed[k * width : (k + 1) * width] for k in range(n)], responses,
+                itertools.repeat(names, n), strict=True,
+            ),
+        )
+    )  # fmt: skip
