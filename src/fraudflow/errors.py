@@ -5,9 +5,13 @@
     ├── DataError                  an input table breaks its contract
     │   └── SchemaError            a column is missing or has the wrong type
     ├── ArtifactError              a run folder or model bundle is missing or unreadable
-    └── TrainingError              training cannot go on (e.g. no positive labels)
+    ├── TrainingError              training cannot go on (e.g. no positive labels)
+    └── ServeError                 a request the decision service cannot complete: its HTTP
+                                   status, a fixed detail string and a metric kind
 
 The CLI maps every ``FraudflowError`` to its message and exit code 2, without a traceback.
+The decision service maps a ``ServeError`` to its status and detail (``fraudflow.serve.app``);
+its cause goes to the log, never to the client.
 """
 
 __all__ = [
@@ -16,6 +20,7 @@ __all__ = [
     "DataError",
     "FraudflowError",
     "SchemaError",
+    "ServeError",
     "TrainingError",
 ]
 
@@ -44,3 +49,11 @@ class ArtifactError(FraudflowError):
 
 class TrainingError(FraudflowError):
     """Training cannot proceed with the given data or settings."""
+
+
+class ServeError(FraudflowError):
+    """A request the service cannot complete: HTTP status, fixed detail, metric kind."""
+
+    def __init__(self, status: int, detail: str, kind: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.kind = status, detail, kind

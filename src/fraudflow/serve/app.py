@@ -30,11 +30,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fraudflow.errors import ServeError
 from fraudflow.serve.auth import load_api_keys
 from fraudflow.serve.direct import ERROR_KIND_KEY, DirectRoutes, direct_routes, serve_error_headers
 from fraudflow.serve.metrics import ServiceMetrics
 from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router
-from fraudflow.serve.service import ACTIVE_MODEL_FILE, DecisionService, EngineLoader, ServeError
+from fraudflow.serve.service import ACTIVE_MODEL_FILE, DecisionService, EngineLoader
 from fraudflow.serve.settings import ServeSettings, load_settings, settings_environment
 
 __all__ = ["app_from_environment", "create_app", "run_server"]

@@ -23,10 +23,11 @@ from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from fraudflow.errors import ServeError
 from fraudflow.serve.auth import NO_VALID_KEY
 from fraudflow.serve.routes import BATCH, DECISIONS, LABELS, body_limits
 from fraudflow.serve.schemas import DecisionBatchIn, LabelIn, TransactionIn
-from fraudflow.serve.service import DecisionService, ServeError
+from fraudflow.serve.service import DecisionService
 from fraudflow.serve.settings import ServeSettings
 
 __all__ = ["ERROR_KIND_KEY", "DirectRoutes", "direct_routes", "serve_error_headers"]

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from fraudflow.errors import DataError, FraudflowError
+from fraudflow.errors import DataError, ServeError
 from fraudflow.features.online import Answers, Event, FeatureRows, StateStore, Window, epoch_us
 from fraudflow.files import write_json_atomic
 from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, now_us
@@ -50,7 +50,7 @@ from fraudflow.serve.scoring import Engine, Judgements, load_engine
 from fraudflow.serve.settings import ServeSettings
 from fraudflow.serve.state import open_store
 
-__all__ = ["ACTIVE_MODEL_FILE", "DecisionService", "EngineLoader", "ServeError", "TimedStore"]
+__all__ = ["ACTIVE_MODEL_FILE", "DecisionService", "EngineLoader", "TimedStore"]
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ log = logging.getLogger(__name__)
 ACTIVE_MODEL_FILE = "active_model.json"
 
 EngineLoader = Callable[[Path, StateStore], Engine]
-
-
-class ServeError(FraudflowError):
-    """A request the service cannot complete: HTTP status, fixed detail, metric kind."""
-
-    def __init__(self, status: int, detail: str, kind: str) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.kind = status, detail, kind
 
 
 # How long a request waits for a worker that is still loading its model before a 503.
