@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check (issue 4): on a machine with one NVIDIA H100/H200, in under 8 minutes.
+# The GPU check (issues 4 and 18): on a machine with one NVIDIA H100/H200, in under 8 minutes.
 #   1. the CUDA tests: fp16 + GradScaler, bf16, a real out-of-memory back-off, DDP with NCCL,
-#      and the training job's GPU memory gauge read at scrape time;
-#   2. the training benchmark on 10M x 100 synthetic samples: fp32 / bf16 / fp16, with and
-#      without torch.compile, a 100-epoch bf16 run, and the CPU figure for the ratio.
+#      CUDA-graph steps against eager ones (loss curve, exact resume, DDP refused), and the
+#      training job's GPU memory gauge read at scrape time;
+#   2. the training benchmark on 10M x 100 synthetic samples: eager against CUDA-graph steps at
+#      batch 4,096, 16,384 and 65,536, 100-epoch bf16 runs at 4,096 and 65,536, fp32 / fp16,
+#      torch.compile, and the CPU figure for the ratio.
 # Every figure lands in one JSON file: $OUT/gpu_check.json (OUT defaults to runs/gpu_check).
 #
 #   bash benchmarks/gpu_check.sh

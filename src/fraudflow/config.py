@@ -32,6 +32,7 @@ __all__ = [
 
 AmpMode = Literal["off", "bf16", "fp16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+CudaGraphsMode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,9 @@ class TrainConfig:
     seed: int = 0
     # torch.compile the model (worth it on GPUs for long runs; compile time is paid once).
     compile: bool = False
+    # The training step as one CUDA graph (fraudflow.train.graphs). auto: on CUDA whenever the
+    # model and the run allow it; on: required (a run that cannot use it is refused); off: never.
+    cuda_graphs: CudaGraphsMode = "auto"
     # Also checkpoint every N optimiser steps (0: at epoch ends only).
     checkpoint_every_steps: int = 0
     # Out-of-memory back-off halves the batch down to this size, then gives up.
@@ -136,6 +140,11 @@ class TrainConfig:
             self.device in ("auto", "cpu", "cuda"), "device must be auto|cpu|cuda", self.device
         )
         _require(self.amp in ("off", "bf16", "fp16"), "amp must be off|bf16|fp16", self.amp)
+        _require(
+            self.cuda_graphs in ("auto", "on", "off"),
+            "cuda_graphs must be auto|on|off",
+            self.cuda_graphs,
+        )
         if self.pos_weight is not None:
             _require(self.pos_weight > 0, "pos_weight must be > 0", self.pos_weight)
 

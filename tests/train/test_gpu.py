@@ -1,11 +1,13 @@
 """CUDA checks: run by benchmarks/gpu_check.sh on a GPU machine (`pytest -m gpu`)."""
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from fraudflow.models import MLP
 from fraudflow.train import DONE
 from fraudflow.train.backoff import activation_bytes_per_sample
 from fraudflow.train.distributed import single_process
-from fraudflow.train.loop import TensorData, fit
+from fraudflow.train.loop import EpochLog, FitResult, TensorData, fit
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,10 +33,72 @@ def _data(n: int, seed: int, features: int = 6) -> TensorData:
 
 
 def _fit(tmp: Path, cfg: TrainConfig, train: TensorData, valid: TensorData) -> object:
+    return _fit_model(tmp, cfg, train, valid)[1]
+
+
+def _fit_model(
+    tmp: Path, cfg: TrainConfig, train: TensorData, valid: TensorData, **kwargs: Any
+) -> tuple[MLP, FitResult]:
     torch.manual_seed(cfg.seed)
     model = MLP(n_features=train.inputs["x"].shape[1], hidden_sizes=cfg.hidden_sizes, dropout=0.1)
     ctx = single_process(torch.device("cuda"))
-    return fit(model, train, valid, cfg, dist_ctx=ctx, checkpoint_dir=tmp)
+    return model, fit(model, train, valid, cfg, dist_ctx=ctx, checkpoint_dir=tmp, **kwargs)
+
+
+def _largest_difference(a: MLP, b: MLP) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    return max(float((sa[k].float() - sb[k].float()).abs().max()) for k in sa)
+
+
+# 60,000 rows at batch 4,096: 14 full batches and a last one of 2,656 in every epoch.
+GRAPH_TRAIN, GRAPH_VALID = _data(60_000, 0, features=20), _data(5_000, 1, features=20)
+GRAPH_CFG = TrainConfig(epochs=3, batch_size=4096, hidden_sizes=(64, 32), patience=10)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_cuda_graph_steps_give_the_eager_results(tmp_path: Path, amp: str) -> None:
+    runs = {}
+    for mode in ("off", "on"):
+        cfg = dataclasses.replace(GRAPH_CFG, amp=amp, cuda_graphs=mode)
+        runs[mode] = _fit_model(tmp_path / mode, cfg, GRAPH_TRAIN, GRAPH_VALID)
+    (eager_model, eager), (graph_model, graphed) = runs["off"], runs["on"]
+    # Captured once for the full batch size; the last, smaller batch of each epoch runs eagerly.
+    assert (eager.cuda_graph_captures, graphed.cuda_graph_captures) == (0, 1)
+    eager_loss = [log["loss"] for log in eager.history]
+    graph_loss = [log["loss"] for log in graphed.history]
+    difference = _largest_difference(eager_model, graph_model)
+    print(
+        f"amp={amp}: eager loss {eager_loss}, graphed {graph_loss}, weights differ by {difference}"
+    )
+    assert all(abs(a - b) <= 1e-3 * abs(a) for a, b in zip(eager_loss, graph_loss, strict=True))
+    assert graphed.best_valid_average_precision > 0.6
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashMidEpoch:
+    def on_batch(self, epoch: int, done: int, total: int) -> None:
+        if epoch == 1 and done >= total // 2:
+            raise _Crash
+
+    def on_epoch(self, log: EpochLog) -> None:
+        pass
+
+    def on_backoff(self, old_batch_size: int, new_batch_size: int) -> None:
+        pass
+
+
+def test_cuda_graph_run_resumes_exactly(tmp_path: Path) -> None:
+    cfg = dataclasses.replace(GRAPH_CFG, amp="bf16", cuda_graphs="on", checkpoint_every_steps=4)
+    whole, _ = _fit_model(tmp_path / "whole", cfg, GRAPH_TRAIN, GRAPH_VALID)
+    with pytest.raises(_Crash):
+        _fit_model(tmp_path / "split", cfg, GRAPH_TRAIN, GRAPH_VALID, observer=_CrashMidEpoch())
+    resumed, result = _fit_model(tmp_path / "split", cfg, GRAPH_TRAIN, GRAPH_VALID, resume=True)
+    assert result.cuda_graph_captures >= 1
+    difference = _largest_difference(whole, resumed)
+    assert difference == 0.0, f"resumed weights differ from the uninterrupted run's by {difference}"
 
 
 @pytest.mark.parametrize("amp", ["fp16", "bf16", "off"])
@@ -76,3 +140,17 @@ def test_ddp_with_nccl_on_one_gpu(features_path: Path, tmp_path: Path) -> None:
     assert (out / DONE).is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 1 and metrics["device"].startswith("cuda")
+    assert metrics["cuda_graph_captures"] == 0  # DDP steps run eagerly
+
+
+def test_cuda_graphs_with_ddp_is_refused(features_path: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+        "-m", "fraudflow", "train", "--features", str(features_path), "--model", "mlp",
+        "--out", str(tmp_path / "ddp"), "--epochs", "1", "--device", "cuda", "--ddp",
+        "--cuda-graphs", "--no-track",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0
+    assert "--cuda-graphs needs a single process (not --ddp)" in said, said[-3000:]

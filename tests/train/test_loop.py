@@ -187,3 +187,18 @@ def test_in_memory_rows_move_to_the_device_once_not_every_epoch(tmp_path: Path) 
     rows = _CountingMoves(inputs=TRAIN.inputs, labels=TRAIN.labels)
     fit(_model(), rows, VALID, CFG, dist_ctx=CPU, checkpoint_dir=tmp_path)
     assert CFG.epochs > 1 and rows.moves == 1
+
+
+def test_cuda_graphs_on_is_refused_where_the_run_cannot_use_them(tmp_path: Path) -> None:
+    cfg = TrainConfig(**{**CFG.__dict__, "cuda_graphs": "on"})
+    with pytest.raises(
+        ConfigError, match=r"--cuda-graphs needs a CUDA device \(this run trains on cpu\)"
+    ):
+        _fit(tmp_path, cfg)
+
+
+def test_cuda_graphs_auto_trains_eagerly_on_cpu(tmp_path: Path) -> None:
+    auto, auto_result = _fit(tmp_path / "auto")
+    off, _ = _fit(tmp_path / "off", TrainConfig(**{**CFG.__dict__, "cuda_graphs": "off"}))
+    assert _same_weights(auto, off)
+    assert auto_result.cuda_graph_captures == 0  # type: ignore[attr-defined]

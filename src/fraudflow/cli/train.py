@@ -61,6 +61,12 @@ def train(
         False, "--ddp", help="DistributedDataParallel under torchrun (NCCL on GPUs, gloo on CPU)."
     ),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    cuda_graphs: bool = typer.Option(
+        None,
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay each training step as one CUDA graph [on by default on CUDA where the "
+        "model and run allow it; --cuda-graphs refuses a run that cannot].",
+    ),
     checkpoint_every_steps: int = typer.Option(
         None, "--checkpoint-every-steps", help="Also checkpoint every N steps [0: epochs only]."
     ),
@@ -95,6 +101,7 @@ def train(
         "model": model, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
         "patience": patience, "device": device, "amp": amp, "seed": seed,
         "compile": compile_ or None, "checkpoint_every_steps": checkpoint_every_steps,
+        "cuda_graphs": None if cuda_graphs is None else ("on" if cuda_graphs else "off"),
         "max_batch_memory_mb": max_batch_memory, "min_batch_size": min_batch_size,
     }  # fmt: skip
     cfg = _with_flags(cfg, split_flags, train_flags)

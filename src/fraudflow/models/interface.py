@@ -8,6 +8,10 @@ Two kinds of model share one data path and one metrics path:
 * ``Estimator``: a model with its own fitting procedure (LightGBM), trained on NumPy arrays.
   Shape: x is (N, F) float32, y is (N,) int; ``predict_proba`` returns (N,) fraud probabilities.
 
+A neural model may declare ``cuda_graph_safe = True`` (a class attribute): its forward has
+shapes fixed by the batch's and no host synchronisation, so the trainer may capture and replay
+its whole training step as a CUDA graph. Models without it train eagerly.
+
 The trainer relies on these protocols only, never on a concrete model.
 """
 

@@ -13,6 +13,10 @@ __all__ = ["MLP"]
 
 
 class MLP(nn.Module):
+    # Shapes follow the batch's and nothing syncs with the host: the trainer may replay its
+    # step as a CUDA graph (fraudflow.train.graphs).
+    cuda_graph_safe = True
+
     def __init__(self, *, n_features: int, hidden_sizes: tuple[int, ...], dropout: float) -> None:
         super().__init__()
         layers: list[nn.Module] = []

@@ -30,8 +30,11 @@ def check_amp(amp: str, device: torch.device) -> None:
         raise ConfigError(f"--amp must be off, bf16 or fp16, however got {amp!r}")
 
 
-def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager[object]:
+def autocast(
+    amp: str, device: torch.device, *, cache: bool = True
+) -> contextlib.AbstractContextManager[object]:
+    """``cache=False`` inside a CUDA graph capture: cached weight casts must not outlive it."""
     if amp == "off":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from fraudflow.config import TrainConfig
-from fraudflow.errors import TrainingError
+from fraudflow.errors import ConfigError, TrainingError
 from fraudflow.eval.metrics import average_precision
 from fraudflow.models.interface import NeuralModel
 from fraudflow.train.backoff import (
@@ -42,6 +42,7 @@ from fraudflow.train.backoff import (
 from fraudflow.train.checkpointing import BEST, LAST, load_checkpoint, save_checkpoint
 from fraudflow.train.device import autocast, check_amp
 from fraudflow.train.distributed import DistContext
+from fraudflow.train.graphs import StepGraphs
 
 __all__ = [
     "EpochLog",
@@ -141,6 +142,8 @@ class FitResult:
     train_seconds: float = 0.0
     samples_seen: int = 0
     backoffs: list[list[int]] = field(default_factory=list)
+    # Training steps captured as CUDA graphs (0: every step ran eagerly).
+    cuda_graph_captures: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -163,6 +166,7 @@ class _Run:
     extra_state: dict[str, Any]
     observer: LoopObserver | None
     bytes_per_sample: int = 0
+    graphs: StepGraphs | None = None  # full batches as CUDA graph replays (None: eager)
 
 
 def fit(
@@ -239,19 +243,56 @@ def _setup(
     if dist_ctx.enabled:
         ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
         net = DistributedDataParallel(module, device_ids=ids)
+    graphed = _use_cuda_graphs(cfg, model, dist_ctx)
     # Fused AdamW: one kernel for the update (on CPU a third of the foreach version's time for
     # the MLP), and on CUDA it takes GradScaler's inf check on the device, so fp16 steps need no
-    # host sync either.
+    # host sync either. Capturable: its step count on the device, as a CUDA graph needs.
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True
-    )
+        model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True,
+        capturable=graphed,
+    )  # fmt: skip
     # GradScaler only for fp16: bf16 has fp32's exponent range, so its gradients do not underflow.
     scaler = torch.amp.GradScaler(dist_ctx.device.type, enabled=cfg.amp == "fp16")
-    return _Run(
+    run = _Run(
         model=model, net=net, optimizer=optimizer, scaler=scaler, weights=torch.ones(2),
         cfg=cfg, dist=dist_ctx, checkpoint_dir=checkpoint_dir, extra_state=extra_state,
         observer=observer if dist_ctx.is_main else None,
     )  # fmt: skip
+    if graphed:
+        # One process: the global batch is the whole batch.
+        run.graphs = StepGraphs(
+            lambda inputs, labels, capturing: _train_step(
+                run, inputs, labels, int(labels.shape[0]), capturing=capturing
+            )
+        )
+    return run
+
+
+def _use_cuda_graphs(cfg: TrainConfig, model: NeuralModel, dist_ctx: DistContext) -> bool:
+    """Whether the step runs as a CUDA graph: ``cfg.cuda_graphs`` against what the run allows.
+
+    A model allows it by declaring ``cuda_graph_safe = True``: its forward has shapes fixed by
+    the batch's and no host synchronisation (a graph replays kernels, not Python).
+    """
+    if cfg.cuda_graphs == "off":
+        return False
+    blockers = []
+    if dist_ctx.device.type != "cuda":
+        blockers.append(f"a CUDA device (this run trains on {dist_ctx.device.type})")
+    if dist_ctx.enabled:
+        # DDP's gradient all-reduce runs from autograd hooks and would have to be captured
+        # with it; not supported yet.
+        blockers.append("a single process (not --ddp)")
+    if cfg.amp == "fp16":
+        # GradScaler skips a step and adapts its scale by decisions that a replay cannot make.
+        blockers.append("--amp bf16 or off (not fp16)")
+    if cfg.compile:
+        blockers.append("no --compile (torch.compile makes graphs of its own)")
+    if not getattr(model, "cuda_graph_safe", False):
+        blockers.append(f"a model that declares cuda_graph_safe ({type(model).__name__} does not)")
+    if blockers and cfg.cuda_graphs == "on":
+        raise ConfigError("--cuda-graphs needs " + ", ".join(blockers))
+    return not blockers
 
 
 def _run_epoch(
@@ -259,6 +300,9 @@ def _run_epoch(
 ) -> None:
     started = time.perf_counter()
     n_used, loss_sum = _train_epoch(run, state, epoch, train)
+    if run.graphs is not None:
+        state.cuda_graph_captures += run.graphs.captures
+        run.graphs.captures = 0
     # The bare model: a DDP forward would broadcast buffers, a collective we do not need here.
     scores = predict_scores(run.model, valid, amp=run.cfg.amp, device=run.dist.device)
     ap = average_precision(valid.labels.cpu().numpy(), scores)
@@ -333,6 +377,8 @@ def _guarded_step(run: _Run, state: FitResult, data: TensorData, batch: Tensor) 
     mine = batch.tensor_split(run.dist.world_size)[run.dist.rank]
     try:
         check_batch_memory(mine.shape[0], run.bytes_per_sample, run.cfg.max_batch_memory_mb)
+        if run.graphs is not None and batch.shape[0] == state.batch_size:
+            return run.graphs(data, batch)
         return _step(run, data, mine, batch.shape[0])
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
@@ -343,6 +389,8 @@ def _guarded_step(run: _Run, state: FitResult, data: TensorData, batch: Tensor) 
                 "back-off needs every rank to agree, so lower --batch-size instead"
             ) from exc
     run.optimizer.zero_grad(set_to_none=True)
+    if run.graphs is not None:
+        run.graphs.reset()
     free_memory(run.dist.device)
     new_size = next_batch_size(state.batch_size, run.cfg.min_batch_size)
     state.backoffs.append([state.batch_size, new_size])
@@ -354,7 +402,19 @@ def _guarded_step(run: _Run, state: FitResult, data: TensorData, batch: Tensor) 
 
 def _step(run: _Run, data: TensorData, idx: Tensor, global_batch: int) -> Tensor:
     inputs, labels = data.batch(idx)
-    with autocast(run.cfg.amp, run.dist.device):
+    return _train_step(run, inputs, labels, global_batch)
+
+
+def _train_step(
+    run: _Run,
+    inputs: dict[str, Tensor],
+    labels: Tensor,
+    global_batch: int,
+    *,
+    capturing: bool = False,
+) -> Tensor:
+    """One optimizer step on this rank's rows; the same code runs eagerly and in a capture."""
+    with autocast(run.cfg.amp, run.dist.device, cache=not capturing):
         logits = run.net(inputs)  # (B, 2)
     per_sample = F.cross_entropy(logits.float(), labels, weight=run.weights, reduction="none")
     # DDP averages gradients over ranks, so world / global_batch makes the update the gradient of

@@ -212,6 +212,7 @@ def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[_Scores, dict[str,
         "world_size": job.dist_ctx.world_size,
         "amp": cfg.train.amp,
         "backoffs": result.backoffs,
+        "cuda_graph_captures": result.cuda_graph_captures,
         "standardizer": standardizer,
     }
     test_scores, valid_scores = (
