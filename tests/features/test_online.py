@@ -15,7 +15,7 @@ from fraudflow.data.schema import IS_FRAUD, TIMESTAMP, TRANSACTION_ID
 from fraudflow.data.simulator import simulate
 from fraudflow.errors import DataError
 from fraudflow.features import build_features, feature_names
-from fraudflow.features.online import Event, MemoryStore, OnlineFeatures, Window
+from fraudflow.features.online import Event, MemoryStore, OnlineFeatures, Watermark, Window
 from tests.features.test_batch import CFG, TINY
 
 SIM_CFG = FeatureConfig()  # the production windows: 1h/1d/7d/30d, terminals 1d/7d/30d, delay 7d
@@ -241,3 +241,33 @@ def test_old_events_are_forgotten() -> None:
         online.record_label("r0", 1)
     assert online.prune(later + timedelta(days=60)) == 1
     assert store.read([probe], everything).count.tolist() == [[0]]
+
+
+def test_the_watermark_moves_at_most_the_skew_per_group() -> None:
+    day = 86_400_000_000
+    now = [100 * day]
+    mark = Watermark(max_skew_us=day, clock_us=lambda: now[0])
+    assert mark.advance(50 * day) == 50 * day  # the first group sets it
+    assert mark.advance(10**18) == 51 * day  # far ahead: one skew at most
+    assert mark.advance(40 * day) == 51 * day  # late events move nothing
+    assert mark.advance(51 * day + 5) == 51 * day + 5
+    mark = Watermark(max_skew_us=day, clock_us=lambda: now[0])
+    assert mark.advance(10**18) == 101 * day  # no history: the clock plus the skew
+
+
+def test_a_far_future_event_does_not_make_the_state_forget() -> None:
+    store = MemoryStore()
+    online = OnlineFeatures(
+        cfg=SIM_CFG, store=store, watermark=Watermark(max_skew_us=86_400_000_000)
+    )
+    t0 = datetime(2026, 3, 1, tzinfo=UTC)
+    for i in range(10):
+        online.features({"transaction_id": f"a{i}", "timestamp": t0 + timedelta(minutes=i),
+                         "customer_id": "c1", "terminal_id": "t1", "amount": 10.0})  # fmt: skip
+    online.features({"transaction_id": "far", "timestamp": datetime(9999, 12, 31, tzinfo=UTC),
+                     "customer_id": "c2", "terminal_id": "t2", "amount": 1.0})  # fmt: skip
+    for i in range(10):
+        online.record_label(f"a{i}", True)  # refused if forgotten
+    later = online.peek({"transaction_id": "b", "timestamp": t0 + timedelta(hours=1),
+                         "customer_id": "c1", "terminal_id": "t1", "amount": 10.0})  # fmt: skip
+    assert later["customer__count__1d"] == 11.0

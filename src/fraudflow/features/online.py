@@ -27,15 +27,18 @@ Retention: scoring an event at t lets the store forget what is older than t minu
 ``OnlineFeatures.retention_us`` (the widest window, label-delayed ones shifted by the delay,
 or the 30-day gap cap). So an event arriving that much later than newer ones would miss
 history, and a label for a forgotten transaction is refused (it could not count any more).
+With a ``Watermark`` (the service has one), forgetting follows it instead of t: one event
+dated far ahead, however it got in, cannot make the store forget the present.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import time
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
@@ -72,6 +75,7 @@ __all__ = [
     "MemoryStore",
     "OnlineFeatures",
     "StateStore",
+    "Watermark",
     "Window",
     "duplicate_transaction",
     "epoch_us",
@@ -248,6 +252,39 @@ class FeatureRows(NamedTuple):
     fresh: np.ndarray  # (N,) bool: the event was stored (False: a repeated transaction_id)
 
 
+def wall_clock_us() -> int:
+    return time.time_ns() // 1_000
+
+
+class Watermark:
+    """The time up to which events are taken to have arrived: what forgetting follows.
+
+    It follows the events' times, but one group of events moves it by at most
+    ``max_skew_us``, and never past the clock plus ``max_skew_us``: an event dated far ahead
+    (a wrong clock, a bug, an attack that got past validation) moves it a little, where
+    following it would forget the whole state. Events dated behind it move nothing.
+    Forgetting less than the events' times allow is always safe (their windows never reach
+    back that far); only memory grows. Each process keeps its own, from its first event.
+    """
+
+    def __init__(self, *, max_skew_us: int, clock_us: Callable[[], int] = wall_clock_us) -> None:
+        if max_skew_us <= 0:
+            raise ValueError(f"max_skew_us must be > 0, however got {max_skew_us}")
+        self.max_skew_us = max_skew_us
+        self._clock_us = clock_us
+        self.at_us: int | None = None  # None: no event seen yet
+
+    def advance(self, earliest_us: int) -> int:
+        """Move the mark towards ``earliest_us`` (a group's earliest time); the mark now."""
+        cap = self._clock_us() + self.max_skew_us
+        if self.at_us is not None:
+            cap = min(cap, self.at_us + self.max_skew_us)
+        moved = min(earliest_us, cap)
+        if self.at_us is None or moved > self.at_us:
+            self.at_us = moved
+        return self.at_us
+
+
 class OnlineFeatures:
     """The batch features (``fraudflow.features.batch``) of one event at a time.
 
@@ -256,9 +293,13 @@ class OnlineFeatures:
     of events (numpy), so a batch costs one pass of array arithmetic, not one per event.
     """
 
-    def __init__(self, *, cfg: FeatureConfig, store: StateStore) -> None:
+    def __init__(
+        self, *, cfg: FeatureConfig, store: StateStore, watermark: Watermark | None = None
+    ) -> None:
         self.cfg = cfg
         self.store = store
+        # None: each group's earliest time drives forgetting (offline replays of any era).
+        self.watermark = watermark
         self.names = feature_names(cfg)
         delay_us = cfg.label_delay_days * _DAY_US
         at = {name: i for i, name in enumerate(self.names)}
@@ -349,7 +390,10 @@ class OnlineFeatures:
         if not events:
             return FeatureRows(np.zeros((0, len(self.names))), np.zeros(0, dtype=bool))
         # Forgetting less than each event alone would allow is always safe.
-        forget = min(e.t_us for e in events) - self.retention_us
+        earliest = min(e.t_us for e in events)
+        if self.watermark is not None:
+            earliest = self.watermark.advance(earliest)
+        forget = earliest - self.retention_us
         answers = self.store.apply_many(events, self.windows, forget_until_us=forget)
         return FeatureRows(self._compute(events, answers), answers.fresh)
 

@@ -46,7 +46,7 @@ import torch
 from fraudflow.artifacts import BUNDLE_DIR, Bundle, load_bundle
 from fraudflow.config import FeatureConfig
 from fraudflow.errors import ArtifactError
-from fraudflow.features.online import Event, FeatureRows, OnlineFeatures, StateStore
+from fraudflow.features.online import Event, FeatureRows, OnlineFeatures, StateStore, Watermark
 from fraudflow.serve.policy import (
     AMOUNT_FEATURE,
     DEFAULT_POLICY,
@@ -381,11 +381,20 @@ def _feature_details(names: tuple[str, ...]) -> list[str]:
 # --- loading ------------------------------------------------------------------------------
 
 
-def load_engine(run_dir: Path, *, store: StateStore, policy_path: Path | None) -> Engine:
-    """Load everything a run needs to decide, fully, before anyone may use it."""
+def load_engine(
+    run_dir: Path,
+    *,
+    store: StateStore,
+    policy_path: Path | None,
+    watermark: Watermark | None = None,
+) -> Engine:
+    """Load everything a run needs to decide, fully, before anyone may use it.
+
+    ``watermark`` drives the state's forgetting; pass the same one to every engine of a store.
+    """
     bundle = load_bundle(run_dir)
     scorer = BundleScorer(bundle, version=model_version(run_dir, bundle))
-    online = OnlineFeatures(cfg=_feature_config(bundle), store=store)
+    online = OnlineFeatures(cfg=_feature_config(bundle), store=store, watermark=watermark)
     if online.names != list(scorer.features):
         raise ArtifactError(
             f"the model in {run_dir} expects features {list(scorer.features)}, however the "

@@ -32,7 +32,15 @@ import numpy as np
 import orjson
 
 from fraudflow.errors import DataError, ServeError
-from fraudflow.features.online import Answers, Event, FeatureRows, StateStore, Window, epoch_us
+from fraudflow.features.online import (
+    Answers,
+    Event,
+    FeatureRows,
+    StateStore,
+    Watermark,
+    Window,
+    epoch_us,
+)
 from fraudflow.files import write_json_atomic
 from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, now_us
 from fraudflow.serve.auth import ApiKeys
@@ -118,8 +126,11 @@ class _Resources:
 
 
 def default_loader(settings: ServeSettings) -> EngineLoader:
+    # One watermark for every engine loaded: a reload does not restart it.
+    watermark = Watermark(max_skew_us=round(settings.max_clock_skew_seconds * 1e6))
+
     def load(run_dir: Path, store: StateStore) -> Engine:
-        return load_engine(run_dir, store=store, policy_path=settings.policy)
+        return load_engine(run_dir, store=store, policy_path=settings.policy, watermark=watermark)
 
     return load
 
