@@ -403,6 +403,18 @@ class OnlineFeatures:
         (values,) = self._compute([event], self.store.read([event], self.windows))
         return dict(zip(self.names, values.tolist(), strict=True))
 
+    def stored_features(self, events: Sequence[Event]) -> np.ndarray:
+        """Feature rows (N, F) of events the store already holds, recomputed from it now.
+
+        Each event is answered as if it came next after the stored events dated before it:
+        itself (and others of its very microsecond) left out, which is what it saw when it
+        was stored, except that events stored after it but dated before it count, and so do
+        labels reported since. For the service to decide again a transaction whose decision
+        was lost (its record never committed); nothing changes in the store.
+        """
+        before = [e._replace(t_us=e.t_us - 1) for e in events]
+        return self._compute(events, self.store.read(before, self.windows))
+
     def record_label(self, transaction_id: str | int, is_fraud: bool | int) -> None:
         """Set the label of a scored transaction; the latest call wins.
 

@@ -12,8 +12,8 @@ load instead of every arrival starting a group of its own. The commits are seria
 audit writer anyway, so the queued items lose little; the service saves a store transaction,
 a model call and a commit per item it folds in. Measured, open loop at 1,500 requests/s on
 two workers: p99 14.5 and 17.0 ms against 20.6 and 23.7 ms with a group per arrival.
-(One cost: a group holding a duplicate of a transaction still in flight in a batch request
-waits for that batch's commit, up to ``duplicate_wait_seconds``, and the next group with it.)
+A duplicate transaction_id leaves the group as a marker and waits for its recorded answer in
+its own request (``DecisionService.decide``), so no group waits on it.
 
 ``process`` gets the group's items in arrival order and returns one outcome per item: a
 result, or an exception for that item alone. If ``process`` itself raises, every item of the

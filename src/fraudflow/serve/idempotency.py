@@ -10,16 +10,20 @@ with the decision recorded for the first one, looked up in this order:
    transaction_id; every process sharing the state shares it); with Redis state, Redis
    (``RedisLedger``, written right after each audit commit with SET NX), so replicas on other
    hosts find it; then this replica's own audit log.
-3. Not yet there: another process is committing it; poll for ``wait_seconds``.
+3. Not yet there: another process may be committing it; poll for ``wait_seconds``. Not when
+   this process itself failed to record it (``PendingDecisions.failed``): nobody else will.
 
-If the first request died between its apply and its commit (a crash inside that ~1 ms), no
-answer was ever sent or recorded and the features can no longer be recomputed (the state holds
-the event): ``resolve_duplicate`` returns None and the service answers 409.
+None found: the first request's decision was lost between its apply and its commit (a failed
+audit commit, a crash); no answer of it was sent. ``resolve_duplicate`` returns None and the
+service decides it again (``DecisionService``), so the retry completes the missing half.
+Each request resolves its own duplicates, outside the coalesced group: a wait here holds up
+no other request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -91,8 +95,12 @@ class PendingDecisions:
     ~2 us each to make and resolve, a few percent of a batched decision.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, remember_failed: int = 100_000) -> None:
         self._groups: dict[str, asyncio.Future[dict[str, bytes]]] = {}
+        # Ids whose record this process failed to commit, the latest ones: their retries
+        # need not wait for another process to record them.
+        self._failed: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._remember_failed = remember_failed
 
     def add(self, transaction_ids: Sequence[str]) -> asyncio.Future[dict[str, bytes]]:
         """Mark the ids pending; pass the returned future to ``resolve`` or ``fail``."""
@@ -111,6 +119,8 @@ class PendingDecisions:
         bodies: Sequence[bytes],
     ) -> None:
         self._forget(transaction_ids)
+        for tid in transaction_ids if self._failed else ():
+            self._failed.pop(tid, None)
         future.set_result(dict(zip(transaction_ids, bodies, strict=True)))
 
     def fail(
@@ -122,6 +132,14 @@ class PendingDecisions:
         self._forget(transaction_ids)
         future.set_exception(error)
         future.exception()  # retrieved: waiters re-raise it; nobody waiting is fine too
+        failed = self._failed
+        failed.update(dict.fromkeys(transaction_ids))
+        while len(failed) > self._remember_failed:
+            failed.popitem(last=False)
+
+    def failed(self, transaction_id: str) -> bool:
+        """This process applied the id but failed to record its decision (recently)."""
+        return transaction_id in self._failed
 
     def _forget(self, transaction_ids: Sequence[str]) -> None:
         groups = self._groups
@@ -136,15 +154,20 @@ async def resolve_duplicate(
     ledgers: Sequence[DecisionLedger],
     wait_seconds: float,
 ) -> bytes | None:
-    """The recorded response for a refused duplicate, or None if none appears in time."""
+    """The recorded response for a refused duplicate, or None if none appears in time.
+
+    Raises what the pending first request raised, if it fails.
+    """
     future = pending.get(transaction_id)
     if future is not None:
         return (await asyncio.shield(future))[transaction_id]
+    if pending.failed(transaction_id):
+        wait_seconds = 0.0
     deadline = time.monotonic() + wait_seconds
     delay = 0.002
     while True:
-        for ledger in ledgers:
-            found = ledger.get(transaction_id)
+        for ledger in ledgers:  # in a thread: a disk or Redis may be slow
+            found = await asyncio.to_thread(ledger.get, transaction_id)
             if found is not None:
                 return found
         if time.monotonic() >= deadline:

@@ -6,10 +6,17 @@ the current ``Engine``, metrics) and runs a request through them:
     features (state apply: atomic, refuses a duplicate) -> model -> policy
     -> audit append (group commit, durable) -> response
 
-The synchronous part of a decision (store, model, policy: well under a millisecond) runs on the
-event loop itself: a thread hop would cost about as much, and the GIL would serialise the work
-anyway. Only the audit commit is awaited, so requests overlap while the disk syncs. Model loads
-(start-up, reload) run in a thread, so serving goes on meanwhile.
+Every call that may wait on a disk or on Redis (the state store, ledger lookups, labels, the
+audit commit) runs off the event loop, in a thread or the audit writer: a frozen disk or a
+dead Redis fails or delays the requests that need them, never ``/healthz``, ``/readyz`` or the
+loop. A coalesced group pays one thread hop for its state call, not one per request. The model
+and the policy (pure CPU) run on the loop. Model loads (start-up, reload) run in a thread, so
+serving goes on meanwhile.
+
+The state update and the decision's audit record are two commits. If the second fails (or the
+process dies between them), the transaction is in the state with no decision recorded and no
+answer sent; a retry of it finds no record and decides it again from the state
+(``_redecide``), so the missing half is always completed by the next retry.
 
 Errors raised here are ``ServeError``s with a fixed detail string; ``fraudflow.serve.app``
 turns them into responses. Their causes go to the log, never to the client.
@@ -154,7 +161,9 @@ class DecisionService:
         self._loader = loader or default_loader(settings)
         self._resources: _Resources | None = None
         self._pending = PendingDecisions()
-        self._coalescer: Coalescer[TransactionIn, bytes] = Coalescer(self._decide_coalesced)
+        self._coalescer: Coalescer[TransactionIn, bytes | _Duplicate] = Coalescer(
+            self._decide_coalesced
+        )
         self._drift: ScoreDrift | None = None
         self._reload_lock = asyncio.Lock()
         self._loaded = asyncio.Event()  # set once start() has finished, loaded or failed
@@ -224,10 +233,14 @@ class DecisionService:
 
         Requests that arrive together are decided together (``_Coalescer``): one store
         transaction, one model call and one audit commit for all of them, each with its own
-        answer or error, as if sent one by one in timestamp order.
+        answer or error, as if sent one by one in timestamp order. A duplicate is resolved by
+        its own request, after the group: its wait holds up nobody else.
         """
-        await self._ready_soon()
-        return await self._coalescer.submit(tx)
+        engine, resources = await self._ready_soon()
+        answer = await self._coalescer.submit(tx)
+        if isinstance(answer, _Duplicate):
+            return await self._replay(engine, resources, answer)
+        return answer
 
     async def decide_batch(self, txs: Sequence[TransactionIn]) -> bytes:
         """The batch response body: one decision per transaction, in request order.
@@ -237,21 +250,33 @@ class DecisionService:
         call. If the store fails, nothing is applied and the request fails with 503.
         """
         engine, resources = await self._ready_soon()
+        answers = await self._decide_many(engine, resources, txs)
+        duplicates = {id(a): a for a in answers if isinstance(a, _Duplicate)}
+        replayed: dict[int, bytes | ServeError] = {}
+        if duplicates:  # concurrently: each may wait for another process's commit
+            settled = await asyncio.gather(
+                *(self._replay_or_error(engine, resources, d) for d in duplicates.values())
+            )
+            replayed = dict(zip(duplicates, settled, strict=True))
         bodies: list[bytes] = []
-        for answer in await self._decide_many(engine, resources, txs):
-            if isinstance(answer, ServeError):
-                raise answer
-            bodies.append(answer)
+        for answer in answers:
+            body = replayed[id(answer)] if isinstance(answer, _Duplicate) else answer
+            if isinstance(body, ServeError):
+                raise body
+            bodies.append(body)
         return b'{"decisions":[' + b",".join(bodies) + b"]}"
 
-    async def _decide_coalesced(self, txs: Sequence[TransactionIn]) -> list[bytes | ServeError]:
+    async def _decide_coalesced(
+        self, txs: Sequence[TransactionIn]
+    ) -> list[bytes | _Duplicate | ServeError]:
         engine, resources = self._ready()
         return await self._decide_many(engine, resources, txs)
 
     async def _decide_many(
         self, engine: Engine, resources: _Resources, txs: Sequence[TransactionIn]
-    ) -> list[bytes | ServeError]:
-        """Per transaction, in request order: its response body or its error."""
+    ) -> list[bytes | _Duplicate | ServeError]:
+        """Per transaction, in request order: its response body, its error, or, for one the
+        state already held, a ``_Duplicate`` for the caller to resolve (``_replay``)."""
         events = [tx.event() for tx in txs]  # all valid (pydantic) before any is applied
         times = [e.t_us for e in events]
         order = sorted(range(len(txs)), key=times.__getitem__)  # stable: ties keep order
@@ -263,8 +288,8 @@ class DecisionService:
         unique = order  # the first occurrences, in the order applied: all, the usual case
         if repeats:
             unique = [i for i, tid in zip(order, tids, strict=True) if first_of[tid] == i]
-        features = self._record(engine, [events[i] for i in unique])
-        answers: list[bytes | ServeError | None] = [None] * len(txs)
+        features = await self._record(engine, [events[i] for i in unique])
+        answers: list[bytes | _Duplicate | ServeError | None] = [None] * len(txs)
         stored = features.fresh.tolist()
         fresh = [i for i, new in zip(unique, stored, strict=True) if new]
         if fresh:
@@ -273,8 +298,8 @@ class DecisionService:
             await self._decide_fresh(engine, resources, batch, answers)
         if len(fresh) < len(unique):
             for i, new in zip(unique, stored, strict=True):
-                if not new:  # already decided, in an earlier request
-                    answers[i] = await self._replay_or_error(events[i].transaction_id, resources)
+                if not new:  # already applied, by an earlier request
+                    answers[i] = _Duplicate(events[i], txs[i])
         if repeats:  # a repeat within the request gets its first occurrence's answer
             answers = [answers[first_of[e.transaction_id]] for e in events]
         out = [a for a in answers if a is not None]
@@ -282,11 +307,21 @@ class DecisionService:
         return out
 
     async def _decide_fresh(
-        self, engine: Engine, resources: _Resources, batch: _Fresh, answers: list[Any]
+        self,
+        engine: Engine,
+        resources: _Resources,
+        batch: _Fresh,
+        answers: list[Any],
+        *,
+        pending: asyncio.Future[dict[str, bytes]] | None = None,
     ) -> None:
-        """Score the applied transactions at once, record them, fill in their answers."""
+        """Score the applied transactions at once, record them, fill in their answers.
+
+        ``pending``: the ids' ``PendingDecisions`` future if the caller made it already.
+        """
         tids = [e.transaction_id for e in batch.events]
-        pending = self._pending.add(tids)
+        if pending is None:
+            pending = self._pending.add(tids)
         try:
             judged = engine.judge(batch.values, [e.amount for e in batch.events])
             # One clock read for the group, decided together.
@@ -301,34 +336,73 @@ class DecisionService:
             answers[i] = body
         self._observe(judged)
 
-    def _record(self, engine: Engine, events: list[Event]) -> FeatureRows:
+    async def _record(self, engine: Engine, events: list[Event]) -> FeatureRows:
+        """Apply the events to the state, in a thread: the store may wait on a disk or on
+        Redis, and the event loop must not (``/healthz``, other requests' answers)."""
         try:
-            return engine.record(events)
+            return await asyncio.to_thread(engine.record, events)
         except DataError:
             raise ServeError(422, "invalid transaction", "validation") from None
         except Exception:
             log.exception("the feature state store failed")
             raise _store_failed() from None
 
-    async def _replay_or_error(self, tid: str, resources: _Resources) -> bytes | ServeError:
+    async def _replay_or_error(
+        self, engine: Engine, resources: _Resources, duplicate: _Duplicate
+    ) -> bytes | ServeError:
         try:
-            return await self._replay(tid, resources)
+            return await self._replay(engine, resources, duplicate)
         except ServeError as exc:
             return exc
 
-    async def _replay(self, tid: str, resources: _Resources) -> bytes:
-        body = await resolve_duplicate(
-            tid,
-            pending=self._pending,
-            ledgers=resources.ledgers,
-            wait_seconds=self.settings.duplicate_wait_seconds,
-        )
+    async def _replay(self, engine: Engine, resources: _Resources, duplicate: _Duplicate) -> bytes:
+        """The recorded answer of a transaction the state already holds; if its decision was
+        lost (never recorded), it is decided again now and recorded (``_redecide``)."""
+        tid = duplicate.event.transaction_id
+        try:
+            body = await resolve_duplicate(
+                tid,
+                pending=self._pending,
+                ledgers=resources.ledgers,
+                wait_seconds=self.settings.duplicate_wait_seconds,
+            )
+        except ServeError:  # the first request's, which it waited for
+            raise
+        except Exception:  # a ledger failed (the audit log, Redis), or the first request
+            log.exception("looking up the decision of %r failed", tid)
+            raise ServeError(503, "audit log unavailable", "audit") from None
         if body is None:
-            log.error("transaction %r is in the feature state but no decision was recorded", tid)
-            raise ServeError(
-                409, "transaction already applied; its decision was not recorded",
-                "duplicate_unresolved",
-            )  # fmt: skip
+            body = await self._redecide(engine, resources, duplicate)
+        return body
+
+    async def _redecide(
+        self, engine: Engine, resources: _Resources, duplicate: _Duplicate
+    ) -> bytes:
+        """Decide again a transaction in the state whose decision was never recorded.
+
+        Its first request got an error or no answer (a failed audit commit, a crash between
+        apply and commit), so no decision of it was ever sent. Its features are recomputed
+        from the state as of its time (``OnlineFeatures.stored_features``), then it is
+        scored, recorded and answered like a fresh one; concurrent retries wait for this one
+        (``PendingDecisions``).
+        """
+        event, tid = duplicate.event, duplicate.event.transaction_id
+        running = self._pending.get(tid)
+        if running is not None:  # another retry is deciding it
+            return (await asyncio.shield(running))[tid]
+        log.warning("transaction %r is in the feature state without a recorded decision: "
+                    "deciding it again from the state", tid)  # fmt: skip
+        pending = self._pending.add([tid])
+        try:
+            values = await asyncio.to_thread(engine.online.stored_features, [event])
+        except Exception as exc:
+            log.exception("the feature state store failed")
+            self._pending.fail(pending, [tid], _store_failed())
+            raise _store_failed() from exc
+        answers: list[Any] = [None]
+        batch = _Fresh([0], [event], [duplicate.tx], values)
+        await self._decide_fresh(engine, resources, batch, answers, pending=pending)
+        body: bytes = answers[0]
         return body
 
     async def _commit(
@@ -380,7 +454,7 @@ class DecisionService:
         engine, resources = await self._ready_soon()
         tid, flag = str(label.transaction_id), bool(label.is_fraud)
         try:
-            engine.online.record_label(tid, flag)
+            await asyncio.to_thread(engine.online.record_label, tid, flag)
             applied = True
         except DataError:  # not in the state: unknown, or older than the retention
             applied = False
@@ -461,6 +535,14 @@ def _mtime(path: Path) -> int | None:
         return path.stat().st_mtime_ns
     except OSError:
         return None
+
+
+@dataclass(frozen=True)
+class _Duplicate:
+    """A transaction the state already held when its request applied it."""
+
+    event: Event
+    tx: TransactionIn
 
 
 @dataclass(frozen=True)
