@@ -74,11 +74,13 @@ def _data(n: int, features: int, device: torch.device, seed: int) -> TensorData:
     return TensorData(inputs={"x": x}, labels=y)
 
 
-def _measure(cfg: TrainConfig, train: TensorData, valid: TensorData) -> dict[str, Any]:
+def _measure(
+    cfg: TrainConfig, train: TensorData, valid: TensorData, compile_mode: str | None = None
+) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = MLP(n_features=train.inputs["x"].shape[1], hidden_sizes=cfg.hidden_sizes, dropout=0.2)
     if cfg.compile:
-        model.compile()
+        model.compile(mode=compile_mode)
     ctx = single_process(train.labels.device)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,6 +165,13 @@ def main() -> None:
         # Whether the rate is still bound by per-step overhead (it then grows with the batch).
         run(f"bf16_graphs_batch_{size}", amp="bf16", batch_size=size, cuda_graphs=graphs)
     if not args.no_compile:
+        # The alternative to our own graphs: torch.compile's CUDA graphs of forward and
+        # backward (the optimizer step stays eager), at the small batch size.
+        small = dataclasses.replace(base, amp="bf16", batch_size=SMALL_BATCH, compile=True)
+        record(
+            "bf16_compile_reduce_overhead_batch_4096",
+            lambda: _measure(small, train, valid, compile_mode="reduce-overhead"),
+        )
         for amp in ("bf16", "off"):
             run(f"{'fp32' if amp == 'off' else amp}_compile", amp=amp, compile=True)
     _summarise(results)

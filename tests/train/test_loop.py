@@ -13,7 +13,7 @@ from fraudflow.train.backoff import (
     next_batch_size,
 )
 from fraudflow.train.checkpointing import BEST, LAST, load_checkpoint
-from fraudflow.train.distributed import single_process
+from fraudflow.train.distributed import DistContext, single_process
 from fraudflow.train.loop import EpochLog, TensorData, fit
 
 CPU = single_process(torch.device("cpu"))
@@ -195,6 +195,16 @@ def test_cuda_graphs_on_is_refused_where_the_run_cannot_use_them(tmp_path: Path)
         ConfigError, match=r"--cuda-graphs needs a CUDA device \(this run trains on cpu\)"
     ):
         _fit(tmp_path, cfg)
+
+
+def test_cuda_graphs_are_refused_with_several_ddp_ranks(tmp_path: Path) -> None:
+    # Refused in set-up, before any collective: no process group is needed to show it.
+    ranks = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    cfg = TrainConfig(**{**CFG.__dict__, "cuda_graphs": "on"})
+    with pytest.raises(
+        ConfigError, match=r"one process \(DDP across 2 ranks is not supported yet\)"
+    ):
+        fit(_model(cfg), TRAIN, VALID, cfg, dist_ctx=ranks, checkpoint_dir=tmp_path)
 
 
 def test_cuda_graphs_auto_trains_eagerly_on_cpu(tmp_path: Path) -> None:

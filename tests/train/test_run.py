@@ -107,6 +107,14 @@ def _cli_args(features: Path, out: Path, epochs: int) -> list[str]:
     ]  # fmt: skip
 
 
+def test_cuda_graphs_flag_is_refused_on_the_cpu(features_path: Path, tmp_path: Path) -> None:
+    args = [*_cli_args(features_path, tmp_path / "run", 1), "--device", "cpu", "--cuda-graphs"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "--cuda-graphs needs a CUDA device (this run trains on cpu)" in said
+
+
 def _loop_state(run: Path) -> dict[str, int]:
     last = run / "checkpoints" / "last.pt"
     try:

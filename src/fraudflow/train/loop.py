@@ -237,13 +237,13 @@ def _setup(
     extra_state: dict[str, Any],
     observer: LoopObserver | None,
 ) -> _Run:
+    graphed = _use_cuda_graphs(cfg, model, dist_ctx)  # refuses before any set-up work
     module: Any = model
     module.to(dist_ctx.device)
     net: Any = model
     if dist_ctx.enabled:
         ids = [dist_ctx.device.index] if dist_ctx.device.type == "cuda" else None
         net = DistributedDataParallel(module, device_ids=ids)
-    graphed = _use_cuda_graphs(cfg, model, dist_ctx)
     # Fused AdamW: one kernel for the update (on CPU a third of the foreach version's time for
     # the MLP), and on CUDA it takes GradScaler's inf check on the device, so fp16 steps need no
     # host sync either. Capturable: its step count on the device, as a CUDA graph needs.
@@ -281,8 +281,10 @@ def _use_cuda_graphs(cfg: TrainConfig, model: NeuralModel, dist_ctx: DistContext
         blockers.append(f"a CUDA device (this run trains on {dist_ctx.device.type})")
     if dist_ctx.enabled:
         # DDP's gradient all-reduce runs from autograd hooks and would have to be captured
-        # with it; not supported yet.
-        blockers.append("a single process (not --ddp)")
+        # with it. (One rank under torchrun has no DDP wrapper: its step is graphed.)
+        blockers.append(
+            f"one process (DDP across {dist_ctx.world_size} ranks is not supported yet)"
+        )
     if cfg.amp == "fp16":
         # GradScaler skips a step and adapts its scale by decisions that a replay cannot make.
         blockers.append("--amp bf16 or off (not fp16)")
