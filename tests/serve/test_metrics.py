@@ -3,9 +3,11 @@
 import math
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from fraudflow.serve.metrics import observe_many
+from fraudflow.eval.drift import population_stability_index
+from fraudflow.serve.metrics import ScoreDrift, observe_many
 
 
 def _histogram() -> tuple[Histogram, CollectorRegistry]:
@@ -31,3 +33,25 @@ def test_observe_many_equals_observe_one_by_one() -> None:
     assert _exposed(many_registry) == _exposed(one_registry)
     assert 'h_bucket{le="0.1"} 2.0' in _exposed(many_registry)
     assert "h_count 9.0" in _exposed(many_registry)  # NaN falls in no bucket, as with observe
+
+
+def test_score_drift_pins_the_tie_rule_of_eval_drift() -> None:
+    # Reference 0, 1, 2, 3, 4 in two bins: the inner edge is the median, 2. Bins are
+    # right-closed, (-inf, 2] and (2, inf), so a score equal to the edge falls in the lower bin:
+    # reference shares 3/5, 2/5; recent 2, 2, 2, 2, 4 shares 4/5, 1/5.
+    # PSI = (4/5 - 3/5) ln(4/3) + (1/5 - 2/5) ln(1/2) = 0.2 ln(4/3) + 0.2 ln 2 = 0.196166...
+    # (Left-closed bins would put every 2 in the upper bin: an empty lower bin, PSI > 2.)
+    drift = ScoreDrift(np.arange(5.0), window=5, interval_seconds=0.0, min_scores=5, bins=2)
+    drift.add(np.array([2.0, 2.0, 2.0, 2.0, 4.0]))
+    expected = 0.2 * math.log(4 / 3) + 0.2 * math.log(2)
+    assert drift.psi() == pytest.approx(expected, abs=1e-12)
+    assert drift.psi() == pytest.approx(0.196166, abs=1e-6)
+    assert drift.psi() == population_stability_index(np.arange(5.0), [2, 2, 2, 2, 4], bins=2)
+
+
+def test_score_drift_ignores_nan_scores() -> None:
+    drift = ScoreDrift(np.arange(5.0), window=4, interval_seconds=0.0, min_scores=1)
+    drift.add(np.array([np.nan]))
+    assert math.isnan(drift.psi())
+    drift.add(np.array([0.0, 4.0]))
+    assert drift.psi() == population_stability_index(np.arange(5.0), [0.0, 4.0])

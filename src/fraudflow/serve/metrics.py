@@ -37,13 +37,14 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
+from fraudflow.eval.drift import population_stability_index
+
 __all__ = [
     "CONTENT_TYPE_LATEST",
     "ERROR_KINDS",
     "ScoreDrift",
     "ServiceMetrics",
     "observe_many",
-    "population_stability_index",
 ]
 
 ERROR_KINDS = (
@@ -160,26 +161,6 @@ class ServiceMetrics:
             prom_multiprocess.mark_process_dead(os.getpid(), path=str(self.multiprocess_dir))
 
 
-def population_stability_index(
-    reference: np.ndarray, recent: np.ndarray, *, bins: int = 10, eps: float = 1e-4
-) -> float:
-    """PSI = sum over bins of (p - q) * ln(p / q), p recent and q reference shares.
-
-    Bins are the reference's quantiles (deciles by default), so each holds ~1/bins of it; a
-    share is floored at ``eps`` so that an empty bin gives a large but finite term (Siddiqi,
-    Credit Risk Scorecards, 2006: < 0.1 stable, 0.1-0.25 drifting, > 0.25 shifted).
-    """
-    edges = np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1])  # (bins - 1,)
-    q = _shares(reference, edges, bins, eps)
-    p = _shares(recent, edges, bins, eps)
-    return float(np.sum((p - q) * np.log(p / q)))
-
-
-def _shares(values: np.ndarray, edges: np.ndarray, bins: int, eps: float) -> np.ndarray:
-    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=bins)
-    return np.maximum(counts / max(len(values), 1), eps)  # (bins,)
-
-
 class ScoreDrift:
     """The last ``window`` served scores, and their PSI against the run's validation scores.
 
@@ -198,13 +179,16 @@ class ScoreDrift:
         window: int,
         interval_seconds: float,
         min_scores: int = 100,
+        bins: int = 10,
     ) -> None:
-        self.reference = np.sort(np.asarray(reference, dtype=np.float64))
+        reference = np.asarray(reference, dtype=np.float64)
+        self.reference = reference[~np.isnan(reference)]
         self._ring = np.zeros(window, dtype=np.float64)
         self._next = 0
         self._filled = 0
         self._interval = interval_seconds
         self._min = min_scores
+        self._bins = bins
         self._last = time.monotonic()
 
     def add(self, scores: np.ndarray) -> None:
@@ -224,5 +208,12 @@ class ScoreDrift:
         return self._filled >= self._min and time.monotonic() - self._last >= self._interval
 
     def psi(self) -> float:
+        """``fraudflow.eval.drift.population_stability_index`` of the window (its tie rule:
+        bins right-closed at the reference's merged quantiles); NaN while no score is a number.
+        """
         self._last = time.monotonic()
-        return population_stability_index(self.reference, self._ring[: self._filled])
+        recent = self._ring[: self._filled]
+        recent = recent[~np.isnan(recent)]  # a NaN score must not fail the request it rode on
+        if recent.size == 0 or self.reference.size == 0:
+            return float("nan")
+        return population_stability_index(self.reference, recent, bins=self._bins)
