@@ -5,14 +5,28 @@
                        and the score calibration fitted on the validation period
         weights.pt     neural models: the state dict
         model.txt      LightGBM: the booster
+        manifest.json  the SHA-256 of each file above; written last
 
 ``load_bundle`` rebuilds the model through the same registry the trainer used.
+
+A bundle is verified whenever it is read: every file against its recorded SHA-256, the model
+built from the very bytes that were checked (a file swapped in between cannot slip in), and
+the features against what this build computes (``FEATURE_VERSION``, the feature config's
+names). ``check_run`` adds the run's ``DONE`` marker and builds nothing: what the service
+requires of a run before it loads it. Failures are ``RunCheckError``s whose ``check`` names
+which check failed.
+
+Bundles saved before manifests existed are refused rather than served unverified: the hashes
+exist to catch a damaged or replaced file, and a bundle without them is exactly one the check
+cannot clear. ``seal_bundle`` (``fraudflow runs seal``) records the hashes of files one trusts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,19 +35,33 @@ import lightgbm as lgb
 import numpy as np
 import torch
 
-from fraudflow.config import GBDTConfig, TrainConfig
-from fraudflow.errors import ArtifactError
+from fraudflow.config import FeatureConfig, GBDTConfig, TrainConfig
+from fraudflow.errors import ArtifactError, FraudflowError, RunCheckError
 from fraudflow.eval.calibration import Calibrator
+from fraudflow.features.specs import FEATURE_VERSION, feature_names
 from fraudflow.files import atomic_path, write_bytes_atomic, write_json_atomic
 from fraudflow.models import GBDT, NEURAL_MODELS, Standardizer, build_model
 from fraudflow.models.interface import Estimator, NeuralModel
 
-__all__ = ["BUNDLE_DIR", "Bundle", "load_bundle", "save_bundle"]
+__all__ = [
+    "BUNDLE_DIR",
+    "DONE",
+    "MANIFEST",
+    "Bundle",
+    "check_run",
+    "feature_config_of",
+    "load_bundle",
+    "save_bundle",
+    "seal_bundle",
+]
 
 BUNDLE_DIR = "model"
+DONE = "DONE"  # written last into a run folder: the run is complete
+MANIFEST = "manifest.json"
 _META = "meta.json"
 _WEIGHTS = "weights.pt"
 _BOOSTER = "model.txt"
+_BUNDLE_FILES = (_META, _WEIGHTS, _BOOSTER)  # what a manifest may name
 _SCORE_BATCH = 65_536
 
 
@@ -108,36 +136,184 @@ def save_bundle(
     full = dict(meta)
     full["standardizer"] = standardizer.to_dict() if standardizer is not None else None
     write_json_atomic(folder / _META, full)
+    seal_bundle(run_dir)
 
 
-def load_bundle(run_dir: Path) -> Bundle:
+def seal_bundle(run_dir: Path) -> list[str]:
+    """Record the SHA-256 of each file of the bundle in ``run_dir`` as it is now; the names.
+
+    ``save_bundle`` calls it; by hand, only for files one trusts (bundles saved before
+    fraudflow recorded hashes).
+    """
     folder = Path(run_dir) / BUNDLE_DIR
-    meta = _read_meta(folder / _META)
+    names = [name for name in _BUNDLE_FILES if (folder / name).is_file()]
+    if _META not in names:
+        raise ArtifactError(f"model bundle {folder / _META} does not exist; is {run_dir} a run?")
+    hashes = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
+    write_json_atomic(folder / MANIFEST, {"sha256": hashes})
+    return names
+
+
+def check_run(run_dir: Path) -> dict[str, Any]:
+    """Every check a run must pass before it may serve, short of building its model: the
+    folder, its ``DONE`` marker, each bundle file's SHA-256, the features. The bundle's meta."""
+    _require_done(Path(run_dir))
+    folder = Path(run_dir) / BUNDLE_DIR
+    meta = _parse_meta(_verified_files(folder)[_META], folder / _META)
+    _check_features(meta, folder)
+    return meta
+
+
+def feature_config_of(meta: dict[str, Any]) -> FeatureConfig:
+    """The feature config a bundle was trained with."""
+    raw = meta.get("feature_config")
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"the bundle's feature_config must be an object, however got {raw!r}")
+    return FeatureConfig(**_tuples(raw))
+
+
+def load_bundle(run_dir: Path, *, completed: bool = False) -> Bundle:
+    """The verified bundle of ``run_dir`` (see the module docstring). ``completed``: the run's
+    ``DONE`` marker is required too (what the service serves); a run's own code may read its
+    bundle before it completes."""
+    if completed:
+        _require_done(Path(run_dir))
+    folder = Path(run_dir) / BUNDLE_DIR
+    files = _verified_files(folder)
+    meta = _parse_meta(files[_META], folder / _META)
+    _check_features(meta, folder)
     if meta["model"] not in NEURAL_MODELS:
-        path = folder / _BOOSTER
-        if not path.is_file():
-            raise ArtifactError(f"model file {path} does not exist")
-        return Bundle(meta=meta, model=lgb.Booster(model_file=str(path)), standardizer=None)
+        return Bundle(meta=meta, model=_booster(files, folder), standardizer=None)
     train_cfg = TrainConfig(**_tuples(meta["train_config"]))
     model = build_model(
         meta["model"], n_features=len(meta["features"]), train=train_cfg, gbdt=GBDTConfig()
     )
     if not isinstance(model, NeuralModel):
         raise ArtifactError(f"model {meta['model']!r} in {folder} is not a neural model")
+    weights = _recorded(files, _WEIGHTS, folder)
     try:
-        model.load_state_dict(torch.load(folder / _WEIGHTS, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError) as exc:
+        state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
         raise ArtifactError(f"weights {folder / _WEIGHTS} cannot be loaded: {exc}") from None
     return Bundle(meta=meta, model=model, standardizer=Standardizer.from_dict(meta["standardizer"]))
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _require_done(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise RunCheckError("run_missing", f"run folder {run_dir} does not exist")
+    if not (run_dir / DONE).is_file():
+        raise RunCheckError(
+            "not_done",
+            f"run {run_dir} has no {DONE} marker: its training did not finish (it failed, was "
+            "stopped, or is still running); serve a completed run",
+        )
+
+
+def _booster(files: dict[str, bytes], folder: Path) -> lgb.Booster:
+    text = _recorded(files, _BOOSTER, folder)
     try:
-        return dict(json.loads(path.read_text()))
+        return lgb.Booster(model_str=text.decode())
+    except (lgb.basic.LightGBMError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"model file {folder / _BOOSTER} cannot be loaded: {exc}") from None
+
+
+def _recorded(files: dict[str, bytes], name: str, folder: Path) -> bytes:
+    if name not in files:
+        raise RunCheckError(
+            "file_missing", f"model file {folder / name} is not recorded in {folder / MANIFEST}"
+        )
+    return files[name]
+
+
+def _verified_files(folder: Path) -> dict[str, bytes]:
+    """The bundle's files by name, each read once and checked against the manifest."""
+    if not (folder / _META).is_file():
+        raise RunCheckError(
+            "bundle_missing",
+            f"model bundle {folder / _META} does not exist; was the run completed?",
+        )
+    files = {}
+    for name, expected in _manifest(folder).items():
+        try:
+            data = (folder / name).read_bytes()
+        except FileNotFoundError:
+            raise RunCheckError(
+                "file_missing", f"bundle file {folder / name} is recorded in {MANIFEST} but missing"
+            ) from None
+        found = hashlib.sha256(data).hexdigest()
+        if found != expected:
+            raise RunCheckError(
+                "hash_mismatch",
+                f"bundle file {folder / name} does not match its recorded SHA-256: expected "
+                f"{expected}, however found {found} (the file changed after it was saved)",
+            )
+        files[name] = data
+    return files
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    path = folder / MANIFEST
+    try:
+        raw = json.loads(path.read_bytes())
     except FileNotFoundError:
-        raise ArtifactError(f"model bundle {path} does not exist; was the run completed?") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"model bundle {path} is not valid JSON: {exc}") from None
+        raise RunCheckError(
+            "unsealed",
+            f"model bundle {folder} records no SHA-256 of its files ({MANIFEST} is missing): it "
+            "was saved before fraudflow recorded them, or copied without it. Retrain the run, "
+            f"or, if you trust its files, record their hashes: fraudflow runs seal {folder.parent}",
+        ) from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both
+        raise RunCheckError("manifest", f"{path} is not valid JSON: {exc}") from None
+    hashes = raw.get("sha256") if isinstance(raw, dict) else None
+    if (
+        not isinstance(hashes, dict)
+        or _META not in hashes
+        or not all(
+            name in _BUNDLE_FILES and isinstance(digest, str) for name, digest in hashes.items()
+        )
+    ):
+        raise RunCheckError(
+            "manifest",
+            f"{path} must map bundle files ({', '.join(_BUNDLE_FILES)}, {_META} among them) to "
+            f'their SHA-256 under "sha256", however it holds {raw!r:.200}',
+        )
+    return dict(hashes)
+
+
+def _check_features(meta: dict[str, Any], folder: Path) -> None:
+    """The bundle's features must be the ones this build computes, by version and by name."""
+    found = meta.get("feature_version")
+    if found != FEATURE_VERSION:
+        raise RunCheckError(
+            "feature_version",
+            f"model bundle {folder} was trained on feature version {found!r}, however this "
+            f"fraudflow computes version {FEATURE_VERSION!r}: retrain it on a feature table "
+            "built by this version (`fraudflow features`, then `fraudflow train`)",
+        )
+    try:
+        expected = feature_names(feature_config_of(meta))
+    except (FraudflowError, TypeError, ValueError) as exc:
+        raise RunCheckError(
+            "feature_spec",
+            f"model bundle {folder} has a feature_config this build cannot use: {exc}",
+        ) from None
+    if meta.get("features") != expected:
+        raise RunCheckError(
+            "feature_spec",
+            f"model bundle {folder} expects features {meta.get('features')!r:.400}, however "
+            f"this fraudflow computes {expected} for its feature config",
+        )
+
+
+def _parse_meta(data: bytes, path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(data)
+    except ValueError as exc:
+        raise RunCheckError("meta", f"model bundle {path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        raise RunCheckError("meta", f"model bundle {path} must be an object naming its model")
+    return meta
 
 
 def _tuples(raw: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@
     ├── DataError                  an input table breaks its contract
     │   └── SchemaError            a column is missing or has the wrong type
     ├── ArtifactError              a run folder or model bundle is missing or unreadable
+    │   └── RunCheckError          a run fails a check before it may serve (``check`` names it)
     ├── TrainingError              training cannot go on (e.g. no positive labels)
     └── ServeError                 a request the decision service cannot complete: its HTTP
                                    status, a fixed detail string and a metric kind
@@ -19,6 +20,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FraudflowError",
+    "RunCheckError",
     "SchemaError",
     "ServeError",
     "TrainingError",
@@ -45,6 +47,15 @@ class SchemaError(DataError):
 
 class ArtifactError(FraudflowError):
     """A run folder, checkpoint or model bundle is missing or unreadable."""
+
+
+class RunCheckError(ArtifactError):
+    """A run fails one of the checks made before it may serve; ``check`` is a fixed name for
+    which one (the service maps it to a fixed detail), the message says what was found."""
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(message)
+        self.check = check
 
 
 class TrainingError(FraudflowError):

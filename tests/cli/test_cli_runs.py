@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner, Result
 
+from fraudflow.artifacts import MANIFEST, check_run
 from fraudflow.cli.main import app
+from fraudflow.errors import RunCheckError
 from fraudflow.tracking import TrackingConfig, list_runs
 
 EXPERIMENT = "test-cli-runs"
@@ -179,3 +182,24 @@ def test_runs_list_of_an_empty_experiment_exits_2(tracking_uri: str) -> None:
         "`fraudflow train` records one"
     )
     assert expected in one_line(result.stderr)
+
+
+def test_runs_seal_records_the_hashes_of_a_bundle_saved_without_them(
+    trained: Trained, tmp_path: Path
+) -> None:
+    run = tmp_path / "old"
+    shutil.copytree(trained.runs / "mlp", run)
+    recorded = json.loads((run / "model" / MANIFEST).read_text())["sha256"]
+    assert sorted(recorded) == ["meta.json", "weights.pt"]  # what training wrote
+    (run / "model" / MANIFEST).unlink()  # as a bundle saved before hashes were recorded
+    with pytest.raises(RunCheckError, match="records no SHA-256 of its files"):
+        check_run(run)
+    result = invoke("runs", "seal", run)
+    assert result.exit_code == 0, result.output
+    assert f"recorded the SHA-256 of meta.json, weights.pt in {run / 'model'}" in one_line(
+        result.stderr
+    )
+    assert json.loads((run / "model" / MANIFEST).read_text())["sha256"] == recorded
+    check_run(run)
+    missing = invoke("runs", "seal", tmp_path / "nope")
+    assert missing.exit_code == 2 and "model bundle" in one_line(missing.stderr)

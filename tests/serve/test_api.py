@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
+from fraudflow.artifacts import seal_bundle
 from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
 from fraudflow.data.simulator import simulate
 from fraudflow.features import build_features, write_feature_table
@@ -458,7 +459,8 @@ def test_metrics_names_and_values(run_dir: Path, tmp_path: Path) -> None:
 
 
 def copy_of_run(run_dir: Path, dest: Path) -> Path:
-    """The same model under another version: the bundle's meta gains a harmless key."""
+    """The same model under another version: the bundle's meta gains a harmless key (and
+    the bundle's recorded hashes follow, as a retrained run's would)."""
     import json
     import shutil
 
@@ -466,6 +468,7 @@ def copy_of_run(run_dir: Path, dest: Path) -> Path:
     meta_path = dest / "model" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps(meta | {"note": "retrained"}))
+    seal_bundle(dest)
     return dest
 
 
@@ -498,7 +501,7 @@ def test_reload_of_a_bad_run_keeps_the_old_model(client: httpx.Client, tmp_path:
     before = client.get("/readyz").json()["model_version"]
     response = client.post("/v1/admin/reload", json={"run": str(tmp_path / "nope")}, headers=ADMIN)
     assert response.status_code == 400
-    assert response.json() == {"detail": "the run cannot be loaded"}
+    assert response.json() == {"detail": "run refused: the run folder does not exist"}
     assert client.get("/readyz").json()["model_version"] == before
     assert metric_value(client.get("/metrics").text, "fraudflow_errors_total", kind="reload") == 1
 

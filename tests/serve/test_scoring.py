@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fraudflow.artifacts import Bundle, load_bundle
+from fraudflow.artifacts import Bundle, load_bundle, seal_bundle
 from fraudflow.cli.main import app
 from fraudflow.config import SimulationConfig
 from fraudflow.errors import ArtifactError, ConfigError
@@ -155,7 +155,8 @@ def test_engine_refuses_a_bundle_whose_features_differ(run: Path, tmp_path: Path
     meta = json.loads((copy / "model" / "meta.json").read_text())
     meta["feature_config"]["customer_windows_days"] = [1, 7]
     (copy / "model" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ArtifactError, match="the online evaluator computes"):
+    seal_bundle(copy)  # as a bundle written so would record it
+    with pytest.raises(ArtifactError, match="however this fraudflow computes"):
         load_engine(copy, store=MemoryStore(), policy_path=None)
 
 

@@ -1,4 +1,5 @@
-"""`fraudflow runs list` and `fraudflow runs compare`: training runs recorded in MLflow."""
+"""`fraudflow runs list` and `fraudflow runs compare`: training runs recorded in MLflow;
+`fraudflow runs seal`: record the SHA-256 of a run folder's bundle files."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fraudflow.cli.errors import handle_errors
+from fraudflow.cli.errors import err_console, handle_errors
 from fraudflow.cli.tables import METRIC_COLUMNS, format_cell
 from fraudflow.errors import ArtifactError, ConfigError
 from fraudflow.tracking import (
@@ -22,10 +23,11 @@ from fraudflow.tracking import (
     resolve_tracking_config,
 )
 
-__all__ = ["compare", "list_", "runs_app", "tracking_from_environment"]
+__all__ = ["compare", "list_", "runs_app", "seal", "tracking_from_environment"]
 
 runs_app = typer.Typer(
-    help="Training runs recorded in MLflow (MLFLOW_TRACKING_URI, else mlruns/ here).",
+    help="Training runs: those recorded in MLflow (MLFLOW_TRACKING_URI, else mlruns/ here), "
+    "and run folders.",
     no_args_is_help=True,
 )
 
@@ -74,6 +76,18 @@ def compare(
     params = _params_table(rows)
     if params is not None:
         Console().print(params)
+
+
+@runs_app.command("seal")
+@handle_errors
+def seal(run: Path = typer.Argument(..., help="Run folder whose model bundle to seal.")) -> None:
+    """Record the SHA-256 of each model bundle file as it is now, for bundles saved before
+    fraudflow recorded them. The service refuses bundles without (or not matching) them: seal
+    only files you trust, e.g. ones you trained yourself."""
+    from fraudflow.artifacts import seal_bundle  # torch and LightGBM: only when it runs
+
+    names = seal_bundle(run)
+    err_console.print(f"recorded the SHA-256 of {', '.join(names)} in {run / 'model'}")
 
 
 def _runs_table(rows: Sequence[dict[str, Any]], title: str) -> Table:

@@ -35,6 +35,7 @@ from fraudflow.serve.auth import load_api_keys
 from fraudflow.serve.direct import ERROR_KIND_KEY, DirectRoutes, direct_routes, serve_error_headers
 from fraudflow.serve.metrics import ServiceMetrics
 from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router
+from fraudflow.serve.runcheck import verify_run
 from fraudflow.serve.service import ACTIVE_MODEL_FILE, DecisionService, EngineLoader
 from fraudflow.serve.settings import ServeSettings, load_settings, settings_environment
 
@@ -198,14 +199,17 @@ def run_server(settings: ServeSettings) -> None:
         "server_header": False,
     }
     _log_to_stderr(settings.log_level)
+    # Keys, then the run: a bad one stops the command here (exit 2 with its message), before
+    # a port is bound or a worker forked.
+    load_api_keys(settings)
+    verify_run(settings.run, timeout_seconds=settings.model_check_timeout_seconds)
     if settings.workers == 1:
         if settings.prometheus_multiproc_dir is not None:  # set: the client writes files there
             _multiprocess_dir(settings.prometheus_multiproc_dir)
         uvicorn.run(create_app(settings), **common)
         return
-    # Check the keys before forking workers. No app here: in prometheus_client's multiprocess
-    # mode this process's metrics would count as a live worker's.
-    load_api_keys(settings)
+    # No app here: in prometheus_client's multiprocess mode this process's metrics would count
+    # as a live worker's.
     # Reloads announced by a previous server must not choose this one's model.
     (settings.data_folder / ACTIVE_MODEL_FILE).unlink(missing_ok=True)
     metrics_dir = _multiprocess_dir(settings.prometheus_multiproc_dir)

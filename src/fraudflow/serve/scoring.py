@@ -43,8 +43,7 @@ import polars as pl
 import scipy.sparse
 import torch
 
-from fraudflow.artifacts import BUNDLE_DIR, Bundle, load_bundle
-from fraudflow.config import FeatureConfig
+from fraudflow.artifacts import BUNDLE_DIR, Bundle, feature_config_of, load_bundle
 from fraudflow.errors import ArtifactError
 from fraudflow.features.online import Event, FeatureRows, OnlineFeatures, StateStore, Watermark
 from fraudflow.serve.policy import (
@@ -392,9 +391,9 @@ def load_engine(
 
     ``watermark`` drives the state's forgetting; pass the same one to every engine of a store.
     """
-    bundle = load_bundle(run_dir)
+    bundle = load_bundle(run_dir, completed=True)
     scorer = BundleScorer(bundle, version=model_version(run_dir, bundle))
-    online = OnlineFeatures(cfg=_feature_config(bundle), store=store, watermark=watermark)
+    online = OnlineFeatures(cfg=feature_config_of(bundle.meta), store=store, watermark=watermark)
     if online.names != list(scorer.features):
         raise ArtifactError(
             f"the model in {run_dir} expects features {list(scorer.features)}, however the "
@@ -412,12 +411,6 @@ def model_version(run_dir: Path, bundle: Bundle) -> str:
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"{bundle.meta['model']}-{digest.hexdigest()[:12]}"
-
-
-def _feature_config(bundle: Bundle) -> FeatureConfig:
-    raw: dict[str, Any] = bundle.meta["feature_config"]
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return FeatureConfig(**fields)
 
 
 def _policy_for(run_dir: Path, explicit: Path | None) -> tuple[Policy, str]:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from fraudflow.errors import DataError, ServeError
+from fraudflow.errors import DataError, RunCheckError, ServeError
 from fraudflow.features.online import (
     Answers,
     Event,
@@ -60,6 +60,7 @@ from fraudflow.serve.idempotency import (
     resolve_duplicate,
 )
 from fraudflow.serve.metrics import ScoreDrift, ServiceMetrics, observe_many
+from fraudflow.serve.runcheck import refusal, verify_run
 from fraudflow.serve.schemas import LabelIn, TransactionIn
 from fraudflow.serve.scoring import Engine, Judgements, load_engine
 from fraudflow.serve.settings import ServeSettings
@@ -210,6 +211,9 @@ class DecisionService:
         if redis_ledger is not None:
             ledgers.insert(0, redis_ledger)
         return _Resources(store, audit, ledgers, redis_ledger)
+
+    def _verify(self, run_dir: Path) -> None:
+        verify_run(run_dir, timeout_seconds=self.settings.model_check_timeout_seconds)
 
     def _load(self, run_dir: Path) -> Engine:
         assert self._resources is not None
@@ -469,7 +473,8 @@ class DecisionService:
     # --- reload ---------------------------------------------------------------------------
 
     async def reload(self, run: Path | None, *, announce: bool = True) -> dict[str, Any]:
-        """Build the engine of ``run`` (default: the one served) fully, then swap it in.
+        """Verify ``run`` (default: the one served; ``fraudflow.serve.runcheck``), build its
+        engine fully, then swap it in; on any failure the old engine keeps serving.
 
         In-flight requests finish on the engine they started with; new ones get the new one.
         """
@@ -479,10 +484,16 @@ class DecisionService:
             if current is None or self._resources is None:
                 raise _not_ready()
             try:
+                # Verified first (DONE, hashes, features; the model in a child process): a
+                # model that would crash a library takes the child down, not this server.
+                await asyncio.to_thread(self._verify, target)
                 engine = await asyncio.to_thread(self._load, target)
+            except RunCheckError as exc:
+                log.error("reload of %s refused: %s", target, exc)
+                raise ServeError(400, refusal(exc.check), "reload") from None
             except Exception:
                 log.exception("reload of %s failed", target)
-                raise ServeError(400, "the run cannot be loaded", "reload") from None
+                raise ServeError(400, refusal(""), "reload") from None
             self._swap(engine)
             if announce:
                 self._announce(engine)

@@ -76,6 +76,9 @@ class ServeSettings(BaseSettings):
     idempotency_ttl_seconds: int = Field(40 * 86_400, ge=60)
     # Workers > 1: how often each worker looks for a reload done by another worker.
     reload_poll_seconds: float = Field(1.0, gt=0)
+    # Start-up and reload: how long the child process that loads and probes a run's model may
+    # take (it imports the model libraries first).
+    model_check_timeout_seconds: float = Field(120.0, gt=0)
     torch_threads: int = Field(1, ge=1)
     log_level: str = "info"
     # prometheus_client's own variable (no FRAUDFLOW_ prefix): set, metrics are multiprocess.

@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from fraudflow.artifacts import save_bundle
+from fraudflow.artifacts import DONE, save_bundle
 from fraudflow.config import RunConfig, to_dict
 from fraudflow.data.io import write_table
 from fraudflow.data.schema import CUSTOMER_ID, IS_FRAUD, TIMESTAMP, TRANSACTION_ID
@@ -50,7 +50,6 @@ from fraudflow.train.shards import ShardRows, fit_standardizer
 
 __all__ = ["DONE", "RunOutcome", "train_run"]
 
-DONE = "DONE"
 CHECKPOINTS = "checkpoints"
 
 
