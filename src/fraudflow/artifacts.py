@@ -126,32 +126,39 @@ def save_bundle(
 ) -> None:
     folder = Path(run_dir) / BUNDLE_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    written = [_META]
     if isinstance(model, GBDT):
         with atomic_path(folder / _BOOSTER) as tmp:
             model.save(tmp)
+        written.append(_BOOSTER)
     elif isinstance(model, NeuralModel):
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
         write_bytes_atomic(folder / _WEIGHTS, buffer.getvalue())
+        written.append(_WEIGHTS)
     full = dict(meta)
     full["standardizer"] = standardizer.to_dict() if standardizer is not None else None
     write_json_atomic(folder / _META, full)
-    seal_bundle(run_dir)
+    _write_manifest(folder, written)  # last: a bundle with a manifest is whole
 
 
 def seal_bundle(run_dir: Path) -> list[str]:
     """Record the SHA-256 of each file of the bundle in ``run_dir`` as it is now; the names.
 
-    ``save_bundle`` calls it; by hand, only for files one trusts (bundles saved before
-    fraudflow recorded hashes).
+    Only for files one trusts: bundles saved before fraudflow recorded hashes
+    (``save_bundle`` records those of the files it writes).
     """
     folder = Path(run_dir) / BUNDLE_DIR
     names = [name for name in _BUNDLE_FILES if (folder / name).is_file()]
     if _META not in names:
         raise ArtifactError(f"model bundle {folder / _META} does not exist; is {run_dir} a run?")
+    _write_manifest(folder, names)
+    return names
+
+
+def _write_manifest(folder: Path, names: list[str]) -> None:
     hashes = {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
     write_json_atomic(folder / MANIFEST, {"sha256": hashes})
-    return names
 
 
 def check_run(run_dir: Path) -> dict[str, Any]:
