@@ -12,7 +12,7 @@ from fraudflow.cli.progress import spinner, step_bar
 from fraudflow.config import FeatureConfig, SimulationConfig
 from fraudflow.errors import ConfigError
 
-__all__ = ["features", "generate"]
+__all__ = ["features_app", "generate"]
 
 
 @handle_errors
@@ -48,35 +48,87 @@ def generate(
     )
 
 
+features_app = typer.Typer(
+    help="Build point-in-time features from a transaction log (see `features spec`).",
+    no_args_is_help=False,
+    invoke_without_command=True,
+)
+
+
+@features_app.callback()
 @handle_errors
 def features(
-    input: Path = typer.Option(..., "--input", help="Transaction log, .csv or .parquet."),
-    out: Path = typer.Option(..., "--out", help="Feature table to write (.parquet)."),
+    ctx: typer.Context,
+    input: Path = typer.Option(None, "--input", help="Transaction log, .csv or .parquet."),
+    out: Path = typer.Option(None, "--out", help="Feature table to write (.parquet)."),
+    spec_file: Path = typer.Option(
+        None,
+        "--spec",
+        help="Feature spec (TOML); without it, the default spec (`fraudflow features spec`).",
+    ),
     map: str = typer.Option(
         None, "--map", help="Column mapping canonical=source,... e.g. timestamp=TX_DATETIME."
     ),
     label_delay_days: int = typer.Option(
-        7, "--label-delay-days", help="Days until a fraud label is known."
+        None, "--label-delay-days", help="Days until a fraud label is known [7; default spec]."
     ),
     shard_days: int = typer.Option(
         None, "--shard-days", help="Write a folder of shards, one per N days, to --out."
     ),
 ) -> None:
     """Build point-in-time features from a transaction log."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if input is None or out is None:
+        raise ConfigError("fraudflow features needs --input and --out")
     from fraudflow.data.ingest import parse_column_map, read_transactions
-    from fraudflow.features import build_features, write_feature_shards, write_feature_table
+    from fraudflow.features import (
+        build_features,
+        check_input,
+        load_spec,
+        write_feature_shards,
+        write_feature_table,
+    )
 
-    cfg = FeatureConfig(label_delay_days=label_delay_days)
+    spec = None
+    if spec_file is not None:
+        if label_delay_days is not None:
+            raise ConfigError(
+                "--label-delay-days is for the default spec; set label_delay in --spec"
+            )
+        spec = load_spec(spec_file)
+        cfg = FeatureConfig(label_delay_days=spec.label_delay_days)
+    else:
+        cfg = FeatureConfig(label_delay_days=7 if label_delay_days is None else label_delay_days)
     column_map = parse_column_map(map)
     if shard_days is None and out.suffix.lower() != ".parquet":
         raise ConfigError(f"--out must be a .parquet file, however got {out}")
     with spinner(f"reading and validating {input}"):
         transactions = read_transactions(input, column_map=column_map)
+    if spec is not None:
+        check_input(spec, transactions.columns)  # before the work: a bad spec fails at once
     with spinner(f"building features for {transactions.height:,} transactions"):
-        table = build_features(transactions, cfg)
+        table = build_features(transactions, spec or cfg)
     with spinner(f"writing {out}"):
         if shard_days is None:
-            write_feature_table(table, out, cfg)
+            write_feature_table(table, out, cfg, spec=spec)
         else:
-            write_feature_shards(table, out, cfg, shard_days=shard_days)
+            write_feature_shards(table, out, cfg, shard_days=shard_days, spec=spec)
     err_console.print(f"{table.height:,} rows x {len(table.columns)} columns -> {out}")
+
+
+@features_app.command("spec")
+@handle_errors
+def write_spec(
+    out: Path = typer.Option(..., "--out", help="Where to write the spec (.toml)."),
+    label_delay_days: int = typer.Option(
+        7, "--label-delay-days", help="Days until a label is known."
+    ),
+) -> None:
+    """Write the default feature spec, a starting point for your own."""
+    from fraudflow.features import default_spec, spec_to_toml
+    from fraudflow.files import write_text_atomic
+
+    text = spec_to_toml(default_spec(FeatureConfig(label_delay_days=label_delay_days)))
+    write_text_atomic(out, text)
+    err_console.print(f"the default feature spec -> {out}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fraudflow.cli.data import features, generate
+from fraudflow.cli.data import features_app, generate
 from fraudflow.cli.decisions import decisions_app
 from fraudflow.cli.demo import demo
 from fraudflow.cli.evaluate import evaluate
@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("generate")(generate)
-app.command("features")(features)
+app.add_typer(features_app, name="features")
 app.command("train")(train)
 app.command("evaluate")(evaluate)
 app.command("demo")(demo)

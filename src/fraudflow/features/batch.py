@@ -1,39 +1,55 @@
-"""Batch feature computation with Polars.
+"""The batch engine: a feature spec (``fraudflow.features.spec``) executed with Polars.
 
-Every window aggregate is a difference of running totals. Rows are ordered by entity, then by
-arrival (timestamp order, input order within equal timestamps); ``P`` is the prefix sum of a
-quantity in that order. For a row at position i and time t, the sum over (t - w, t] is
-``P[i] - P[j]`` with P inclusive at i and exclusive at j, where j is the first position of the
-entity with time > t - w, found by binary search. Using the row's own position for the right
-end, not a search on t, means a row sees earlier rows with the same timestamp and itself, never
-later ones: the same answer an online service gives processing one event at a time. Label
-windows use two searches, t - delay and t - delay - w (see ``fraudflow.features.specs``).
+Aggregates with the same key columns are computed together. Their rows are ordered by key,
+then by arrival (timestamp order, input order within equal timestamps), and each window of a
+row is a range of positions [lo, hi) in that order:
 
-The binary search runs on one sorted integer key per entity block,
-``block_index * stride + (t - t_min)``, with ``stride`` wider than the time span plus the
-longest window, so a search never leaves its entity's block. Blocks are processed in chunks
-small enough that the key fits in 63 bits (one chunk for any realistic data set).
+* a duration w: lo is the key's first position with time > t - w (a binary search), and the
+  range ends with the row itself. Using the row's position for the right end, not a search on
+  t, means a row sees earlier rows with the same timestamp and itself, never later ones: the
+  answer an online service gives processing one event at a time;
+* delayed (label delay d): [first position with time > t - d - w, first with time > t - d);
+* the last N events: [max(key start, i + 1 - N), i + 1), or the N before the delayed end.
+
+Sums over a range are differences of running sums; float sums restart at each key, so a key's
+values never depend, not even by rounding, on other keys' rows. ``min``/``max`` read a sparse
+table of range extremes; ``count_distinct`` adds +1 over the positions whose window holds a
+value's earliest occurrence (see ``_distinct``); ``time_since_last`` looks back to the key's
+previous matching row.
+
+The binary search runs on one sorted integer key per key block, ``block * stride + (t -
+t_min)``, with ``stride`` wider than the time span plus the longest window, so a search never
+leaves its block. Blocks are processed in chunks small enough that the key fits in 63 bits
+(one chunk for any realistic data set).
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
 from fraudflow.config import FeatureConfig
-from fraudflow.data.schema import AMOUNT, CUSTOMER_ID, IS_FRAUD, TERMINAL_ID, TIMESTAMP
-from fraudflow.errors import DataError
-from fraudflow.features.specs import (
-    DAY_SECONDS,
-    HOURS_SINCE_PREV_CAP,
+from fraudflow.data.schema import IS_FRAUD, TIMESTAMP
+from fraudflow.errors import ConfigError, DataError
+from fraudflow.features.default_spec import default_spec
+from fraudflow.features.expressions import (
+    CALENDAR,
     NIGHT_END_HOUR,
-    customer_windows,
-    feature_names,
-    terminal_windows,
+    Binary,
+    Call,
+    Compare,
+    Expr,
+    Literal,
+    Logical,
+    Name,
+    Not,
+    referenced_names,
 )
+from fraudflow.features.spec import UNIT_SECONDS, Aggregate, FeatureSpec, Window
 
 __all__ = ["build_features"]
 
@@ -43,12 +59,36 @@ _US = 1_000_000
 _KEY_LIMIT = 2**62
 
 
-def build_features(transactions: pl.DataFrame, cfg: FeatureConfig) -> pl.DataFrame:
+def build_features(transactions: pl.DataFrame, spec: FeatureSpec | FeatureConfig) -> pl.DataFrame:
     """The transactions in timestamp order (arrival order within ties) with feature columns added.
 
-    ``transactions`` must follow the canonical schema (see ``fraudflow.data.ingest``) and carry
-    ``is_fraud``, which the label-delayed features need.
+    ``spec`` is a feature spec, or a ``FeatureConfig`` for the default spec. ``transactions``
+    must follow the canonical schema (see ``fraudflow.data.ingest``), with any extra columns the
+    spec reads, and carry ``is_fraud``, which the label-delayed features need.
     """
+    spec = spec if isinstance(spec, FeatureSpec) else default_spec(spec)
+    _check_rows(transactions)
+    check_input(spec, transactions.columns)
+    ordered = transactions.lazy()
+    if not transactions[TIMESTAMP].is_sorted():  # logs usually arrive in time order already
+        ordered = ordered.sort(TIMESTAMP, maintain_order=True)
+    base = ordered.with_columns(pl.col(TIMESTAMP).dt.epoch("us").alias(_T)).collect()
+    groups: dict[tuple[str, ...], list[Aggregate]] = {}
+    for aggregate in spec.aggregates:
+        groups.setdefault(aggregate.by, []).append(aggregate)
+    delay_us = spec.label_delay_seconds * _US
+    # Key groups are independent; Polars and NumPy release the GIL, so threads overlap.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [pool.submit(_per_key, base, by, group, delay_us) for by, group in groups.items()]
+        parts = [job.result() for job in jobs]
+    out = pl.concat([base, *parts], how="horizontal").lazy()
+    for derive in spec.derive_order():
+        out = out.with_columns(_numeric(_polars(derive.tree)).alias(derive.name))
+    kept = [name for name in spec.feature_names if name not in transactions.columns]
+    return out.select(*transactions.columns, *kept).collect()
+
+
+def _check_rows(transactions: pl.DataFrame) -> None:
     if IS_FRAUD not in transactions.columns:
         raise DataError(f"`{IS_FRAUD}` is required: the label-delayed features are built from it")
     if transactions.height == 0:
@@ -58,76 +98,197 @@ def build_features(transactions: pl.DataFrame, cfg: FeatureConfig) -> pl.DataFra
         # A null would propagate through the running sums into other rows' features.
         rows = "1 row is" if n_null == 1 else f"{n_null} rows are"
         raise DataError(f"`{IS_FRAUD}` must be 0 or 1, however: {rows} empty")
-    ordered = transactions.lazy()
-    if not transactions[TIMESTAMP].is_sorted():  # logs usually arrive in time order already
-        ordered = ordered.sort(TIMESTAMP, maintain_order=True)
-    base = ordered.with_columns(pl.col(TIMESTAMP).dt.epoch("us").alias(_T)).collect()
-    running = _running_sums(cfg)
-    # The two entities are independent; Polars and NumPy release the GIL, so threads overlap.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        customer_job = pool.submit(
-            _per_entity, base, CUSTOMER_ID, _customer_probes(cfg), running, _customer_features(cfg)
+
+
+def check_input(spec: FeatureSpec, columns: list[str]) -> None:
+    """Every column the spec reads is in the input, and no feature shadows one."""
+    present = set(columns)
+    features = set(spec.defined)
+
+    def need(column: str, entry: str) -> None:
+        if column not in present:
+            shown = ", ".join(columns)
+            raise ConfigError(f"{entry}: column {column!r} is not in the input (columns: {shown})")
+
+    for a in spec.aggregates:
+        entry = f"aggregate {a.name!r}"
+        _no_labels([*a.by, *([a.of] if a.of else []), *_names(a.where_expr)], entry)
+        for column in [*a.by, *([a.of] if a.of else [])]:
+            need(column, entry)
+        where = a.where_expr
+        for name in sorted(referenced_names(where) - set(CALENDAR)) if where else []:
+            if name in features and name not in present:
+                raise ConfigError(f"{entry}: `where` reads the row's columns only, not {name!r}")
+            need(name, entry)
+    for d in spec.derives:
+        _no_labels(_names(d.tree), f"derive {d.name!r}")
+        for name in sorted(referenced_names(d.tree) - features - set(CALENDAR)):
+            if name not in present:
+                raise ConfigError(
+                    f"derive {d.name!r}: unknown name {name!r} (not a feature of the spec, a "
+                    "column of the input or a calendar part)"
+                )
+    for c in spec.columns:
+        need(c.name, f"column {c.name!r}")
+    shadowed = (features - {c.name for c in spec.columns}) & present
+    if shadowed:
+        name = sorted(shadowed)[0]
+        raise ConfigError(f"feature {name!r}: name clash with a column of the input")
+
+
+def _names(expr: Expr | None) -> list[str]:
+    return [] if expr is None else sorted(referenced_names(expr))
+
+
+def _no_labels(names: list[str], entry: str) -> None:
+    # A row's own label, or another's before it is known, is the leak features must not have.
+    if IS_FRAUD in names:
+        raise ConfigError(
+            f"{entry}: reads `{IS_FRAUD}`, which is known only after the label delay; use fn "
+            "fraud_count or fraud_rate, whose windows wait for it"
         )
-        terminal_job = pool.submit(
-            _per_entity, base, TERMINAL_ID, _terminal_probes(cfg), running, _terminal_features(cfg)
-        )
-        customer, terminal = customer_job.result(), terminal_job.result()
-    out = pl.concat([base, customer, terminal], how="horizontal").lazy()
-    out = out.with_columns(*_row_features(cfg)).with_columns(*_ratios(cfg))
-    return out.select(*transactions.columns, *feature_names(cfg)).collect()
 
 
-def _customer_probes(cfg: FeatureConfig) -> dict[str, int]:
-    delay = cfg.label_delay_days * DAY_SECONDS
-    longest = customer_windows(cfg)[-1].window_seconds
-    probes = {w.label: w.window_seconds * _US for w in customer_windows(cfg)}
-    probes["small1d"] = DAY_SECONDS * _US  # the card-testing window is one day whatever the config
-    return probes | {"delay": delay * _US, "delay_w": (delay + longest) * _US}
+# ---------------------------------------------------------------- expressions -> Polars
 
 
-def _terminal_probes(cfg: FeatureConfig) -> dict[str, int]:
-    delay = cfg.label_delay_days * DAY_SECONDS
-    probes = {"live1d": DAY_SECONDS * _US, "delay": delay * _US}
-    return probes | {
-        f"delay_{w.label}": (delay + w.window_seconds) * _US for w in terminal_windows(cfg)
-    }
+def _polars(expr: Expr) -> pl.Expr:
+    """The expression over the current row (see ``fraudflow.features.expressions``)."""
+    if isinstance(expr, Literal):
+        return pl.lit(expr.value)
+    if isinstance(expr, Name):
+        return _calendar(expr.name) if expr.name in CALENDAR else pl.col(expr.name)
+    if isinstance(expr, Binary):
+        left, right = _numeric(_polars(expr.left)), _numeric(_polars(expr.right))
+        if expr.op == "/":
+            return pl.when(right != 0).then(left / right).otherwise(None)
+        return {"+": left + right, "-": left - right, "*": left * right}[expr.op]
+    if isinstance(expr, Compare):
+        left, right = _polars(expr.left), _polars(expr.right)
+        if not any(
+            isinstance(side, Literal) and isinstance(side.value, str)
+            for side in (expr.left, expr.right)
+        ):
+            left, right = _numeric(left), _numeric(right)  # booleans compare as 1.0 / 0.0
+        ops: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
+            "<": pl.Expr.lt, "<=": pl.Expr.le, ">": pl.Expr.gt, ">=": pl.Expr.ge,
+            "==": pl.Expr.eq, "!=": pl.Expr.ne,
+        }  # fmt: skip
+        return ops[expr.op](left, right)
+    if isinstance(expr, Logical):
+        left, right = _boolean(_polars(expr.left)), _boolean(_polars(expr.right))
+        return left & right if expr.op == "and" else left | right
+    if isinstance(expr, Not):
+        return ~_boolean(_polars(expr.operand))
+    return _call(expr)
 
 
-def _per_entity(
-    base: pl.DataFrame,
-    entity: str,
-    probes: dict[str, int],
-    running: dict[str, tuple[pl.Expr, bool]],
-    features: list[pl.Expr],
+def _call(expr: Call) -> pl.Expr:
+    args = [_polars(arg) for arg in expr.args]
+    if expr.function == "where":
+        return pl.when(_boolean(args[0])).then(_numeric(args[1])).otherwise(_numeric(args[2]))
+    values = [_numeric(arg) for arg in args]
+    if expr.function == "log1p":
+        return values[0].log1p()
+    if expr.function == "abs":
+        return values[0].abs()
+    if expr.function == "min":
+        return pl.min_horizontal(*values)
+    if expr.function == "max":
+        return pl.max_horizontal(*values)
+    if expr.function == "clip":
+        return values[0].clip(values[1], values[2])
+    return pl.coalesce(*values)  # coalesce
+
+
+def _calendar(name: str) -> pl.Expr:
+    ts = pl.col(TIMESTAMP)
+    return {
+        "hour": ts.dt.hour().cast(pl.Float64),
+        "weekday": ts.dt.weekday().cast(pl.Float64),  # 1 Monday ... 7 Sunday
+        "is_weekend": ts.dt.weekday() >= 6,
+        "is_night": ts.dt.hour() < NIGHT_END_HOUR,
+    }[name]
+
+
+def _numeric(expr: pl.Expr) -> pl.Expr:
+    return expr.cast(pl.Float64)
+
+
+def _boolean(expr: pl.Expr) -> pl.Expr:
+    return expr.cast(pl.Boolean)
+
+
+# ---------------------------------------------------------------- aggregates
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One aggregate's window: its feature name and the columns it reads in the sorted frame."""
+
+    aggregate: Aggregate
+    window: Window
+    mask: str  # boolean column: the row passes `where` (and has a value)
+    value: str | None  # float column of `of` (None: no value)
+
+    @property
+    def name(self) -> str:
+        return self.aggregate.feature_name(self.window)
+
+
+def _per_key(
+    base: pl.DataFrame, by: tuple[str, ...], aggregates: list[Aggregate], delay_us: int
 ) -> pl.DataFrame:
-    """Evaluate ``features`` on the rows sorted by (entity, arrival); return them in base order.
-
-    Inside ``features``: ``@<probe>`` is the position of the entity's first row with time
-    > t - offset, ``__pos`` the row's own position and ``__start`` its entity's first position,
-    ``<name>+`` / ``<name>-`` the running sums of ``running[name]`` including / excluding the row.
-    """
+    """The aggregates keyed by ``by``, in base order."""
+    inputs, jobs = _inputs(aggregates)
+    changed = pl.any_horizontal([pl.col(c).ne_missing(pl.col(c).shift(1)) for c in by])
     ordered = (
         base.lazy()
-        .select(pl.int_range(pl.len(), dtype=pl.UInt32).alias(_ROW), entity, _T, AMOUNT, IS_FRAUD)
-        .sort(entity, maintain_order=True)  # stable: arrival order within each entity
+        .select(pl.int_range(pl.len(), dtype=pl.UInt32).alias(_ROW), *by, _T, *inputs)
+        .sort(*by, maintain_order=True, nulls_last=True)  # stable: arrival order within a key
         .with_columns(
-            (pl.col(entity) != pl.col(entity).shift(1))
-            .fill_null(True)
-            .cum_sum()
-            .cast(pl.Int64)
-            .alias("__block")
+            (changed | (pl.int_range(pl.len()) == 0)).cum_sum().cast(pl.Int64).alias("__block")
         )
+        .drop(*by)
         .collect()
     )
+    longest = max((_reach(j.window, j.aggregate.delayed, delay_us) for j in jobs), default=0)
     t_min, t_max = int(base[_T].min()), int(base[_T].max())  # type: ignore[arg-type]
-    stride = t_max - t_min + max(probes.values()) + 1
+    stride = t_max - t_min + longest + 1
     per_chunk = max(1, _KEY_LIMIT // stride)
     chunks = ordered.with_columns((pl.col("__block") // per_chunk).alias("__chunk"))
     parts = [
-        _evaluate_chunk(chunk, probes, running, features, stride, per_chunk, t_min)
+        _Chunk(chunk, stride, per_chunk, t_min, delay_us).features(jobs)
         for chunk in chunks.partition_by("__chunk", maintain_order=True)
     ]
     return _restore_order(pl.concat(parts))
+
+
+def _inputs(aggregates: list[Aggregate]) -> tuple[list[pl.Expr], list[_Job]]:
+    """The columns the aggregates read, computed once on the input rows, and their jobs."""
+    columns: dict[str, pl.Expr] = {IS_FRAUD: pl.col(IS_FRAUD).cast(pl.Int64)}
+    jobs = []
+    for index, a in enumerate(aggregates):
+        where = a.where_expr
+        passes = pl.lit(True) if where is None else _boolean(_polars(where)).fill_null(False)
+        value = None
+        if a.of is not None and a.fn != "count_distinct":
+            value = f"__v{index}"
+            columns[value] = pl.col(a.of).cast(pl.Float64)
+            passes = passes & pl.col(a.of).is_not_null()
+        elif a.of is not None:
+            value = f"__v{index}"
+            columns[value] = pl.col(a.of)
+            passes = passes & pl.col(a.of).is_not_null()
+        mask = f"__m{index}"
+        columns[mask] = passes
+        jobs += [_Job(a, window, mask, value) for window in a.windows]
+    return [expr.alias(name) for name, expr in columns.items()], jobs
+
+
+def _reach(window: Window, delayed: bool, delay_us: int) -> int:
+    """How far back, in microseconds, a search for this window may go."""
+    return (window.seconds or 0) * _US + (delay_us if delayed else 0)
 
 
 def _restore_order(frame: pl.DataFrame) -> pl.DataFrame:
@@ -138,114 +299,211 @@ def _restore_order(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.drop(_ROW)[inverse]
 
 
-def _running_sums(cfg: FeatureConfig) -> dict[str, tuple[pl.Expr, bool]]:
-    """Running sums available to feature expressions: name -> (value, exact).
+class _Chunk:
+    """Whole key blocks, sorted by (key, arrival); positions are local to the chunk."""
 
-    ``exact`` restarts the sum at each entity so that an entity's float sums never depend, not
-    even by rounding, on other entities' rows; integer sums are exact either way.
+    def __init__(
+        self, frame: pl.DataFrame, stride: int, per_chunk: int, t_min: int, delay_us: int
+    ) -> None:
+        self.frame = frame
+        self.n = frame.height
+        block = frame["__block"].to_numpy()
+        self.t = frame[_T].to_numpy()
+        self.key = (block % per_chunk) * stride + (self.t - t_min)
+        self.pos = np.arange(self.n, dtype=np.int64)
+        first = np.ones(self.n, dtype=bool)
+        first[1:] = block[1:] != block[:-1]
+        self.start = np.maximum.accumulate(np.where(first, self.pos, 0))
+        starts = np.flatnonzero(first)
+        ends = np.append(starts[1:], self.n)
+        self.end = np.repeat(ends, np.diff(np.append(starts, self.n)))  # (n,) block end
+        self.delay_us = delay_us
+        self._searched: dict[int, np.ndarray] = {}
+
+    def after(self, offset_us: int) -> np.ndarray:
+        """Per row, the block's first position with time > t - offset."""
+        if offset_us not in self._searched:
+            found = np.searchsorted(self.key, self.key - offset_us, side="right")
+            self._searched[offset_us] = found.astype(np.int64)
+        return self._searched[offset_us]
+
+    def bounds(self, window: Window, delayed: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """The window's [lo, hi) per row; hi None means the row itself (i + 1)."""
+        hi = self.after(self.delay_us) if delayed else None
+        if window.seconds is not None:
+            lo = self.after(window.seconds * _US + (self.delay_us if delayed else 0))
+        else:
+            top = self.pos + 1 if hi is None else hi
+            lo = np.maximum(self.start, top - int(window.events or 0))
+        return lo, hi
+
+    def features(self, jobs: list[_Job]) -> pl.DataFrame:
+        columns: dict[str, pl.Series] = {}
+        exprs: list[pl.Expr] = []
+        for index, job in enumerate(jobs):
+            lo, hi = self.bounds(job.window, job.aggregate.delayed)
+            columns[f"@lo{index}"] = pl.Series(lo)
+            if hi is not None:
+                columns[f"@hi{index}"] = pl.Series(hi)
+            compute = _NUMPY.get(job.aggregate.fn)
+            if compute is not None:
+                values = compute(self, job, lo, hi)
+                columns[job.name] = pl.Series(job.name, values, nan_to_null=True)
+            else:
+                exprs.append(_prefix_feature(job, index, hi is not None).alias(job.name))
+        frame = self.frame.with_columns(
+            pl.int_range(pl.len(), dtype=pl.Int64).alias("__pos"),
+            *[series.alias(name) for name, series in columns.items()],
+        )
+        return frame.lazy().with_columns(*exprs).select(_ROW, *[j.name for j in jobs]).collect()
+
+
+# ---------------------------------------------------------------- prefix-sum functions
+
+
+def _range_sum(quantity: pl.Expr, index: int, exact: bool, own_end: bool) -> pl.Expr:
+    """Sum of ``quantity`` over the window [lo, hi) of job ``index``."""
+    inclusive = quantity.cum_sum().over("__block") if exact else quantity.cum_sum()
+    exclusive = inclusive - quantity
+    top = inclusive if own_end else exclusive.gather(pl.col(f"@hi{index}"))
+    return top - exclusive.gather(pl.col(f"@lo{index}"))
+
+
+def _range_count(job: _Job, index: int, own_end: bool) -> pl.Expr:
+    if job.aggregate.where is None and job.value is None:
+        top = pl.col("__pos") + 1 if own_end else pl.col(f"@hi{index}")
+        return (top - pl.col(f"@lo{index}")).cast(pl.Float64)
+    mask = pl.col(job.mask).cast(pl.Int64)
+    return _range_sum(mask, index, exact=False, own_end=own_end).cast(pl.Float64)
+
+
+def _prefix_feature(job: _Job, index: int, delayed_end: bool) -> pl.Expr:
+    own_end = not delayed_end
+    a = job.aggregate
+    count = _range_count(job, index, own_end)
+    if a.fn == "count":
+        return count
+    if a.fn in ("fraud_count", "fraud_rate"):
+        fraud = pl.when(pl.col(job.mask)).then(pl.col(IS_FRAUD)).otherwise(0)
+        frauds = _range_sum(fraud, index, exact=False, own_end=own_end).cast(pl.Float64)
+        return frauds if a.fn == "fraud_count" else _or_default(count, frauds / count, a)
+    value = pl.when(pl.col(job.mask)).then(pl.col(str(job.value))).otherwise(0.0)
+    total = _range_sum(value, index, exact=True, own_end=own_end)
+    if a.fn == "sum":
+        return total
+    if a.fn == "mean":
+        return _or_default(count, total / count, a)
+    # std: population, from sums of squares about the block's first value (less cancellation).
+    reference = pl.col(str(job.value)).drop_nulls().first().over("__block")
+    shifted = value - reference
+    shifted = pl.when(pl.col(job.mask)).then(shifted).otherwise(0.0)
+    s1 = _range_sum(shifted, index, exact=True, own_end=own_end)
+    s2 = _range_sum(shifted * shifted, index, exact=True, own_end=own_end)
+    variance = (s2 - s1 * s1 / count) / count
+    # Differences of running sums carry rounding of the order of eps times the squares: a
+    # variance below that is zero (a window of one value, or of equal values, has std 0).
+    noise = 1e-12 * s2 / count
+    variance = pl.when(variance > noise).then(variance).otherwise(0.0)
+    return _or_default(count, variance.sqrt(), a)
+
+
+def _or_default(count: pl.Expr, value: pl.Expr, a: Aggregate) -> pl.Expr:
+    """``value`` where the window holds rows, else the aggregate's default (null if none)."""
+    return pl.when(count > 0).then(value).otherwise(pl.lit(a.default, dtype=pl.Float64))
+
+
+# ---------------------------------------------------------------- NumPy functions
+
+
+def _extreme(chunk: _Chunk, job: _Job, lo: np.ndarray, hi: np.ndarray | None) -> np.ndarray:
+    """min / max over [lo, hi) from a sparse table: level k holds extremes of 2^k positions."""
+    largest = job.aggregate.fn == "max"
+    mask = chunk.frame[job.mask].to_numpy()
+    filler = -np.inf if largest else np.inf
+    values = np.where(mask, chunk.frame[str(job.value)].fill_null(0.0).to_numpy(), filler)
+    top = chunk.pos + 1 if hi is None else hi
+    length = top - lo
+    combine = np.maximum if largest else np.minimum
+    out = np.full(chunk.n, np.nan)
+    table = [values]
+    level = 0
+    while True:
+        rows = np.flatnonzero((length >= (1 << level)) & (length < (1 << (level + 1))))
+        if rows.size:
+            width = 1 << level
+            out[rows] = combine(table[level][lo[rows]], table[level][top[rows] - width])
+        if (length >= (1 << (level + 1))).any():
+            step = 1 << level
+            table.append(combine(table[level][:-step], table[level][step:]))
+            level += 1
+        else:
+            break
+    inside = _window_counts(np.cumsum(mask), lo, top)
+    return _fill_empty(out, inside, job.aggregate.default)
+
+
+def _window_counts(cumulative: np.ndarray, lo: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Rows counted by ``cumulative`` (inclusive running count) in [lo, top)."""
+    before = np.concatenate([[0], cumulative])
+    return before[top] - before[lo]
+
+
+def _fill_empty(values: np.ndarray, inside: np.ndarray, default: float | None) -> np.ndarray:
+    empty = inside == 0
+    out = values.astype(np.float64)
+    out[empty] = np.nan if default is None else default
+    return out
+
+
+def _distinct(chunk: _Chunk, job: _Job, lo: np.ndarray, hi: np.ndarray | None) -> np.ndarray:
+    """Distinct values in each window, counted where their earliest occurrence in it lies.
+
+    A matching row k whose previous occurrence of the same value (same key) is p is the
+    earliest occurrence in row i's window exactly when k is in it and p is not. For a window
+    ending at the row itself that holds for a contiguous range of rows i >= k, so each k adds
+    +1 to a range (a difference array, then a running sum): duration w: t_i in [t_p + w, t_k
+    + w); last N: i in [p + N, k + N); delayed by d: t_i in [max(t_k + d, t_p + d + w), t_k +
+    d + w).
     """
-    return {
-        "amount": (pl.col(AMOUNT).cast(pl.Float64), True),
-        "small": ((pl.col(AMOUNT) < cfg.small_amount).cast(pl.Int64), False),
-        "fraud": (pl.col(IS_FRAUD).cast(pl.Int64), False),
-    }
+    window, delayed = job.window, job.aggregate.delayed
+    frame = chunk.frame.select(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("k"), "__block", job.mask, str(job.value)
+    ).filter(pl.col(job.mask))
+    prev = frame.select(pl.col("k").shift(1).over("__block", str(job.value)).fill_null(-1))
+    k, p = frame["k"].to_numpy(), prev.to_series().to_numpy()
+    has_prev = p >= 0
+    key = chunk.key
+    if window.events is not None:  # last N (not delayed: refused by the spec)
+        n = int(window.events)
+        a = np.where(has_prev, np.maximum(k, p + n), k)
+        b = np.minimum(k + n, chunk.end[k])
+    else:
+        w = int(window.seconds or 0) * _US
+        d = chunk.delay_us if delayed else 0
+        earliest = key[k] + d if delayed else key[k]
+        later = np.maximum(earliest, key[np.maximum(p, 0)] + d + w)
+        a = np.searchsorted(key, np.where(has_prev, later, earliest), side="left")
+        a = np.maximum(a, k)
+        b = np.searchsorted(key, key[k] + d + w, side="left")
+    keep = a < b
+    diff = np.bincount(a[keep], minlength=chunk.n + 1) - np.bincount(b[keep], minlength=chunk.n + 1)
+    return np.cumsum(diff)[: chunk.n].astype(np.float64)
 
 
-def _evaluate_chunk(
-    chunk: pl.DataFrame,
-    probes: dict[str, int],
-    running: dict[str, tuple[pl.Expr, bool]],
-    features: list[pl.Expr],
-    stride: int,
-    per_chunk: int,
-    t_min: int,
-) -> pl.DataFrame:
-    key = ((chunk["__block"] % per_chunk) * stride + (chunk[_T] - t_min)).to_numpy()
-    # Offsets are > 0, so each search lands inside the row's own block, at or before the row.
-    # NumPy's searchsorted: several times faster here than Series.search_sorted.
-    offsets = sorted(set(probes.values()))
-    # NumPy releases the GIL in searchsorted, so the searches run in parallel threads.
-    with ThreadPoolExecutor(max_workers=min(len(offsets), os.cpu_count() or 1)) as pool:
-        found = pool.map(lambda off: np.searchsorted(key, key - off, side="right"), offsets)
-        searched = {off: pos.astype(np.int64) for off, pos in zip(offsets, found, strict=True)}
-    positions = [pl.Series(f"@{tag}", searched[off]) for tag, off in probes.items()]
-    pos = pl.int_range(pl.len(), dtype=pl.Int64)
-    is_first = pl.col("__block") != pl.col("__block").shift(1).fill_null(-1)
-    sums = []
-    for name, (value, exact) in running.items():
-        inclusive = value.cum_sum().over("__block") if exact else value.cum_sum()
-        sums += [inclusive.alias(f"{name}+"), (inclusive - value).alias(f"{name}-")]
-    return (
-        chunk.with_columns(*positions)
-        .lazy()
-        .with_columns(pos.alias("__pos"), *sums)
-        .with_columns(pl.when(is_first).then(pl.col("__pos")).forward_fill().alias("__start"))
-        .select(_ROW, *features)
-        .collect()
-    )
+def _since_last(chunk: _Chunk, job: _Job, lo: np.ndarray, hi: np.ndarray | None) -> np.ndarray:
+    """Time from the key's previous matching row (before the row itself) inside the window."""
+    mask = chunk.frame[job.mask].to_numpy()
+    latest = np.maximum.accumulate(np.where(mask, chunk.pos, -1))
+    previous = np.concatenate([[-1], latest[:-1]])
+    found = (previous >= chunk.start) & (previous >= lo)
+    gap = (chunk.t - chunk.t[np.maximum(previous, 0)]).astype(np.float64)
+    unit_us = UNIT_SECONDS[job.aggregate.unit] * _US
+    return _fill_empty(gap / unit_us, found.astype(np.int64), job.aggregate.default)
 
 
-def _count(tag: str) -> pl.Expr:
-    """Rows in (t - w, t]: from the probe position to this row, inclusive."""
-    return (pl.col("__pos") + 1 - pl.col(f"@{tag}")).cast(pl.Float64)
-
-
-def _sum_since(name: str, tag: str) -> pl.Expr:
-    """Sum over (t - w, t]."""
-    return pl.col(f"{name}+") - pl.col(f"{name}-").gather(pl.col(f"@{tag}"))
-
-
-def _sum_between(name: str, recent: str, older: str) -> pl.Expr:
-    """Sum over (t - older, t - recent]."""
-    exclusive = pl.col(f"{name}-")
-    return exclusive.gather(pl.col(f"@{recent}")) - exclusive.gather(pl.col(f"@{older}"))
-
-
-def _customer_features(cfg: FeatureConfig) -> list[pl.Expr]:
-    exprs: list[pl.Expr] = []
-    for w in customer_windows(cfg):
-        exprs.append(_count(w.label).alias(f"customer__count__{w.label}"))
-        mean = _sum_since("amount", w.label) / _count(w.label)
-        exprs.append(mean.alias(f"customer__mean_amount__{w.label}"))
-    exprs.append(_sum_since("small", "small1d").cast(pl.Float64).alias("customer__small_count__1d"))
-    longest = customer_windows(cfg)[-1].label
-    known = _sum_between("fraud", "delay", "delay_w").cast(pl.Float64)
-    exprs.append(known.alias(f"customer__known_fraud_count__{longest}"))
-    gap_hours = (pl.col(_T) - pl.col(_T).shift(1)) / (3_600 * _US)
-    first = pl.col("__pos") == pl.col("__start")
-    gap = pl.when(first).then(HOURS_SINCE_PREV_CAP).otherwise(gap_hours)
-    exprs.append(gap.clip(upper_bound=HOURS_SINCE_PREV_CAP).alias("customer__hours_since_prev"))
-    return exprs
-
-
-def _terminal_features(cfg: FeatureConfig) -> list[pl.Expr]:
-    exprs = [_count("live1d").alias("terminal__live_count__1d")]
-    for w in terminal_windows(cfg):
-        count = (pl.col("@delay") - pl.col(f"@delay_{w.label}")).cast(pl.Float64)
-        frauds = _sum_between("fraud", "delay", f"delay_{w.label}").cast(pl.Float64)
-        rate = pl.when(count > 0).then(frauds / count).otherwise(0.0)
-        exprs.append(count.alias(f"terminal__count__{w.label}"))
-        exprs.append(rate.alias(f"terminal__fraud_rate__{w.label}"))
-    return exprs
-
-
-def _row_features(cfg: FeatureConfig) -> list[pl.Expr]:
-    ts = pl.col(TIMESTAMP)
-    return [
-        pl.col(AMOUNT).log1p().alias("tx__log_amount"),
-        (ts.dt.weekday() >= 6).cast(pl.Float64).alias("tx__is_weekend"),
-        (ts.dt.hour() < NIGHT_END_HOUR).cast(pl.Float64).alias("tx__is_night"),
-        ts.dt.hour().cast(pl.Float64).alias("tx__hour"),
-    ]
-
-
-def _ratios(cfg: FeatureConfig) -> list[pl.Expr]:
-    exprs = []
-    for w in customer_windows(cfg):
-        if w.label == "1h":
-            continue
-        mean = pl.col(f"customer__mean_amount__{w.label}")
-        # A mean of 0 (only zero-amount transactions) would divide by zero: the ratio is 1 then.
-        ratio = pl.when(mean > 0).then(pl.col(AMOUNT) / mean).otherwise(1.0)
-        exprs.append(ratio.alias(f"customer__amount_ratio__{w.label}"))
-    return exprs
+_NUMPY: dict[str, Callable[[_Chunk, _Job, np.ndarray, np.ndarray | None], np.ndarray]] = {
+    "min": _extreme,
+    "max": _extreme,
+    "count_distinct": _distinct,
+    "time_since_last": _since_last,
+}

@@ -19,6 +19,8 @@ from fraudflow.config import FeatureConfig, to_dict
 from fraudflow.data.io import read_parquet_metadata, write_table
 from fraudflow.data.schema import TIMESTAMP
 from fraudflow.errors import ConfigError, DataError
+from fraudflow.features.default_spec import default_spec
+from fraudflow.features.spec import FeatureSpec
 from fraudflow.features.specs import FEATURE_VERSION, describe_features
 
 __all__ = [
@@ -68,21 +70,41 @@ class FeatureSource:
         return pl.scan_parquet(list(self.files))
 
 
-def _metadata_meta(cfg: FeatureConfig) -> dict[str, Any]:
+def _metadata_meta(cfg: FeatureConfig, spec: FeatureSpec | None) -> dict[str, Any]:
+    """What a table records: the features, the spec that made them (and its hash), the config.
+
+    Without ``spec`` the table holds the default spec's features for ``cfg``.
+    """
+    spec = spec or default_spec(cfg)
+    if spec.hash == default_spec(cfg).hash:
+        descriptions = describe_features(cfg)
+    else:
+        descriptions = {
+            name: f"defined by the feature spec {spec.hash[:12]}" for name in spec.feature_names
+        }
     return {
         "feature_version": FEATURE_VERSION,
-        "features": list(describe_features(cfg)),
-        "descriptions": describe_features(cfg),
+        "features": spec.feature_names,
+        "descriptions": descriptions,
         "feature_config": to_dict(cfg),
+        "feature_spec": spec.to_dict(),
+        "feature_spec_hash": spec.hash,
     }
 
 
-def write_feature_table(frame: pl.DataFrame, path: Path, cfg: FeatureConfig) -> None:
-    write_table(frame, path, metadata=_metadata_meta(cfg))
+def write_feature_table(
+    frame: pl.DataFrame, path: Path, cfg: FeatureConfig, *, spec: FeatureSpec | None = None
+) -> None:
+    write_table(frame, path, metadata=_metadata_meta(cfg, spec))
 
 
 def write_feature_shards(
-    frame: pl.DataFrame, folder: Path, cfg: FeatureConfig, *, shard_days: int
+    frame: pl.DataFrame,
+    folder: Path,
+    cfg: FeatureConfig,
+    *,
+    shard_days: int,
+    spec: FeatureSpec | None = None,
 ) -> list[Path]:
     """Write ``frame`` as one shard per ``shard_days`` days.
 
@@ -101,7 +123,9 @@ def write_feature_shards(
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         for index, part in enumerate(parts):
-            write_feature_table(part.drop("__shard"), tmp / f"part-{index:05d}.parquet", cfg)
+            write_feature_table(
+                part.drop("__shard"), tmp / f"part-{index:05d}.parquet", cfg, spec=spec
+            )
         if folder.exists():
             folder.rmdir()
         os.replace(tmp, folder)

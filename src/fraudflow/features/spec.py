@@ -1,0 +1,392 @@
+"""Features as data: the spec that declares them, once, for every engine.
+
+A spec is a TOML file (``load_spec``) or the shipped default (``fraudflow.features.default_spec``):
+
+    label_delay = "7d"                 # a fraud label is known this long after its transaction
+    features = ["...", ...]            # optional: the model's features, in order (default: all)
+
+    [[aggregate]]                      # features named {name}__{window}
+    name = "card_category__mean_amount"
+    by = ["customer_id", "category"]   # key columns: canonical or any extra column of the log
+    fn = "mean"                        # see FUNCTIONS
+    of = "amount"                      # the value column (count_distinct: the column counted)
+    where = "amount < 5"               # optional row filter (an expression over the row)
+    windows = ["1h", "30d", "last 5"]  # durations (s, m, h, d, w) or the last N events
+    delayed = false                    # true: the window ends label_delay before the row
+    default = 0.0                      # optional: the value of an empty window, where it is null
+    unit = "h"                         # time_since_last only: s (default), m, h or d
+
+    [[derive]]                         # an expression over features and the row (expressions.py)
+    name = "customer__amount_ratio__30d"
+    expr = "where(customer__mean_amount__30d > 0, amount / customer__mean_amount__30d, 1)"
+
+    [[column]]                         # the row's own column as a feature
+    name = "merchant_risk"
+    kind = "numeric"
+
+Point in time, in every engine: a row's window holds rows at or before it (equal timestamps:
+the earlier input rows and itself, never later ones); ``fraud_count`` and ``fraud_rate`` read
+labels, so their windows are always delayed, (t - delay - w, t - delay], where every label is
+known at t (Le Borgne et al., Fraud Detection Handbook, ch. 3.4). Empty windows: ``count``,
+``sum``, ``count_distinct`` and ``fraud_count`` are 0; the others are null unless ``default``.
+``std`` is the population standard deviation. ``time_since_last`` is the time since the key's
+previous matching row (not the row itself) inside the window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fraudflow.errors import ConfigError
+from fraudflow.features.expressions import CALENDAR, Expr, parse_expression, referenced_names
+
+__all__ = [
+    "FUNCTIONS",
+    "Aggregate",
+    "Column",
+    "Derive",
+    "FeatureSpec",
+    "Window",
+    "load_spec",
+    "parse_spec",
+    "spec_to_toml",
+]
+
+FUNCTIONS = (
+    "count", "sum", "mean", "min", "max", "std", "count_distinct", "time_since_last",
+    "fraud_count", "fraud_rate",
+)  # fmt: skip
+NEEDS_VALUE = frozenset({"sum", "mean", "min", "max", "std", "count_distinct"})
+READS_LABELS = frozenset({"fraud_count", "fraud_rate"})
+ZERO_WHEN_EMPTY = frozenset({"count", "sum", "count_distinct", "fraud_count"})
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
+_DURATION = re.compile(r"^([1-9][0-9]*)([smhdw])$")
+_LAST = re.compile(r"^last\s*([1-9][0-9]*)$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_AGGREGATE_KEYS = {"name", "by", "fn", "of", "where", "windows", "delayed", "default", "unit"}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A duration (``seconds``) or the last ``events`` events of the key."""
+
+    label: str  # as in the feature name: "1h", "30d", "last5"
+    seconds: int | None = None
+    events: int | None = None
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    name: str
+    by: tuple[str, ...]
+    fn: str
+    windows: tuple[Window, ...]
+    of: str | None = None
+    where: str | None = None
+    delayed: bool = False
+    default: float | None = None
+    unit: str = "s"
+
+    def feature_name(self, window: Window) -> str:
+        return f"{self.name}__{window.label}"
+
+    @property
+    def where_expr(self) -> Expr | None:
+        return None if self.where is None else parse_expression(self.where)
+
+
+@dataclass(frozen=True)
+class Derive:
+    name: str
+    expr: str
+
+    @property
+    def tree(self) -> Expr:
+        return parse_expression(self.expr)
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # numeric (categorical: not yet)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    label_delay_seconds: int
+    aggregates: tuple[Aggregate, ...] = ()
+    derives: tuple[Derive, ...] = ()
+    columns: tuple[Column, ...] = ()
+    # The model's features in order; None: every feature, in declaration order.
+    outputs: tuple[str, ...] | None = None
+
+    @property
+    def defined(self) -> list[str]:
+        """Every feature the spec defines, in declaration order."""
+        names = [c.name for c in self.columns]
+        names += [a.feature_name(w) for a in self.aggregates for w in a.windows]
+        return names + [d.name for d in self.derives]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.outputs) if self.outputs is not None else self.defined
+
+    @property
+    def label_delay_days(self) -> int:
+        """Whole days, rounded up, for the time splits."""
+        return -(-self.label_delay_seconds // UNIT_SECONDS["d"])
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"label_delay": _duration_text(self.label_delay_seconds)}
+        if self.outputs is not None:
+            out["features"] = list(self.outputs)
+        out["aggregate"] = [_aggregate_dict(a) for a in self.aggregates]
+        out["derive"] = [{"name": d.name, "expr": d.expr} for d in self.derives]
+        out["column"] = [{"name": c.name, "kind": c.kind} for c in self.columns]
+        return out
+
+    @property
+    def hash(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def derive_order(self) -> list[Derive]:
+        """Derived features in an order where each comes after the ones it reads."""
+        by_name = {d.name: d for d in self.derives}
+        done: list[Derive] = []
+        state: dict[str, str] = {}
+
+        def visit(name: str, path: list[str]) -> None:
+            if state.get(name) == "done":
+                return
+            if state.get(name) == "visiting":
+                cycle = " -> ".join([*path[path.index(name) :], name])
+                raise ConfigError(f"derive {name!r}: cycle between derived features: {cycle}")
+            state[name] = "visiting"
+            for ref in sorted(referenced_names(by_name[name].tree) & by_name.keys()):
+                visit(ref, [*path, name])
+            state[name] = "done"
+            done.append(by_name[name])
+
+        for derive in self.derives:
+            visit(derive.name, [])
+        return done
+
+
+def load_spec(path: Path) -> FeatureSpec:
+    """Read and check a spec file; a bad one is a ``ConfigError`` naming the entry."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"feature spec {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"feature spec {path} is not valid TOML: {exc}") from None
+    return parse_spec(raw)
+
+
+def parse_spec(raw: dict[str, Any]) -> FeatureSpec:
+    unknown = set(raw) - {"label_delay", "features", "aggregate", "derive", "column"}
+    if unknown:
+        raise ConfigError(f"feature spec: unknown key {sorted(unknown)[0]!r}")
+    if "label_delay" not in raw:
+        raise ConfigError('feature spec: label_delay is required (e.g. label_delay = "7d")')
+    delay = _duration(raw["label_delay"], "label_delay")
+    spec = FeatureSpec(
+        label_delay_seconds=delay,
+        aggregates=tuple(_aggregate(entry) for entry in _entries(raw, "aggregate")),
+        derives=tuple(_derive(entry) for entry in _entries(raw, "derive")),
+        columns=tuple(_column(entry) for entry in _entries(raw, "column")),
+        outputs=None if "features" not in raw else tuple(_strings(raw["features"], "features")),
+    )
+    _check_names(spec)
+    spec.derive_order()  # raises on a cycle
+    return spec
+
+
+def _entries(raw: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    entries = raw.get(key, [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"feature spec: {key} must be an array of tables ([[{key}]])")
+    return entries
+
+
+def _aggregate(entry: dict[str, Any]) -> Aggregate:
+    name = _entry_name(entry, "aggregate")
+    where = f"aggregate {name!r}"
+    unknown = set(entry) - _AGGREGATE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    fn = entry.get("fn")
+    if fn not in FUNCTIONS:
+        raise ConfigError(f"{where}: unknown fn {fn!r} (expected one of {', '.join(FUNCTIONS)})")
+    by = tuple(_strings(entry.get("by"), f"{where}: by"))
+    if not by:
+        raise ConfigError(f"{where}: by must name at least one key column")
+    windows = tuple(
+        _window(text, where) for text in _strings(entry.get("windows"), f"{where}: windows")
+    )
+    if not windows:
+        raise ConfigError(f"{where}: windows must list at least one window")
+    aggregate = Aggregate(
+        name=name, by=by, fn=fn, windows=windows, of=entry.get("of"), where=entry.get("where"),
+        delayed=bool(entry.get("delayed", fn in READS_LABELS)), default=entry.get("default"),
+        unit=entry.get("unit", "s"),
+    )  # fmt: skip
+    _check_aggregate(aggregate, entry, where)
+    return aggregate
+
+
+def _check_aggregate(a: Aggregate, entry: dict[str, Any], where: str) -> None:
+    if a.fn in NEEDS_VALUE and not isinstance(a.of, str):
+        raise ConfigError(f"{where}: fn {a.fn!r} needs `of`, the value column")
+    if a.fn not in NEEDS_VALUE and a.of is not None:
+        raise ConfigError(f"{where}: fn {a.fn!r} takes no `of`")
+    if a.fn in READS_LABELS and not a.delayed:
+        raise ConfigError(f"{where}: fn {a.fn!r} reads labels, so its windows must be delayed")
+    if a.default is not None and (a.fn in ZERO_WHEN_EMPTY or isinstance(a.default, bool)):
+        raise ConfigError(f"{where}: `default` is for fns whose empty window is null, as a number")
+    if a.default is not None and not isinstance(a.default, int | float):
+        raise ConfigError(f"{where}: `default` must be a number, however got {a.default!r}")
+    if "unit" in entry and (a.fn != "time_since_last" or a.unit not in ("s", "m", "h", "d")):
+        raise ConfigError(f"{where}: `unit` is s, m, h or d, for fn time_since_last only")
+    if a.delayed and a.fn == "time_since_last":
+        raise ConfigError(f"{where}: time_since_last windows cannot be delayed")
+    if a.delayed and a.fn == "count_distinct" and any(w.events for w in a.windows):
+        raise ConfigError(f"{where}: delayed count_distinct takes duration windows only")
+    if a.where is not None:
+        if not isinstance(a.where, str):
+            raise ConfigError(f"{where}: `where` must be an expression string")
+        _parse(a.where, where)
+
+
+def _derive(entry: dict[str, Any]) -> Derive:
+    name = _entry_name(entry, "derive")
+    unknown = set(entry) - {"name", "expr"}
+    if unknown:
+        raise ConfigError(f"derive {name!r}: unknown key {sorted(unknown)[0]!r}")
+    if not isinstance(entry.get("expr"), str):
+        raise ConfigError(f"derive {name!r}: `expr` must be an expression string")
+    _parse(entry["expr"], f"derive {name!r}")
+    return Derive(name=name, expr=entry["expr"])
+
+
+def _column(entry: dict[str, Any]) -> Column:
+    name = _entry_name(entry, "column")
+    kind = entry.get("kind", "numeric")
+    if kind == "categorical":
+        raise ConfigError(
+            f"column {name!r}: categorical columns are not supported yet; encode them as "
+            "numbers in the log, or use them as aggregate keys (by) and filters (where)"
+        )
+    if kind != "numeric" or set(entry) - {"name", "kind"}:
+        raise ConfigError(f'column {name!r}: expected keys name and kind = "numeric"')
+    return Column(name=name, kind=kind)
+
+
+def _parse(text: str, where: str) -> Expr:
+    try:
+        return parse_expression(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _entry_name(entry: dict[str, Any], kind: str) -> str:
+    name = entry.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"{kind} {name!r}: name must be letters, digits and _ (not first digit)")
+    return name
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings, however got {value!r}")
+    return value
+
+
+def _window(text: str, where: str) -> Window:
+    cleaned = text.strip().lower()
+    if match := _LAST.match(cleaned):
+        return Window(label=f"last{match.group(1)}", events=int(match.group(1)))
+    if _DURATION.match(cleaned):
+        return Window(label=cleaned, seconds=_duration(cleaned, where))
+    raise ConfigError(
+        f'{where}: bad window {text!r} (expected a duration such as 90s, 1h, 1d, 30d, or "last N")'
+    )
+
+
+def _duration(text: Any, where: str) -> int:
+    match = _DURATION.match(text.strip().lower()) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigError(f"{where}: bad duration {text!r} (expected e.g. 90s, 15m, 1h, 7d, 2w)")
+    return int(match.group(1)) * UNIT_SECONDS[match.group(2)]
+
+
+def _duration_text(seconds: int) -> str:
+    for unit in ("d", "h", "m"):
+        if seconds % UNIT_SECONDS[unit] == 0:
+            return f"{seconds // UNIT_SECONDS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def _check_names(spec: FeatureSpec) -> None:
+    seen: set[str] = set()
+    for name in spec.defined:
+        if name in seen:
+            raise ConfigError(f"feature {name!r}: name clash (defined twice)")
+        if name in CALENDAR:
+            raise ConfigError(f"feature {name!r}: name clash with the calendar part {name!r}")
+        seen.add(name)
+    for name in spec.outputs or ():
+        if name not in seen:
+            raise ConfigError(f"features: {name!r} is not defined by any entry of the spec")
+    if spec.outputs is not None and len(set(spec.outputs)) != len(spec.outputs):
+        raise ConfigError("features: a name is listed twice")
+
+
+def _aggregate_dict(a: Aggregate) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": a.name, "by": list(a.by), "fn": a.fn}
+    if a.of is not None:
+        out["of"] = a.of
+    if a.where is not None:
+        out["where"] = a.where
+    out["windows"] = [w.label if w.seconds else f"last {w.events}" for w in a.windows]
+    if a.delayed and a.fn not in READS_LABELS:
+        out["delayed"] = True
+    if a.default is not None:
+        out["default"] = a.default
+    if a.fn == "time_since_last" and a.unit != "s":
+        out["unit"] = a.unit
+    return out
+
+
+def spec_to_toml(spec: FeatureSpec) -> str:
+    """The spec as a TOML file that ``load_spec`` reads back to the same spec."""
+    data = spec.to_dict()
+    lines = [f"label_delay = {_toml(data['label_delay'])}"]
+    if "features" in data:
+        lines.append("features = [")
+        lines += [f"  {_toml(name)}," for name in data["features"]]
+        lines.append("]")
+    for section in ("column", "aggregate", "derive"):
+        for entry in data[section]:
+            lines += ["", f"[[{section}]]"]
+            lines += [f"{key} = {_toml(value)}" for key, value in entry.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(float(value)) if isinstance(value, float) else str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)  # a TOML basic string is a JSON string for these characters

@@ -1,0 +1,399 @@
+"""Features as data: the spec, its expressions, and the batch engine on hand-computed tables."""
+
+import math
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from fraudflow.cli.main import app
+from fraudflow.config import FeatureConfig
+from fraudflow.errors import ConfigError
+from fraudflow.features import (
+    build_features,
+    default_spec,
+    load_spec,
+    parse_spec,
+    read_feature_table,
+    spec_to_toml,
+)
+from fraudflow.features.expressions import parse_expression, referenced_names
+from fraudflow.features.spec import FUNCTIONS
+
+T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # a Monday, noon
+
+
+def _log(rows: list[tuple[int, int, str, str, float, int]]) -> pl.DataFrame:
+    """(transaction_id, minute, customer, category, amount, is_fraud) -> a canonical log."""
+    return pl.DataFrame(
+        {
+            "transaction_id": [r[0] for r in rows],
+            "timestamp": [T0 + timedelta(minutes=r[1]) for r in rows],
+            "customer_id": [r[2] for r in rows],
+            "terminal_id": ["T"] * len(rows),
+            "amount": [r[4] for r in rows],
+            "is_fraud": [r[5] for r in rows],
+            "category": [r[3] for r in rows],
+        }
+    )
+
+
+# Rows 2 and 3 share a timestamp (row 2 arrived first); row 5 arrives before row 4, earlier.
+LOG = _log(
+    [
+        (1, 0, "A", "x", 10.0, 0),
+        (2, 10, "A", "y", 20.0, 1),
+        (3, 10, "A", "x", 30.0, 0),
+        (5, 80, "B", "x", 5.0, 0),
+        (4, 70, "A", "x", 40.0, 0),
+        (6, 130, "A", "y", 50.0, 0),
+    ]
+)
+
+SPEC = {
+    "label_delay": "1h",
+    "aggregate": [
+        {"name": "cnt", "by": ["customer_id"], "fn": "count", "windows": ["1h", "last 2"]},
+        {"name": "cat_mean", "by": ["customer_id", "category"], "fn": "mean", "of": "amount",
+         "windows": ["1h"]},
+        {"name": "hi", "by": ["customer_id"], "fn": "max", "of": "amount", "windows": ["1h"]},
+        {"name": "lo", "by": ["customer_id"], "fn": "min", "of": "amount", "windows": ["1h"]},
+        {"name": "sd", "by": ["customer_id"], "fn": "std", "of": "amount", "windows": ["1h"]},
+        {"name": "total", "by": ["customer_id"], "fn": "sum", "of": "amount", "windows": ["1h"]},
+        {"name": "cats", "by": ["customer_id"], "fn": "count_distinct", "of": "category",
+         "windows": ["1h", "last 2"]},
+        {"name": "since", "by": ["customer_id"], "fn": "time_since_last", "unit": "m",
+         "windows": ["1h"]},
+        {"name": "frauds", "by": ["customer_id"], "fn": "fraud_count", "windows": ["1h"]},
+        {"name": "rate", "by": ["customer_id"], "fn": "fraud_rate", "windows": ["2h"],
+         "default": -1.0},
+        {"name": "small", "by": ["customer_id"], "fn": "count", "where": "amount < 25",
+         "windows": ["1h"]},
+    ],
+    "derive": [
+        {"name": "ratio", "expr": "amount / cat_mean__1h"},
+        {"name": "busy", "expr": "where(cnt__1h >= 3, 1, 0)"},
+        {"name": "ratio_doubled", "expr": "2 * ratio"},
+        {"name": "weekend_or_night", "expr": "is_weekend or is_night"},
+        {"name": "first_in_hour", "expr": "coalesce(since__1h, -1) < 0"},
+    ],
+}  # fmt: skip
+
+NAN = math.nan
+# Worked by hand from LOG (see the docstring of fraudflow.features.spec for the rules), in
+# time order: transaction ids 1, 2, 3, 4, 5, 6.
+EXPECTED = {
+    "transaction_id": [1, 2, 3, 4, 5, 6],
+    "cnt__1h": [1, 2, 3, 1, 1, 1],  # row 4's hour (t=10, 70] excludes the t=10 rows
+    "cnt__last2": [1, 2, 2, 2, 1, 2],
+    "cat_mean__1h": [10, 20, 20, 40, 5, 50],
+    "hi__1h": [10, 20, 30, 40, 5, 50],
+    "lo__1h": [10, 10, 10, 40, 5, 50],
+    "sd__1h": [0, 5, math.sqrt(200 / 3), 0, 0, 0],
+    "total__1h": [10, 30, 60, 40, 5, 50],
+    "cats__1h": [1, 2, 2, 1, 1, 1],
+    "cats__last2": [1, 2, 2, 1, 1, 2],
+    "since__1h": [NAN, 10, 0, NAN, NAN, NAN],  # rows 4 and 6: the previous row is 60 min back
+    "frauds__1h": [0, 0, 0, 1, 0, 0],  # (t-2h, t-1h]: row 4 sees row 2's label, row 6 does not
+    "rate__2h": [-1, -1, -1, 1 / 3, -1, 1 / 4],  # (t-3h, t-1h]
+    "small__1h": [1, 2, 2, 0, 1, 0],
+    "ratio": [1, 1, 1.5, 1, 1, 1],
+    "busy": [0, 0, 1, 0, 0, 0],
+    "ratio_doubled": [2, 2, 3, 2, 2, 2],
+    "weekend_or_night": [0, 0, 0, 0, 0, 0],
+    "first_in_hour": [1, 0, 0, 1, 1, 1],
+}
+
+
+def _assert_columns(frame: pl.DataFrame, expected: dict[str, list[float]]) -> None:
+    for name, values in expected.items():
+        got = frame[name].to_list()
+        for row, (a, b) in enumerate(zip(got, values, strict=True)):
+            if isinstance(b, float) and math.isnan(b):
+                assert a is None, f"{name} row {row}: expected null, got {a}"
+            else:
+                assert a == pytest.approx(b, rel=1e-12), f"{name} row {row}: {a} != {b}"
+
+
+def test_hand_computed_table() -> None:
+    out = build_features(LOG, parse_spec(SPEC))
+    _assert_columns(out, EXPECTED)
+    assert out.columns[:7] == LOG.columns  # the log's columns first, untouched
+
+
+def test_a_later_row_or_an_unknown_label_changes_no_earlier_feature() -> None:
+    spec = parse_spec(SPEC)
+    before = build_features(LOG, spec)
+    # Row 4 (t=70): its label is known at t=130; its amount from t=70 on.
+    row4 = pl.col("transaction_id") == 4
+    flipped = LOG.with_columns(
+        pl.when(row4).then(1).otherwise(pl.col("is_fraud")).alias("is_fraud"),
+        pl.when(row4).then(999.0).otherwise(pl.col("amount")).alias("amount"),
+    )
+    after = build_features(flipped, spec)
+    features = [c for c in before.columns if c not in LOG.columns]
+    earlier = pl.col("transaction_id") <= 3
+    assert before.filter(earlier).select(features).equals(after.filter(earlier).select(features))
+    row6 = after.filter(pl.col("transaction_id") == 6)
+    assert row6["rate__2h"].item() == pytest.approx(2 / 4)  # the label arrived by t=130
+
+
+def test_the_default_spec_round_trips_through_toml(tmp_path: Path) -> None:
+    spec = default_spec(FeatureConfig(label_delay_days=5, small_amount=3.0))
+    path = tmp_path / "spec.toml"
+    path.write_text(spec_to_toml(spec))
+    again = load_spec(path)
+    assert again == spec and again.hash == spec.hash
+    assert len(spec.feature_names) == 25
+    assert "customer__hours_since_last__30d" not in spec.feature_names  # an input of a derive only
+
+
+def test_features_spec_command_writes_the_default(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["features", "spec", "--out", str(tmp_path / "s.toml")])
+    assert result.exit_code == 0, result.output
+    assert load_spec(tmp_path / "s.toml").hash == default_spec(FeatureConfig()).hash
+
+
+def test_features_command_with_a_spec_over_an_extra_column(tmp_path: Path) -> None:
+    log = tmp_path / "log.parquet"
+    LOG.write_parquet(log)
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text(spec_to_toml(parse_spec(SPEC)))
+    out = tmp_path / "features.parquet"
+    args = ["features", "--input", str(log), "--out", str(out), "--spec", str(spec_file)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    table = read_feature_table(out)
+    assert table.feature_names == parse_spec(SPEC).feature_names
+    assert table.meta["feature_spec_hash"] == parse_spec(SPEC).hash
+    assert table.label_delay_days == 1  # 1h, rounded up to whole days for the splits
+    _assert_columns(table.frame, {"cats__1h": EXPECTED["cats__1h"]})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "cnt", "windows": ["1h"]}]},
+         "aggregate 'a': unknown fn 'cnt' (expected one of count, sum,"),
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "count", "windows": ["3q"]}]},
+         "aggregate 'a': bad window '3q'"),
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "sum", "windows": ["1h"]}]},
+         "aggregate 'a': fn 'sum' needs `of`, the value column"),
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "fraud_count",
+                         "delayed": False, "windows": ["1h"]}]},
+         "aggregate 'a': fn 'fraud_count' reads labels, so its windows must be delayed"),
+        ({"derive": [{"name": "a", "expr": "b + 1"}, {"name": "b", "expr": "a * 2"}]},
+         "derive 'a': cycle between derived features: a -> b -> a"),
+        ({"derive": [{"name": "a", "expr": "1"}, {"name": "a", "expr": "2"}]},
+         "feature 'a': name clash (defined twice)"),
+        ({"derive": [{"name": "a", "expr": "sqrt(amount)"}]},
+         "derive 'a': 'sqrt(amount)': unknown function 'sqrt'"),
+        ({"derive": [{"name": "a", "expr": "amount.__class__"}]},
+         "derive 'a': 'amount.__class__': Attribute is not allowed"),
+        ({"column": [{"name": "category", "kind": "categorical"}]},
+         "column 'category': categorical columns are not supported yet"),
+        ({"features": ["nope"]}, "features: 'nope' is not defined by any entry of the spec"),
+        ({"label_delay": "soon"}, "label_delay: bad duration 'soon'"),
+    ],
+)  # fmt: skip
+def test_a_bad_spec_names_the_entry_and_the_problem(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_spec({"label_delay": "7d", **change})
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"aggregate": [{"name": "a", "by": ["merchant"], "fn": "count", "windows": ["1h"]}]},
+         "aggregate 'a': column 'merchant' is not in the input (columns: transaction_id,"),
+        ({"derive": [{"name": "a", "expr": "amount * fx_rate"}]},
+         "derive 'a': unknown name 'fx_rate' (not a feature of the spec, a column of the input"),
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "count",
+                         "where": "is_fraud == 1", "windows": ["1d"]}]},
+         "aggregate 'a': reads `is_fraud`, which is known only after the label delay"),
+        ({"derive": [{"name": "amount", "expr": "1"}]},
+         "feature 'amount': name clash with a column of the input"),
+    ],
+)  # fmt: skip
+def test_a_spec_that_does_not_fit_the_input_is_refused(entry: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_features(LOG, parse_spec({"label_delay": "7d", **entry}))
+    assert message in str(caught.value)
+
+
+def test_a_bad_spec_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    log = tmp_path / "log.parquet"
+    LOG.write_parquet(log)
+    spec_file = tmp_path / "spec.toml"
+    spec_file.write_text('label_delay = "7d"\n[[aggregate]]\nname = "a"\nby = ["merchant"]\n'
+                         'fn = "count"\nwindows = ["1h"]\n')  # fmt: skip
+    out = tmp_path / "features.parquet"
+    args = ["features", "--input", str(log), "--out", str(out), "--spec", str(spec_file)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "error: aggregate 'a': column 'merchant' is not in the input" in said
+    assert sorted(tmp_path.iterdir()) == sorted([log, spec_file])  # nothing written
+
+
+def test_expressions_parse_into_a_tree_of_allowed_nodes() -> None:
+    tree = parse_expression("where(amount > 2 * m__1d, clip(amount / m__1d, 0, 10), -1)")
+    assert referenced_names(tree) == {"amount", "m__1d"}
+    with pytest.raises(ConfigError, match="strings can only be compared with == or !="):
+        parse_expression('channel < "ecom"')
+    with pytest.raises(ConfigError, match="one comparison"):
+        parse_expression("1 < amount < 5")
+
+
+def test_division_by_zero_is_null_and_where_takes_the_else_branch_on_null() -> None:
+    spec = parse_spec(
+        {
+            "label_delay": "1d",
+            "derive": [
+                {"name": "inv", "expr": "1 / (amount - 10)"},
+                {"name": "pick", "expr": "where(inv > 0, 1, 2)"},
+                {"name": "bigger", "expr": "max(inv, 0.5)"},
+            ],
+        }
+    )
+    out = build_features(LOG, spec)
+    assert out["inv"].to_list()[0] is None  # amount 10
+    assert out["pick"].to_list()[0] == 2.0
+    assert out["bigger"].to_list()[0] == 0.5  # max ignores a null side
+
+
+# ---------------------------------------------------------------- random specs against an oracle
+
+# Row filters and what they mean, for the oracle.
+WHERE = {
+    None: lambda row: True,
+    "amount < 50": lambda row: row["amount"] < 50,
+    'category == "x"': lambda row: row["category"] == "x",
+    "score > 0.5 or amount > 80": lambda row: (
+        (row["score"] is not None and row["score"] > 0.5) or row["amount"] > 80
+    ),
+}
+KEYS = [["customer_id"], ["customer_id", "category"], ["terminal_id"]]
+WINDOWS = ["30m", "2h", "1d", "last 1", "last 3"]
+SECONDS = {"30m": 1_800, "2h": 7_200, "1d": 86_400, "1h": 3_600, "6h": 21_600}
+
+
+def _random_log(rng: random.Random, n: int) -> pl.DataFrame:
+    minutes = sorted(rng.choice(range(0, 3 * 24 * 60, 20)) for _ in range(n))  # many ties
+    order = list(range(n))
+    rng.shuffle(order)  # arrival order differs from time order
+    return pl.DataFrame(
+        {
+            "transaction_id": list(range(n)),
+            "timestamp": [T0 + timedelta(minutes=minutes[i]) for i in order],
+            "customer_id": [rng.choice("ABC") for _ in order],
+            "terminal_id": [rng.choice([1, 2]) for _ in order],
+            "amount": [float(rng.randint(1, 100)) for _ in order],
+            "is_fraud": [int(rng.random() < 0.3) for _ in order],
+            "category": [rng.choice("xy") for _ in order],
+            "score": [None if rng.random() < 0.2 else rng.random() for _ in order],
+        }
+    )
+
+
+def _random_spec(rng: random.Random) -> dict:
+    aggregates = []
+    for index in range(rng.randint(3, 7)):
+        fn = rng.choice(FUNCTIONS)
+        windows = rng.sample(WINDOWS, rng.randint(1, 2))
+        entry = {"name": f"f{index}", "by": rng.choice(KEYS), "fn": fn, "windows": windows}
+        if fn in ("sum", "mean", "min", "max", "std"):
+            entry["of"] = rng.choice(["amount", "score"])
+        if fn == "count_distinct":
+            entry["of"] = rng.choice(["category", "terminal_id"])
+        where = rng.choice(list(WHERE))
+        if where is not None:
+            entry["where"] = where
+        delayable = fn != "time_since_last" and not (
+            fn == "count_distinct" and any(w.startswith("last") for w in windows)
+        )
+        if fn in ("fraud_count", "fraud_rate") or (delayable and rng.random() < 0.3):
+            entry["delayed"] = True
+        if fn in ("mean", "min", "max", "std", "fraud_rate") and rng.random() < 0.5:
+            entry["default"] = -7.0
+        aggregates.append(entry)
+    return {"label_delay": rng.choice(["1h", "6h", "1d"]), "aggregate": aggregates}
+
+
+def _in_window(rows: list[dict], i: int, window: str, delay: int | None) -> list[dict]:
+    """Rows of the key of rows[i] (rows in time-then-arrival order) in its window."""
+    t = rows[i]["t"]
+    if window.startswith("last"):
+        n = int(window.split()[1])
+        seen = rows[: i + 1] if delay is None else [r for r in rows if r["t"] <= t - delay]
+        return seen[-n:]
+    w = SECONDS[window]
+    if delay is None:
+        return [r for r in rows[: i + 1] if r["t"] > t - w]
+    return [r for r in rows if t - delay - w < r["t"] <= t - delay]
+
+
+def _oracle(entry: dict, window: str, rows: list[dict], i: int, delay_s: int) -> float | None:
+    fn, default = entry["fn"], entry.get("default")
+    delay = delay_s if entry.get("delayed") else None
+    passes = WHERE[entry.get("where")]
+    inside = [r for r in _in_window(rows, i, window, delay) if passes(r)]
+    if "of" in entry:
+        inside = [r for r in inside if r[entry["of"]] is not None]
+    values = [r[entry["of"]] for r in inside] if "of" in entry else []
+    if fn == "count":
+        return float(len(inside))
+    if fn == "sum":
+        return float(sum(values))
+    if fn == "count_distinct":
+        return float(len(set(values)))
+    if fn == "fraud_count":
+        return float(sum(r["is_fraud"] for r in inside))
+    if fn == "time_since_last":
+        before = [r for r in inside if r["pos"] < rows[i]["pos"]]
+        return (rows[i]["t"] - before[-1]["t"]) if before else default
+    if not inside:
+        return default
+    if fn == "fraud_rate":
+        return sum(r["is_fraud"] for r in inside) / len(inside)
+    if fn == "mean":
+        return sum(values) / len(values)
+    if fn == "min":
+        return min(values)
+    if fn == "max":
+        return max(values)
+    mean = sum(values) / len(values)  # std, population
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_specs_match_a_brute_force_oracle(seed: int) -> None:
+    rng = random.Random(seed)
+    log, raw = _random_log(rng, 70), _random_spec(rng)
+    spec = parse_spec(raw)
+    out = build_features(log, spec)
+    rows = [
+        {**row, "t": row["timestamp"].timestamp(), "pos": pos}
+        for pos, row in enumerate(out.to_dicts())  # time order, arrival order within ties
+    ]
+    for entry in raw["aggregate"]:
+        groups: dict[tuple, list[dict]] = {}
+        for row in rows:
+            groups.setdefault(tuple(row[c] for c in entry["by"]), []).append(row)
+        for members in groups.values():
+            for i, row in enumerate(members):
+                for window in entry["windows"]:
+                    name = f"{entry['name']}__{window.replace(' ', '')}"
+                    want = _oracle(entry, window, members, i, spec.label_delay_seconds)
+                    got = row[name]
+                    where = f"seed {seed}, {entry}, {name}, transaction {row['transaction_id']}"
+                    if want is None:
+                        assert got is None, where
+                    else:
+                        # std from sums of squares: rounding of about sqrt(eps) of the scale.
+                        tolerance = 1e-6 if entry["fn"] == "std" else 1e-9
+                        assert got == pytest.approx(want, rel=1e-9, abs=tolerance), where
