@@ -308,6 +308,7 @@ class _Chunk:
         self.frame = frame
         self.n = frame.height
         block = frame["__block"].to_numpy()
+        self.block = block
         self.t = frame[_T].to_numpy()
         self.key = (block % per_chunk) * stride + (self.t - t_min)
         self.pos = np.arange(self.n, dtype=np.int64)
@@ -319,6 +320,7 @@ class _Chunk:
         self.end = np.repeat(ends, np.diff(np.append(starts, self.n)))  # (n,) block end
         self.delay_us = delay_us
         self._searched: dict[int, np.ndarray] = {}
+        self._occurrences: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     def after(self, offset_us: int) -> np.ndarray:
         """Per row, the block's first position with time > t - offset."""
@@ -326,6 +328,20 @@ class _Chunk:
             found = np.searchsorted(self.key, self.key - offset_us, side="right")
             self._searched[offset_us] = found.astype(np.int64)
         return self._searched[offset_us]
+
+    def previous_occurrence(self, mask: str, value: str) -> tuple[np.ndarray, np.ndarray]:
+        """The matching rows k, and per k the previous matching row of the same key block
+        and value (-1: none). Computed once per (filter, value column), for every window."""
+        if (mask, value) not in self._occurrences:
+            k = np.flatnonzero(self.frame[mask].to_numpy())
+            codes = self.frame[value].rank("dense").fill_null(0).to_numpy()[k]
+            block = self.block[k]
+            order = np.lexsort((k, codes, block))  # by block, then value, then position
+            same = (block[order][1:] == block[order][:-1]) & (codes[order][1:] == codes[order][:-1])
+            previous = np.full(k.size, -1, dtype=np.int64)
+            previous[order[1:][same]] = k[order][:-1][same]
+            self._occurrences[(mask, value)] = (k, previous)
+        return self._occurrences[(mask, value)]
 
     def bounds(self, window: Window, delayed: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """The window's [lo, hi) per row; hi None means the row itself (i + 1)."""
@@ -339,6 +355,7 @@ class _Chunk:
 
     def features(self, jobs: list[_Job]) -> pl.DataFrame:
         columns: dict[str, pl.Series] = {}
+        sums = _RunningSums()
         exprs: list[pl.Expr] = []
         for index, job in enumerate(jobs):
             lo, hi = self.bounds(job.window, job.aggregate.delayed)
@@ -350,55 +367,84 @@ class _Chunk:
                 values = compute(self, job, lo, hi)
                 columns[job.name] = pl.Series(job.name, values, nan_to_null=True)
             else:
-                exprs.append(_prefix_feature(job, index, hi is not None).alias(job.name))
+                window = _Range(index, own_end=hi is None)
+                exprs.append(_prefix_feature(job, window, sums).alias(job.name))
         frame = self.frame.with_columns(
             pl.int_range(pl.len(), dtype=pl.Int64).alias("__pos"),
             *[series.alias(name) for name, series in columns.items()],
-        )
-        return frame.lazy().with_columns(*exprs).select(_ROW, *[j.name for j in jobs]).collect()
+        ).lazy()
+        # Each running sum once, however many windows read it.
+        frame = frame.with_columns(*sums.quantities()).with_columns(*sums.inclusive())
+        return frame.with_columns(*exprs).select(_ROW, *[j.name for j in jobs]).collect()
 
 
 # ---------------------------------------------------------------- prefix-sum functions
 
 
-def _range_sum(quantity: pl.Expr, index: int, exact: bool, own_end: bool) -> pl.Expr:
-    """Sum of ``quantity`` over the window [lo, hi) of job ``index``."""
-    inclusive = quantity.cum_sum().over("__block") if exact else quantity.cum_sum()
-    exclusive = inclusive - quantity
-    top = inclusive if own_end else exclusive.gather(pl.col(f"@hi{index}"))
-    return top - exclusive.gather(pl.col(f"@lo{index}"))
+@dataclass(frozen=True)
+class _Range:
+    """A job's window [lo, hi) as columns: ``@lo{index}``, and ``@hi{index}`` or the row."""
+
+    index: int
+    own_end: bool
 
 
-def _range_count(job: _Job, index: int, own_end: bool) -> pl.Expr:
+class _RunningSums:
+    """The running sums the features read, each materialised once per chunk.
+
+    ``exact`` sums restart at each key block, so a key's float sums never depend, not even by
+    rounding, on other keys' rows; integer sums are exact either way.
+    """
+
+    def __init__(self) -> None:
+        self._quantities: dict[str, tuple[pl.Expr, bool]] = {}
+
+    def over(self, name: str, quantity: pl.Expr, window: _Range, *, exact: bool) -> pl.Expr:
+        """Sum of ``quantity`` (registered as ``name``) over ``window``."""
+        self._quantities.setdefault(name, (quantity, exact))
+        inclusive, value = pl.col(f"__inc{name}"), pl.col(f"__q{name}")
+        exclusive = inclusive - value
+        top = inclusive if window.own_end else exclusive.gather(pl.col(f"@hi{window.index}"))
+        return top - exclusive.gather(pl.col(f"@lo{window.index}"))
+
+    def quantities(self) -> list[pl.Expr]:
+        return [q.alias(f"__q{name}") for name, (q, _) in self._quantities.items()]
+
+    def inclusive(self) -> list[pl.Expr]:
+        out = []
+        for name, (_, exact) in self._quantities.items():
+            value = pl.col(f"__q{name}")
+            running = value.cum_sum().over("__block") if exact else value.cum_sum()
+            out.append(running.alias(f"__inc{name}"))
+        return out
+
+
+def _range_count(job: _Job, window: _Range, sums: _RunningSums) -> pl.Expr:
     if job.aggregate.where is None and job.value is None:
-        top = pl.col("__pos") + 1 if own_end else pl.col(f"@hi{index}")
-        return (top - pl.col(f"@lo{index}")).cast(pl.Float64)
+        top = pl.col("__pos") + 1 if window.own_end else pl.col(f"@hi{window.index}")
+        return (top - pl.col(f"@lo{window.index}")).cast(pl.Float64)
     mask = pl.col(job.mask).cast(pl.Int64)
-    return _range_sum(mask, index, exact=False, own_end=own_end).cast(pl.Float64)
+    return sums.over(f"{job.mask}n", mask, window, exact=False).cast(pl.Float64)
 
 
-def _prefix_feature(job: _Job, index: int, delayed_end: bool) -> pl.Expr:
-    own_end = not delayed_end
+def _prefix_feature(job: _Job, window: _Range, sums: _RunningSums) -> pl.Expr:
     a = job.aggregate
-    count = _range_count(job, index, own_end)
+    count = _range_count(job, window, sums)
     if a.fn == "count":
         return count
     if a.fn in ("fraud_count", "fraud_rate"):
         fraud = pl.when(pl.col(job.mask)).then(pl.col(IS_FRAUD)).otherwise(0)
-        frauds = _range_sum(fraud, index, exact=False, own_end=own_end).cast(pl.Float64)
+        frauds = sums.over(f"{job.mask}f", fraud, window, exact=False).cast(pl.Float64)
         return frauds if a.fn == "fraud_count" else _or_default(count, frauds / count, a)
     value = pl.when(pl.col(job.mask)).then(pl.col(str(job.value))).otherwise(0.0)
-    total = _range_sum(value, index, exact=True, own_end=own_end)
-    if a.fn == "sum":
-        return total
-    if a.fn == "mean":
-        return _or_default(count, total / count, a)
+    if a.fn in ("sum", "mean"):
+        total = sums.over(f"{job.mask}v", value, window, exact=True)
+        return total if a.fn == "sum" else _or_default(count, total / count, a)
     # std: population, from sums of squares about the block's first value (less cancellation).
     reference = pl.col(str(job.value)).drop_nulls().first().over("__block")
-    shifted = value - reference
-    shifted = pl.when(pl.col(job.mask)).then(shifted).otherwise(0.0)
-    s1 = _range_sum(shifted, index, exact=True, own_end=own_end)
-    s2 = _range_sum(shifted * shifted, index, exact=True, own_end=own_end)
+    shifted = pl.when(pl.col(job.mask)).then(pl.col(str(job.value)) - reference).otherwise(0.0)
+    s1 = sums.over(f"{job.mask}s", shifted, window, exact=True)
+    s2 = sums.over(f"{job.mask}s2", shifted * shifted, window, exact=True)
     variance = (s2 - s1 * s1 / count) / count
     # Differences of running sums carry rounding of the order of eps times the squares: a
     # variance below that is zero (a window of one value, or of equal values, has std 0).
@@ -466,11 +512,7 @@ def _distinct(chunk: _Chunk, job: _Job, lo: np.ndarray, hi: np.ndarray | None) -
     d + w).
     """
     window, delayed = job.window, job.aggregate.delayed
-    frame = chunk.frame.select(
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("k"), "__block", job.mask, str(job.value)
-    ).filter(pl.col(job.mask))
-    prev = frame.select(pl.col("k").shift(1).over("__block", str(job.value)).fill_null(-1))
-    k, p = frame["k"].to_numpy(), prev.to_series().to_numpy()
+    k, p = chunk.previous_occurrence(job.mask, str(job.value))
     has_prev = p >= 0
     key = chunk.key
     if window.events is not None:  # last N (not delayed: refused by the spec)
