@@ -39,20 +39,24 @@ from fraudflow.serve.runcheck import verify_run
 from fraudflow.serve.service import ACTIVE_MODEL_FILE, DecisionService, EngineLoader
 from fraudflow.serve.settings import ServeSettings, load_settings, settings_environment
 
-__all__ = ["app_from_environment", "create_app", "run_server"]
+__all__ = ["app_from_environment", "create_app", "run_server", "tune_process"]
 
 log = logging.getLogger("fraudflow.serve")
 
 _ERROR_KIND_BY_STATUS = {401: "auth", 403: "auth", 413: "too_large", 422: "validation"}
 _WORKER_HEALTHCHECK_SECONDS = 60
-_SWITCH_INTERVAL_SECONDS = 0.0005
-# A batch request allocates hundreds of thousands of short-lived objects: with the default
-# 700, young collections ran every few transactions. Larger generations, the same rules.
-_GC_THRESHOLDS = (50_000, 20, 20)
+_SWITCH_INTERVAL_SECONDS = 0.0005  # see tune_process
+_GC_THRESHOLDS = (50_000, 20, 20)  # larger generations than the default 700, the same rules
 
 
-def create_app(settings: ServeSettings, *, loader: EngineLoader | None = None) -> FastAPI:
-    """The app for ``settings``; ``loader`` replaces how a run becomes an ``Engine`` (tests)."""
+def create_app(
+    settings: ServeSettings, *, loader: EngineLoader | None = None, freeze_gc: bool = False
+) -> FastAPI:
+    """The app for ``settings``; ``loader`` replaces how a run becomes an ``Engine`` (tests).
+
+    ``freeze_gc``: once loaded, move what the service holds out of the GC's reach
+    (``gc.freeze``), process-wide: for a process that only serves (``run_server``).
+    """
     metrics = ServiceMetrics(multiprocess_dir=settings.prometheus_multiproc_dir)
     service = DecisionService(
         settings, metrics=metrics, keys=load_api_keys(settings), loader=loader
@@ -62,7 +66,7 @@ def create_app(settings: ServeSettings, *, loader: EngineLoader | None = None) -
     app = FastAPI(
         title="fraudflow decisions",
         summary="Real-time fraud decisions: score, policy, reasons.",
-        lifespan=_lifespan(service),
+        lifespan=_lifespan(service, freeze_gc=freeze_gc),
     )
     app.state.service = service
     app.include_router(build_router(settings))
@@ -77,7 +81,9 @@ def app_from_environment() -> FastAPI:
     """The uvicorn factory of multi-worker servers: settings from ``FRAUDFLOW_*``."""
     settings = load_settings()
     _log_to_stderr(settings.log_level)
-    return create_app(settings)
+    if settings.process_tuning:
+        tune_process()
+    return create_app(settings, freeze_gc=settings.process_tuning)
 
 
 def _log_to_stderr(level: str) -> None:
@@ -91,17 +97,11 @@ def _log_to_stderr(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-def _lifespan(service: DecisionService) -> Any:
+def _lifespan(service: DecisionService, *, freeze_gc: bool) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(service.settings.torch_threads)  # one worker per core
-        # The audit writer thread needs the GIL back after each fsync to release its waiters;
-        # with the default 5 ms switch interval a busy event loop makes it wait that long.
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
-        gc_thresholds = gc.get_threshold()
-        gc.set_threshold(*_GC_THRESHOLDS)
-        starting = asyncio.create_task(_start_and_freeze(service))
+        starting = asyncio.create_task(_start(service, freeze_gc=freeze_gc))
         watcher = None
         if service.settings.workers > 1:
             watcher = asyncio.create_task(service.watch_reloads())
@@ -114,22 +114,36 @@ def _lifespan(service: DecisionService) -> Any:
                     await watcher
             await starting  # a load in a thread cannot be cancelled; let it end
             service.close()
-            sys.setswitchinterval(switch_interval)
-            gc.set_threshold(*gc_thresholds)
-            gc.unfreeze()
+            if freeze_gc:
+                gc.unfreeze()
 
     return lifespan
 
 
-async def _start_and_freeze(service: DecisionService) -> None:
-    """Start the service, then keep what it loaded out of every later GC collection.
+async def _start(service: DecisionService, *, freeze_gc: bool) -> None:
+    """Start the service; with ``freeze_gc``, then keep what it loaded out of every later GC
+    collection.
 
     The model and the state mirror are long-lived; scanning them in each full collection
-    cost more than the decisions in between (measured: batch throughput divided by ~2.5).
+    cost more than the decisions in between (batch throughput, ``benchmarks/serve.py``).
     """
     await service.start()
-    gc.collect()
-    gc.freeze()
+    if freeze_gc:
+        gc.collect()
+        gc.freeze()
+
+
+def tune_process() -> None:
+    """Process-wide tuning for a process that serves (``run_server``, its workers); the
+    ``process_tuning`` setting (``FRAUDFLOW_PROCESS_TUNING``) turns it off.
+
+    The audit writer thread needs the GIL back after each fsync to release its waiters; with
+    the default 5 ms switch interval a busy event loop makes it wait that long. A batch request
+    allocates hundreds of thousands of short-lived objects: with the default thresholds young
+    collections ran every few transactions.
+    """
+    sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
+    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
@@ -206,7 +220,9 @@ def run_server(settings: ServeSettings) -> None:
     if settings.workers == 1:
         if settings.prometheus_multiproc_dir is not None:  # set: the client writes files there
             _multiprocess_dir(settings.prometheus_multiproc_dir)
-        uvicorn.run(create_app(settings), **common)
+        if settings.process_tuning:
+            tune_process()
+        uvicorn.run(create_app(settings, freeze_gc=settings.process_tuning), **common)
         return
     # No app here: in prometheus_client's multiprocess mode this process's metrics would count
     # as a live worker's.

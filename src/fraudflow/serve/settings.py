@@ -80,6 +80,9 @@ class ServeSettings(BaseSettings):
     # take (it imports the model libraries first).
     model_check_timeout_seconds: float = Field(120.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    # run_server tunes its processes for serving (GC thresholds and freeze, GIL switch
+    # interval: fraudflow.serve.app.tune_process); off, the interpreter's defaults stay.
+    process_tuning: bool = True
     log_level: str = "info"
     # prometheus_client's own variable (no FRAUDFLOW_ prefix): set, metrics are multiprocess.
     prometheus_multiproc_dir: Path | None = Field(
