@@ -102,16 +102,17 @@ def _lifespan(service: DecisionService, *, freeze_gc: bool) -> Any:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(service.settings.torch_threads)  # one worker per core
         starting = asyncio.create_task(_start(service, freeze_gc=freeze_gc))
-        watcher = None
+        watchers = [asyncio.create_task(service.watch_health())]
         if service.settings.workers > 1:
-            watcher = asyncio.create_task(service.watch_reloads())
+            watchers.append(asyncio.create_task(service.watch_reloads()))
         try:
             yield
         finally:
-            if watcher is not None:
+            for watcher in watchers:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+            service.stop_opening()
             await starting  # a load in a thread cannot be cancelled; let it end
             service.close()
             if freeze_gc:

@@ -117,10 +117,8 @@ def build_router(settings: ServeSettings) -> APIRouter:
 
     @router.get("/readyz", response_model=HealthOut, responses={503: {"model": HealthOut}})
     async def readyz(service: DecisionService = Depends(get_service)) -> Response:
-        engine = service.engine
-        if service.ready and engine is not None:
-            return JSONResponse({"status": "ready", "model_version": engine.model_version})
-        return JSONResponse({"status": "failed" if service.failed else "loading"}, 503)
+        status, body = service.readiness()
+        return JSONResponse(body, status)
 
     @router.get("/metrics")
     async def metrics(service: DecisionService = Depends(get_service)) -> Response:

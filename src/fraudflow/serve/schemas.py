@@ -121,3 +121,5 @@ class ReloadOut(BaseModel):
 class HealthOut(BaseModel):
     status: str
     model_version: str | None = None
+    # /readyz while the state store or the audit log fails: part -> cause
+    problems: dict[str, str] | None = None

@@ -52,6 +52,7 @@ from fraudflow.files import write_json_atomic
 from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, now_us
 from fraudflow.serve.auth import ApiKeys
 from fraudflow.serve.coalesce import Coalescer
+from fraudflow.serve.health import AUDIT_LOG, STATE_STORE, FolderProbe, Health, RedisProbe
 from fraudflow.serve.idempotency import (
     AuditLedger,
     DecisionLedger,
@@ -64,7 +65,7 @@ from fraudflow.serve.runcheck import refusal, verify_run
 from fraudflow.serve.schemas import LabelIn, TransactionIn
 from fraudflow.serve.scoring import Engine, Judgements, load_engine
 from fraudflow.serve.settings import ServeSettings
-from fraudflow.serve.state import open_store
+from fraudflow.serve.state import open_store, sqlite_file
 
 __all__ = ["ACTIVE_MODEL_FILE", "DecisionService", "EngineLoader", "TimedStore"]
 
@@ -86,6 +87,10 @@ def _not_ready() -> ServeError:
 
 def _store_failed() -> ServeError:
     return ServeError(503, "feature state store unavailable", "state_store")
+
+
+def _audit_failed() -> ServeError:
+    return ServeError(503, "audit log unavailable", "audit")
 
 
 class TimedStore:
@@ -170,14 +175,34 @@ class DecisionService:
         self._loaded = asyncio.Event()  # set once start() has finished, loaded or failed
         self._control = settings.data_folder / ACTIVE_MODEL_FILE
         self._control_seen = _mtime(self._control)
+        self._closing = False
+        # Set while the store or the audit log cannot be opened: the error requests get.
+        self._unopened: ServeError | None = None
+        state_file = sqlite_file(settings.state, default_path=settings.state_default_path)
+        self._state_folder = None if state_file is None else state_file.parent
+        self._audit_folder = settings.audit_path.parent
+        state_probe: FolderProbe | RedisProbe
+        if state_file is None:
+            assert settings.state is not None  # a redis URL: anything else names a file
+            state_probe = RedisProbe(settings.state)
+        else:
+            state_probe = FolderProbe(state_file.parent)
+        self.health = Health(
+            {STATE_STORE: [state_probe], AUDIT_LOG: [FolderProbe(self._audit_folder)]},
+            stall_seconds=settings.health_stall_seconds,
+        )
 
     # --- life cycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store and the audit log, then load the model (in a thread)."""
+        """Open the store and the audit log, trying again while they fail (a read-only or
+        full disk, Redis down), then load the model; each in a thread."""
         try:
-            self._resources = await asyncio.to_thread(self._open)
-            run = self._announced_run() or self.settings.run
+            resources = await self._open_when_possible()
+            if resources is None:  # closed meanwhile
+                return
+            self._resources = resources
+            run = await asyncio.to_thread(self._announced_run) or self.settings.run
             self._swap(await asyncio.to_thread(self._load, run))
         except Exception:
             self.failed = True
@@ -186,8 +211,48 @@ class DecisionService:
         finally:
             self._loaded.set()
 
+    async def _open_when_possible(self) -> _Resources | None:
+        every = self.settings.health_probe_seconds
+        while not self._closing:
+            try:
+                resources = await asyncio.to_thread(self._open)
+            except Exception:
+                failing = self.health.problems()
+                self._unopened = _store_failed() if STATE_STORE in failing else _audit_failed()
+                if not self._loaded.is_set():  # once: then every try would log it
+                    log.exception("the state store or the audit log cannot be opened (%s); "
+                                  "trying again every %s s", failing, every)  # fmt: skip
+                    self._loaded.set()  # requests need not wait: they get _unopened
+                await asyncio.sleep(every)
+                continue
+            self._unopened = None
+            return resources
+        return None
+
+    async def watch_health(self) -> None:
+        """Probe the store and the audit log every ``health_probe_seconds`` (``Health``)."""
+        while True:
+            await asyncio.sleep(self.settings.health_probe_seconds)
+            await asyncio.to_thread(self.health.probe_once)
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """``/readyz``: status code and body, from memory only (never waits on a disk)."""
+        problems = self.health.problems()
+        if problems:
+            return 503, {"status": "unavailable", "problems": problems}
+        engine = self.engine
+        if self.ready and engine is not None:
+            return 200, {"status": "ready", "model_version": engine.model_version}
+        return 503, {"status": "failed" if self.failed else "loading"}
+
+    def stop_opening(self) -> None:
+        """Shutting down: ``start`` stops trying to open the store and the audit log."""
+        self._closing = True
+
     def close(self) -> None:
+        self._closing = True
         self.metrics.model_changed(None)
+        self.health.close()
         if self._resources is not None:
             self._resources.audit.close()  # commits what is queued first
             self._resources.store.close()
@@ -201,12 +266,21 @@ class DecisionService:
 
     def _open(self) -> _Resources:
         s = self.settings
-        store = TimedStore(open_store(s.state, default_path=s.state_default_path), self.metrics)
+        with self.health.watch(STATE_STORE, self._state_folder):
+            opened = open_store(s.state, default_path=s.state_default_path)
+        store = TimedStore(opened, self.metrics)
         redis_ledger = None
         if s.state is not None and s.state.startswith(("redis://", "rediss://")):
             redis_ledger = RedisLedger(s.state, ttl_seconds=s.idempotency_ttl_seconds)
         after_commit = redis_ledger.put if redis_ledger is not None else None
-        audit = AuditLog(s.audit_path, after_commit=after_commit)
+        try:
+            with self.health.watch(AUDIT_LOG, self._audit_folder):
+                audit = AuditLog(s.audit_path, after_commit=after_commit)
+        except BaseException:
+            store.close()
+            if redis_ledger is not None:
+                redis_ledger.close()
+            raise
         ledgers: list[DecisionLedger] = [AuditLedger(audit)]
         if redis_ledger is not None:
             ledgers.insert(0, redis_ledger)
@@ -344,7 +418,8 @@ class DecisionService:
         """Apply the events to the state, in a thread: the store may wait on a disk or on
         Redis, and the event loop must not (``/healthz``, other requests' answers)."""
         try:
-            return await asyncio.to_thread(engine.record, events)
+            with self.health.watch(STATE_STORE, self._state_folder, ignore=(DataError,)):
+                return await asyncio.to_thread(engine.record, events)
         except DataError:
             raise ServeError(422, "invalid transaction", "validation") from None
         except Exception:
@@ -374,7 +449,7 @@ class DecisionService:
             raise
         except Exception:  # a ledger failed (the audit log, Redis), or the first request
             log.exception("looking up the decision of %r failed", tid)
-            raise ServeError(503, "audit log unavailable", "audit") from None
+            raise _audit_failed() from None
         if body is None:
             body = await self._redecide(engine, resources, duplicate)
         return body
@@ -398,7 +473,8 @@ class DecisionService:
                     "deciding it again from the state", tid)  # fmt: skip
         pending = self._pending.add([tid])
         try:
-            values = await asyncio.to_thread(engine.online.stored_features, [event])
+            with self.health.watch(STATE_STORE, self._state_folder):
+                values = await asyncio.to_thread(engine.online.stored_features, [event])
         except Exception as exc:
             log.exception("the feature state store failed")
             self._pending.fail(pending, [tid], _store_failed())
@@ -414,10 +490,11 @@ class DecisionService:
     ) -> None:
         started = time.perf_counter()
         try:
-            await resources.audit.append(records)
+            with self.health.watch(AUDIT_LOG, self._audit_folder):
+                await resources.audit.append(records)
         except Exception:
             log.exception("the audit log failed")
-            raise ServeError(503, "audit log unavailable", "audit") from None
+            raise _audit_failed() from None
         # A slow disk shows here first: every decision waits for its commit.
         self.metrics.audit_commit_latency.observe(time.perf_counter() - started)
 
@@ -440,7 +517,7 @@ class DecisionService:
         model is still loading; the pod is already ready through its other worker. Waiting
         briefly turns that warm-up into latency instead of 503s.
         """
-        if not self.ready and not self.failed:
+        if not self.ready and not self.failed and self._unopened is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._loaded.wait(), READY_WAIT_SECONDS)
         return self._ready()
@@ -448,7 +525,7 @@ class DecisionService:
     def _ready(self) -> tuple[Engine, _Resources]:
         engine, resources = self.engine, self._resources
         if engine is None or resources is None:
-            raise _not_ready()
+            raise self._unopened or _not_ready()
         return engine, resources
 
     # --- labels ---------------------------------------------------------------------------
@@ -458,7 +535,8 @@ class DecisionService:
         engine, resources = await self._ready_soon()
         tid, flag = str(label.transaction_id), bool(label.is_fraud)
         try:
-            await asyncio.to_thread(engine.online.record_label, tid, flag)
+            with self.health.watch(STATE_STORE, self._state_folder, ignore=(DataError,)):
+                await asyncio.to_thread(engine.online.record_label, tid, flag)
             applied = True
         except DataError:  # not in the state: unknown, or older than the retention
             applied = False
@@ -496,7 +574,7 @@ class DecisionService:
                 raise ServeError(400, refusal(""), "reload") from None
             self._swap(engine)
             if announce:
-                self._announce(engine)
+                await asyncio.to_thread(self._announce, engine)
         return {
             "model_version": engine.model_version,
             "previous_model_version": current.model_version,
@@ -528,12 +606,12 @@ class DecisionService:
         """Multi-worker servers: follow reloads made by another worker (polls a small file)."""
         while True:
             await asyncio.sleep(self.settings.reload_poll_seconds)
-            seen = _mtime(self._control)
+            seen = await asyncio.to_thread(_mtime, self._control)  # off the loop: a disk
             if seen == self._control_seen or self.engine is None:
                 continue
             self._control_seen = seen
             try:
-                wanted = orjson.loads(self._control.read_bytes())
+                wanted = orjson.loads(await asyncio.to_thread(self._control.read_bytes))
             except (OSError, orjson.JSONDecodeError):
                 continue
             if wanted.get("model_version") != self.engine.model_version:

@@ -79,6 +79,10 @@ class ServeSettings(BaseSettings):
     # Start-up and reload: how long the child process that loads and probes a run's model may
     # take (it imports the model libraries first).
     model_check_timeout_seconds: float = Field(120.0, gt=0)
+    # /readyz: how often the state store and the audit log are probed, and how long one of
+    # their calls may run before they count as not responding (fraudflow.serve.health).
+    health_probe_seconds: float = Field(1.0, gt=0)
+    health_stall_seconds: float = Field(2.0, gt=0)
     torch_threads: int = Field(1, ge=1)
     # run_server tunes its processes for serving (GC thresholds and freeze, GIL switch
     # interval: fraudflow.serve.app.tune_process); off, the interpreter's defaults stay.

@@ -44,16 +44,26 @@ from fraudflow.serve.sqlite import (
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["RedisStore", "SQLiteStore", "open_store"]
+__all__ = ["RedisStore", "SQLiteStore", "open_store", "sqlite_file"]
+
+
+def sqlite_file(url: str | None, *, default_path: Path) -> Path | None:
+    """The SQLite file a state URL names (None: ``default_path``); None for other schemes."""
+    if url is None:
+        return default_path
+    scheme, sep, rest = url.partition("://")
+    if scheme == "sqlite" and sep and len(rest) > 1 and rest.startswith("/"):
+        return Path(rest[1:])
+    return None
 
 
 def open_store(url: str | None, *, default_path: Path) -> StateStore:
     """The store a URL names: None or ``sqlite:///<path>``, or ``redis://``/``rediss://``."""
-    if url is None:
-        return SQLiteStore(default_path)
+    path = sqlite_file(url, default_path=default_path)
+    if path is not None:
+        return SQLiteStore(path)
+    assert url is not None  # None names the default file
     scheme, sep, rest = url.partition("://")
-    if scheme == "sqlite" and sep and len(rest) > 1 and rest.startswith("/"):
-        return SQLiteStore(Path(rest[1:]))
     if scheme in ("redis", "rediss") and sep:
         return RedisStore(url)
     # Never echo a URL's credentials.
