@@ -4,9 +4,10 @@ Start-up order: the app answers ``/healthz`` at once; the lifespan opens the sta
 the audit log and loads the model in a thread, and ``/readyz`` turns 200 when both are done.
 Shut-down commits the audit records still queued before closing.
 
-Errors are mapped here, at the edge, to fixed detail strings: ``ServeError`` to its status,
-anything unexpected to 500 "internal error" (the cause goes to the log). Every error response
-is counted in ``fraudflow_errors_total`` by kind.
+Errors become fixed detail strings at the edge: a ``ServeError`` its status in the POST routes'
+one request path (``fraudflow.serve.endpoints.answer``), anything unexpected 500 "internal
+error" here (the cause goes to the log). Every error response is counted in
+``fraudflow_errors_total`` by kind.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fraudflow.errors import ServeError
 from fraudflow.serve.auth import load_api_keys
-from fraudflow.serve.direct import ERROR_KIND_KEY, DirectRoutes, direct_routes, serve_error_headers
+from fraudflow.serve.endpoints import ERROR_KIND_KEY, DirectRoutes, post_routes
 from fraudflow.serve.metrics import ServiceMetrics
 from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router
 from fraudflow.serve.runcheck import verify_run
@@ -43,7 +43,9 @@ __all__ = ["app_from_environment", "create_app", "run_server", "tune_process"]
 
 log = logging.getLogger("fraudflow.serve")
 
-_ERROR_KIND_BY_STATUS = {401: "auth", 403: "auth", 413: "too_large", 422: "validation"}
+_ERROR_KIND_BY_STATUS = {
+    401: "auth", 403: "auth", 413: "too_large", 415: "validation", 422: "validation"
+}  # fmt: skip
 _WORKER_HEALTHCHECK_SECONDS = 60
 _SWITCH_INTERVAL_SECONDS = 0.0005  # see tune_process
 _GC_THRESHOLDS = (50_000, 20, 20)  # larger generations than the default 700, the same rules
@@ -70,9 +72,8 @@ def create_app(
     )
     app.state.service = service
     app.include_router(build_router(settings))
-    app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(Exception, _internal_error)
-    app.add_middleware(DirectRoutes, service=service, routes=direct_routes(settings))
+    app.add_middleware(DirectRoutes, service=service, routes=post_routes(settings))
     app.add_middleware(_RequestMetrics, metrics=metrics)  # added last: outermost, sees all
     return app
 
@@ -145,13 +146,6 @@ def tune_process() -> None:
     """
     sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
     gc.set_threshold(*_GC_THRESHOLDS)
-
-
-async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ServeError)
-    setattr(request.state, ERROR_KIND_KEY, exc.kind)
-    headers = {k.decode(): v.decode() for k, v in serve_error_headers(exc)}
-    return JSONResponse({"detail": exc.detail}, exc.status, headers=headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -49,7 +49,7 @@ __all__ = [
 
 ERROR_KINDS = (
     "auth",  # 401 and 403
-    "validation",  # 422
+    "validation",  # 422, and 415 (not JSON)
     "too_large",  # 413
     "not_ready",  # 503 before a model is loaded
     "state_store",  # the feature state store failed

@@ -9,119 +9,137 @@
     GET  /metrics              Prometheus text format
 
 Health, readiness and metrics are open: probes and scrapers carry no keys, and they reveal no
-transaction data. Responses are serialised with orjson once (and stored for idempotent
-replays); the ``response_model``s document them.
-
-In the app, the decision and label routes are answered before FastAPI by
-``fraudflow.serve.direct.DirectRoutes`` (their CPU cost per request); the endpoints here
-document them in OpenAPI and answer the same way when the router is used on its own.
+transaction data. The POST routes are answered by ``fraudflow.serve.endpoints.answer`` (in
+the app, before FastAPI's routing: ``DirectRoutes``); their endpoints here only document them:
+the body, the bearer key, and every status they answer with.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Response, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel
 
-from fraudflow.serve.deps import get_service, require_admin, require_client
+from fraudflow.serve.deps import get_service
+from fraudflow.serve.endpoints import (
+    BATCH,
+    DECISIONS,
+    LABELS,
+    RELOAD,
+    PostRoute,
+    answered_by,
+    post_routes,
+)
 from fraudflow.serve.metrics import CONTENT_TYPE_LATEST
 from fraudflow.serve.schemas import (
-    DecisionBatchIn,
     DecisionBatchOut,
     DecisionOut,
+    ErrorOut,
     HealthOut,
-    LabelIn,
     LabelOut,
-    ReloadIn,
     ReloadOut,
-    TransactionIn,
+    ValidationErrorOut,
 )
 from fraudflow.serve.service import DecisionService
 from fraudflow.serve.settings import ServeSettings
 
-__all__ = [
-    "BATCH",
-    "DECISIONS",
-    "DECISION_ROUTES",
-    "LABELS",
-    "RELOAD",
-    "ROUTES",
-    "body_limits",
-    "build_router",
-]
+__all__ = ["DECISION_ROUTES", "ROUTES", "build_router"]
 
-DECISIONS, BATCH, LABELS, RELOAD = (
-    "/v1/decisions",
-    "/v1/decisions/batch",
-    "/v1/labels",
-    "/v1/admin/reload",
-)
 ROUTES = frozenset({DECISIONS, BATCH, LABELS, RELOAD, "/healthz", "/readyz", "/metrics"})
 DECISION_ROUTES = frozenset({DECISIONS, BATCH})
-_JSON = "application/json"
+
+_BEARER = HTTPBearer(
+    scheme_name="bearer",
+    description="An API key: a client key, or an admin key (which is also a client key).",
+    auto_error=False,
+)
+_TEXT = {"schema": {"type": "string"}}
 
 
-def _json(body: bytes) -> Response:
-    return Response(content=body, media_type=_JSON)
+def _error(description: str, **headers: str) -> dict[str, Any]:
+    documented = {name: {"description": text} | _TEXT for name, text in headers.items()}
+    return {"model": ErrorOut, "description": description, "headers": documented}
 
 
-def body_limits(settings: ServeSettings) -> dict[str, int]:
-    """Each POST route's body size limit in bytes (413 beyond it)."""
-    single = settings.max_body_bytes
-    return {DECISIONS: single, BATCH: settings.max_batch_body_bytes, LABELS: single, RELOAD: single}
+Answers = dict[int | str, dict[str, Any]]
+_ANSWERS: Answers = {
+    400: _error("the body ended early: the client disconnected"),
+    401: _error("missing or invalid API key", **{"WWW-Authenticate": "Bearer"}),
+    413: _error("the body is larger than the route's limit"),
+    415: _error("the Content-Type is not application/json"),
+    422: {"model": ValidationErrorOut, "description": "the body is not valid"},
+    503: _error(
+        "the model, the feature state store or the audit log is unavailable",
+        **{"Retry-After": "seconds to wait before retrying"},
+    ),
+}
+_DUPLICATE: Answers = {
+    409: _error("the transaction is in the state but its decision was not recorded")
+}
+_RELOAD: Answers = {
+    400: _error("the run cannot be loaded, or the client disconnected"),
+    403: _error("the API key is not an admin key"),
+}
 
 
 def build_router(settings: ServeSettings) -> APIRouter:
-    """The routes, with the body size limits of ``settings`` (413 beyond them)."""
+    """The routes, with the body models and limits of ``settings``."""
     router = APIRouter()
-    client, admin = [Depends(require_client)], [Depends(require_admin)]
-    limits = body_limits(settings)
-
-    async def decide(
-        tx: TransactionIn, service: DecisionService = Depends(get_service)
-    ) -> Response:
-        return _json(await service.decide(tx))
-
-    async def decide_batch(
-        body: DecisionBatchIn, service: DecisionService = Depends(get_service)
-    ) -> Response:
-        return _json(await service.decide_batch(body.transactions))
-
-    async def label(label: LabelIn, service: DecisionService = Depends(get_service)) -> Response:
-        return _json(await service.label(label))
-
-    documented: list[tuple[str, Callable[..., Any], type[Any]]] = [
-        (DECISIONS, decide, DecisionOut),
-        (BATCH, decide_batch, DecisionBatchOut),
-        (LABELS, label, LabelOut),
-    ]
-    for path, endpoint, out in documented:
+    posts = post_routes(settings)
+    documented: list[tuple[str, str, str, type[BaseModel], Answers]] = [
+        (DECISIONS, "decide", "Decide one transaction", DecisionOut, _ANSWERS | _DUPLICATE),
+        (BATCH, "decide_batch", "Decide transactions in timestamp order", DecisionBatchOut,
+         _ANSWERS | _DUPLICATE),
+        (LABELS, "label", "Record a fraud label", LabelOut, _ANSWERS),
+        (RELOAD, "reload", "Load a run and serve its model", ReloadOut, _ANSWERS | _RELOAD),
+    ]  # fmt: skip
+    for path, name, summary, out, answers in documented:
+        route = posts[path]
         router.add_api_route(
-            path, endpoint, methods=["POST"], response_model=out, dependencies=client,
-            max_body_size=limits[path],
+            path, _documentation(route), methods=["POST"], response_model=out,
+            responses=answers, route_class_override=answered_by(route), name=name,
+            summary=summary, operation_id=name,
         )  # fmt: skip
-
-    @router.post(RELOAD, response_model=ReloadOut, dependencies=admin, max_body_size=limits[RELOAD])
-    async def reload(
-        body: ReloadIn | None = None, service: DecisionService = Depends(get_service)
-    ) -> ReloadOut:
-        run = None if body is None or body.run is None else Path(body.run)
-        return ReloadOut(**await service.reload(run))
 
     @router.get("/healthz", response_model=HealthOut)
     async def healthz() -> Response:
-        return _json(b'{"status":"ok"}')
+        return Response(b'{"status":"ok"}', media_type="application/json")
 
     @router.get("/readyz", response_model=HealthOut, responses={503: {"model": HealthOut}})
     async def readyz(service: DecisionService = Depends(get_service)) -> Response:
         status, body = service.readiness()
         return JSONResponse(body, status)
 
-    @router.get("/metrics")
+    @router.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: _TEXT}}},
+    )
     async def metrics(service: DecisionService = Depends(get_service)) -> Response:
         return Response(content=service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def _documentation(route: PostRoute) -> Callable[..., Any]:
+    """An endpoint whose signature documents ``route`` (body, key); ``answer`` serves it."""
+
+    async def endpoint(**_: Any) -> None:
+        raise AssertionError("answered by fraudflow.serve.endpoints.answer")
+
+    body = inspect.Parameter(
+        "body",
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=route.model | None if route.body_optional else route.model,
+        default=None if route.body_optional else inspect.Parameter.empty,
+    )
+    key = inspect.Parameter(
+        "key", inspect.Parameter.KEYWORD_ONLY, annotation=Any, default=Security(_BEARER)
+    )
+    endpoint.__signature__ = inspect.Signature([body, key])  # type: ignore[attr-defined]
+    return endpoint

@@ -3,48 +3,142 @@
 A transaction is the canonical schema (``fraudflow.data.schema``); other fields are allowed and
 ignored. ``timestamp`` is an ISO 8601 string, UTC (``Z``) or with an offset; one without an
 offset is read as UTC, as ``fraudflow.data.ingest`` reads a log.
+
+Every request is validated whole here, by pydantic-core in one pass over the raw body, before
+the service stores anything: whatever passes can be stored, scored, audited and answered, so
+nothing after the state update can fail on a request's content.
+
+- ids: a non-blank string of printable characters (no control characters), at most 256 of
+  them, or an integer within signed 64 bits (what orjson, SQLite and Redis hold exactly);
+- ``amount``: a JSON number (not a string, not ``true``), finite, between 0 and ``max_amount``
+  (``--max-amount``): larger sums would overflow the window aggregates to ``inf``;
+- timestamps: in the years 1970 to 2099, and at most ``--max-clock-skew`` ahead of the server's
+  clock (``RequestClock``, given as the validation context). The clock check is the one Python
+  step, folded into the timestamp's parser, which runs anyway.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StringConstraints,
+    ValidationInfo,
+    create_model,
+)
 
 from fraudflow.features.online import Event, epoch_us
 
 __all__ = [
+    "DEFAULT_MAX_AMOUNT",
+    "EARLIEST_TIMESTAMP",
+    "LATEST_TIMESTAMP",
     "MAX_BATCH",
+    "MAX_ID_LENGTH",
     "DecisionBatchIn",
     "DecisionBatchOut",
     "DecisionOut",
+    "ErrorOut",
     "HealthOut",
     "LabelIn",
     "LabelOut",
     "ReasonOut",
     "ReloadIn",
     "ReloadOut",
+    "RequestClock",
     "TransactionIn",
+    "ValidationErrorOut",
+    "ValidationIssueOut",
+    "batch_model",
+    "transaction_model",
 ]
 
 MAX_BATCH = 10_000
+MAX_ID_LENGTH = 256
+DEFAULT_MAX_AMOUNT = 1e9  # ServeSettings.max_amount's default
+EARLIEST_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)  # inclusive
+LATEST_TIMESTAMP = datetime(2100, 1, 1, tzinfo=UTC)  # exclusive
+_INT64 = (-(2**63), 2**63 - 1)
+# C0 controls, DEL and C1 controls. The pattern is one Rust regex in pydantic-core, and also
+# valid for Python's re and ECMA-262, which clients and schemathesis generate from.
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_PRINTABLE_NOT_BLANK = rf"^[^{_CONTROL}]*[^\s{_CONTROL}][^{_CONTROL}]*$"
+
+TextId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=_PRINTABLE_NOT_BLANK),
+]
+IntId = Annotated[int, Strict(), Field(ge=_INT64[0], le=_INT64[1])]
+Id = Annotated[
+    TextId | IntId,
+    Field(
+        description=f"a string of 1 to {MAX_ID_LENGTH} printable characters, not all blank, "
+        "or an integer within signed 64 bits"
+    ),
+]
 
 
-def _iso_8601(value: Any) -> Any:
-    """Only strings: pydantic would otherwise read a number as seconds since the epoch."""
-    if isinstance(value, datetime):
-        return value
-    if not isinstance(value, str):
+@dataclass(frozen=True)
+class RequestClock:
+    """The server's clock as one request sees it: the validation context of its body."""
+
+    now: datetime
+    max_skew_seconds: float
+
+    @classmethod
+    def read(cls, max_skew_seconds: float) -> RequestClock:
+        return cls(datetime.now(UTC), max_skew_seconds)
+
+    @property
+    def latest(self) -> datetime:
+        return self.now + timedelta(seconds=self.max_skew_seconds)
+
+
+def _timestamp(value: Any, info: ValidationInfo) -> datetime:
+    """An ISO 8601 string in the sane range, and not ahead of the request's clock.
+
+    Only strings: pydantic would otherwise read a number as seconds since the epoch.
+    """
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an ISO 8601 date-time string") from None
+    if not isinstance(value, datetime):
         raise ValueError("must be an ISO 8601 date-time string")
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError("must be an ISO 8601 date-time string") from None
+    utc = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    if not EARLIEST_TIMESTAMP <= utc < LATEST_TIMESTAMP:
+        raise ValueError(f"must be in the years 1970 to 2099, however got {value.isoformat()}")
+    clock = info.context
+    if isinstance(clock, RequestClock) and utc > clock.latest:
+        raise ValueError(
+            f"must be at most {clock.max_skew_seconds:g} seconds ahead of the server's clock "
+            f"({clock.now.isoformat(timespec='seconds')}), however got {value.isoformat()}"
+        )
+    return value
 
 
-Id = Annotated[str, Field(min_length=1, max_length=256)] | StrictInt
-Timestamp = Annotated[datetime, BeforeValidator(_iso_8601)]
+Timestamp = Annotated[
+    datetime,
+    BeforeValidator(_timestamp),
+    Field(
+        description="ISO 8601; without an offset it is UTC. Years 1970 to 2099, and at most "
+        "--max-clock-skew ahead of the server's clock."
+    ),
+]
+
+
+def _amount(maximum: float) -> Any:
+    return Annotated[float, Strict(), Field(ge=0, le=maximum, allow_inf_nan=False)]
 
 
 class TransactionIn(BaseModel):
@@ -54,7 +148,7 @@ class TransactionIn(BaseModel):
     timestamp: Timestamp
     customer_id: Id
     terminal_id: Id
-    amount: float = Field(ge=0, allow_inf_nan=False)
+    amount: _amount(DEFAULT_MAX_AMOUNT)  # type: ignore[valid-type]
 
     def event(self) -> Event:
         """The transaction as the online features read it (ids as strings, as in a log)."""
@@ -69,6 +163,35 @@ class TransactionIn(BaseModel):
 
 class DecisionBatchIn(BaseModel):
     transactions: list[TransactionIn] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+@cache
+def transaction_model(max_amount: float) -> type[TransactionIn]:
+    """``TransactionIn`` whose ``amount`` is at most ``max_amount`` (``--max-amount``).
+
+    A model per limit, so that pydantic-core checks the limit in its one pass (and the OpenAPI
+    document shows it), rather than a Python validator per transaction.
+    """
+    if max_amount == DEFAULT_MAX_AMOUNT:
+        return TransactionIn
+    model: type[TransactionIn] = create_model(
+        "TransactionIn", __base__=TransactionIn, amount=(_amount(max_amount), ...)
+    )
+    return model
+
+
+@cache
+def batch_model(max_amount: float) -> type[DecisionBatchIn]:
+    """``DecisionBatchIn`` of ``transaction_model(max_amount)``."""
+    if max_amount == DEFAULT_MAX_AMOUNT:
+        return DecisionBatchIn
+    transactions: Any = list[transaction_model(max_amount)]  # type: ignore[misc]
+    model: type[DecisionBatchIn] = create_model(
+        "DecisionBatchIn",
+        __base__=DecisionBatchIn,
+        transactions=(transactions, Field(min_length=1, max_length=MAX_BATCH)),
+    )
+    return model
 
 
 class ReasonOut(BaseModel):
@@ -123,3 +246,20 @@ class HealthOut(BaseModel):
     model_version: str | None = None
     # /readyz while the state store or the audit log fails: part -> cause
     problems: dict[str, str] | None = None
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="a fixed string per cause")
+
+
+class ValidationIssueOut(BaseModel):
+    type: str = Field(description="pydantic's error type, e.g. less_than_equal")
+    loc: list[str | int] = Field(description='where: ["body", field, ...]')
+    msg: str
+
+
+class ValidationErrorOut(BaseModel):
+    detail: list[ValidationIssueOut] | str = Field(
+        description="the problems of a body, each with its place; a fixed string where the "
+        "body is well formed but the service refuses its content"
+    )
