@@ -29,6 +29,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     Strict,
     StrictBool,
     StringConstraints,
@@ -67,23 +68,51 @@ MAX_ID_LENGTH = 256
 DEFAULT_MAX_AMOUNT = 1e9  # ServeSettings.max_amount's default
 EARLIEST_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)  # inclusive
 LATEST_TIMESTAMP = datetime(2100, 1, 1, tzinfo=UTC)  # exclusive
-_INT64 = (-(2**63), 2**63 - 1)
+# Signed 64 bits, as exclusive bounds: neither fits an int64 itself, so JSON Schema validators
+# that read a bound within int64 as a double (jsonschema-rs) compare these exactly.
+_INT64_EXCLUSIVE = (-(2**63) - 1, 2**63)
 # C0 controls, DEL and C1 controls. The pattern is one Rust regex in pydantic-core, and also
 # valid for Python's re and ECMA-262, which clients and schemathesis generate from.
 _CONTROL = r"\x00-\x1f\x7f-\x9f"
 _PRINTABLE_NOT_BLANK = rf"^[^{_CONTROL}]*[^\s{_CONTROL}][^{_CONTROL}]*$"
 
+
+def _number(value: Any) -> Any:
+    """A JSON number for an integer id: ``2.0`` is the integer 2 (as JSON Schema reads it), but
+    neither ``true`` nor a string of digits is a number."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    return value
+
+
 TextId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_ID_LENGTH, pattern=_PRINTABLE_NOT_BLANK),
 ]
-IntId = Annotated[int, Strict(), Field(ge=_INT64[0], le=_INT64[1])]
+IntId = Annotated[
+    int, Field(gt=_INT64_EXCLUSIVE[0], lt=_INT64_EXCLUSIVE[1]), BeforeValidator(_number)
+]
+_ID_RULE = (
+    f"a string of 1 to {MAX_ID_LENGTH} printable characters, not all blank, or an integer "
+    "within signed 64 bits"
+)
+
+
+class _OneError:
+    """An id's problem as one error at the field, saying what an id is, rather than one error
+    per kind of id (with the regex and the union's inner names in the messages)."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
+        schema = handler(source)
+        schema["custom_error_type"] = "invalid_id"
+        schema["custom_error_message"] = f"must be {_ID_RULE}"
+        return schema
+
+
 Id = Annotated[
     TextId | IntId,
-    Field(
-        description=f"a string of 1 to {MAX_ID_LENGTH} printable characters, not all blank, "
-        "or an integer within signed 64 bits"
-    ),
+    _OneError(),
+    Field(description=_ID_RULE, examples=["tx-1001", 1001]),
 ]
 
 
