@@ -103,7 +103,7 @@ class _OneError:
     per kind of id (with the regex and the union's inner names in the messages)."""
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> Any:
-        schema = handler(source)
+        schema = dict(handler(source))  # the union's core schema
         schema["custom_error_type"] = "invalid_id"
         schema["custom_error_message"] = f"must be {_ID_RULE}"
         return schema
