@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fraudflow.serve.auth import load_api_keys
 from fraudflow.serve.endpoints import ERROR_KIND_KEY, DirectRoutes, post_routes
 from fraudflow.serve.metrics import ServiceMetrics
-from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router
+from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router, publish_exact_schemas
 from fraudflow.serve.runcheck import verify_run
 from fraudflow.serve.service import ACTIVE_MODEL_FILE, DecisionService, EngineLoader
 from fraudflow.serve.settings import ServeSettings, load_settings, settings_environment
@@ -72,6 +72,7 @@ def create_app(
     )
     app.state.service = service
     app.include_router(build_router(settings))
+    publish_exact_schemas(app, settings)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(DirectRoutes, service=service, routes=post_routes(settings))
     app.add_middleware(_RequestMetrics, metrics=metrics)  # added last: outermost, sees all

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Response, Security
+from fastapi import APIRouter, Depends, FastAPI, Response, Security
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from fraudflow.serve.deps import get_service
 from fraudflow.serve.endpoints import (
@@ -48,7 +49,7 @@ from fraudflow.serve.schemas import (
 from fraudflow.serve.service import DecisionService
 from fraudflow.serve.settings import ServeSettings
 
-__all__ = ["DECISION_ROUTES", "ROUTES", "build_router"]
+__all__ = ["DECISION_ROUTES", "ROUTES", "build_router", "publish_exact_schemas"]
 
 ROUTES = frozenset({DECISIONS, BATCH, LABELS, RELOAD, "/healthz", "/readyz", "/metrics"})
 DECISION_ROUTES = frozenset({DECISIONS, BATCH})
@@ -143,3 +144,23 @@ def _documentation(route: PostRoute) -> Callable[..., Any]:
     )
     endpoint.__signature__ = inspect.Signature([body, key])  # type: ignore[attr-defined]
     return endpoint
+
+
+def publish_exact_schemas(app: FastAPI, settings: ServeSettings) -> None:
+    """The app's OpenAPI document, with the request bodies' schemas as pydantic writes them.
+
+    FastAPI's OpenAPI model reads every numeric bound as a float, so the ids' signed 64-bit
+    bounds would be published rounded (2**63 + 1 as 9.223372036854776e+18): clients and
+    fuzzers reading the document would be off by up to a thousand at the ends of the range.
+    """
+    mode: Literal["validation"] = "validation"
+    models = [(route.model, mode) for route in post_routes(settings).values()]
+    _, exact = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    fastapi_document = app.openapi
+
+    def document() -> dict[str, Any]:
+        doc = fastapi_document()  # built once, then cached by FastAPI
+        doc["components"]["schemas"].update(exact["$defs"])
+        return doc
+
+    app.openapi = document  # type: ignore[method-assign]
