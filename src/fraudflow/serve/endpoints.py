@@ -85,7 +85,8 @@ class PostRoute:
     handle: Handle
     limit: int  # body bytes; 413 beyond
     admin: bool = False  # an admin key is required (403 for a client key)
-    body_optional: bool = False  # no body is read as ``model()`` (and needs no Content-Type)
+    # No body (which needs no Content-Type) or JSON null is read as ``model()``.
+    body_optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ async def _accept(
     if not is_json and not route.body_optional:
         raise _Refused(415, NOT_JSON)
     body = await _read_body(headers, receive, route.limit)
-    if not body and route.body_optional:
+    if route.body_optional and (not body or body.strip() == b"null"):
         return route.model()
     if not is_json:
         raise _Refused(415, NOT_JSON)
