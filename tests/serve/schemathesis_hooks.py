@@ -23,4 +23,3 @@ def _timestamp(when: datetime, offset: str) -> str:
 schemathesis.openapi.format(
     "date-time", st.builds(_timestamp, st.datetimes(_SINCE, _UNTIL), _OFFSETS)
 )
-
