@@ -131,9 +131,10 @@ def test_one_bad_id_among_concurrent_requests_fails_only_itself(
 
 @pytest.mark.parametrize(
     "tid",
-    ["", " ", "\t\n", "tx\x00", "tx\n", "tx\x1b[31m", "\x7f", "tx\x85", "x" * 257, True, 1.5],
+    ["", " ", "\t\n", "tx\x00", "tx\n", "tx\x1b[31m", "\x7f", "tx\x85", "x" * 257, True, 1.5,
+     1e-300, 9.3e18, None],
     ids=["empty", "blank", "whitespace", "nul", "newline", "escape", "del", "c1", "long",
-         "true", "fraction"],
+         "true", "fraction", "tiny", "huge-float", "null"],
 )  # fmt: skip
 def test_blank_unprintable_long_and_non_integer_ids_are_422(
     client: httpx.Client, tmp_path: Path, tid: Any
