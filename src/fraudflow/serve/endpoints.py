@@ -2,7 +2,7 @@
 
     API key (401, 403) -> Content-Type (415) -> the body within its limit (413)
     -> one pydantic-core validation of the raw bytes, with the request's clock (422)
-    -> the service -> the answer (its ``ServeError``s: 409, 503, ...)
+    -> the service -> the answer (its ``ServeError``s: 503, ...)
 
 A request reaches ``answer`` one of two ways, and gets the same bytes back either way:
 

@@ -79,9 +79,6 @@ _ANSWERS: Answers = {
         **{"Retry-After": "seconds to wait before retrying"},
     ),
 }
-_DUPLICATE: Answers = {
-    409: _error("the transaction is in the state but its decision was not recorded")
-}
 _RELOAD: Answers = {
     400: _error("the run cannot be loaded, or the client disconnected"),
     403: _error("the API key is not an admin key"),
@@ -93,9 +90,9 @@ def build_router(settings: ServeSettings) -> APIRouter:
     router = APIRouter()
     posts = post_routes(settings)
     documented: list[tuple[str, str, str, type[BaseModel], Answers]] = [
-        (DECISIONS, "decide", "Decide one transaction", DecisionOut, _ANSWERS | _DUPLICATE),
+        (DECISIONS, "decide", "Decide one transaction", DecisionOut, _ANSWERS),
         (BATCH, "decide_batch", "Decide transactions in timestamp order", DecisionBatchOut,
-         _ANSWERS | _DUPLICATE),
+         _ANSWERS),
         (LABELS, "label", "Record a fraud label", LabelOut, _ANSWERS),
         (RELOAD, "reload", "Load a run and serve its model", ReloadOut, _ANSWERS | _RELOAD),
     ]  # fmt: skip
