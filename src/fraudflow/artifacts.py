@@ -38,6 +38,7 @@ import torch
 from fraudflow.config import FeatureConfig, GBDTConfig, TrainConfig
 from fraudflow.errors import ArtifactError, FraudflowError, RunCheckError
 from fraudflow.eval.calibration import Calibrator
+from fraudflow.features.default_spec import default_spec
 from fraudflow.features.specs import FEATURE_VERSION, feature_names
 from fraudflow.files import atomic_path, write_bytes_atomic, write_json_atomic
 from fraudflow.models import GBDT, NEURAL_MODELS, Standardizer, build_model
@@ -299,12 +300,22 @@ def _check_features(meta: dict[str, Any], folder: Path) -> None:
             "built by this version (`fraudflow features`, then `fraudflow train`)",
         )
     try:
-        expected = feature_names(feature_config_of(meta))
+        config = feature_config_of(meta)
+        expected = feature_names(config)
     except (FraudflowError, TypeError, ValueError) as exc:
         raise RunCheckError(
             "feature_spec",
             f"model bundle {folder} has a feature_config this build cannot use: {exc}",
         ) from None
+    spec_hash = meta.get("feature_spec_hash")
+    if spec_hash is not None and spec_hash != default_spec(config).hash:
+        # Tables from before specs record no hash: their features are the default ones.
+        raise RunCheckError(
+            "feature_spec",
+            f"model bundle {folder} was trained on a feature spec ({spec_hash[:12]}) other "
+            "than the default one, however this fraudflow computes online only the default "
+            "spec for now: train on `fraudflow features` without --spec to serve the model",
+        )
     if meta.get("features") != expected:
         raise RunCheckError(
             "feature_spec",

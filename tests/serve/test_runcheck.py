@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fraudflow.artifacts import MANIFEST, check_run, seal_bundle
+from fraudflow.artifacts import MANIFEST, check_run, feature_config_of, seal_bundle
 from fraudflow.errors import RunCheckError
+from fraudflow.features import default_spec
 from fraudflow.serve.app import create_app
 from fraudflow.serve.runcheck import REFUSALS, check_in_child
 from tests.serve.test_api import (
@@ -167,6 +168,23 @@ def test_check_messages_say_what_was_expected_and_found(run_dir: Path, tmp_path:
         check_run(unsealed(run_dir, tmp_path / "old"))
     with pytest.raises(RunCheckError, match="has no DONE marker: its training did not finish"):
         check_run(without_done(run_dir, tmp_path / "nd"))
+
+
+def test_a_run_on_a_custom_feature_spec_is_refused_until_the_service_computes_it(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    meta = json.loads((run_dir / "model" / "meta.json").read_text())
+    assert meta["feature_spec_hash"] == default_spec(feature_config_of(meta)).hash
+    dest = tmp_path / "custom"
+    shutil.copytree(run_dir, dest)
+    meta_path = dest / "model" / "meta.json"
+    meta_path.write_text(json.dumps(meta | {"feature_spec_hash": "ab" * 32}))
+    seal_bundle(dest)
+    with pytest.raises(
+        RunCheckError, match=r"was trained on a feature spec .* other than the default one"
+    ) as custom:
+        check_run(dest)
+    assert custom.value.check == "feature_spec"
 
 
 def test_the_child_reports_the_signal_that_killed_it(run_dir: Path, tmp_path: Path) -> None:

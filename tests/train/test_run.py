@@ -1,6 +1,7 @@
 """End to end on simulated data: features -> train -> run folder -> metrics, and resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,9 +17,10 @@ from typer.testing import CliRunner
 
 from fraudflow.artifacts import load_bundle
 from fraudflow.cli.main import app
-from fraudflow.config import RunConfig, TrainConfig
+from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
+from fraudflow.data.simulator import simulate
 from fraudflow.errors import ConfigError
-from fraudflow.features import read_feature_table
+from fraudflow.features import build_features, parse_spec, read_feature_table, write_feature_table
 from fraudflow.train import DONE, train_run
 
 pytestmark = pytest.mark.slow
@@ -169,3 +171,33 @@ def test_resume_with_other_settings_is_refused(features_path: Path, tmp_path: Pa
     again = runner.invoke(app, args)
     assert again.exit_code == 2
     assert "learning_rate" in again.output
+
+
+@pytest.mark.parametrize("model", ["gbdt", "mlp"])
+def test_a_custom_spec_with_empty_windows_trains_end_to_end(tmp_path: Path, model: str) -> None:
+    # Features that are null where their window is empty (no large amount in the last day):
+    # LightGBM takes them as missing, the MLP as the training mean.
+    sim = SimulationConfig(n_customers=300, n_terminals=600, n_days=60, seed=0)
+    raw = {
+        "label_delay": "7d",
+        "aggregate": [
+            {"name": "customer__count", "by": ["customer_id"], "fn": "count", "windows": ["1d"]},
+            {"name": "customer__large_mean", "by": ["customer_id"], "fn": "mean", "of": "amount",
+             "where": "amount > 150", "windows": ["1d", "7d"]},
+            {"name": "terminal__fraud_rate", "by": ["terminal_id"], "fn": "fraud_rate",
+             "windows": ["30d"]},
+            {"name": "customer__terminals", "by": ["customer_id"], "fn": "count_distinct",
+             "of": "terminal_id", "windows": ["last 5"]},
+        ],
+        "derive": [{"name": "amount_vs_large", "expr": "amount / customer__large_mean__7d"}],
+    }  # fmt: skip
+    spec = parse_spec(raw)
+    frame = build_features(simulate(sim), spec)
+    assert frame["customer__large_mean__1d"].null_count() > 0
+    path = tmp_path / "features.parquet"
+    write_feature_table(frame, path, FeatureConfig(label_delay_days=7), spec=spec)
+    outcome = train_run(path, tmp_path / "run", _cfg(model, epochs=2))
+    assert (tmp_path / "run" / DONE).is_file()
+    assert math.isfinite(outcome.metrics["average_precision"])
+    meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
+    assert meta["feature_spec_hash"] == spec.hash and meta["features"] == spec.feature_names

@@ -98,3 +98,15 @@ def test_cli_writes_shards_and_trains_with_data_flag(features_path: Path, tmp_pa
     )
     assert trained.exit_code == 0, trained.output
     assert (tmp_path / "r" / "DONE").is_file()
+
+
+def test_streamed_standardizer_leaves_out_nulls_as_the_in_memory_one_does(tmp_path: Path) -> None:
+    frame = pl.DataFrame(
+        {"a": [1.0, None, 3.0, 5.0, None, 9.0], "b": [2.0, 2.0, 4.0, None, 8.0, 8.0]}
+    )
+    x = torch.from_numpy(frame.to_numpy().astype(np.float32))
+    direct = Standardizer.fit(x)
+    shards = [frame.slice(0, 2).lazy(), frame.slice(2, 4).lazy()]
+    streamed = fit_standardizer(shards, ["a", "b"])
+    torch.testing.assert_close(streamed.mean, direct.mean)
+    torch.testing.assert_close(streamed.std, direct.std)

@@ -26,9 +26,11 @@ class Standardizer:
 
     @classmethod
     def fit(cls, x: Tensor) -> Standardizer:
+        """Moments of the present values: a missing one (NaN) is left out of them."""
         x64 = x.double()
-        std = x64.std(dim=0, unbiased=False).clamp_min(MIN_STD)
-        return cls(mean=x64.mean(dim=0).float(), std=std.float())
+        mean = torch.nanmean(x64, dim=0).nan_to_num(0.0)
+        variance = torch.nanmean((x64 - mean) ** 2, dim=0).nan_to_num(0.0)
+        return cls(mean=mean.float(), std=variance.sqrt().clamp_min(MIN_STD).float())
 
     @classmethod
     def from_moments(cls, mean: Tensor, variance: Tensor) -> Standardizer:
@@ -36,8 +38,10 @@ class Standardizer:
         return cls(mean=mean.float(), std=std.float())
 
     def transform(self, x: Tensor) -> Tensor:
+        """Standardised and clipped; a missing value (NaN, e.g. a feature over an empty
+        window) becomes 0, the training mean."""
         mean, std = self.mean.to(x.device), self.std.to(x.device)
-        return ((x - mean) / std).clamp(-CLIP, CLIP)
+        return ((x - mean) / std).clamp(-CLIP, CLIP).nan_to_num(0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}

@@ -283,6 +283,9 @@ def _bundle_meta(cfg: RunConfig, table: FeatureSource) -> dict[str, Any]:
         "features": table.feature_names,
         "feature_version": table.meta["feature_version"],
         "feature_config": table.meta["feature_config"],
+        # The spec the features were built with (tables from before specs record none).
+        "feature_spec": table.meta.get("feature_spec"),
+        "feature_spec_hash": table.meta.get("feature_spec_hash"),
         "train_config": to_dict(cfg.train),
     }
 
@@ -295,6 +298,7 @@ def _resolved_config(
         "features_path": str(Path(features_path).resolve()),
         "feature_version": table.meta["feature_version"],
         "feature_config": table.meta["feature_config"],
+        "feature_spec_hash": table.meta.get("feature_spec_hash"),
         "features": table.feature_names,
         "periods": split.periods.as_dict(),
         "rows": {"valid": split.valid.height, "test": split.test.height},

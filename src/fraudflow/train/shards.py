@@ -62,20 +62,21 @@ class ShardRows:
 
 
 def fit_standardizer(shards: list[pl.LazyFrame], features: list[str]) -> Standardizer:
-    """Mean and standard deviation of each feature over all shards, from per-shard sums."""
+    """Mean and standard deviation of each feature over all shards, from per-shard sums of
+    the present values (nulls are left out, as ``Standardizer.fit`` leaves out NaN)."""
     sums = np.zeros(len(features))
     squares = np.zeros(len(features))
-    rows = 0
+    rows = np.zeros(len(features))
     for shard in shards:
         cast = [pl.col(f).cast(pl.Float64) for f in features]
         agg = shard.select(
             *(c.sum().alias(f"s{i}") for i, c in enumerate(cast)),
             *((c * c).sum().alias(f"q{i}") for i, c in enumerate(cast)),
-            pl.len().alias("n"),
+            *(c.count().alias(f"n{i}") for i, c in enumerate(cast)),
         ).collect()
         sums += np.array([agg[f"s{i}"][0] for i in range(len(features))], dtype=np.float64)
         squares += np.array([agg[f"q{i}"][0] for i in range(len(features))], dtype=np.float64)
-        rows += int(agg["n"][0])
-    mean = sums / max(rows, 1)
-    variance = np.maximum(squares / max(rows, 1) - mean**2, 0.0)
+        rows += np.array([agg[f"n{i}"][0] for i in range(len(features))], dtype=np.float64)
+    mean = sums / np.maximum(rows, 1)
+    variance = np.maximum(squares / np.maximum(rows, 1) - mean**2, 0.0)
     return Standardizer.from_moments(torch.from_numpy(mean), torch.from_numpy(variance))
