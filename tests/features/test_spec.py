@@ -21,7 +21,7 @@ from fraudflow.features import (
     spec_to_toml,
 )
 from fraudflow.features.expressions import parse_expression, referenced_names
-from fraudflow.features.spec import FUNCTIONS
+from tests.helpers.random_specs import SECONDS, WHERE, random_log, random_spec
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # a Monday, noon
 
@@ -268,61 +268,6 @@ def test_division_by_zero_is_null_and_where_takes_the_else_branch_on_null() -> N
 
 # ---------------------------------------------------------------- random specs against an oracle
 
-# Row filters and what they mean, for the oracle.
-WHERE = {
-    None: lambda row: True,
-    "amount < 50": lambda row: row["amount"] < 50,
-    'category == "x"': lambda row: row["category"] == "x",
-    "score > 0.5 or amount > 80": lambda row: (
-        (row["score"] is not None and row["score"] > 0.5) or row["amount"] > 80
-    ),
-}
-KEYS = [["customer_id"], ["customer_id", "category"], ["terminal_id"]]
-WINDOWS = ["30m", "2h", "1d", "last 1", "last 3"]
-SECONDS = {"30m": 1_800, "2h": 7_200, "1d": 86_400, "1h": 3_600, "6h": 21_600}
-
-
-def _random_log(rng: random.Random, n: int) -> pl.DataFrame:
-    minutes = sorted(rng.choice(range(0, 3 * 24 * 60, 20)) for _ in range(n))  # many ties
-    order = list(range(n))
-    rng.shuffle(order)  # arrival order differs from time order
-    return pl.DataFrame(
-        {
-            "transaction_id": list(range(n)),
-            "timestamp": [T0 + timedelta(minutes=minutes[i]) for i in order],
-            "customer_id": [rng.choice("ABC") for _ in order],
-            "terminal_id": [rng.choice([1, 2]) for _ in order],
-            "amount": [float(rng.randint(1, 100)) for _ in order],
-            "is_fraud": [int(rng.random() < 0.3) for _ in order],
-            "category": [rng.choice("xy") for _ in order],
-            "score": [None if rng.random() < 0.2 else rng.random() for _ in order],
-        }
-    )
-
-
-def _random_spec(rng: random.Random) -> dict:
-    aggregates = []
-    for index in range(rng.randint(3, 7)):
-        fn = rng.choice(FUNCTIONS)
-        windows = rng.sample(WINDOWS, rng.randint(1, 2))
-        entry = {"name": f"f{index}", "by": rng.choice(KEYS), "fn": fn, "windows": windows}
-        if fn in ("sum", "mean", "min", "max", "std"):
-            entry["of"] = rng.choice(["amount", "score"])
-        if fn == "count_distinct":
-            entry["of"] = rng.choice(["category", "terminal_id"])
-        where = rng.choice(list(WHERE))
-        if where is not None:
-            entry["where"] = where
-        delayable = fn != "time_since_last" and not (
-            fn == "count_distinct" and any(w.startswith("last") for w in windows)
-        )
-        if fn in ("fraud_count", "fraud_rate") or (delayable and rng.random() < 0.3):
-            entry["delayed"] = True
-        if fn in ("mean", "min", "max", "std", "fraud_rate") and rng.random() < 0.5:
-            entry["default"] = -7.0
-        aggregates.append(entry)
-    return {"label_delay": rng.choice(["1h", "6h", "1d"]), "aggregate": aggregates}
-
 
 def _in_window(rows: list[dict], i: int, window: str, delay: int | None) -> list[dict]:
     """Rows of the key of rows[i] (rows in time-then-arrival order) in its window."""
@@ -373,7 +318,7 @@ def _oracle(entry: dict, window: str, rows: list[dict], i: int, delay_s: int) ->
 @pytest.mark.parametrize("seed", range(25))
 def test_random_specs_match_a_brute_force_oracle(seed: int) -> None:
     rng = random.Random(seed)
-    log, raw = _random_log(rng, 70), _random_spec(rng)
+    log, raw = random_log(rng, 70), random_spec(rng)
     spec = parse_spec(raw)
     out = build_features(log, spec)
     rows = [
