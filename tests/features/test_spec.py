@@ -342,3 +342,20 @@ def test_random_specs_match_a_brute_force_oracle(seed: int) -> None:
                         # std from sums of squares: rounding of about sqrt(eps) of the scale.
                         tolerance = 1e-6 if entry["fn"] == "std" else 1e-9
                         assert got == pytest.approx(want, rel=1e-9, abs=tolerance), where
+
+
+def test_the_v2_block_adds_six_features_computed_point_in_time() -> None:
+    spec = default_spec(FeatureConfig(), v2=True)
+    added = spec.feature_names[25:]
+    assert spec.feature_names[:25] == default_spec(FeatureConfig()).feature_names
+    assert added == [
+        "customer__amount_zscore__30d", "customer__amount_ratio__last10",
+        "customer__terminals__1d", "customer__terminals__7d", "terminal__cards__1d",
+        "terminal__known_fraud_count__1d",
+    ]  # fmt: skip
+    out = build_features(LOG, spec)
+    # Card A: amounts 10, 20, 30 at t=0, 10, 10 (minutes): row 3's 30-day mean 20, std
+    # sqrt(200/3); its z-score (30 - 20) / 8.165 = 1.2247.
+    row3 = out.filter(pl.col("transaction_id") == 3)
+    assert row3["customer__amount_zscore__30d"].item() == pytest.approx(10 / math.sqrt(200 / 3))
+    assert row3["customer__amount_ratio__last10"].item() == pytest.approx(1.5)

@@ -124,11 +124,13 @@ def write_spec(
     label_delay_days: int = typer.Option(
         7, "--label-delay-days", help="Days until a label is known."
     ),
+    v2: bool = typer.Option(False, "--v2", help="With the v2 block (not served online yet)."),
 ) -> None:
     """Write the default feature spec, a starting point for your own."""
     from fraudflow.features import default_spec, spec_to_toml
     from fraudflow.files import write_text_atomic
 
-    text = spec_to_toml(default_spec(FeatureConfig(label_delay_days=label_delay_days)))
+    cfg = FeatureConfig(label_delay_days=label_delay_days)
+    text = spec_to_toml(default_spec(cfg, v2=v2))
     write_text_atomic(out, text)
     err_console.print(f"the default feature spec -> {out}")

@@ -4,9 +4,15 @@
 card-testing amount), so ``fraudflow features`` without ``--spec`` computes exactly the feature
 set that the online service computes (``fraudflow.features.online``), name for name and value
 for value. ``fraudflow features spec --out FILE`` writes it as a starting point.
+
+``default_spec(cfg, v2=True)`` adds the v2 block (``fraudflow features spec --v2``): what fraud
+teams add next, all point in time. It is not the default yet: the service computes the v1
+features only, and ``benchmarks/feature_sets.py`` measures what v2 adds.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fraudflow.config import FeatureConfig
 from fraudflow.features.spec import FeatureSpec, parse_spec
@@ -15,7 +21,7 @@ from fraudflow.features.specs import HOURS_SINCE_PREV_CAP, customer_windows, ter
 __all__ = ["default_spec"]
 
 
-def default_spec(cfg: FeatureConfig) -> FeatureSpec:
+def default_spec(cfg: FeatureConfig, *, v2: bool = False) -> FeatureSpec:
     customer = [w.label for w in customer_windows(cfg)]  # 1h plus the configured days
     terminal = [w.label for w in terminal_windows(cfg)]
     longest = customer[-1]
@@ -71,4 +77,37 @@ def default_spec(cfg: FeatureConfig) -> FeatureSpec:
              "expr": f"min(coalesce(customer__hours_since_last__30d, {cap}), {cap})"},
         ],
     }  # fmt: skip
+    if v2:
+        _add_v2(raw)
     return parse_spec(raw)
+
+
+def _add_v2(raw: dict[str, Any]) -> None:
+    card, terminal = ["customer_id"], ["terminal_id"]
+    raw["aggregate"] += [
+        {"name": "customer__std_amount", "by": card, "fn": "std", "of": "amount",
+         "windows": ["30d"]},
+        {"name": "customer__recent_mean_amount", "by": card, "fn": "mean", "of": "amount",
+         "windows": ["last 10"]},
+        {"name": "customer__terminals", "by": card, "fn": "count_distinct", "of": "terminal_id",
+         "windows": ["1d", "7d"]},
+        {"name": "terminal__cards", "by": terminal, "fn": "count_distinct", "of": "customer_id",
+         "windows": ["1d"]},
+        # Known frauds in the terminal's latest labelled day: (t - delay - 1d, t - delay].
+        {"name": "terminal__known_fraud_count", "by": terminal, "fn": "fraud_count",
+         "windows": ["1d"]},
+    ]  # fmt: skip
+    raw["derive"] += [
+        # The amount against the card's own typical amount.
+        {"name": "customer__amount_zscore__30d",
+         "expr": "where(customer__std_amount__30d > 0, (amount - customer__mean_amount__30d) "
+         "/ customer__std_amount__30d, 0)"},
+        {"name": "customer__amount_ratio__last10",
+         "expr": "where(customer__recent_mean_amount__last10 > 0, "
+         "amount / customer__recent_mean_amount__last10, 1)"},
+    ]  # fmt: skip
+    raw["features"] += [
+        "customer__amount_zscore__30d", "customer__amount_ratio__last10",
+        "customer__terminals__1d", "customer__terminals__7d", "terminal__cards__1d",
+        "terminal__known_fraud_count__1d",
+    ]  # fmt: skip
