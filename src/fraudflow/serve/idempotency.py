@@ -17,7 +17,9 @@ None found: the first request's decision was lost between its apply and its comm
 audit commit, a crash); no answer of it was sent. ``resolve_duplicate`` returns None and the
 service decides it again (``DecisionService``), so the retry completes the missing half.
 Each request resolves its own duplicates, outside the coalesced group: a wait here holds up
-no other request.
+no other request. One race is left: should another process's first request still commit
+after ``wait_seconds`` (a disk stalled that long), both decisions are recorded; the audit
+log's first one per id wins on lookups in its shard, Redis's SET NX across replicas.
 """
 
 from __future__ import annotations
