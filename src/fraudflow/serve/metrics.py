@@ -54,7 +54,6 @@ ERROR_KINDS = (
     "not_ready",  # 503 before a model is loaded
     "state_store",  # the feature state store failed
     "audit",  # the audit log failed
-    "duplicate_unresolved",  # 409: a duplicate whose first decision was never recorded
     "reload",  # an admin reload failed
     "internal",  # anything else (500)
 )

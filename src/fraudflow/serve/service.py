@@ -233,7 +233,10 @@ class DecisionService:
         """Probe the store and the audit log every ``health_probe_seconds`` (``Health``)."""
         while True:
             await asyncio.sleep(self.settings.health_probe_seconds)
-            await asyncio.to_thread(self.health.probe_once)
+            try:
+                await asyncio.to_thread(self.health.probe_once)
+            except Exception:  # a probe's own bug must not end the probing
+                log.exception("the health probe failed")
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
         """``/readyz``: status code and body, from memory only (never waits on a disk)."""
