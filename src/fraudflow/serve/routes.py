@@ -5,7 +5,8 @@
     POST /v1/labels            a fraud label -> LabelOut                   client key
     POST /v1/admin/reload      {"run": path} (optional) -> ReloadOut       admin key
     GET  /healthz              the process is alive
-    GET  /readyz               200 once a model and the state store are ready, else 503
+    GET  /readyz               200 once a model, the state store and the audit log are ready;
+                               503 while loading, or naming each failing part and its cause
     GET  /metrics              Prometheus text format
 
 Health, readiness and metrics are open: probes and scrapers carry no keys, and they reveal no
