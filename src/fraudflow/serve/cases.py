@@ -1,0 +1,443 @@
+"""The analyst review queue's cases: opened by decisions, worked by analysts, closed by verdicts.
+
+Every ``review`` decision opens a case (``block`` decisions too, as confirm-only cases, when the
+service is so configured). A case is in one queue, ordered by priority (policy-set; by default
+score x amount), then by age; it is due ``sla_seconds`` after it opened. An analyst works a case
+by holding it: ``take_next`` hands the highest-priority case nobody holds to one analyst, and
+two analysts asking at once get different cases (the choice and the hold are one write
+transaction); a hold lapses ``hold_seconds`` after the analyst's last action on the case, so an
+abandoned case goes back to the queue. A verdict (fraud / not fraud, with a note) closes the
+case and is returned as the label to record; an escalation hands it to the supervisors.
+
+Every analyst action is appended to ``case_events`` (user, time, action, detail): the audit
+trail of the console. Storage: one SQLite file (WAL) shared by the service's workers; the SQL
+is kept to what PostgreSQL also runs, for the shared database of several replicas.
+
+Times are integer microseconds since the epoch (UTC), as in the state stores.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fraudflow.errors import ConfigError, DataError
+
+__all__ = ["Case", "CaseFilter", "CaseIn", "CaseStore", "Verdict"]
+
+Status = Literal["open", "escalated", "closed"]
+Outcome = Literal["fraud", "not_fraud"]
+_US = 1_000_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cases (
+    case_id INTEGER PRIMARY KEY,
+    transaction_id TEXT NOT NULL UNIQUE,
+    customer_id TEXT NOT NULL,
+    terminal_id TEXT NOT NULL,
+    amount DOUBLE PRECISION NOT NULL,
+    score DOUBLE PRECISION NOT NULL,
+    decision TEXT NOT NULL,
+    confirm_only INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    priority DOUBLE PRECISION NOT NULL,
+    queue TEXT NOT NULL,
+    opened_us BIGINT NOT NULL,
+    due_us BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    assignee TEXT,
+    held_until_us BIGINT,
+    outcome TEXT,
+    closed_by TEXT,
+    closed_us BIGINT,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS cases_queue ON cases (status, queue, priority DESC, opened_us);
+CREATE INDEX IF NOT EXISTS cases_customer ON cases (customer_id, opened_us);
+CREATE TABLE IF NOT EXISTS case_events (
+    event_id INTEGER PRIMARY KEY,
+    case_id INTEGER,
+    at_us BIGINT NOT NULL,
+    username TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+_COLUMNS = (
+    "case_id", "transaction_id", "customer_id", "terminal_id", "amount", "score", "decision",
+    "confirm_only", "reasons", "priority", "queue", "opened_us", "due_us", "status",
+    "assignee", "held_until_us", "outcome", "closed_by", "closed_us", "note",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CaseIn:
+    """What a decision tells the queue."""
+
+    transaction_id: str
+    customer_id: str
+    terminal_id: str
+    amount: float
+    score: float
+    decision: str  # review | block
+    reasons: tuple[str, ...]
+    at_us: int
+    priority: float | None = None  # None: score x amount
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: int
+    transaction_id: str
+    customer_id: str
+    terminal_id: str
+    amount: float
+    score: float
+    decision: str
+    confirm_only: bool
+    reasons: tuple[str, ...]
+    priority: float
+    queue: str
+    opened_us: int
+    due_us: int
+    status: Status
+    assignee: str | None
+    held_until_us: int | None
+    outcome: Outcome | None
+    closed_by: str | None
+    closed_us: int | None
+    note: str | None
+
+    def overdue(self, now_us: int) -> bool:
+        return self.status != "closed" and now_us > self.due_us
+
+    def held_by(self, now_us: int) -> str | None:
+        """Who holds the case now (None once the hold lapsed)."""
+        if self.assignee is None or self.held_until_us is None or self.held_until_us < now_us:
+            return None
+        return self.assignee
+
+
+@dataclass(frozen=True)
+class CaseFilter:
+    status: Status | None = "open"
+    queue: str | None = None
+    rule: str | None = None  # a reason containing this text
+    min_amount: float | None = None
+    max_amount: float | None = None
+    opened_before_us: int | None = None  # age filter: opened at or before
+    assignee: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A closed case's label, to record as ``POST /v1/labels`` does."""
+
+    transaction_id: str
+    is_fraud: bool
+
+
+class CaseStore:
+    """Cases in one SQLite file; safe to share between threads and processes."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sla_seconds: int = 24 * 3_600,
+        hold_seconds: int = 15 * 60,
+        open_block_cases: bool = True,
+    ) -> None:
+        if sla_seconds <= 0 or hold_seconds <= 0:
+            raise ConfigError("case sla_seconds and hold_seconds must be > 0")
+        self.path = Path(path)
+        self.sla_us = sla_seconds * _US
+        self.hold_us = hold_seconds * _US
+        self.open_block_cases = open_block_cases
+        self._local = threading.local()
+        self._connection().executescript(_SCHEMA)  # commits by itself
+
+    # ---------------------------------------------------------------- opening
+
+    def open_cases(self, decisions: Sequence[CaseIn], *, queue: str = "default") -> int:
+        """Open a case per review decision (and block, if so configured); a transaction that
+        already has a case opens none. Returns the cases opened."""
+        rows = []
+        for d in decisions:
+            if d.decision == "block" and not self.open_block_cases:
+                continue
+            if d.decision not in ("review", "block"):
+                continue
+            priority = d.score * d.amount if d.priority is None else d.priority
+            rows.append((
+                d.transaction_id, d.customer_id, d.terminal_id, d.amount, d.score, d.decision,
+                int(d.decision == "block"), json.dumps(list(d.reasons)), priority, queue,
+                d.at_us, d.at_us + self.sla_us, "open",
+            ))  # fmt: skip
+        with self._write() as db:
+            before = db.total_changes
+            db.executemany(
+                "INSERT INTO cases (transaction_id, customer_id, terminal_id, amount, score, "
+                "decision, confirm_only, reasons, priority, queue, opened_us, due_us, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (transaction_id) DO NOTHING",
+                rows,
+            )
+            return db.total_changes - before
+
+    # ---------------------------------------------------------------- reading
+
+    def get(self, case_id: int) -> Case:
+        row = (
+            self._read()
+            .execute(f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE case_id = ?", (case_id,))
+            .fetchone()
+        )
+        if row is None:
+            raise DataError(f"case {case_id} does not exist")
+        return _case(row)
+
+    def queue(self, where: CaseFilter, *, limit: int = 50, offset: int = 0) -> list[Case]:
+        """Cases matching ``where``, highest priority first, then oldest."""
+        sql, args = _filter_sql(where)
+        rows = self._read().execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM cases{sql} "
+            "ORDER BY priority DESC, opened_us, case_id LIMIT ? OFFSET ?",
+            (*args, limit, offset),
+        )
+        return [_case(row) for row in rows]
+
+    def counts(self, now_us: int) -> dict[str, int]:
+        """The queue's headline numbers: open, escalated, overdue, held, closed."""
+        db = self._read()
+        out = dict(db.execute("SELECT status, COUNT(*) FROM cases GROUP BY status").fetchall())
+        overdue = db.execute(
+            "SELECT COUNT(*) FROM cases WHERE status != 'closed' AND due_us < ?", (now_us,)
+        ).fetchone()[0]
+        held = db.execute(
+            "SELECT COUNT(*) FROM cases WHERE status != 'closed' AND held_until_us >= ?",
+            (now_us,),
+        ).fetchone()[0]
+        return {
+            "open": out.get("open", 0), "escalated": out.get("escalated", 0),
+            "closed": out.get("closed", 0), "overdue": overdue, "held": held,
+        }  # fmt: skip
+
+    def card_cases(self, customer_id: str, *, before_us: int, limit: int = 20) -> list[Case]:
+        """Earlier cases of the same card, newest first."""
+        rows = self._read().execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE customer_id = ? AND opened_us < ? "
+            "ORDER BY opened_us DESC LIMIT ?",
+            (customer_id, before_us, limit),
+        )
+        return [_case(row) for row in rows]
+
+    def events(self, *, case_id: int | None = None) -> list[dict[str, Any]]:
+        """The audit trail of analyst actions, oldest first."""
+        sql = "SELECT event_id, case_id, at_us, username, action, detail FROM case_events"
+        args: tuple[Any, ...] = ()
+        if case_id is not None:
+            sql, args = sql + " WHERE case_id = ?", (case_id,)
+        rows = self._read().execute(sql + " ORDER BY event_id", args)
+        keys = ("event_id", "case_id", "at_us", "user", "action", "detail")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    # ---------------------------------------------------------------- working
+
+    def take_next(self, user: str, now_us: int, *, queue: str = "default") -> Case | None:
+        """Hold the highest-priority open case nobody holds, for ``user``; None if none.
+
+        An analyst holds one case at a time: the case ``user`` held (skipped without a
+        verdict) goes back to the queue, and is not the one handed out. The choice and the
+        hold are one write transaction: concurrent callers (threads or processes) take turns
+        for the write lock, so each gets a different case.
+        """
+        with self._write() as db:
+            row = db.execute(
+                "SELECT case_id FROM cases WHERE status = 'open' AND queue = ? "
+                "AND (held_until_us IS NULL OR held_until_us < ?) "
+                "ORDER BY priority DESC, opened_us, case_id LIMIT 1",
+                (queue, now_us),
+            ).fetchone()
+            db.execute(
+                "UPDATE cases SET assignee = NULL, held_until_us = NULL "
+                "WHERE assignee = ? AND status = 'open'",
+                (user,),
+            )
+            if row is None:
+                return None
+            self._hold(db, row[0], user, now_us)
+            self._event(db, row[0], now_us, user, "take", "")
+        return self.get(row[0])
+
+    def view(self, case_id: int, user: str, now_us: int) -> Case:
+        """The case, as ``user`` opens it (recorded; the holder's hold is renewed)."""
+        with self._write() as db:
+            case = self._locked(db, case_id)
+            if case.held_by(now_us) == user:
+                self._hold(db, case_id, user, now_us)
+            self._event(db, case_id, now_us, user, "view", "")
+        return self.get(case_id)
+
+    def verdict(self, case_id: int, user: str, outcome: Outcome, note: str, now_us: int) -> Verdict:
+        """Close the case with ``outcome``; ``user`` must hold it. The label to record."""
+        if outcome not in ("fraud", "not_fraud"):
+            raise DataError(f"a verdict is fraud or not_fraud, however got {outcome!r}")
+        with self._write() as db:
+            case = self._locked(db, case_id)
+            _require_note(note)
+            if case.status == "closed":
+                raise DataError(f"case {case_id} is closed already")
+            if case.held_by(now_us) != user:
+                raise DataError(f"case {case_id} is not held by {user}: take it first")
+            self._close(db, case_id, user, outcome, note, now_us)
+            self._event(db, case_id, now_us, user, "verdict", json.dumps([outcome, note]))
+        return Verdict(case.transaction_id, outcome == "fraud")
+
+    def escalate(self, case_id: int, user: str, note: str, now_us: int) -> None:
+        """Hand the case to the supervisors (status ``escalated``, held by nobody)."""
+        _require_note(note)
+        with self._write() as db:
+            case = self._locked(db, case_id)
+            if case.status != "open" or case.held_by(now_us) != user:
+                raise DataError(f"case {case_id} is not an open case held by {user}")
+            db.execute(
+                "UPDATE cases SET status = 'escalated', assignee = NULL, held_until_us = NULL "
+                "WHERE case_id = ?",
+                (case_id,),
+            )
+            self._event(db, case_id, now_us, user, "escalate", note)
+
+    def reassign(self, case_id: int, to_user: str, by: str, now_us: int) -> None:
+        """A supervisor gives the case to ``to_user`` (an escalated case goes back open)."""
+        with self._write() as db:
+            case = self._locked(db, case_id)
+            if case.status == "closed":
+                raise DataError(f"case {case_id} is closed already")
+            db.execute("UPDATE cases SET status = 'open' WHERE case_id = ?", (case_id,))
+            self._hold(db, case_id, to_user, now_us)
+            self._event(db, case_id, now_us, by, "reassign", to_user)
+
+    def bulk_close(
+        self, case_ids: Sequence[int], outcome: Outcome, note: str, by: str, now_us: int
+    ) -> list[Verdict]:
+        """A supervisor closes several cases with one outcome and note; closed ones are
+        skipped. The labels to record."""
+        _require_note(note)
+        verdicts = []
+        with self._write() as db:
+            for case_id in case_ids:
+                case = self._locked(db, case_id)
+                if case.status == "closed":
+                    continue
+                self._close(db, case_id, by, outcome, note, now_us)
+                self._event(db, case_id, now_us, by, "bulk_close", json.dumps([outcome, note]))
+                verdicts.append(Verdict(case.transaction_id, outcome == "fraud"))
+        return verdicts
+
+    def record(self, user: str, action: str, detail: str, now_us: int) -> None:
+        """An action outside any case (login, logout, export) for the audit trail."""
+        with self._write() as db:
+            self._event(db, None, now_us, user, action, detail)
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # ---------------------------------------------------------------- internals
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    def _read(self) -> sqlite3.Connection:
+        return self._connection()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: reads inside are consistent
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def _locked(self, db: sqlite3.Connection, case_id: int) -> Case:
+        row = db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE case_id = ?", (case_id,)
+        ).fetchone()
+        if row is None:
+            raise DataError(f"case {case_id} does not exist")
+        return _case(row)
+
+    def _hold(self, db: sqlite3.Connection, case_id: int, user: str, now_us: int) -> None:
+        db.execute(
+            "UPDATE cases SET assignee = ?, held_until_us = ? WHERE case_id = ?",
+            (user, now_us + self.hold_us, case_id),
+        )
+
+    def _close(
+        self, db: sqlite3.Connection, case_id: int, user: str, outcome: str, note: str, now: int
+    ) -> None:
+        db.execute(
+            "UPDATE cases SET status = 'closed', outcome = ?, closed_by = ?, closed_us = ?, "
+            "note = ?, held_until_us = NULL WHERE case_id = ?",
+            (outcome, user, now, note, case_id),
+        )
+
+    @staticmethod
+    def _event(
+        db: sqlite3.Connection, case_id: int | None, at_us: int, user: str, action: str, detail: str
+    ) -> None:
+        db.execute(
+            "INSERT INTO case_events (case_id, at_us, username, action, detail) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (case_id, at_us, user, action, detail),
+        )
+
+
+def _require_note(note: str) -> None:
+    if not note or not note.strip():
+        raise DataError("a note is required to close or escalate a case")
+
+
+def _filter_sql(where: CaseFilter) -> tuple[str, list[Any]]:
+    parts, args = [], []
+    checks: list[tuple[Any, str]] = [
+        (where.status, "status = ?"),
+        (where.queue, "queue = ?"),
+        (None if where.rule is None else f"%{where.rule}%", "reasons LIKE ?"),
+        (where.min_amount, "amount >= ?"),
+        (where.max_amount, "amount <= ?"),
+        (where.opened_before_us, "opened_us <= ?"),
+        (where.assignee, "assignee = ?"),
+    ]
+    for value, clause in checks:
+        if value is not None:
+            parts.append(clause)
+            args.append(value)
+    return (" WHERE " + " AND ".join(parts) if parts else ""), args
+
+
+def _case(row: Sequence[Any]) -> Case:
+    raw = dict(zip(_COLUMNS, row, strict=True))
+    raw["confirm_only"] = bool(raw["confirm_only"])
+    raw["reasons"] = tuple(json.loads(raw["reasons"]))
+    return Case(**raw)

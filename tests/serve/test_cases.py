@@ -1,0 +1,132 @@
+"""The review queue's case store: ordering, holds, verdicts, roles' actions, the audit trail."""
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from fraudflow.errors import DataError
+from fraudflow.serve.cases import CaseFilter, CaseIn, CaseStore, Verdict
+
+HOUR = 3_600 * 1_000_000
+T0 = 1_780_000_000 * 1_000_000
+
+
+def _decision(
+    tx: str, score: float, amount: float, decision: str = "review", **kw: object
+) -> CaseIn:
+    return CaseIn(
+        transaction_id=tx, customer_id=str(kw.get("card", "c1")), terminal_id="t1",
+        amount=amount, score=score, decision=decision,
+        reasons=tuple(kw.get("reasons", ("score 0.50 >= review threshold 0.30",))),  # type: ignore[arg-type]
+        at_us=int(kw.get("at", T0)),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> CaseStore:
+    return CaseStore(tmp_path / "cases.db", sla_seconds=24 * 3_600, hold_seconds=15 * 60)
+
+
+def test_decisions_open_cases_once_in_priority_order(store: CaseStore) -> None:
+    opened = store.open_cases([
+        _decision("a", 0.5, 100.0),  # priority 50
+        _decision("b", 0.9, 100.0),  # 90
+        _decision("c", 0.9, 100.0, at=T0 + 1),  # 90, younger than b
+        _decision("d", 0.2, 10.0, decision="approve"),  # no case
+        _decision("e", 0.99, 10.0, decision="block"),  # confirm-only, 9.9
+    ])  # fmt: skip
+    assert opened == 4
+    assert store.open_cases([_decision("a", 0.5, 100.0)]) == 0  # a replay opens nothing
+    assert [c.transaction_id for c in store.queue(CaseFilter())] == ["b", "c", "a", "e"]
+    assert store.queue(CaseFilter(min_amount=50))[-1].transaction_id == "a"
+    e = store.queue(CaseFilter(max_amount=50))[0]
+    assert e.confirm_only and e.decision == "block"
+    assert store.counts(T0)["open"] == 4
+    assert store.counts(T0 + 25 * HOUR)["overdue"] == 4  # due 24 h after opening
+
+
+def test_two_analysts_taking_next_at_once_get_different_cases(tmp_path: Path) -> None:
+    path = tmp_path / "cases.db"
+    CaseStore(path).open_cases([_decision(f"tx{i}", 0.5 + i / 100, 100.0) for i in range(40)])
+    taken: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def analyst(name: str) -> None:
+        store = CaseStore(path)  # its own connection, as another worker's
+        barrier.wait()
+        for _ in range(5):
+            case = store.take_next(name, T0)
+            assert case is not None
+            taken.append(case.transaction_id)
+            store.verdict(case.case_id, name, "not_fraud", "checked", T0)
+
+    threads = [threading.Thread(target=analyst, args=(f"analyst{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(taken) == 40 and len(set(taken)) == 40
+
+
+def test_a_hold_lapses_and_the_case_goes_back_to_the_queue(store: CaseStore) -> None:
+    store.open_cases([_decision("a", 0.9, 100.0), _decision("b", 0.5, 100.0)])
+    first = store.take_next("ann", T0)
+    assert first is not None and first.transaction_id == "a"
+    assert store.take_next("bob", T0 + 60 * 1_000_000).transaction_id == "b"  # type: ignore[union-attr]
+    assert store.take_next("cy", T0 + 120 * 1_000_000) is None  # both held
+    lapsed = T0 + 16 * 60 * 1_000_000  # ann idle for 16 minutes, bob for 15
+    assert store.take_next("cy", lapsed).transaction_id == "a"  # type: ignore[union-attr]
+    # Skipping: bob takes next without a verdict; b goes back to the queue, for others.
+    assert store.take_next("bob", lapsed) is None
+    assert store.take_next("dee", lapsed).transaction_id == "b"  # type: ignore[union-attr]
+    with pytest.raises(DataError, match="is not held by ann: take it first"):
+        store.verdict(first.case_id, "ann", "fraud", "looks stolen", lapsed)
+
+
+def test_a_verdict_needs_the_hold_and_a_note_and_returns_the_label(store: CaseStore) -> None:
+    store.open_cases([_decision("a", 0.9, 100.0)])
+    case = store.take_next("ann", T0)
+    assert case is not None
+    with pytest.raises(DataError, match="a note is required"):
+        store.verdict(case.case_id, "ann", "fraud", "  ", T0)
+    with pytest.raises(DataError, match="is not held by bob"):
+        store.verdict(case.case_id, "bob", "fraud", "mine", T0)
+    assert store.verdict(case.case_id, "ann", "fraud", "card stolen", T0 + 5) == Verdict("a", True)
+    closed = store.get(case.case_id)
+    assert (closed.status, closed.outcome, closed.closed_by) == ("closed", "fraud", "ann")
+    with pytest.raises(DataError, match="closed already"):
+        store.verdict(case.case_id, "ann", "not_fraud", "oops", T0 + 6)
+    assert store.take_next("ann", T0 + 7) is None
+
+
+def test_escalation_reassignment_and_bulk_close(store: CaseStore) -> None:
+    store.open_cases([_decision(x, 0.9, 100.0) for x in "abc"])
+    case = store.take_next("ann", T0)
+    assert case is not None
+    store.escalate(case.case_id, "ann", "needs a supervisor", T0)
+    assert store.get(case.case_id).status == "escalated"
+    assert store.queue(CaseFilter(status="escalated"))[0].case_id == case.case_id
+    store.reassign(case.case_id, "bob", by="sue", now_us=T0 + 1)
+    assert store.get(case.case_id).held_by(T0 + 2) == "bob"
+    ids = [c.case_id for c in store.queue(CaseFilter())]
+    verdicts = store.bulk_close(ids, "not_fraud", "known merchant promotion", "sue", T0 + 3)
+    assert sorted(v.transaction_id for v in verdicts) == ["a", "b", "c"]
+    assert not any(v.is_fraud for v in verdicts)
+    actions = [(e["user"], e["action"]) for e in store.events()]
+    assert actions == [
+        ("ann", "take"), ("ann", "escalate"), ("sue", "reassign"),
+        ("sue", "bulk_close"), ("sue", "bulk_close"), ("sue", "bulk_close"),
+    ]  # fmt: skip
+
+
+def test_earlier_cases_of_the_card_and_filters(store: CaseStore) -> None:
+    store.open_cases([
+        _decision("old", 0.5, 10.0, card="c9", at=T0 - 48 * HOUR, reasons=("burst",)),
+        _decision("new", 0.5, 10.0, card="c9", at=T0, reasons=("large_amount",)),
+    ])  # fmt: skip
+    assert [c.transaction_id for c in store.card_cases("c9", before_us=T0)] == ["old"]
+    assert [c.transaction_id for c in store.queue(CaseFilter(rule="burst"))] == ["old"]
+    assert [c.transaction_id for c in store.queue(CaseFilter(opened_before_us=T0 - HOUR))] == [
+        "old"
+    ]
