@@ -143,6 +143,26 @@ def test_retries_of_orphans_hold_up_no_other_request(run_dir: Path, tmp_path: Pa
     assert len(audit) == len(orphans) + 1
 
 
+def test_a_batch_completes_its_orphans(run_dir: Path, tmp_path: Path) -> None:
+    app = create_app(settings_for(run_dir, tmp_path, duplicate_wait_seconds=0.2))
+    txs = [transaction(i, customer_id=f"b{i % 3}") for i in range(12)]
+    with LiveServer(app) as live, live.client(headers=AUTH) as c:
+        wait_ready(c)
+        for tx in txs[::3]:
+            _orphan(app, tx)
+        batch = c.post("/v1/decisions/batch", json={"transactions": [*txs, txs[0]]})
+        assert batch.status_code == 200, batch.text
+        decisions = batch.json()["decisions"]
+        assert [d["transaction_id"] for d in decisions] == [tx["transaction_id"] for tx in txs] + [
+            txs[0]["transaction_id"]
+        ]
+        assert decisions[-1] == decisions[0]
+        replays = [c.post("/v1/decisions", json=tx).json() for tx in txs]
+        assert replays == decisions[:-1]
+    audit = read_decisions(tmp_path / "audit.db")
+    assert sorted(audit["transaction_id"]) == sorted(tx["transaction_id"] for tx in txs)
+
+
 def _post(url: str, tx: dict[str, Any]) -> tuple[int, bytes]:
     with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
         response = c.post("/v1/decisions", json=tx)
