@@ -17,6 +17,7 @@ the body, the bearer key, and every status they answer with.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from typing import Any, Literal
@@ -120,7 +121,9 @@ def build_router(settings: ServeSettings) -> APIRouter:
         responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: _TEXT}}},
     )
     async def metrics(service: DecisionService = Depends(get_service)) -> Response:
-        return Response(content=service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        # Multi-worker servers merge the workers' files: a disk read, off the event loop.
+        content = await asyncio.to_thread(service.metrics.render)
+        return Response(content=content, media_type=CONTENT_TYPE_LATEST)
 
     return router
 
