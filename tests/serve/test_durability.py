@@ -377,8 +377,10 @@ def test_a_frozen_disk_never_holds_up_the_event_loop(run_dir: Path, ext4: Ext4) 
     with LiveServer(create_app(settings)) as live, live.client(headers=AUTH) as c:
         wait_ready(c)
         acked = _stream(c, txs[:5])
+        frozen = _run("fsfreeze", "-f", str(data))
+        if frozen.returncode != 0:
+            pytest.skip(f"cannot freeze a file system here: {frozen.stderr.strip()}")
         pool = ThreadPoolExecutor(5)
-        assert _run("fsfreeze", "-f", str(data)).returncode == 0
         try:
             stuck = [pool.submit(_post, live.url, tx) for tx in txs[5:]]
             seconds = []
