@@ -141,7 +141,7 @@ def tune_process() -> None:
     ``process_tuning`` setting (``FRAUDFLOW_PROCESS_TUNING``) turns it off.
 
     The audit writer thread needs the GIL back after each fsync to release its waiters; with
-    the default 5 ms switch interval a busy event loop makes it wait that long. A batch request
+    the default switch interval a busy event loop makes it wait a whole interval. A batch request
     allocates hundreds of thousands of short-lived objects: with the default thresholds young
     collections ran every few transactions.
     """

@@ -21,8 +21,8 @@ beside it. Each ``AuditLog`` (one per worker process) writes to the first file w
 ``.lock`` file no other process holds (``flock``; the lock dies with its process, so a
 restarted worker takes its shard back). A single-process server writes ``audit.db`` alone.
 Writers sharing one file take turns for its write lock, each holding it through its fsync:
-with two workers that serialised every commit and capped single-decision throughput
-(measured: ~2,000/s, against ~2,900/s without the fsync). A writer whose shard holds
+with two workers that serialised every commit and capped single-decision throughput below
+what the same service reaches without the fsync. A writer whose shard holds
 ``max_shard_decisions`` decisions moves on to the next free shard with room, so no file grows
 without end (an insert's cost grows with the transaction_id index once it outgrows memory).
 ``lookup`` searches the other shards too; ``read_decisions``, ``read_labels`` and the export
@@ -44,8 +44,8 @@ Tables (schema 3; ``labels`` keeps every report, the latest wins when read):
     labels           seq, transaction_id, is_fraud, reported_at_us, received_at_us, applied
 
 One row per group commit, in columns, and a narrow key per decision: a row per decision (schema
-2) cost SQLite a record of 12 values and its B-tree cell each, ~4.5 us of CPU per decision
-against ~2 for a group row plus the id key (measured, 1,000-decision groups). A duplicate of
+2) cost SQLite a record of 12 values and its B-tree cell each, much more CPU than a group
+row plus the id key (in large groups, as batches make them). A duplicate of
 an id already recorded stays in its group's row but is not keyed, and readers skip it: the
 first decision of an id is the one recorded. Schema 2 kept a decision at about half the bytes
 of schema 1 (features as a JSON object and the reasons a second time beside the response):
@@ -153,9 +153,8 @@ _ID_COLUMNS = ("transaction_id", "group_seq", "position")
 _LABEL_COLUMNS = ("transaction_id", "is_fraud", "reported_at_us", "received_at_us", "applied")
 _STOP = object()
 _LOCK_TIMEOUT_SECONDS = 30.0  # several workers take turns committing
-# A decision is ~1 KB: 8 KiB pages halve the WAL writes (system calls) of 4 KiB ones;
-# measured with 1,000-decision groups (schema 2): 6.4 against 7.9 us of CPU per decision,
-# checkpoints included. 16 KiB gained nothing more.
+# A decision is ~1 KB: 8 KiB pages halve the WAL writes (system calls) of 4 KiB ones, which
+# cost less CPU per decision, checkpoints included. 16 KiB gained nothing more.
 _PAGE_SIZE = 8192
 _WRITER_CACHE_KIB = 64 * 1024
 # A writer moves to a new shard after this many decisions (~1 GB of file; its
@@ -341,8 +340,7 @@ class AuditLog:
         hand_over_waits(writer)  # no checkpoint inside a group commit
         # Transaction ids arrive in no particular order (UUIDs, say), so each insert lands on
         # a random page of the transaction_id index: beyond SQLite's default 2 MB cache every
-        # group re-reads those pages from the OS (measured at 300k random ids: 14.0 against
-        # 12.0 us of CPU per decision with this cache).
+        # group re-reads those pages from the OS, CPU that this larger cache saves.
         writer.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
         # The model versions whose feature names this shard holds.
         sets = writer.execute("SELECT model_version FROM feature_sets")

@@ -93,8 +93,8 @@ class PendingDecisions:
     """Decisions of this process applied to the state but not yet committed to the audit.
 
     One future per group decided together (a batch: thousands of transactions), whose result
-    maps each of its transaction_ids to its response body: a future per transaction cost
-    ~2 us each to make and resolve, a few percent of a batched decision.
+    maps each of its transaction_ids to its response body: a future per transaction, made
+    and resolved for each, would cost a noticeable share of a batched decision.
     """
 
     def __init__(self, *, remember_failed: int = 100_000) -> None:

@@ -14,11 +14,11 @@ Attributions (cheap enough for every request; Shape: x (N, F) -> contributions (
 * LightGBM: path attribution (Saabas, "Interpreting random forests", 2014; the
   ``treeinterpreter`` method). Along each tree's decision path, the change of the node value
   at a split is credited to the split's feature; the contributions plus the trees' root values
-  sum exactly to the raw log-odds. Exact TreeSHAP (``pred_contrib``) cost ~0.5 ms per row for
-  a 66-tree model here, 20x more than this (a leaf lookup, ``pred_leaf``, and a table gather),
-  which would not leave room for a 25 ms p99 or batch throughput. Path attribution is not
-  consistent in the SHAP sense, but it ranks the features that moved this score well enough for
-  a reason code.
+  sum exactly to the raw log-odds. Exact TreeSHAP (``pred_contrib``) walks every path of every
+  tree for each row, many times the cost of this (a leaf lookup, ``pred_leaf``, and a table
+  gather), which would not leave room for the p99 target or batch throughput. Path
+  attribution is not consistent in the SHAP sense, but it ranks the features that moved this
+  score well enough for a reason code.
 * Neural models: gradient x input of the fraud logit margin (logit_fraud - logit_legit, the
   log-odds) w.r.t. the standardised input, i.e. relative to the training mean (input 0).
 
@@ -79,9 +79,8 @@ POLICY_FILE = "policy.yaml"
 # Reference scores for the drift metric, the first file present wins.
 _REFERENCE_FILES = ("validation_predictions.parquet", "predictions.parquet")
 # From this many rows, attributions are one sparse product (rows' one-hot leaves x the leaf
-# table) instead of one (N, T, F) gather and sum: measured with 108 trees x 25 features,
-# 0.9 ms against 1.9 ms (a tree-by-tree loop of (N, F) gathers) for 1,000 rows, 60 against
-# 123 us for 32; below ~10 rows building the sparse matrix costs more than the gather.
+# table) instead of one (N, T, F) gather and sum, which materialises T times the output; for
+# a few rows building the sparse matrix costs more than the gather.
 _SPARSE_FROM_ROWS = 8
 # LightGBM's C API constants (c_api.h).
 _C_API_DTYPE_FLOAT32 = 0
@@ -119,7 +118,7 @@ class Attribution(Protocol):
 class LeafIndex:
     """``booster.predict(x, pred_leaf=True, num_threads=1)``, through LightGBM's C API.
 
-    Shape: x (N, F) float32 -> leaf indices (N, T). The Python wrapper costs ~20 us per call
+    Shape: x (N, F) float32 -> leaf indices (N, T). The Python wrapper works on every call
     before any tree is walked (a predictor object, a parameter dict deep-copied), and its
     ctypes pointers (numpy's ``data_as``) form reference cycles: four garbage objects per call
     that only the cyclic GC frees, i.e. a young collection with real work every few hundred
@@ -184,8 +183,8 @@ class TreePathAttribution:
         self._bias = float(sum(_node_value(root) for root in trees))
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # One thread: the service runs one worker per core, and LightGBM's OpenMP pool costs
-        # ~16 ms per call on a busy 2-core machine (measured) against ~30 us single-threaded.
+        # One thread: the service runs one worker per core, and on a busy machine LightGBM's
+        # OpenMP pool waits for cores the other workers hold, far longer than the work.
         leaves = self._leaves(x)  # (N, T)
         if len(x) < _SPARSE_FROM_ROWS:
             contributions = self._table[leaves + self._offsets].sum(axis=1)  # (N, T, F) -> (N, F)
@@ -339,7 +338,7 @@ class Engine:
         top = _top_features(scores.contributions)  # (N, k)
         k = top.shape[1]
         # Python lists once: indexing numpy arrays element by element costs more per row.
-        # Plain fancy indexing: take_along_axis costs ~9 us a call before any work.
+        # Plain fancy indexing: take_along_axis builds index arrays in Python before any work.
         at = np.arange(len(x))[:, None]  # (N, 1)
         ranked = zip(
             top.ravel().tolist(), x[at, top].ravel().tolist(),
@@ -347,7 +346,7 @@ class Engine:
         )  # fmt: skip
         details = _feature_details(tuple(names))
         # One flat comprehension over every reason of the group, then k per decision: this
-        # runs per reason of every decision (a comprehension per decision cost ~30% more).
+        # runs per reason of every decision (a comprehension per decision cost more).
         flat = [
             {"kind": "feature", "name": names[j],
              "detail": details[j] % (v, "raised" if c >= 0 else "lowered", abs(c)),

@@ -3,10 +3,10 @@
 Lock waits. Several worker processes share each file, and a writer must wait while another
 holds the write lock (a transaction of a fraction of a millisecond, plus an fsync for the
 audit log). SQLite's own busy handler sleeps 1, 2, 5, 10, ... ms between tries: on a loaded
-two-worker service that turned sub-millisecond waits into 1-10 ms stalls, the bulk of the
-p99 latency (measured: open-loop p99 at 1,000 decisions/s 44 ms with two workers against 19
-ms with one). So the writing connections run with ``busy_timeout=0`` and ``execute_waiting``
-retries a statement that found the file busy every ~50 us, up to a deadline.
+two-worker service that turned sub-millisecond waits into stalls of milliseconds, the bulk
+of the p99 latency (two workers against one, in the open loop of ``benchmarks/serve.py``).
+So the writing connections run with ``busy_timeout=0`` and ``execute_waiting`` retries a
+statement that found the file busy every ``_RETRY_SECONDS``, up to a deadline.
 
 Checkpoints. In WAL mode SQLite by default checkpoints inside the COMMIT that pushes the WAL past
 ``wal_autocheckpoint`` pages: that commit copies megabytes into the database file and fsyncs

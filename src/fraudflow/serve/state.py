@@ -124,8 +124,8 @@ class SQLiteStore:
 
     The file is the durable, shared truth: every transaction (time, entities, amount, latest
     label) in arrival order, and a log of label changes. Queries are answered from a
-    ``Histories`` mirror of it (O(log n) per count, against a range scan per count in SQL:
-    measured at ~40% of a decision's time), which each call first brings up to date with what
+    ``Histories`` mirror of it (O(log n) per count, against a range scan per count in SQL,
+    a large share of a decision's time), which each call first brings up to date with what
     other writers (processes sharing the file) committed since: the transactions and label
     changes past the last sequence numbers it has seen. A call that fails rebuilds the mirror
     from the file on the next call.
@@ -136,9 +136,9 @@ class SQLiteStore:
     others stored, so each event sees all events stored before it. ``apply_many`` releases
     the file's lock once its events are committed and then brings the mirror up to date
     (others' events, then its own, in the file's order) and answers: the mirror's work, most
-    of a call, does not hold up the other processes (measured with two service workers:
-    ~1.9 instead of ~1.83 of two cores busy on batches). Should the mirror fail then, the
-    events stay stored, as a crash there would leave them, and the mirror is rebuilt.
+    of a call, does not hold up the other processes (with two service workers on batches,
+    the cores stay busier than with the lock held through it). Should the mirror fail then,
+    the events stay stored, as a crash there would leave them, and the mirror is rebuilt.
     """
 
     def __init__(self, path: Path | str) -> None:
