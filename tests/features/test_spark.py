@@ -4,13 +4,22 @@ import math
 import random
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import polars as pl
 import pytest
+from typer.testing import CliRunner
 
+from fraudflow.cli.main import app
 from fraudflow.config import FeatureConfig, SimulationConfig
 from fraudflow.data.simulator import simulate
-from fraudflow.features import FeatureSpec, build_features, default_spec, parse_spec
+from fraudflow.features import (
+    FeatureSpec,
+    build_features,
+    default_spec,
+    parse_spec,
+    read_feature_table,
+)
 from tests.helpers.random_specs import random_log, random_spec
 
 pyspark = pytest.importorskip("pyspark")
@@ -72,3 +81,52 @@ def test_random_specs_give_the_polars_values(spark: object, seed: int) -> None:
     rng = random.Random(seed)
     log, spec = random_log(rng, 80), parse_spec(random_spec(rng))
     _assert_same(build_features(log, spec), _on_spark(spark, log, spec), spec)
+
+
+def test_features_command_on_spark_writes_what_polars_writes(tmp_path: Path) -> None:
+    log = simulate(SimulationConfig(n_customers=80, n_terminals=160, n_days=30, seed=4))
+    folder = tmp_path / "log"
+    folder.mkdir()
+    half = log.height // 2
+    log.slice(0, half).write_parquet(folder / "part-0.parquet")  # a folder of two files
+    log.slice(half).write_parquet(folder / "part-1.parquet")
+    outputs = {}
+    for engine in ("polars", "spark"):
+        out = tmp_path / f"{engine}.parquet"
+        args = ["features", "--input", str(folder), "--out", str(out), "--engine", engine,
+                "--spark-master", "local[2]"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        outputs[engine] = read_feature_table(out)
+    polars_table, spark_table = outputs["polars"], outputs["spark"]
+    assert spark_table.meta == polars_table.meta
+    assert spark_table.frame.schema == polars_table.frame.schema
+    spec = default_spec(FeatureConfig())
+    _assert_same(polars_table.frame, spark_table.frame, spec)
+
+
+def test_a_bad_spark_set_up_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "log.parquet"
+    simulate(SimulationConfig(n_customers=5, n_terminals=5, n_days=2, seed=0)).write_parquet(log)
+    base = [
+        "features",
+        "--input",
+        str(log),
+        "--out",
+        str(tmp_path / "f.parquet"),
+        "--engine",
+        "spark",
+    ]
+    unreachable = CliRunner().invoke(app, [*base, "--spark-master", "spark://127.0.0.1:9"])
+    assert unreachable.exit_code == 2
+    assert "cannot reach the Spark master spark://127.0.0.1:9" in " ".join(
+        unreachable.output.split()
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java there
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    no_java = CliRunner().invoke(app, [*base, "--spark-master", "local[2]"])
+    assert no_java.exit_code == 2
+    assert "the Spark engine needs a Java runtime (17 or newer)" in " ".join(no_java.output.split())
+    assert not (tmp_path / "f.parquet").exists()

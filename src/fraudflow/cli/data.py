@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -59,7 +60,9 @@ features_app = typer.Typer(
 @handle_errors
 def features(
     ctx: typer.Context,
-    input: Path = typer.Option(None, "--input", help="Transaction log, .csv or .parquet."),
+    input: str = typer.Option(
+        None, "--input", help="Transaction log: a .csv or .parquet file, a folder, or a glob."
+    ),
     out: Path = typer.Option(None, "--out", help="Feature table to write (.parquet)."),
     spec_file: Path = typer.Option(
         None,
@@ -75,20 +78,27 @@ def features(
     shard_days: int = typer.Option(
         None, "--shard-days", help="Write a folder of shards, one per N days, to --out."
     ),
+    engine: str = typer.Option("polars", "--engine", help="polars (one machine) or spark."),
+    spark_master: str = typer.Option(
+        "local[*]", "--spark-master", help="Spark master URL for --engine spark."
+    ),
 ) -> None:
     """Build point-in-time features from a transaction log."""
     if ctx.invoked_subcommand is not None:
         return
     if input is None or out is None:
         raise ConfigError("fraudflow features needs --input and --out")
-    from fraudflow.data.ingest import parse_column_map, read_transactions
+    from fraudflow.data.ingest import parse_column_map, read_transaction_files
     from fraudflow.features import (
-        build_features,
         check_input,
+        default_spec,
         load_spec,
         write_feature_shards,
         write_feature_table,
     )
+
+    if engine not in ("polars", "spark"):
+        raise ConfigError(f"--engine must be polars or spark, however got {engine!r}")
 
     spec = None
     if spec_file is not None:
@@ -104,17 +114,28 @@ def features(
     if shard_days is None and out.suffix.lower() != ".parquet":
         raise ConfigError(f"--out must be a .parquet file, however got {out}")
     with spinner(f"reading and validating {input}"):
-        transactions = read_transactions(input, column_map=column_map)
+        transactions = read_transaction_files(input, column_map=column_map)
     if spec is not None:
         check_input(spec, transactions.columns)  # before the work: a bad spec fails at once
-    with spinner(f"building features for {transactions.height:,} transactions"):
-        table = build_features(transactions, spec or cfg)
+    with spinner(f"building features for {transactions.height:,} transactions ({engine})"):
+        table = _build(transactions, spec or default_spec(cfg), engine, spark_master)
     with spinner(f"writing {out}"):
         if shard_days is None:
             write_feature_table(table, out, cfg, spec=spec)
         else:
             write_feature_shards(table, out, cfg, shard_days=shard_days, spec=spec)
     err_console.print(f"{table.height:,} rows x {len(table.columns)} columns -> {out}")
+
+
+def _build(transactions: Any, spec: Any, engine: str, master: str) -> Any:
+    """The feature table of ``transactions`` by ``engine``: the same rows and values."""
+    if engine == "polars":
+        from fraudflow.features import build_features
+
+        return build_features(transactions, spec)
+    from fraudflow.features.spark import run_on_spark
+
+    return run_on_spark(transactions, spec, master=master)
 
 
 @features_app.command("spec")

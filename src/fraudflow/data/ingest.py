@@ -6,6 +6,7 @@ and the first offender. Rows are numbered from 1 in file order, header excluded.
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,7 +23,13 @@ from fraudflow.data.schema import (
 )
 from fraudflow.errors import ConfigError, DataError, SchemaError
 
-__all__ = ["parse_column_map", "read_transactions", "validate_transactions"]
+__all__ = [
+    "input_files",
+    "parse_column_map",
+    "read_transaction_files",
+    "read_transactions",
+    "validate_transactions",
+]
 
 _CANONICAL = (*REQUIRED_COLUMNS, IS_FRAUD)
 _ROW = "__row"
@@ -58,6 +65,34 @@ def read_transactions(path: Path, *, column_map: Mapping[str, str] | None = None
     column_map = dict(column_map or {})
     raw = _read_raw(path, column_map)
     return validate_transactions(_rename(raw, column_map))
+
+
+def input_files(spec: str | Path) -> list[Path]:
+    """A file, a folder (its .csv and .parquet files) or a glob, as sorted files."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".csv", ".parquet"))
+        if not files:
+            raise DataError(f"input folder {path} holds no .csv or .parquet files")
+        return files
+    files = sorted(Path(p) for p in glob.glob(str(spec)) if Path(p).is_file())
+    if not files:
+        raise DataError(f"input {spec} matches no file (expected a file, a folder or a glob)")
+    return files
+
+
+def read_transaction_files(
+    spec: str | Path, *, column_map: Mapping[str, str] | None = None
+) -> pl.DataFrame:
+    """``read_transactions`` of each input file (``input_files``), in file order, checked as
+    one log (a transaction_id repeated across files is an error too)."""
+    files = input_files(spec)
+    frames = [read_transactions(f, column_map=column_map) for f in files]
+    if len(frames) == 1:
+        return frames[0]
+    return validate_transactions(pl.concat(frames, how="vertical_relaxed"))
 
 
 def validate_transactions(df: pl.DataFrame) -> pl.DataFrame:

@@ -23,9 +23,13 @@ reads, and ``__row``, the input position (arrival order); the output adds the fe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import shutil
+import socket
+from typing import TYPE_CHECKING, Any
 
 from fraudflow.data.schema import IS_FRAUD, TIMESTAMP
+from fraudflow.errors import ConfigError
 from fraudflow.features.expressions import (
     CALENDAR,
     NIGHT_END_HOUR,
@@ -41,9 +45,10 @@ from fraudflow.features.expressions import (
 from fraudflow.features.spec import UNIT_SECONDS, Aggregate, FeatureSpec, Window
 
 if TYPE_CHECKING:
+    import polars as pl
     from pyspark.sql import Column, DataFrame
 
-__all__ = ["ROW", "build_features_spark"]
+__all__ = ["ROW", "build_features_spark", "run_on_spark", "spark_session"]
 
 ROW = "__row"  # the input position: arrival order within equal timestamps
 _T = "__t_us"
@@ -315,3 +320,70 @@ def _numeric(column: Column) -> Column:
 
 def _boolean(column: Column) -> Column:
     return column.cast("boolean")
+
+
+# ---------------------------------------------------------------- running it
+
+
+def spark_session(master: str) -> Any:
+    """A Spark session on ``master`` (``local[*]``, ``spark://host:port``, ``k8s://...``)
+    with UTC as its time zone; a set-up problem is one ``ConfigError`` line."""
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        raise ConfigError(
+            "the Spark engine needs a Java runtime (17 or newer), however none is on PATH and "
+            "JAVA_HOME is not set: install one (e.g. openjdk-17-jre-headless) or use "
+            "--engine polars"
+        )
+    _check_reachable(master)
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise ConfigError(
+            "the Spark engine needs PySpark: pip install 'fraudflow[spark]'"
+        ) from None
+    builder = SparkSession.builder.master(master).appName("fraudflow-features")
+    for key, value in _SESSION_CONFIG.items():
+        builder = builder.config(key, value)
+    try:
+        session = builder.getOrCreate()
+    except Exception as exc:  # py4j and Spark raise many kinds; the first line says which
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot start Spark on {master}: {first}") from None
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+_SESSION_CONFIG = {
+    "spark.sql.session.timeZone": "UTC",  # calendar features are UTC in every engine
+    "spark.ui.enabled": "false",
+}
+
+
+def _check_reachable(master: str) -> None:
+    """A standalone master that does not answer would make Spark retry for minutes."""
+    if not master.startswith("spark://"):
+        return
+    for address in master.removeprefix("spark://").split(","):
+        host, _, port = address.partition(":")
+        try:
+            with socket.create_connection((host, int(port or 7077)), timeout=5):
+                return
+        except (OSError, ValueError):
+            continue
+    raise ConfigError(f"cannot reach the Spark master {master}: nothing answers there")
+
+
+def run_on_spark(transactions: pl.DataFrame, spec: FeatureSpec, *, master: str) -> pl.DataFrame:
+    """``build_features`` on Spark: the same rows, order, columns and dtypes."""
+    import polars as pl
+
+    session = spark_session(master)
+    try:
+        numbered = transactions.with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.Int64))
+        frame = session.createDataFrame(numbered.to_arrow())
+        out = pl.from_arrow(build_features_spark(frame, spec).toArrow())
+    finally:
+        session.stop()
+    assert isinstance(out, pl.DataFrame)
+    schema = dict(transactions.schema)
+    return out.select(pl.col(name).cast(schema.get(name, pl.Float64)) for name in out.columns)
