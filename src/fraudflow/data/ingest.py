@@ -77,6 +77,8 @@ def input_files(spec: str | Path) -> list[Path]:
         if not files:
             raise DataError(f"input folder {path} holds no .csv or .parquet files")
         return files
+    if not glob.has_magic(str(spec)):
+        raise DataError(f"input file {path} does not exist")
     files = sorted(Path(p) for p in glob.glob(str(spec)) if Path(p).is_file())
     if not files:
         raise DataError(f"input {spec} matches no file (expected a file, a folder or a glob)")
