@@ -401,7 +401,7 @@ def pod_specs(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield replica["template"]["spec"]
 
 
-OVERLAYS = ["dev", "dev/train", "prod", "prod/train", "prod/train-ddp"]
+OVERLAYS = ["dev", "dev/train", "prod", "prod/train", "prod/train-ddp", "prod/features-spark"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

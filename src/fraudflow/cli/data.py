@@ -82,6 +82,9 @@ def features(
     spark_master: str = typer.Option(
         "local[*]", "--spark-master", help="Spark master URL for --engine spark."
     ),
+    spark_conf: list[str] = typer.Option(
+        [], "--spark-conf", help="Spark setting KEY=VALUE for --engine spark (repeatable)."
+    ),
 ) -> None:
     """Build point-in-time features from a transaction log."""
     if ctx.invoked_subcommand is not None:
@@ -118,7 +121,7 @@ def features(
     if spec is not None:
         check_input(spec, transactions.columns)  # before the work: a bad spec fails at once
     with spinner(f"building features for {transactions.height:,} transactions ({engine})"):
-        table = _build(transactions, spec or default_spec(cfg), engine, spark_master)
+        table = _build(transactions, spec or default_spec(cfg), engine, spark_master, spark_conf)
     with spinner(f"writing {out}"):
         if shard_days is None:
             write_feature_table(table, out, cfg, spec=spec)
@@ -127,7 +130,7 @@ def features(
     err_console.print(f"{table.height:,} rows x {len(table.columns)} columns -> {out}")
 
 
-def _build(transactions: Any, spec: Any, engine: str, master: str) -> Any:
+def _build(transactions: Any, spec: Any, engine: str, master: str, conf: list[str]) -> Any:
     """The feature table of ``transactions`` by ``engine``: the same rows and values."""
     if engine == "polars":
         from fraudflow.features import build_features
@@ -135,7 +138,13 @@ def _build(transactions: Any, spec: Any, engine: str, master: str) -> Any:
         return build_features(transactions, spec)
     from fraudflow.features.spark import run_on_spark
 
-    return run_on_spark(transactions, spec, master=master)
+    settings = {}
+    for item in conf:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--spark-conf expects KEY=VALUE, however got {item!r}")
+        settings[key.strip()] = value
+    return run_on_spark(transactions, spec, master=master, conf=settings)
 
 
 @features_app.command("spec")

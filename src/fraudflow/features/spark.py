@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fraudflow.data.schema import IS_FRAUD, TIMESTAMP
@@ -325,7 +326,7 @@ def _boolean(column: Column) -> Column:
 # ---------------------------------------------------------------- running it
 
 
-def spark_session(master: str) -> Any:
+def spark_session(master: str, conf: Mapping[str, str] | None = None) -> Any:
     """A Spark session on ``master`` (``local[*]``, ``spark://host:port``, ``k8s://...``)
     with UTC as its time zone; a set-up problem is one ``ConfigError`` line."""
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
@@ -342,7 +343,7 @@ def spark_session(master: str) -> Any:
             "the Spark engine needs PySpark: pip install 'fraudflow[spark]'"
         ) from None
     builder = SparkSession.builder.master(master).appName("fraudflow-features")
-    for key, value in _SESSION_CONFIG.items():
+    for key, value in {**_SESSION_CONFIG, **(conf or {})}.items():
         builder = builder.config(key, value)
     try:
         session = builder.getOrCreate()
@@ -373,11 +374,17 @@ def _check_reachable(master: str) -> None:
     raise ConfigError(f"cannot reach the Spark master {master}: nothing answers there")
 
 
-def run_on_spark(transactions: pl.DataFrame, spec: FeatureSpec, *, master: str) -> pl.DataFrame:
+def run_on_spark(
+    transactions: pl.DataFrame,
+    spec: FeatureSpec,
+    *,
+    master: str,
+    conf: Mapping[str, str] | None = None,
+) -> pl.DataFrame:
     """``build_features`` on Spark: the same rows, order, columns and dtypes."""
     import polars as pl
 
-    session = spark_session(master)
+    session = spark_session(master, conf)
     try:
         numbered = transactions.with_row_index(ROW).with_columns(pl.col(ROW).cast(pl.Int64))
         frame = session.createDataFrame(numbered.to_arrow())
