@@ -12,6 +12,7 @@ from fraudflow.cli.policy import policy_app
 from fraudflow.cli.runs import runs_app
 from fraudflow.cli.serve import serve
 from fraudflow.cli.train import train
+from fraudflow.cli.users import users_app
 
 __all__ = ["app", "main"]
 
@@ -31,6 +32,7 @@ app.command("serve")(serve)
 app.add_typer(runs_app, name="runs")
 app.add_typer(policy_app, name="policy")
 app.add_typer(decisions_app, name="decisions")
+app.add_typer(users_app, name="users")
 
 
 def main() -> None:

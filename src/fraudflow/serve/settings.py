@@ -8,6 +8,7 @@ Where things live by default (``--data-dir``, default ``RUN_DIR/serve``):
 
     <data-dir>/state.db     the feature state (unless --state names another store)
     <data-dir>/audit.db     the audit log of decisions and labels (unless --audit)
+    cases.db, users.db      the review console's cases and accounts, beside the audit log
 
 With ``--workers > 1`` the settings travel to the worker processes through the environment
 (``settings_environment``), the way uvicorn's app factories expect.
@@ -88,6 +89,13 @@ class ServeSettings(BaseSettings):
     # interval: fraudflow.serve.app.tune_process); off, the interpreter's defaults stay.
     process_tuning: bool = True
     log_level: str = "info"
+    # The review console (/console, fraudflow.serve.console): review (and block) decisions
+    # open cases in <audit folder>/cases.db, its accounts are in <audit folder>/users.db.
+    console: bool = True
+    open_block_cases: bool = True  # block decisions open confirm-only cases
+    case_sla_seconds: int = Field(24 * 3_600, ge=1)
+    case_hold_seconds: int = Field(15 * 60, ge=1)  # a hold lapses after this long idle
+    console_session_seconds: int = Field(8 * 3_600, ge=60)  # idle sign-in sessions end
     # prometheus_client's own variable (no FRAUDFLOW_ prefix): set, metrics are multiprocess.
     prometheus_multiproc_dir: Path | None = Field(
         None, validation_alias=AliasChoices("prometheus_multiproc_dir", "PROMETHEUS_MULTIPROC_DIR")
@@ -141,6 +149,10 @@ class ServeSettings(BaseSettings):
     @property
     def audit_path(self) -> Path:
         return self.audit if self.audit is not None else self.data_folder / "audit.db"
+
+    @property
+    def cases_path(self) -> Path:
+        return self.audit_path.parent / "cases.db"
 
     @property
     def state_default_path(self) -> Path:
