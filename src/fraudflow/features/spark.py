@@ -357,6 +357,10 @@ def spark_session(master: str, conf: Mapping[str, str] | None = None) -> Any:
 _SESSION_CONFIG = {
     "spark.sql.session.timeZone": "UTC",  # calendar features are UTC in every engine
     "spark.ui.enabled": "false",
+    # The table is collected on the driver to be written (module docstring of run_on_spark):
+    # Spark's 1 GiB defaults lose the result of a few million rows. --spark-conf overrides.
+    "spark.driver.memory": "4g",
+    "spark.driver.maxResultSize": "0",
 }
 
 
