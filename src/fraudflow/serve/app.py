@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fraudflow.serve.auth import load_api_keys
+from fraudflow.serve.console import build_console_router
 from fraudflow.serve.endpoints import ERROR_KIND_KEY, DirectRoutes, post_routes
 from fraudflow.serve.metrics import ServiceMetrics
 from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router, publish_exact_schemas
@@ -72,6 +73,8 @@ def create_app(
     )
     app.state.service = service
     app.include_router(build_router(settings))
+    if settings.console:  # its verdicts are labels through the service, as POST /v1/labels
+        app.include_router(build_console_router(settings, labels=service))
     publish_exact_schemas(app, settings)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(DirectRoutes, service=service, routes=post_routes(settings))

@@ -1,0 +1,335 @@
+"""The review console on real loopback HTTP with the real app: sign-in, sessions, CSRF, roles,
+taking cases, holds, verdicts reaching the online features.
+
+Cases are opened in the console's case store (the file the service uses) for transactions the
+service decided; accounts are made in its accounts file, as ``fraudflow users add`` does.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fraudflow.serve.app import create_app
+from fraudflow.serve.audit import read_decisions, read_labels
+from fraudflow.serve.cases import CaseIn, CaseStore
+from fraudflow.serve.console import now_us
+from fraudflow.serve.settings import ServeSettings
+from fraudflow.serve.users import UserStore, users_path_for
+from tests.serve.test_api import (
+    ADMIN,
+    AUTH,
+    SMALL_SIM,
+    LiveServer,
+    settings_for,
+    simulate_and_train,
+    transaction,
+    wait_ready,
+)
+
+PASSWORD = "correct horse battery"
+HOUR_US = 3_600 * 1_000_000
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _, run = simulate_and_train(tmp_path_factory.mktemp("console"), SMALL_SIM)
+    return run
+
+
+class Console:
+    """A served app with its console's stores, and signed-in clients."""
+
+    def __init__(self, live: LiveServer, settings: ServeSettings) -> None:
+        self.live = live
+        self.settings = settings
+        self.cases = CaseStore(settings.cases_path)
+        self.users = UserStore(users_path_for(settings.audit_path))
+        for name, role in [("ann", "analyst"), ("bob", "analyst"), ("sue", "supervisor")]:
+            self.users.add(name, role, PASSWORD, now_us())
+
+        self._clients: list[httpx.Client] = []
+
+    def client(self) -> httpx.Client:
+        client = self.live.client()
+        self._clients.append(client)  # closed when the server stops
+        return client
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+    def sign_in(self, name: str, password: str = PASSWORD) -> httpx.Client:
+        client = self.client()
+        response = login(client, name, password)
+        assert response.status_code == 303, response.text
+        return client
+
+    def open(self, *tx_ids: str, amount: float = 100.0, hours_ago: float = 0, **kw: Any) -> None:
+        at = now_us() - int(hours_ago * HOUR_US)
+        self.cases.open_cases([
+            CaseIn(
+                transaction_id=tx, customer_id=str(kw.get("card", "c1")), terminal_id="t1",
+                amount=amount, score=0.5 + i / 100, decision="review",
+                reasons=tuple(kw.get("reasons", ("amount 5.2x the card's 30-day mean",))),
+                at_us=at,
+            )
+            for i, tx in enumerate(tx_ids)
+        ])  # fmt: skip
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found is not None, html
+    return found.group(1)
+
+
+def login(client: httpx.Client, name: str, password: str) -> httpx.Response:
+    page = client.get("/console/login")
+    assert page.status_code == 200
+    form = {"csrf": csrf_of(page.text), "username": name, "password": password}
+    return client.post("/console/login", data=form)
+
+
+def post(client: httpx.Client, path: str, **form: Any) -> httpx.Response:
+    """A console form POST with the session's CSRF token (read from the queue page)."""
+    token = csrf_of(client.get("/console/queue").text)
+    return client.post(path, data={"csrf": token, **form})
+
+
+def take(client: httpx.Client) -> int:
+    response = post(client, "/console/take")
+    assert response.status_code == 303, response.text
+    found = re.fullmatch(r"/console/cases/(\d+)", response.headers["location"])
+    assert found is not None, response.headers["location"]
+    return int(found.group(1))
+
+
+def served(run_dir: Path, data: Path, **extra: Any) -> Iterator[Console]:
+    settings = settings_for(run_dir, data, **extra)
+    with LiveServer(create_app(settings)) as live:
+        with live.client() as client:
+            wait_ready(client)
+        console = Console(live, settings)
+        try:
+            yield console
+        finally:
+            console.close()
+
+
+@pytest.fixture
+def console(run_dir: Path, tmp_path: Path) -> Iterator[Console]:
+    yield from served(run_dir, tmp_path / "data")
+
+
+# --- signing in ---------------------------------------------------------------------------
+
+
+def test_sign_in_sets_a_strict_cookie_and_sign_out_ends_the_session(console: Console) -> None:
+    with console.client() as client:
+        assert client.get("/console/queue").headers["location"] == "/console/login"
+        response = login(client, "ann", PASSWORD)
+        assert response.status_code == 303 and response.headers["location"] == "/console/queue"
+        cookie = response.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/console" in cookie
+        assert "secure" not in cookie  # plain http here; https requests get Secure
+        queue = client.get("/console/queue")
+        assert queue.status_code == 200 and "ann (analyst)" in queue.text
+        assert post(client, "/console/logout").status_code == 303
+        assert client.get("/console/queue").status_code == 303  # back to the sign-in page
+    actions = [(e["user"], e["action"]) for e in console.cases.events()]
+    assert actions == [("ann", "login"), ("ann", "logout")]
+
+
+def test_a_wrong_password_is_refused_with_401(console: Console) -> None:
+    with console.client() as client:
+        response = login(client, "ann", "not the password")
+        assert response.status_code == 401
+        assert "wrong user name or password" in response.text
+        assert "fraudflow_console=" not in response.headers.get("set-cookie", "")
+        assert login(client, "nobody", PASSWORD).status_code == 401
+    assert [e["action"] for e in console.cases.events()] == ["login_refused"] * 2
+
+
+def test_sign_in_is_throttled_after_five_failures(console: Console) -> None:
+    with console.client() as client:
+        for _ in range(5):
+            assert login(client, "ann", "not the password").status_code == 401
+        throttled = login(client, "ann", PASSWORD)  # the right one, now refused unchecked
+        assert throttled.status_code == 429
+        assert "too many failed sign-ins for this account: try again in 15 min" in throttled.text
+        assert login(client, "bob", PASSWORD).status_code == 303  # other accounts unaffected
+
+
+def test_a_post_without_the_csrf_token_is_403(console: Console) -> None:
+    console.open("tx-a")
+    client = console.sign_in("ann")
+    assert client.post("/console/take").status_code == 403
+    forged = client.post("/console/take", data={"csrf": "forged"})
+    assert forged.status_code == 403 and "CSRF" in forged.text
+    assert console.cases.get(1).assignee is None  # nothing was taken
+    with console.client() as fresh:  # the sign-in form needs its own token too
+        refused = fresh.post("/console/login", data={"username": "ann", "password": PASSWORD})
+        assert refused.status_code == 403
+
+
+def test_api_keys_do_not_open_the_console_nor_sessions_the_api(console: Console) -> None:
+    with console.client() as client:
+        assert client.get("/console/queue", headers=ADMIN).status_code == 303
+        assert client.post("/console/take", headers=ADMIN).status_code == 401
+    client = console.sign_in("sue")
+    label = {"transaction_id": "tx-1", "is_fraud": 1}
+    assert client.post("/v1/labels", json=label).status_code == 401
+    assert client.post("/v1/decisions", json=transaction(1)).status_code == 401
+
+
+# --- roles --------------------------------------------------------------------------------
+
+
+def test_an_analyst_cannot_reassign(console: Console) -> None:
+    console.open("tx-a")
+    ann, sue = console.sign_in("ann"), console.sign_in("sue")
+    case_id = take(ann)
+    refused = post(ann, f"/console/cases/{case_id}/reassign", to_user="bob")
+    assert refused.status_code == 403
+    assert "needs the role admin or supervisor, however you are analyst" in refused.text
+    assert console.cases.get(case_id).assignee == "ann"
+    assert post(sue, f"/console/cases/{case_id}/reassign", to_user="bob").status_code == 303
+    assert console.cases.get(case_id).assignee == "bob"
+
+
+def test_an_analyst_cannot_bulk_close(console: Console) -> None:
+    console.open("tx-a", "tx-b")
+    ann, sue = console.sign_in("ann"), console.sign_in("sue")
+    form = {"case_id": ["1", "2"], "outcome": "not_fraud", "note": "promotion"}
+    assert post(ann, "/console/bulk-close", **form).status_code == 403
+    assert console.cases.counts(now_us())["closed"] == 0
+    assert "Bulk close" not in ann.get("/console/queue").text
+    assert "Bulk close" in sue.get("/console/queue").text
+    assert post(sue, "/console/bulk-close", **form).status_code == 303
+    assert console.cases.counts(now_us())["closed"] == 2
+
+
+def test_an_analyst_cannot_see_the_audit_page(console: Console) -> None:
+    ann, sue = console.sign_in("ann"), console.sign_in("sue")
+    refused = ann.get("/console/audit")
+    assert refused.status_code == 403
+    assert "Audit" not in ann.get("/console/queue").text.split("<main>")[0]
+    page = sue.get("/console/audit")
+    assert page.status_code == 200 and "login" in page.text
+
+
+# --- working the queue --------------------------------------------------------------------
+
+
+def test_two_analysts_taking_next_at_once_get_different_cases(console: Console) -> None:
+    console.open(*(f"tx-{i}" for i in range(6)))
+    clients = [console.sign_in(name) for name in ("ann", "bob", "sue")]
+    tokens = [csrf_of(c.get("/console/queue").text) for c in clients]
+    taken: list[str] = []
+    barrier = threading.Barrier(len(clients))
+
+    def press(client: httpx.Client, token: str) -> None:
+        barrier.wait()
+        response = client.post("/console/take", data={"csrf": token})
+        taken.append(response.headers["location"])
+
+    threads = [
+        threading.Thread(target=press, args=pair) for pair in zip(clients, tokens, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(taken) == 3 and len(set(taken)) == 3
+    assert all(t.startswith("/console/cases/") for t in taken)
+
+
+def test_a_lapsed_hold_goes_back_to_the_queue(run_dir: Path, tmp_path: Path) -> None:
+    for console in served(run_dir, tmp_path / "data", case_hold_seconds=1):
+        console.open("tx-a")
+        ann, bob = console.sign_in("ann"), console.sign_in("bob")
+        case_id = take(ann)
+        assert post(bob, "/console/take").headers["location"].startswith("/console/queue")
+        time.sleep(1.2)  # ann idles past the hold
+        assert take(bob) == case_id
+        late = post(ann, f"/console/cases/{case_id}/verdict", outcome="fraud", note="stolen")
+        assert late.status_code == 409 and "is not held by ann: take it first" in late.text
+
+
+def test_the_queue_counts_filters_and_marks_overdue(console: Console) -> None:
+    console.open("small", amount=10.0)
+    console.open("big", amount=900.0, hours_ago=30, reasons=("terminal had 3 known frauds",))
+    client = console.sign_in("ann")
+    page = client.get("/console/queue").text
+    assert '<strong id="count-open">2</strong>' in page
+    assert page.count('<span class="badge overdue">overdue</span>') == 1
+    assert page.index("#2") < page.index("#1")  # priority: score x amount
+    only_small = client.get("/console/queue", params={"max_amount": "50"}).text
+    assert "#1" in only_small and "#2" not in only_small
+    by_rule = client.get("/console/queue", params={"rule": "terminal"}).text
+    assert "#2" in by_rule and "#1" not in by_rule
+    old = client.get("/console/queue", params={"min_age_hours": "24"}).text
+    assert "#2" in old and "#1" not in old
+
+
+def test_the_case_page_escapes_what_it_shows(console: Console) -> None:
+    console.open("tx-<b>", reasons=("<script>alert(1)</script>",))
+    client = console.sign_in("ann")
+    case_id = take(client)
+    page = client.get(f"/console/cases/{case_id}")
+    assert page.status_code == 200
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and "<script>" not in page.text
+    assert "tx-&lt;b&gt;" in page.text
+    assert page.headers["x-frame-options"] == "DENY"
+    assert client.get("/console/cases/999").status_code == 404
+
+
+def test_escalation_needs_a_note_and_reaches_the_supervisors(console: Console) -> None:
+    console.open("tx-a")
+    ann = console.sign_in("ann")
+    case_id = take(ann)
+    no_note = post(ann, f"/console/cases/{case_id}/escalate", note="  ")
+    assert no_note.status_code == 422 and "a note is required" in no_note.text
+    assert post(ann, f"/console/cases/{case_id}/escalate", note="odd").status_code == 303
+    sue = console.sign_in("sue")
+    assert "#1" in sue.get("/console/queue", params={"status": "escalated"}).text
+    actions = [e["action"] for e in console.cases.events(case_id=case_id)]
+    assert actions == ["take", "escalate"]
+
+
+def test_a_fraud_verdict_reaches_the_online_features(console: Console) -> None:
+    with console.client() as api:
+        tx = transaction(1, terminal_id="T")
+        decided = api.post("/v1/decisions", json=tx, headers=AUTH)
+        assert decided.status_code == 200
+        console.open("tx-1")
+        ann = console.sign_in("ann")
+        case_id = take(ann)
+        assert "tx-1" in ann.get(f"/console/cases/{case_id}").text
+        verdict = post(
+            ann, f"/console/cases/{case_id}/verdict", outcome="fraud", note="card reported stolen"
+        )
+        assert verdict.status_code == 303, verdict.text
+        labels = read_labels(console.settings.audit_path)
+        assert labels["transaction_id"].to_list() == ["tx-1"]
+        assert labels["applied"].to_list() == [True]  # the feature state holds it
+        # Eight days later (delay 7 days) the terminal's fraud rate counts the verdict.
+        later = (datetime(2026, 3, 1, 12, tzinfo=UTC) + timedelta(days=8)).isoformat()
+        tx2 = transaction(2, terminal_id="T", timestamp=later)
+        assert api.post("/v1/decisions", json=tx2, headers=AUTH).status_code == 200
+    audit = read_decisions(console.settings.audit_path)
+    assert audit["terminal__fraud_rate__30d"].to_list() == [0.0, 1.0]
+    closed = console.cases.get(case_id)
+    assert (closed.outcome, closed.closed_by, closed.note) == (
+        "fraud", "ann", "card reported stolen"
+    )  # fmt: skip
+    assert [e["action"] for e in console.cases.events()][-3:] == ["take", "view", "verdict"]
