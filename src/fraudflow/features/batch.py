@@ -230,6 +230,7 @@ class _Job:
     window: Window
     mask: str  # boolean column: the row passes `where` (and has a value)
     value: str | None  # float column of `of` (None: no value)
+    every: bool  # every row passes: sums and counts need not read the mask
 
     @property
     def name(self) -> str:
@@ -240,7 +241,8 @@ def _per_key(
     base: pl.DataFrame, by: tuple[str, ...], aggregates: list[Aggregate], delay_us: int
 ) -> pl.DataFrame:
     """The aggregates keyed by ``by``, in base order."""
-    inputs, jobs = _inputs(aggregates)
+    complete = {c for c in base.columns if base[c].null_count() == 0}
+    inputs, jobs = _inputs(aggregates, complete)
     changed = pl.any_horizontal([pl.col(c).ne_missing(pl.col(c).shift(1)) for c in by])
     ordered = (
         base.lazy()
@@ -264,8 +266,9 @@ def _per_key(
     return _restore_order(pl.concat(parts))
 
 
-def _inputs(aggregates: list[Aggregate]) -> tuple[list[pl.Expr], list[_Job]]:
-    """The columns the aggregates read, computed once on the input rows, and their jobs."""
+def _inputs(aggregates: list[Aggregate], complete: set[str]) -> tuple[list[pl.Expr], list[_Job]]:
+    """The columns the aggregates read, computed once on the input rows, and their jobs.
+    ``complete``: the input columns without a null."""
     columns: dict[str, pl.Expr] = {IS_FRAUD: pl.col(IS_FRAUD).cast(pl.Int64)}
     jobs = []
     for index, a in enumerate(aggregates):
@@ -282,7 +285,8 @@ def _inputs(aggregates: list[Aggregate]) -> tuple[list[pl.Expr], list[_Job]]:
             passes = passes & pl.col(a.of).is_not_null()
         mask = f"__m{index}"
         columns[mask] = passes
-        jobs += [_Job(a, window, mask, value) for window in a.windows]
+        every = where is None and (a.of is None or a.of in complete)
+        jobs += [_Job(a, window, mask, value, every) for window in a.windows]
     return [expr.alias(name) for name, expr in columns.items()], jobs
 
 
@@ -420,7 +424,7 @@ class _RunningSums:
 
 
 def _range_count(job: _Job, window: _Range, sums: _RunningSums) -> pl.Expr:
-    if job.aggregate.where is None and job.value is None:
+    if job.every:
         top = pl.col("__pos") + 1 if window.own_end else pl.col(f"@hi{window.index}")
         return (top - pl.col(f"@lo{window.index}")).cast(pl.Float64)
     mask = pl.col(job.mask).cast(pl.Int64)
@@ -433,16 +437,24 @@ def _prefix_feature(job: _Job, window: _Range, sums: _RunningSums) -> pl.Expr:
     if a.fn == "count":
         return count
     if a.fn in ("fraud_count", "fraud_rate"):
-        fraud = pl.when(pl.col(job.mask)).then(pl.col(IS_FRAUD)).otherwise(0)
+        fraud = (
+            pl.col(IS_FRAUD)
+            if job.every
+            else pl.when(pl.col(job.mask)).then(pl.col(IS_FRAUD)).otherwise(0)
+        )
         frauds = sums.over(f"{job.mask}f", fraud, window, exact=False).cast(pl.Float64)
         return frauds if a.fn == "fraud_count" else _or_default(count, frauds / count, a)
-    value = pl.when(pl.col(job.mask)).then(pl.col(str(job.value))).otherwise(0.0)
+    value = pl.col(str(job.value))
+    if not job.every:
+        value = pl.when(pl.col(job.mask)).then(value).otherwise(0.0)
     if a.fn in ("sum", "mean"):
         total = sums.over(f"{job.mask}v", value, window, exact=True)
         return total if a.fn == "sum" else _or_default(count, total / count, a)
     # std: population, from sums of squares about the block's first value (less cancellation).
     reference = pl.col(str(job.value)).drop_nulls().first().over("__block")
-    shifted = pl.when(pl.col(job.mask)).then(pl.col(str(job.value)) - reference).otherwise(0.0)
+    shifted = pl.col(str(job.value)) - reference
+    if not job.every:
+        shifted = pl.when(pl.col(job.mask)).then(shifted).otherwise(0.0)
     s1 = sums.over(f"{job.mask}s", shifted, window, exact=True)
     s2 = sums.over(f"{job.mask}s2", shifted * shifted, window, exact=True)
     variance = (s2 - s1 * s1 / count) / count
