@@ -20,7 +20,7 @@ import pytest
 
 from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import read_decisions, read_labels
-from fraudflow.serve.cases import CaseIn, CaseStore
+from fraudflow.serve.cases import CaseFilter, CaseIn, CaseStore
 from fraudflow.serve.console import now_us
 from fraudflow.serve.settings import ServeSettings
 from fraudflow.serve.users import UserStore, users_path_for
@@ -333,3 +333,46 @@ def test_a_fraud_verdict_reaches_the_online_features(console: Console) -> None:
         "fraud", "ann", "card reported stolen"
     )  # fmt: skip
     assert [e["action"] for e in console.cases.events()][-3:] == ["take", "view", "verdict"]
+
+
+# --- decisions open cases -----------------------------------------------------------------
+
+POLICY = """\
+version: 1
+thresholds: {review: 0.30, block: 0.90}
+rules:
+  - {name: large_amount, when: {feature: amount, above: 5000}, action: review}
+  - {name: huge_amount, when: {feature: amount, above: 9000}, action: block}
+"""
+
+
+def test_review_and_block_decisions_open_cases(run_dir: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    for console in served(run_dir, tmp_path / "data", policy=policy):
+        txs = [transaction(1, amount=12.0), transaction(2, amount=6000.0)]
+        txs.append(transaction(3, amount=9500.0))
+        with console.client() as api:
+            response = api.post("/v1/decisions/batch", json={"transactions": txs}, headers=AUTH)
+            assert response.status_code == 200, response.text
+            again = api.post("/v1/decisions", json=txs[1], headers=AUTH)  # a replay: no new case
+            assert again.status_code == 200
+        decided = {d["transaction_id"]: d["decision"] for d in response.json()["decisions"]}
+        assert decided["tx-2"] in ("review", "block") and decided["tx-3"] == "block"
+        cases = {c.transaction_id: c for c in console.cases.queue(CaseFilter())}
+        assert sorted(cases) == sorted(t for t, d in decided.items() if d != "approve")
+        assert cases["tx-3"].confirm_only and cases["tx-3"].decision == "block"
+        assert any("5000" in reason for reason in cases["tx-2"].reasons)
+        ann = console.sign_in("ann")
+        assert "tx-3" in ann.get(f"/console/cases/{take(ann)}").text  # score x amount: first
+
+
+def test_without_the_console_no_case_is_opened(run_dir: Path, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    for console in served(run_dir, tmp_path / "data", policy=policy, console=False):
+        with console.client() as client:
+            tx = transaction(1, amount=9500.0)
+            assert client.post("/v1/decisions", json=tx, headers=AUTH).status_code == 200
+            assert client.get("/console/login").status_code == 404
+        assert console.cases.queue(CaseFilter()) == []

@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fraudflow.serve.auth import load_api_keys
-from fraudflow.serve.console import build_console_router
+from fraudflow.serve.console import ConsoleStores, build_console_router
 from fraudflow.serve.endpoints import ERROR_KIND_KEY, DirectRoutes, post_routes
 from fraudflow.serve.metrics import ServiceMetrics
 from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router, publish_exact_schemas
@@ -61,8 +61,13 @@ def create_app(
     (``gc.freeze``), process-wide: for a process that only serves (``run_server``).
     """
     metrics = ServiceMetrics(multiprocess_dir=settings.prometheus_multiproc_dir)
+    stores = ConsoleStores(settings) if settings.console else None
     service = DecisionService(
-        settings, metrics=metrics, keys=load_api_keys(settings), loader=loader
+        settings,
+        metrics=metrics,
+        keys=load_api_keys(settings),
+        loader=loader,
+        open_cases=None if stores is None else (lambda cases: stores.cases.open_cases(cases)),
     )
     if settings.insecure_no_auth:
         log.warning("--insecure-no-auth: every caller may decide, label and reload models")
@@ -73,8 +78,8 @@ def create_app(
     )
     app.state.service = service
     app.include_router(build_router(settings))
-    if settings.console:  # its verdicts are labels through the service, as POST /v1/labels
-        app.include_router(build_console_router(settings, labels=service))
+    if stores is not None:  # its verdicts are labels through the service, as POST /v1/labels
+        app.include_router(build_console_router(stores, labels=service))
     publish_exact_schemas(app, settings)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(DirectRoutes, service=service, routes=post_routes(settings))

@@ -129,10 +129,9 @@ class _Refused(Exception):
 
 
 def build_console_router(
-    settings: ServeSettings, *, labels: LabelSink, clock: Callable[[], int] = now_us
+    stores: ConsoleStores, *, labels: LabelSink, clock: Callable[[], int] = now_us
 ) -> APIRouter:
     """The console's routes; ``labels`` records verdicts as ``POST /v1/labels`` does."""
-    stores = ConsoleStores(settings)
     router = APIRouter(prefix="/console", include_in_schema=False)
     console = _Console(stores, labels, clock)
     router.add_api_route("", console.home, methods=["GET"])

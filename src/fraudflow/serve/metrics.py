@@ -55,6 +55,7 @@ ERROR_KINDS = (
     "state_store",  # the feature state store failed
     "audit",  # the audit log failed
     "reload",  # an admin reload failed
+    "cases",  # opening the review console's cases failed (the decisions were answered)
     "internal",  # anything else (500)
 )
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 1.0)

@@ -51,6 +51,7 @@ from fraudflow.features.online import (
 from fraudflow.files import write_json_atomic
 from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, now_us
 from fraudflow.serve.auth import ApiKeys
+from fraudflow.serve.cases import CaseIn
 from fraudflow.serve.coalesce import Coalescer
 from fraudflow.serve.health import AUDIT_LOG, STATE_STORE, FolderProbe, Health, RedisProbe
 from fraudflow.serve.idempotency import (
@@ -67,7 +68,7 @@ from fraudflow.serve.scoring import Engine, Judgements, load_engine
 from fraudflow.serve.settings import ServeSettings
 from fraudflow.serve.state import open_store, sqlite_file
 
-__all__ = ["ACTIVE_MODEL_FILE", "DecisionService", "EngineLoader", "TimedStore"]
+__all__ = ["ACTIVE_MODEL_FILE", "CaseOpener", "DecisionService", "EngineLoader", "TimedStore"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ log = logging.getLogger(__name__)
 ACTIVE_MODEL_FILE = "active_model.json"
 
 EngineLoader = Callable[[Path, StateStore], Engine]
+# Opens the review console's cases of decisions (``CaseStore.open_cases``); returns how many.
+CaseOpener = Callable[[Sequence[CaseIn]], int]
 
 
 # How long a request waits for a worker that is still loading its model before a 503.
@@ -158,8 +161,10 @@ class DecisionService:
         metrics: ServiceMetrics,
         keys: ApiKeys,
         loader: EngineLoader | None = None,
+        open_cases: CaseOpener | None = None,
     ) -> None:
         self.settings = settings
+        self._open_cases = open_cases  # the review console's cases; None: no console
         self.metrics = metrics
         self.keys = keys
         self.engine: Engine | None = None  # swapped whole on reload; read once per request
@@ -406,16 +411,46 @@ class DecisionService:
         try:
             judged = engine.judge(batch.values, [e.amount for e in batch.events])
             # One clock read for the group, decided together.
-            records = _records(engine, batch, judged, decided_at_us=now_us())
+            decided_at_us = now_us()
+            records = _records(engine, batch, judged, decided_at_us=decided_at_us)
             await self._commit(resources, records)
         except BaseException as exc:
             self._pending.fail(pending, tids, exc)
             raise
         bodies = [record.response for record in records]
         self._pending.resolve(pending, tids, bodies)
+        await self._open_review_cases(batch, judged, decided_at_us)
         for i, body in zip(batch.indices, bodies, strict=True):
             answers[i] = body
         self._observe(judged)
+
+    async def _open_review_cases(self, batch: _Fresh, judged: Judgements, at_us: int) -> None:
+        """Open the review console's cases of the group's review and block decisions: one
+        write for the group, off the loop, after the decisions' audit commit.
+
+        The decisions are recorded and answered either way: a case store that fails is
+        logged and counted (``fraudflow_errors_total{kind="cases"}``), the request is not.
+        """
+        if self._open_cases is None:
+            return
+        wanted = [i for i, action in enumerate(judged.actions) if action != "approve"]
+        if not wanted:
+            return
+        events, scores = batch.events, judged.scores
+        cases = [
+            CaseIn(
+                transaction_id=events[i].transaction_id, customer_id=events[i].customer_id,
+                terminal_id=events[i].terminal_id, amount=events[i].amount,
+                score=float(scores[i]), decision=judged.actions[i],
+                reasons=tuple(str(r["detail"]) for r in judged.reasons[i]), at_us=at_us,
+            )
+            for i in wanted
+        ]  # fmt: skip
+        try:
+            await asyncio.to_thread(self._open_cases, cases)
+        except Exception:
+            log.exception("opening the review cases of %d decisions failed", len(cases))
+            self.metrics.errors.labels(kind="cases").inc()
 
     async def _record(self, engine: Engine, events: list[Event]) -> FeatureRows:
         """Apply the events to the state, in a thread: the store may wait on a disk or on
