@@ -74,7 +74,7 @@ def create_app(
     app = FastAPI(
         title="fraudflow decisions",
         summary="Real-time fraud decisions: score, policy, reasons.",
-        lifespan=_lifespan(service, freeze_gc=freeze_gc),
+        lifespan=_lifespan(service, stores, freeze_gc=freeze_gc),
     )
     app.state.service = service
     app.include_router(build_router(settings))
@@ -107,7 +107,7 @@ def _log_to_stderr(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-def _lifespan(service: DecisionService, *, freeze_gc: bool) -> Any:
+def _lifespan(service: DecisionService, stores: ConsoleStores | None, *, freeze_gc: bool) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(service.settings.torch_threads)  # one worker per core
@@ -125,6 +125,8 @@ def _lifespan(service: DecisionService, *, freeze_gc: bool) -> Any:
             service.stop_opening()
             await starting  # a load in a thread cannot be cancelled; let it end
             service.close()
+            if stores is not None:
+                stores.close()
             if freeze_gc:
                 gc.unfreeze()
 

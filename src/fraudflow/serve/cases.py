@@ -162,6 +162,10 @@ class CaseStore:
         self.hold_us = hold_seconds * _US
         self.open_block_cases = open_block_cases
         self._local = threading.local()
+        # Every thread's connection, so that ``close`` ends them all: the console and the
+        # service call in from a pool of threads, and an open file keeps its disk busy.
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
         self._connection().executescript(_SCHEMA)  # commits by itself
 
     # ---------------------------------------------------------------- opening
@@ -348,10 +352,12 @@ class CaseStore:
             self._event(db, None, now_us, user, action, detail)
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
+        """Close every thread's connection (a later call opens new ones)."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        for db in connections:
             db.close()
-            self._local.db = None
 
     # ---------------------------------------------------------------- internals
 
@@ -359,10 +365,15 @@ class CaseStore:
         db = getattr(self._local, "db", None)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+            # Used by its own thread only; ``close`` may end it from another.
+            db = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
         return db
 
     def _read(self) -> sqlite3.Connection:

@@ -92,6 +92,13 @@ class ConsoleStores:
         s = self.settings
         return UserStore(users_path_for(s.audit_path), session_seconds=s.console_session_seconds)
 
+    def close(self) -> None:
+        """Close the stores opened (at shut-down: their files stay open until then)."""
+        for name in ("cases", "users"):
+            store = self.__dict__.get(name)  # the cached_property's value, if it ran
+            if store is not None:
+                store.close()
+
 
 _templates = Environment(
     loader=FileSystemLoader(_HERE / "templates"),

@@ -123,6 +123,8 @@ class UserStore:
         self._hasher = hasher or PasswordHasher()
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
         self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []  # every thread's, for ``close``
+        self._connections_lock = threading.Lock()
         self._db().executescript(_SCHEMA)
 
     # ---------------------------------------------------------------- accounts
@@ -268,18 +270,23 @@ class UserStore:
             db.execute("DELETE FROM sessions WHERE token_sha256 = ?", (_digest(token),))
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
+        """Close every thread's connection (a later call opens new ones)."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        for db in connections:
             db.close()
-            self._local.db = None
 
     def _db(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30.0)
+            # Used by its own thread only; ``close`` may end it from another.
+            db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
         return db
 
 
