@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from fraudflow.cli.cases import cases_app
 from fraudflow.cli.data import features_app, generate
 from fraudflow.cli.decisions import decisions_app
 from fraudflow.cli.demo import demo
@@ -33,6 +34,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(policy_app, name="policy")
 app.add_typer(decisions_app, name="decisions")
 app.add_typer(users_app, name="users")
+app.add_typer(cases_app, name="cases")
 
 
 def main() -> None:

@@ -27,9 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import polars as pl
+
+from fraudflow.data.io import write_table
 from fraudflow.errors import ConfigError, DataError
 
-__all__ = ["Case", "CaseFilter", "CaseIn", "CaseStore", "Verdict"]
+__all__ = [
+    "Case",
+    "CaseFilter",
+    "CaseIn",
+    "CaseStore",
+    "Verdict",
+    "export_cases",
+    "read_case_events",
+    "read_cases",
+]
 
 Status = Literal["open", "escalated", "closed"]
 Outcome = Literal["fraud", "not_fraud"]
@@ -452,3 +464,63 @@ def _case(row: Sequence[Any]) -> Case:
     raw["confirm_only"] = bool(raw["confirm_only"])
     raw["reasons"] = tuple(json.loads(raw["reasons"]))
     return Case(**raw)
+
+
+# ---------------------------------------------------------------- export
+
+
+def read_cases(path: Path) -> pl.DataFrame:
+    """Every case of the file at ``path``, oldest first; times as UTC datetimes."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM cases ORDER BY case_id").fetchall()
+    finally:
+        db.close()
+    frame = pl.DataFrame(rows, schema=_CASE_SCHEMA, orient="row")
+    return frame.with_columns(
+        pl.col("confirm_only").cast(pl.Boolean),
+        *(_datetime(c) for c in ("opened_us", "due_us", "held_until_us", "closed_us")),
+    ).rename({"opened_us": "opened_at", "due_us": "due_at", "held_until_us": "held_until",
+              "closed_us": "closed_at"})  # fmt: skip
+
+
+def read_case_events(path: Path) -> pl.DataFrame:
+    """The audit trail of analyst actions (user, time, action, detail), oldest first."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT event_id, case_id, at_us, username, action, detail FROM case_events "
+            "ORDER BY event_id"
+        ).fetchall()
+    finally:
+        db.close()
+    schema = {"event_id": pl.Int64, "case_id": pl.Int64, "at_us": pl.Int64, "user": pl.String,
+              "action": pl.String, "detail": pl.String}  # fmt: skip
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    return frame.with_columns(_datetime("at_us")).rename({"at_us": "at"})
+
+
+def export_cases(path: Path, out: Path, *, events: bool = False) -> int:
+    """Write the cases (or the audit trail of analyst actions) to ``out`` (.parquet,
+    atomically); return the rows written."""
+    if Path(out).suffix.lower() != ".parquet":
+        raise ConfigError(f"--out must be a .parquet file, however got {out}")
+    if not Path(path).is_file():
+        raise ConfigError(f"no case store at {path}: has the console opened any case?")
+    frame = read_case_events(path) if events else read_cases(path)
+    write_table(frame, out)
+    return frame.height
+
+
+def _datetime(column: str) -> pl.Expr:
+    return pl.col(column).cast(pl.Datetime("us", "UTC"))
+
+
+_CASE_SCHEMA = {
+    "case_id": pl.Int64, "transaction_id": pl.String, "customer_id": pl.String,
+    "terminal_id": pl.String, "amount": pl.Float64, "score": pl.Float64,
+    "decision": pl.String, "confirm_only": pl.Int64, "reasons": pl.String,
+    "priority": pl.Float64, "queue": pl.String, "opened_us": pl.Int64, "due_us": pl.Int64,
+    "status": pl.String, "assignee": pl.String, "held_until_us": pl.Int64,
+    "outcome": pl.String, "closed_by": pl.String, "closed_us": pl.Int64, "note": pl.String,
+}  # fmt: skip
