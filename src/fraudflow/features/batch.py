@@ -25,6 +25,7 @@ leaves its block. Blocks are processed in chunks small enough that the key fits 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -284,8 +285,9 @@ def _inputs(aggregates: list[Aggregate], complete: set[str]) -> tuple[list[pl.Ex
             columns[value] = pl.col(a.of)
             passes = passes & pl.col(a.of).is_not_null()
         mask = f"__m{index}"
-        columns[mask] = passes
         every = where is None and (a.of is None or a.of in complete)
+        if not every or a.fn in _NUMPY:  # running sums of a complete column read no mask
+            columns[mask] = passes
         jobs += [_Job(a, window, mask, value, every) for window in a.windows]
     return [expr.alias(name) for name, expr in columns.items()], jobs
 
@@ -357,21 +359,39 @@ class _Chunk:
             lo = np.maximum(self.start, top - int(window.events or 0))
         return lo, hi
 
+    def search_all(self, offsets: set[int]) -> None:
+        """Run the binary searches of ``offsets`` at once: NumPy's searchsorted releases the
+        GIL, so they overlap in threads."""
+        todo = sorted(offsets - self._searched.keys())
+        with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+            for offset in todo:
+                pool.submit(self.after, offset)
+
     def features(self, jobs: list[_Job]) -> pl.DataFrame:
+        offsets = set()
+        for job in jobs:
+            delayed, reach = job.aggregate.delayed, (job.window.seconds or 0) * _US
+            if delayed:
+                offsets.add(self.delay_us)
+            if job.window.seconds is not None:
+                offsets.add(reach + (self.delay_us if delayed else 0))
+        self.search_all(offsets)
         columns: dict[str, pl.Series] = {}
         sums = _RunningSums()
         exprs: list[pl.Expr] = []
-        for index, job in enumerate(jobs):
+        for job in jobs:
             lo, hi = self.bounds(job.window, job.aggregate.delayed)
-            columns[f"@lo{index}"] = pl.Series(lo)
+            # Windows of equal bounds (count and mean over 1d, say) share their columns.
+            key = f"{job.window.label}:{int(job.aggregate.delayed)}"
+            columns[f"@lo{key}"] = pl.Series(lo)
             if hi is not None:
-                columns[f"@hi{index}"] = pl.Series(hi)
+                columns[f"@hi{key}"] = pl.Series(hi)
             compute = _NUMPY.get(job.aggregate.fn)
             if compute is not None:
                 values = compute(self, job, lo, hi)
                 columns[job.name] = pl.Series(job.name, values, nan_to_null=True)
             else:
-                window = _Range(index, own_end=hi is None)
+                window = _Range(key, own_end=hi is None)
                 exprs.append(_prefix_feature(job, window, sums).alias(job.name))
         frame = self.frame.with_columns(
             pl.int_range(pl.len(), dtype=pl.Int64).alias("__pos"),
@@ -387,9 +407,9 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _Range:
-    """A job's window [lo, hi) as columns: ``@lo{index}``, and ``@hi{index}`` or the row."""
+    """A job's window [lo, hi) as columns: ``@lo{key}``, and ``@hi{key}`` or the row."""
 
-    index: int
+    key: str
     own_end: bool
 
 
@@ -408,8 +428,8 @@ class _RunningSums:
         self._quantities.setdefault(name, (quantity, exact))
         inclusive, value = pl.col(f"__inc{name}"), pl.col(f"__q{name}")
         exclusive = inclusive - value
-        top = inclusive if window.own_end else exclusive.gather(pl.col(f"@hi{window.index}"))
-        return top - exclusive.gather(pl.col(f"@lo{window.index}"))
+        top = inclusive if window.own_end else exclusive.gather(pl.col(f"@hi{window.key}"))
+        return top - exclusive.gather(pl.col(f"@lo{window.key}"))
 
     def quantities(self) -> list[pl.Expr]:
         return [q.alias(f"__q{name}") for name, (q, _) in self._quantities.items()]
@@ -425,8 +445,8 @@ class _RunningSums:
 
 def _range_count(job: _Job, window: _Range, sums: _RunningSums) -> pl.Expr:
     if job.every:
-        top = pl.col("__pos") + 1 if window.own_end else pl.col(f"@hi{window.index}")
-        return (top - pl.col(f"@lo{window.index}")).cast(pl.Float64)
+        top = pl.col("__pos") + 1 if window.own_end else pl.col(f"@hi{window.key}")
+        return (top - pl.col(f"@lo{window.key}")).cast(pl.Float64)
     mask = pl.col(job.mask).cast(pl.Int64)
     return sums.over(f"{job.mask}n", mask, window, exact=False).cast(pl.Float64)
 
