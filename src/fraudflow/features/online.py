@@ -458,8 +458,8 @@ class OnlineFeatures:
         x[:, st.customer_means] = mean.T
         # As in batch: a zero mean (only zero amounts, this one too) gives a ratio of 1:
         # (0 + 1) / (0 + 1). Otherwise amount / mean exactly (adding 0.0 changes nothing).
-        # Plain arithmetic, not divide(where=...): numpy calls cost ~1 us each whatever the
-        # size, and a single decision pays every one.
+        # Plain arithmetic, not divide(where=...): each numpy call has a fixed cost whatever
+        # the size, and a single decision pays every one.
         means = mean[st.ratio_rows]  # (R, N)
         zero = means == 0
         x[:, st.ratio_slots] = ((amount + zero) / (means + zero)).T
@@ -618,8 +618,8 @@ class _History:
 _REBASE_ABOVE = 2.0**24
 # Histories are swept for old events every this many applied events: each sweep visits every
 # history touched since, about one per entity of a busy service, so rarer sweeps cost less per
-# event (measured against 4,096: ~0.35 us less per answered event, ~0.4 per caught-up one);
-# the old events kept in between are memory only, no window reaches them.
+# event (benchmarks/serve.py's server CPU per decision compared this against 4,096); the old
+# events kept in between are memory only, no window reaches them.
 _SWEEP_EVERY = 65_536
 _EMPTY = _History()  # the history of an entity never seen; never written
 

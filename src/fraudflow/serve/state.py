@@ -384,7 +384,7 @@ class SQLiteStore:
 #   tx                 hash      transaction_id -> JSON [t_us, customer_id, terminal_id]
 #   txt                zset      score t_us, member transaction_id: for forgetting old ones
 #   label              hash      transaction_id -> "0" | "1", the latest label
-# Scores are doubles: integer microseconds are exact up to 2**53 us (the year 2255).
+# Scores are doubles: integer microsecond times are exact up to 2**53 (the year 2255).
 
 _FORGET_LUA = """
 local function forget_transactions(prefix, until_us)
