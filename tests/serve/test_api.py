@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -136,20 +136,6 @@ SMALL_SIM = SimulationConfig(n_customers=150, n_terminals=300, n_days=60, seed=3
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _, run = simulate_and_train(tmp_path_factory.mktemp("api"), SMALL_SIM)
     return run
-
-
-@pytest.fixture
-def server(run_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
-    with LiveServer(create_app(settings_for(run_dir, tmp_path / "data"))) as live:
-        with live.client() as client:
-            wait_ready(client)
-        yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
 
 
 # --- decisions ----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ answered (``DirectRoutes`` in the app, the router's routes alone) give the same 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,20 +41,6 @@ TOO_BIG_ID = 2**64  # the id of the issue: a 500 after the state update, for its
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _, run = simulate_and_train(tmp_path_factory.mktemp("input"), SMALL_SIM)
     return run
-
-
-@pytest.fixture
-def server(run_dir: Path, tmp_path: Path) -> Iterator[LiveServer]:
-    with LiveServer(create_app(settings_for(run_dir, tmp_path / "data"))) as live:
-        with live.client() as client:
-            wait_ready(client)
-        yield live
-
-
-@pytest.fixture
-def client(server: LiveServer) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
 
 
 def decided(tmp_path: Path) -> list[str]:
