@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +30,7 @@ import polars as pl
 
 from fraudflow.data.io import write_table
 from fraudflow.errors import ConfigError, DataError
+from fraudflow.serve.sqlite import ThreadConnections
 
 __all__ = [
     "Case",
@@ -173,12 +173,9 @@ class CaseStore:
         self.sla_us = sla_seconds * _US
         self.hold_us = hold_seconds * _US
         self.open_block_cases = open_block_cases
-        self._local = threading.local()
-        # Every thread's connection, so that ``close`` ends them all: the console and the
-        # service call in from a pool of threads, and an open file keeps its disk busy.
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
-        self._connection().executescript(_SCHEMA)  # commits by itself
+        # The console and the service call in from a pool of threads: a connection each.
+        self._db = ThreadConnections(self.path)
+        self._db.get().executescript(_SCHEMA)  # commits by itself
 
     # ---------------------------------------------------------------- opening
 
@@ -365,42 +362,15 @@ class CaseStore:
 
     def close(self) -> None:
         """Close every thread's connection (a later call opens new ones)."""
-        with self._connections_lock:
-            connections, self._connections = self._connections, []
-            self._local = threading.local()
-        for db in connections:
-            db.close()
+        self._db.close()
 
     # ---------------------------------------------------------------- internals
 
-    def _connection(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Used by its own thread only; ``close`` may end it from another.
-            db = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            self._local.db = db
-            with self._connections_lock:
-                self._connections.append(db)
-        return db
-
     def _read(self) -> sqlite3.Connection:
-        return self._connection()
+        return self._db.get()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE")  # the write lock first: reads inside are consistent
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._db.transaction()  # the write lock first: reads inside are consistent
 
     def _locked(self, db: sqlite3.Connection, case_id: int) -> Case:
         row = db.execute(

@@ -17,6 +17,10 @@ own connection every ``interval_seconds``. PASSIVE never waits for readers or wr
 copies what it can, and the next writer restarts the WAL from its start once all of it was
 copied. Several processes may each run one on the same file; one that finds the checkpoint
 lock taken just tries again later.
+
+Per-thread connections. The review console's stores (cases, accounts) are called from a pool
+of threads; ``ThreadConnections`` gives each thread its own connection to the file and closes
+them all at shut-down.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "Checkpointer",
+    "ThreadConnections",
     "connect_wal",
     "execute_waiting",
     "hand_over_waits",
@@ -140,3 +146,53 @@ class Checkpointer:
             return
         if not busy:
             self.checkpoints += 1
+
+
+class ThreadConnections:
+    """One connection per thread to the SQLite file at ``path`` (WAL, autocommit: transactions
+    are explicit, through ``transaction``); ``close`` ends every thread's connection.
+
+    A connection is used by its own thread only, but made with ``check_same_thread=False`` so
+    that ``close`` may end it from another. ``timeout_seconds`` is SQLite's busy timeout: the
+    console's writes are few and short, so they wait the plain way.
+    """
+
+    def __init__(self, path: Path, *, timeout_seconds: float = 30.0) -> None:
+        self.path = Path(path)
+        self.timeout_seconds = timeout_seconds
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> sqlite3.Connection:
+        """This thread's connection (opened, and the file's folder made, on first use)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = connect_wal(self.path, synchronous="FULL", timeout_seconds=self.timeout_seconds)
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on this thread's connection, committed at the end (rolled back
+        on an exception). It takes the write lock first, so reads inside it are consistent
+        with its writes: two of them, in threads or processes, run one after the other."""
+        db = self.get()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every thread's connection (a later ``get`` opens a new one)."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        for db in connections:
+            db.close()

@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
-import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -32,6 +32,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from fraudflow.errors import ConfigError, DataError
+from fraudflow.serve.sqlite import ThreadConnections
 
 __all__ = [
     "ROLES",
@@ -122,9 +123,7 @@ class UserStore:
         self.failure_window_us = failure_window_seconds * _US
         self._hasher = hasher or PasswordHasher()
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []  # every thread's, for ``close``
-        self._connections_lock = threading.Lock()
+        self._connections = ThreadConnections(self.path)  # the service calls from many threads
         self._db().executescript(_SCHEMA)
 
     # ---------------------------------------------------------------- accounts
@@ -140,7 +139,7 @@ class UserStore:
             )
         digest = self._hasher.hash(password)
         try:
-            with self._db() as db:
+            with self._write() as db:
                 db.execute(
                     "INSERT INTO users (username, role, password_hash, created_us) "
                     "VALUES (?, ?, ?, ?)",
@@ -172,7 +171,7 @@ class UserStore:
     def disable(self, username: str) -> None:
         """Disable the account and end its sessions."""
         self.get(username)  # DataError naming it if it does not exist
-        with self._db() as db:
+        with self._write() as db:
             db.execute("UPDATE users SET disabled = 1 WHERE username = ?", (username,))
             db.execute("DELETE FROM sessions WHERE username = ?", (username,))
 
@@ -194,13 +193,13 @@ class UserStore:
         )
         stored, disabled = (self._dummy_hash, True) if row is None else (row[0], bool(row[1]))
         if not self._verify(stored, password) or disabled:
-            with self._db() as db:
+            with self._write() as db:
                 db.execute(
                     "INSERT INTO login_failures (username, at_us) VALUES (?, ?)",
                     (username, now_us),
                 )
             raise LoginRefused("wrong user name or password, or the account is disabled")
-        with self._db() as db:
+        with self._write() as db:
             db.execute("DELETE FROM login_failures WHERE username = ?", (username,))
             if self._hasher.check_needs_rehash(stored):  # parameters raised since it was set
                 db.execute(
@@ -232,7 +231,7 @@ class UserStore:
 
     def open_session(self, user: User, now_us: int) -> Session:
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        with self._db() as db:
+        with self._write() as db:
             db.execute("DELETE FROM sessions WHERE expires_us < ?", (now_us,))
             db.execute(
                 "INSERT INTO sessions (token_sha256, username, csrf, expires_us) "
@@ -258,7 +257,7 @@ class UserStore:
         )
         if row is None or row[3]:
             return None
-        with self._db() as db:
+        with self._write() as db:
             db.execute(
                 "UPDATE sessions SET expires_us = ? WHERE token_sha256 = ?",
                 (now_us + self.session_us, key),
@@ -266,28 +265,18 @@ class UserStore:
         return Session(token, row[0], User(row[1], row[2], bool(row[3]), row[4]))
 
     def close_session(self, token: str) -> None:
-        with self._db() as db:
+        with self._write() as db:
             db.execute("DELETE FROM sessions WHERE token_sha256 = ?", (_digest(token),))
 
     def close(self) -> None:
         """Close every thread's connection (a later call opens new ones)."""
-        with self._connections_lock:
-            connections, self._connections = self._connections, []
-            self._local = threading.local()
-        for db in connections:
-            db.close()
+        self._connections.close()
 
     def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Used by its own thread only; ``close`` may end it from another.
-            db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            self._local.db = db
-            with self._connections_lock:
-                self._connections.append(db)
-        return db
+        return self._connections.get()
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._connections.transaction()
 
 
 def _digest(token: str) -> bytes:
