@@ -298,9 +298,15 @@ def _oracle(entry: dict, window: str, rows: list[dict], i: int, delay_s: int) ->
         return float(len(set(values)))
     if fn == "fraud_count":
         return float(sum(r["is_fraud"] for r in inside))
+    unit = {"s": 1, "h": 3_600}[entry.get("unit", "s")]
     if fn == "time_since_last":
         before = [r for r in inside if r["pos"] < rows[i]["pos"]]
-        return (rows[i]["t"] - before[-1]["t"]) if before else default
+        return (rows[i]["t"] - before[-1]["t"]) / unit if before else default
+    if fn == "time_since_first":
+        return (rows[i]["t"] - inside[0]["t"]) / unit if inside else default
+    if fn == "time_since_fraud":
+        frauds = [r for r in inside if r["is_fraud"]]
+        return (rows[i]["t"] - frauds[-1]["t"]) / unit if frauds else default
     if not inside:
         return default
     if fn == "fraud_rate":
@@ -344,18 +350,47 @@ def test_random_specs_match_a_brute_force_oracle(seed: int) -> None:
                         assert got == pytest.approx(want, rel=1e-9, abs=tolerance), where
 
 
-def test_the_v2_block_adds_six_features_computed_point_in_time() -> None:
+def test_the_v2_block_adds_eight_features_computed_point_in_time() -> None:
     spec = default_spec(FeatureConfig(), v2=True)
     added = spec.feature_names[25:]
     assert spec.feature_names[:25] == default_spec(FeatureConfig()).feature_names
     assert added == [
         "customer__amount_zscore__30d", "customer__amount_ratio__last10",
         "customer__terminals__1d", "customer__terminals__7d", "terminal__cards__1d",
-        "terminal__known_fraud_count__1d",
+        "terminal__known_fraud_count__1d", "customer__days_since_first__30d",
+        "terminal__days_since_fraud__30d",
     ]  # fmt: skip
     out = build_features(LOG, spec)
+    # Card A first seen at minute 0; card B's first row is its own (age 0). No label is known
+    # within the 7-day delay: the terminal's days since fraud is the 37-day far end.
+    age = dict(zip(out["transaction_id"], out["customer__days_since_first__30d"], strict=True))
+    assert age[3] == pytest.approx(10 / 1_440) and age[6] == pytest.approx(130 / 1_440)
+    assert age[5] == 0.0
+    assert out["terminal__days_since_fraud__30d"].to_list() == [37.0] * 6
     # Card A: amounts 10, 20, 30 at t=0, 10, 10 (minutes): row 3's 30-day mean 20, std
     # sqrt(200/3); its z-score (30 - 20) / 8.165 = 1.2247.
     row3 = out.filter(pl.col("transaction_id") == 3)
     assert row3["customer__amount_zscore__30d"].item() == pytest.approx(10 / math.sqrt(200 / 3))
     assert row3["customer__amount_ratio__last10"].item() == pytest.approx(1.5)
+
+
+def test_time_since_first_and_time_since_fraud_by_hand() -> None:
+    spec = parse_spec(
+        {
+            "label_delay": "1h",
+            "aggregate": [
+                {"name": "first", "by": ["customer_id"], "fn": "time_since_first",
+                 "unit": "m", "windows": ["1h"]},
+                {"name": "fraud", "by": ["terminal_id"], "fn": "time_since_fraud",
+                 "unit": "m", "windows": ["2h"]},
+            ],
+        }
+    )  # fmt: skip
+    out = build_features(LOG, spec)
+    got = {row["transaction_id"]: (row["first__1h"], row["fraud__2h"]) for row in out.to_dicts()}
+    # Card A: rows at minutes 0, 10, 10, 70, 130; within 1h of minute 70 only row 4 itself.
+    # Terminal T: the one fraud (row 2, minute 10) is known from minute 70 on.
+    assert got == {
+        1: (0.0, None), 2: (10.0, None), 3: (10.0, None), 4: (0.0, 60.0), 5: (0.0, 70.0),
+        6: (0.0, 120.0),
+    }  # fmt: skip

@@ -45,7 +45,8 @@ def random_spec(rng: random.Random) -> dict:
     aggregates = []
     for index in range(rng.randint(3, 7)):
         fn = rng.choice(FUNCTIONS)
-        windows = rng.sample(WINDOWS, rng.randint(1, 2))
+        durations = [w for w in WINDOWS if not w.startswith("last")]
+        windows = rng.sample(durations if fn == "time_since_fraud" else WINDOWS, rng.randint(1, 2))
         entry = {"name": f"f{index}", "by": rng.choice(KEYS), "fn": fn, "windows": windows}
         if fn in ("sum", "mean", "min", "max", "std"):
             entry["of"] = rng.choice(["amount", "score"])
@@ -54,13 +55,18 @@ def random_spec(rng: random.Random) -> dict:
         where = rng.choice(list(WHERE))
         if where is not None:
             entry["where"] = where
-        delayable = fn != "time_since_last" and not (
+        delayable = fn not in ("time_since_last", "time_since_first") and not (
             fn == "count_distinct" and any(w.startswith("last") for w in windows)
         )
-        if fn in ("fraud_count", "fraud_rate") or (delayable and rng.random() < 0.3):
+        if fn in ("fraud_count", "fraud_rate", "time_since_fraud") or (
+            delayable and rng.random() < 0.3
+        ):
             entry["delayed"] = True
-        if fn in ("mean", "min", "max", "std", "fraud_rate") and rng.random() < 0.5:
+        nullable = ("mean", "min", "max", "std", "fraud_rate", "time_since_first")
+        if fn in (*nullable, "time_since_fraud") and rng.random() < 0.5:
             entry["default"] = -7.0
+        if fn.startswith("time_since") and rng.random() < 0.5:
+            entry["unit"] = "h"
         aggregates.append(entry)
     names = [f"{a['name']}__{a['windows'][0].replace(' ', '')}" for a in aggregates]
     derives = [

@@ -15,7 +15,8 @@ Sums over a range are differences of running sums; float sums restart at each ke
 values never depend, not even by rounding, on other keys' rows. ``min``/``max`` read a sparse
 table of range extremes; ``count_distinct`` adds +1 over the positions whose window holds a
 value's earliest occurrence (see ``_distinct``); ``time_since_last`` looks back to the key's
-previous matching row.
+previous matching row, ``time_since_first`` forward from lo to the next matching row, and
+``time_since_fraud`` back from hi to the latest matching fraud row.
 
 The binary search runs on one sorted integer key per key block, ``block * stride + (t -
 t_min)``, with ``stride`` wider than the time span plus the longest window, so a search never
@@ -575,9 +576,37 @@ def _since_last(chunk: _Chunk, job: _Job, lo: np.ndarray, hi: np.ndarray | None)
     return _fill_empty(gap / unit_us, found.astype(np.int64), job.aggregate.default)
 
 
+def _since_first(chunk: _Chunk, job: _Job, lo: np.ndarray, hi: np.ndarray | None) -> np.ndarray:
+    """Time since the window's earliest matching row, the row itself included."""
+    mask = chunk.frame[job.mask].to_numpy()
+    top = chunk.pos + 1 if hi is None else hi
+    # Per position, the next matching position at or after it (n: none).
+    following = np.minimum.accumulate(np.where(mask, chunk.pos, chunk.n)[::-1])[::-1]
+    first = np.append(following, chunk.n)[lo]
+    found = first < top
+    gap = (chunk.t - chunk.t[np.minimum(first, chunk.n - 1)]).astype(np.float64)
+    unit_us = UNIT_SECONDS[job.aggregate.unit] * _US
+    return _fill_empty(gap / unit_us, found.astype(np.int64), job.aggregate.default)
+
+
+def _since_fraud(chunk: _Chunk, job: _Job, lo: np.ndarray, hi: np.ndarray | None) -> np.ndarray:
+    """Time since the window's latest matching row labelled fraud (a delayed window)."""
+    assert hi is not None, "time_since_fraud windows are delayed (the spec says so)"
+    fraud = chunk.frame[job.mask].to_numpy() & (chunk.frame[IS_FRAUD].to_numpy() == 1)
+    # Per position, the latest fraud position at or before it (-1: none).
+    latest = np.maximum.accumulate(np.where(fraud, chunk.pos, -1))
+    last = np.concatenate([[-1], latest])[hi]  # at or before hi - 1
+    found = (hi > lo) & (last >= lo)
+    gap = (chunk.t - chunk.t[np.maximum(last, 0)]).astype(np.float64)
+    unit_us = UNIT_SECONDS[job.aggregate.unit] * _US
+    return _fill_empty(gap / unit_us, found.astype(np.int64), job.aggregate.default)
+
+
 _NUMPY: dict[str, Callable[[_Chunk, _Job, np.ndarray, np.ndarray | None], np.ndarray]] = {
     "min": _extreme,
     "max": _extreme,
     "count_distinct": _distinct,
     "time_since_last": _since_last,
+    "time_since_first": _since_first,
+    "time_since_fraud": _since_fraud,
 }

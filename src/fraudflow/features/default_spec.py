@@ -78,11 +78,11 @@ def default_spec(cfg: FeatureConfig, *, v2: bool = False) -> FeatureSpec:
         ],
     }  # fmt: skip
     if v2:
-        _add_v2(raw)
+        _add_v2(raw, delay_days=cfg.label_delay_days)
     return parse_spec(raw)
 
 
-def _add_v2(raw: dict[str, Any]) -> None:
+def _add_v2(raw: dict[str, Any], *, delay_days: int) -> None:
     card, terminal = ["customer_id"], ["terminal_id"]
     raw["aggregate"] += [
         {"name": "customer__std_amount", "by": card, "fn": "std", "of": "amount",
@@ -96,6 +96,13 @@ def _add_v2(raw: dict[str, Any]) -> None:
         # Known frauds in the terminal's latest labelled day: (t - delay - 1d, t - delay].
         {"name": "terminal__known_fraud_count", "by": terminal, "fn": "fraud_count",
          "windows": ["1d"]},
+        # Card age, capped at 30 days: new cards are where takeovers and testing start.
+        {"name": "customer__days_since_first", "by": card, "fn": "time_since_first",
+         "unit": "d", "windows": ["30d"]},
+        # Days since the terminal's latest known fraud; none known counts as the window's far
+        # end (30 days plus the label delay), so the value only grows with safety.
+        {"name": "terminal__days_since_fraud", "by": terminal, "fn": "time_since_fraud",
+         "unit": "d", "windows": ["30d"], "default": float(30 + delay_days)},
     ]  # fmt: skip
     raw["derive"] += [
         # The amount against the card's own typical amount.
@@ -109,5 +116,6 @@ def _add_v2(raw: dict[str, Any]) -> None:
     raw["features"] += [
         "customer__amount_zscore__30d", "customer__amount_ratio__last10",
         "customer__terminals__1d", "customer__terminals__7d", "terminal__cards__1d",
-        "terminal__known_fraud_count__1d",
+        "terminal__known_fraud_count__1d", "customer__days_since_first__30d",
+        "terminal__days_since_fraud__30d",
     ]  # fmt: skip

@@ -199,6 +199,13 @@ def _feature(index: int, a: Aggregate, frames: _Frames | _Joined) -> Column:
         latest = frames.latest_before(F.when(mask, F.col(_T)))
         gap = (F.col(_T) - latest).cast("double") / (UNIT_SECONDS[a.unit] * _US)
         return F.coalesce(gap, default)
+    if a.fn in ("time_since_first", "time_since_fraud"):
+        matching = mask if a.fn == "time_since_first" else mask & (F.col(IS_FRAUD) == 1)
+        # The earliest matching time, or the latest fraud's, in the window.
+        pick = "min" if a.fn == "time_since_first" else "max"
+        when = frames.extreme(pick, F.when(matching, F.col(_T)))
+        gap = (F.col(_T) - when).cast("double") / (UNIT_SECONDS[a.unit] * _US)
+        return F.coalesce(gap, default)
     value = F.col(f"__v{index}")
     if a.fn == "count_distinct":
         return frames.distinct(F.when(mask, value)).cast("double")

@@ -14,7 +14,7 @@ A spec is a TOML file (``load_spec``) or the shipped default (``fraudflow.featur
     windows = ["1h", "30d", "last 5"]  # durations (s, m, h, d, w) or the last N events
     delayed = false                    # true: the window ends label_delay before the row
     default = 0.0                      # optional: the value of an empty window, where it is null
-    unit = "h"                         # time_since_last only: s (default), m, h or d
+    unit = "h"                         # time_since_* only: s (default), m, h or d
 
     [[derive]]                         # an expression over features and the row (expressions.py)
     name = "customer__amount_ratio__30d"
@@ -30,7 +30,10 @@ labels, so their windows are always delayed, (t - delay - w, t - delay], where e
 known at t (Le Borgne et al., Fraud Detection Handbook, ch. 3.4). Empty windows: ``count``,
 ``sum``, ``count_distinct`` and ``fraud_count`` are 0; the others are null unless ``default``.
 ``std`` is the population standard deviation. ``time_since_last`` is the time since the key's
-previous matching row (not the row itself) inside the window.
+previous matching row (not the row itself) inside the window; ``time_since_first`` the time
+since the window's earliest matching row (the row itself included: a key's first row gives 0,
+so over a long window it is the card's age); ``time_since_fraud`` reads labels (delayed
+duration windows): the time since the latest matching row of the window known to be fraud.
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ __all__ = [
 
 FUNCTIONS = (
     "count", "sum", "mean", "min", "max", "std", "count_distinct", "time_since_last",
-    "fraud_count", "fraud_rate",
+    "time_since_first", "fraud_count", "fraud_rate", "time_since_fraud",
 )  # fmt: skip
 NEEDS_VALUE = frozenset({"sum", "mean", "min", "max", "std", "count_distinct"})
-READS_LABELS = frozenset({"fraud_count", "fraud_rate"})
+READS_LABELS = frozenset({"fraud_count", "fraud_rate", "time_since_fraud"})
+TIME_FUNCTIONS = frozenset({"time_since_last", "time_since_first", "time_since_fraud"})
 ZERO_WHEN_EMPTY = frozenset({"count", "sum", "count_distinct", "fraud_count"})
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
 _DURATION = re.compile(r"^([1-9][0-9]*)([smhdw])$")
@@ -253,10 +257,12 @@ def _check_aggregate(a: Aggregate, entry: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: `default` is for fns whose empty window is null, as a number")
     if a.default is not None and not isinstance(a.default, int | float):
         raise ConfigError(f"{where}: `default` must be a number, however got {a.default!r}")
-    if "unit" in entry and (a.fn != "time_since_last" or a.unit not in ("s", "m", "h", "d")):
-        raise ConfigError(f"{where}: `unit` is s, m, h or d, for fn time_since_last only")
-    if a.delayed and a.fn == "time_since_last":
-        raise ConfigError(f"{where}: time_since_last windows cannot be delayed")
+    if "unit" in entry and (a.fn not in TIME_FUNCTIONS or a.unit not in ("s", "m", "h", "d")):
+        raise ConfigError(f"{where}: `unit` is s, m, h or d, for the time_since_* fns only")
+    if a.delayed and a.fn in ("time_since_last", "time_since_first"):
+        raise ConfigError(f"{where}: {a.fn} windows cannot be delayed")
+    if a.fn == "time_since_fraud" and any(w.events for w in a.windows):
+        raise ConfigError(f"{where}: time_since_fraud takes duration windows only")
     if a.delayed and a.fn == "count_distinct" and any(w.events for w in a.windows):
         raise ConfigError(f"{where}: delayed count_distinct takes duration windows only")
     if a.where is not None:
@@ -362,7 +368,7 @@ def _aggregate_dict(a: Aggregate) -> dict[str, Any]:
         out["delayed"] = True
     if a.default is not None:
         out["default"] = a.default
-    if a.fn == "time_since_last" and a.unit != "s":
+    if a.fn in TIME_FUNCTIONS and a.unit != "s":
         out["unit"] = a.unit
     return out
 

@@ -163,11 +163,16 @@ class SpecFeatures:
             if fn == "fraud_count":
                 return float(frauds)
             return frauds / len(members) if members else default
-        if fn == "time_since_last":
-            earlier = [e for e in members if e is not me]
-            if not earlier:
+        if fn in ("time_since_last", "time_since_first", "time_since_fraud"):
+            if fn == "time_since_last":
+                found = [e for e in members if e is not me][-1:]
+            elif fn == "time_since_first":
+                found = members[:1]
+            else:
+                found = [e for e in members if self._labels.get(e.transaction_id, 0)][-1:]
+            if not found:
                 return default
-            return (me.t_us - earlier[-1].t_us) / (UNIT_SECONDS[aggregate.unit] * _US)
+            return (me.t_us - found[0].t_us) / (UNIT_SECONDS[aggregate.unit] * _US)
         values = [e.value for e in members]
         if fn == "count_distinct":
             return float(len(set(values)))
