@@ -4,8 +4,10 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import polars as pl
+import pytest
 
-from fraudflow.features.spec import FUNCTIONS
+from fraudflow.features import build_features
+from fraudflow.features.spec import FUNCTIONS, FeatureSpec
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # a Monday, noon
 
@@ -93,3 +95,37 @@ DERIVES = [
     "min({a}, hour) * weekday",
     "not ({a} < 1.5)",
 ]
+
+
+def random_stream(rng: random.Random, log: pl.DataFrame) -> list[tuple[str, dict]]:
+    """The log's events in arrival order, with label reports in between: a label (or its
+    retraction) for an earlier transaction, now and then."""
+    steps: list[tuple[str, dict]] = []
+    seen: list[int] = []
+    for row in log.to_dicts():
+        steps.append(("event", row))
+        seen.append(row["transaction_id"])
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            steps.append(("label", {"id": rng.choice(seen), "is_fraud": rng.random() < 0.5}))
+    return steps
+
+
+def batch_as_it_stood(
+    arrived: list[dict], labels: dict[int, int], spec: FeatureSpec, schema: pl.Schema
+) -> dict:
+    """The batch features of the last arrived event, over the events so far with the labels
+    reported so far."""
+    so_far = pl.DataFrame(arrived, schema=schema).with_columns(
+        pl.col("transaction_id").replace_strict(labels, default=0).alias("is_fraud")
+    )
+    last = arrived[-1]["transaction_id"]
+    batch = build_features(so_far, spec).filter(pl.col("transaction_id") == last)
+    return batch.select(spec.feature_names).row(0, named=True)
+
+
+def assert_same_features(got: dict, want: dict, where: str) -> None:
+    for name, expected in want.items():
+        if expected is None:
+            assert got[name] is None, f"{where}, {name}: {got[name]} (expected null)"
+        else:
+            assert got[name] == pytest.approx(expected, rel=1e-6, abs=1e-6), f"{where}, {name}"

@@ -420,7 +420,7 @@ def test_sqlite_mirror_failure_after_commit_keeps_the_events_and_recovers(
 def test_sqlite_refuses_a_file_of_another_schema_version(tmp_path: Path) -> None:
     with closing(sqlite3.connect(tmp_path / "old.db")) as db:
         db.execute("PRAGMA user_version = 1")
-    with pytest.raises(ConfigError, match="schema version 1, however this fraudflow expects 2"):
+    with pytest.raises(ConfigError, match="schema version 1, however this fraudflow expects 3"):
         SQLiteStore(tmp_path / "old.db")
 
 

@@ -1,31 +1,50 @@
 """The online engine of feature specs: any spec's features of one event at a time.
 
-``SpecFeatures`` evaluates a ``FeatureSpec`` event by event from in-memory histories, with the
-batch engine's rules (``fraudflow.features.spec``): an event sees the events recorded before it
-and itself, never later ones, in (time, arrival) order; a label counts once it is recorded and
-its transaction is at or before t - delay. For every event, its features equal the batch
-features of the log as it stood when the event arrived (the events so far, with the labels
-reported so far): a late event (dated before events already seen) sees those older ones, but
-the events scored before it arrived did not see it; that difference is the nature of online
-scoring, not of this engine.
+``SpecOnline`` evaluates a ``FeatureSpec`` event by event over a ``SpecStore``, with the batch
+engine's rules (``fraudflow.features.spec``): an event sees the events recorded before it and
+itself, never later ones, in (time, arrival) order; a label counts once it is recorded and its
+transaction is at or before t - delay. For every event, its features equal the batch features
+of the log as it stood when the event arrived (the events so far, with the labels reported so
+far): a late event (dated before events already seen) sees those older ones, but the events
+scored before it arrived did not see it; that difference is the nature of online scoring.
 
-It keeps every event of each key (no retention) and scans a window's events per feature, so it
-is the reference for the service's stores, tests and notebooks, not their fast path (the
-service still serves the default spec through ``fraudflow.features.online``).
+One implementation of each aggregate function and window (``_members``, ``_aggregate``); the
+store only keeps events and answers, per event and per key group (the aggregates sharing their
+``by`` columns), the key's stored events that any window of the group can reach (``Layout``):
+those dated in (t - reach, t] plus, for ``last N`` windows, the last N before the window's end.
+Stores: ``MemorySpecStore`` here (tests, notebooks; the durable stores' in-memory mirror), the
+durable ones in ``fraudflow.serve.spec_state``. The service serves the default spec through
+``fraudflow.features.online`` instead (its speed path), and any other spec through this.
+
+Retention: a store forgets a key's events dated at or before the mark (the ``Watermark``, else
+each call's earliest event) minus ``Layout.retention_us`` (the widest duration window, label
+delay included), except the last ``Group.keep`` of them (for ``last N`` windows), and forgets a
+transaction once no key group holds it; a label for a forgotten transaction is refused.
+``reference_engine`` (the reference of the property tests) forgets nothing.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
-from fraudflow.data.schema import TIMESTAMP, TRANSACTION_ID
+import numpy as np
+
+from fraudflow.data.schema import (
+    AMOUNT,
+    CUSTOMER_ID,
+    REQUIRED_COLUMNS,
+    TERMINAL_ID,
+    TIMESTAMP,
+    TRANSACTION_ID,
+)
 from fraudflow.errors import DataError
 from fraudflow.features.expressions import (
+    CALENDAR,
     NIGHT_END_HOUR,
     Binary,
     Call,
@@ -35,145 +54,543 @@ from fraudflow.features.expressions import (
     Logical,
     Name,
     Not,
+    referenced_names,
 )
-from fraudflow.features.spec import UNIT_SECONDS, Aggregate, FeatureSpec, Window
+from fraudflow.features.online import FeatureRows, Watermark
+from fraudflow.features.spec import NEEDS_VALUE, UNIT_SECONDS, Aggregate, FeatureSpec, Window
 
-__all__ = ["SpecFeatures", "evaluate"]
+__all__ = [
+    "Group",
+    "Layout",
+    "MemorySpecStore",
+    "Row",
+    "SpecOnline",
+    "SpecStore",
+    "Stored",
+    "evaluate",
+    "extra_columns",
+    "layout_of",
+    "numeric_columns",
+    "reference_engine",
+    "to_row",
+]
 
 _US = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NEVER = -(2**62)  # before any event
 
 Value = float | str | bool | None
+# The row columns that are not free-form: ids become strings (as the service's events), the
+# amount a float.
+_IDS = (CUSTOMER_ID, TERMINAL_ID)
 
 
-@dataclass(order=True)
-class _Stored:
+class Row(NamedTuple):
+    """One transaction, normalised: its id and time (epoch microseconds, UTC), and its columns:
+    ``customer_id``, ``terminal_id`` (strings), ``amount`` and the extra columns it carries."""
+
+    transaction_id: str
     t_us: int
-    seq: int
-    transaction_id: str = field(compare=False)
-    passes: bool = field(compare=False)  # the aggregate's filter, and a present value
-    value: Any = field(compare=False)
+    columns: dict[str, Value]
 
 
-@dataclass
+class Stored:
+    """A recorded transaction as a store holds it (one object per transaction in memory)."""
+
+    __slots__ = ("columns", "label", "prepared", "refs", "seq", "t_us", "transaction_id")
+
+    def __init__(
+        self, t_us: int, seq: int, transaction_id: str, columns: dict[str, Value], label: int = 0
+    ) -> None:
+        self.t_us = t_us
+        self.seq = seq  # arrival order: ties in time keep it
+        self.transaction_id = transaction_id
+        self.columns = columns
+        self.label = label  # the latest label, 0 or 1
+        # Per (where, of, distinct): the aggregate's filter and value of this row, computed
+        # once (``SpecOnline._prepared``).
+        self.prepared: dict[tuple[str | None, str | None, bool], tuple[bool, Any]] = {}
+        self.refs = 0  # how many key histories of the store hold it
+
+
+@dataclass(frozen=True)
+class Group:
+    """The aggregates sharing key columns ``by``: what their windows of an event at t reach.
+
+    ``reach_us``: the stored events dated in (t - reach_us, t]; ``last``: (offset_us, n), the
+    last n events dated at or before t - offset_us; ``keep``: per key, how many events beyond
+    the retention are kept (the largest n).
+    """
+
+    by: tuple[str, ...]
+    reach_us: int
+    last: tuple[tuple[int, int], ...] = ()
+    keep: int = 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a store keeps for a spec: the key groups, the retention, the row columns."""
+
+    groups: tuple[Group, ...]
+    retention_us: int  # a key's events older than the mark minus this can be forgotten
+    columns: tuple[str, ...]  # the extra (non-canonical) columns the spec reads
+
+
+def layout_of(spec: FeatureSpec) -> Layout:
+    delay_us = spec.label_delay_seconds * _US
+    by_keys: dict[tuple[str, ...], list[Aggregate]] = {}
+    for aggregate in spec.aggregates:
+        by_keys.setdefault(aggregate.by, []).append(aggregate)
+    groups = []
+    for by, aggregates in by_keys.items():
+        reach, last = 0, set()
+        for a in aggregates:
+            offset = delay_us if a.delayed else 0
+            for w in a.windows:
+                if w.events is None:
+                    reach = max(reach, offset + (w.seconds or 0) * _US)
+                elif a.delayed:
+                    last.add((offset, w.events))
+                elif w.events > 1:  # the row itself and the n - 1 before it
+                    last.add((0, w.events - 1))
+        keep = max((n for _, n in last), default=0)
+        groups.append(Group(by, reach, tuple(sorted(last)), keep))
+    # A delayed last-N window ends at t - delay: what it holds must not be forgotten first.
+    offsets = [offset for g in groups for offset, _ in g.last]
+    retention = max([g.reach_us for g in groups] + offsets + [0])
+    return Layout(tuple(groups), retention, extra_columns(spec))
+
+
+def extra_columns(spec: FeatureSpec) -> tuple[str, ...]:
+    """The row columns the spec reads beyond the canonical ones, sorted: what a decision
+    request must carry."""
+    features, names = set(spec.defined), set()
+    for a in spec.aggregates:
+        names |= {*a.by, *([a.of] if a.of else [])}
+        where = a.where_expr
+        names |= referenced_names(where) if where is not None else set()
+    for d in spec.derives:
+        names |= referenced_names(d.tree) - features
+    names |= {c.name for c in spec.columns}
+    return tuple(sorted(names - set(CALENDAR) - set(REQUIRED_COLUMNS)))
+
+
+def numeric_columns(spec: FeatureSpec) -> frozenset[str]:
+    """The extra columns whose values must be numbers: summed, averaged, or a numeric
+    feature of the row."""
+    values = {a.of for a in spec.aggregates if a.fn in NEEDS_VALUE and a.fn != "count_distinct"}
+    values |= {c.name for c in spec.columns if c.kind == "numeric"}
+    return frozenset(v for v in values if v is not None) - frozenset(REQUIRED_COLUMNS)
+
+
+def to_row(tx: Mapping[str, Any], columns: Sequence[str] = ()) -> Row:
+    """A transaction dict (the canonical columns and ``columns``) as a ``Row``.
+
+    An extra column absent from ``tx`` is an error naming it; a null value is kept (null).
+    """
+    missing = [c for c in (*REQUIRED_COLUMNS, *columns) if c not in tx]
+    if missing:
+        raise DataError(f"a transaction needs the columns {missing}, however they are missing")
+    values: dict[str, Value] = {c: tx[c] for c in columns}
+    for column in _IDS:
+        values[column] = str(tx[column])
+    values[AMOUNT] = float(tx[AMOUNT])
+    return Row(str(tx[TRANSACTION_ID]), _epoch_us(tx[TIMESTAMP]), values)
+
+
+Answer = list[list[Stored]]  # per key group of the layout: the key's events a window may reach
+
+
+class SpecStore(Protocol):
+    """Where the spec engine keeps the recorded transactions and their labels.
+
+    A store holds each transaction (its time, arrival sequence, columns and latest label) and,
+    per key group of a ``Layout``, each key's transactions in (time, arrival) order. It answers
+    with the events a group's windows may reach (``Group``), as ``Stored`` objects; it computes
+    no feature. The layout comes with each call: a store serving a new one (a reload to a
+    bundle of another spec) indexes what it holds by the new groups first.
+    """
+
+    def apply_many(
+        self, rows: Sequence[Row], layout: Layout, *, forget_until_us: int
+    ) -> list[Answer | None]:
+        """Atomically, row by row in the given order: answer the row, then store it after
+        every row stored so far (earlier rows of this call included). A transaction_id
+        already stored (or earlier in this call) is not stored again: its answer is None.
+        Afterwards the store may forget the touched keys' events dated at or before
+        ``forget_until_us`` beyond the last ``Group.keep`` of each key."""
+        ...
+
+    def read(self, rows: Sequence[Row], layout: Layout) -> list[Answer]:
+        """Each row's answer as if it came next, without storing anything; a row whose
+        transaction is stored is left out of its own answer."""
+        ...
+
+    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
+        """Set (or replace) a stored transaction's label; False if it is not stored."""
+        ...
+
+    def prune(self, layout: Layout, until_us: int) -> int:
+        """``apply_many``'s forgetting over every key; return the transactions forgotten."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class _History:
-    """One key's events for one aggregate, in (time, arrival) order."""
+    """One key's events in (time, arrival) order."""
 
-    events: list[_Stored] = field(default_factory=list)
-    times: list[int] = field(default_factory=list)
+    __slots__ = ("events", "times")
 
-    def add(self, stored: _Stored) -> None:
-        at = bisect_right(self.events, stored)
+    def __init__(self) -> None:
+        self.events: list[Stored] = []
+        self.times: list[int] = []
+
+    def add(self, stored: Stored) -> None:
+        times = self.times
+        if not times or stored.t_us >= times[-1]:  # the usual case: the newest event
+            at = len(times)
+        else:
+            at = bisect_right(times, stored.t_us)
+            while at > 0 and times[at - 1] == stored.t_us and self.events[at - 1].seq > stored.seq:
+                at -= 1  # an older arrival (a mirror catching up) goes before later ones
         self.events.insert(at, stored)
-        self.times.insert(at, stored.t_us)
+        times.insert(at, stored.t_us)
 
-    def upto(self, t_us: int) -> list[_Stored]:
-        """The events with time <= t (all recorded before the event asking)."""
-        return self.events[: bisect_right(self.times, t_us)]
+    def reach(self, t_us: int, group: Group) -> list[Stored]:
+        """The events ``group``'s windows of an event at ``t_us`` may reach."""
+        times = self.times
+        hi = bisect_right(times, t_us)
+        lo = bisect_right(times, t_us - group.reach_us, 0, hi)
+        for offset_us, n in group.last:
+            lo = min(lo, max(0, bisect_right(times, t_us - offset_us, 0, hi) - n))
+        return self.events[lo:hi]
+
+    def forget(self, until_us: int, keep: int) -> list[Stored]:
+        """Drop the events dated at or before ``until_us`` but the last ``keep`` of them."""
+        times = self.times
+        if not times or times[0] > until_us:
+            return []
+        k = max(0, bisect_right(times, until_us) - keep)
+        gone = self.events[:k]
+        del self.events[:k], times[:k]
+        return gone
 
 
-class SpecFeatures:
-    """A spec's features of one event at a time (see the module docstring)."""
+class MemorySpecStore:
+    """A ``SpecStore`` in dicts and sorted lists: the store of tests and notebooks, and the
+    in-memory mirror of the SQLite store (which passes the file's sequence numbers).
 
-    def __init__(self, spec: FeatureSpec) -> None:
-        self.spec = spec
-        self.names = spec.feature_names
-        self._delay_us = spec.label_delay_seconds * _US
-        self._wheres = [a.where_expr for a in spec.aggregates]
-        self._histories: list[dict[tuple[Any, ...], _History]] = [{} for _ in spec.aggregates]
-        self._labels: dict[str, int] = {}
-        self._seen: set[str] = set()
+    Not thread-safe and not durable.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, Stored] = {}  # the transactions, by id
         self._seq = 0
+        self._layout: Layout | None = None
+        self._index: list[dict[tuple[Value, ...], _History]] = []
+
+    def apply_many(
+        self, rows: Sequence[Row], layout: Layout, *, forget_until_us: int
+    ) -> list[Answer | None]:
+        out: list[Answer | None] = []
+        for row in rows:
+            out.append(self.apply_one(row, layout, seq=None))
+        self.forget(layout, forget_until_us, rows=rows)
+        return out
+
+    def apply_one(self, row: Row, layout: Layout, *, seq: int | None) -> Answer | None:
+        """``apply_many`` of one row, forgetting nothing; ``seq`` its arrival sequence (None:
+        the next one here)."""
+        if row.transaction_id in self.records:
+            return None
+        answer = self._answer(row, layout, None)
+        self.add(Stored(row.t_us, self._next_seq(seq), row.transaction_id, row.columns), layout)
+        return answer
+
+    def read(self, rows: Sequence[Row], layout: Layout) -> list[Answer]:
+        return [self._answer(row, layout, row.transaction_id) for row in rows]
+
+    def add(self, stored: Stored, layout: Layout) -> None:
+        """Hold ``stored`` (a new transaction) in the log and every key history."""
+        self._use(layout)
+        self._seq = max(self._seq, stored.seq)
+        self.records[stored.transaction_id] = stored
+        self._index_one(stored)
+
+    def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
+        stored = self.records.get(transaction_id)
+        if stored is None:
+            return False
+        stored.label = int(is_fraud)
+        return True
+
+    def prune(self, layout: Layout, until_us: int) -> int:
+        return len(self.forget(layout, until_us, rows=None))
+
+    def forget(self, layout: Layout, until_us: int, *, rows: Sequence[Row] | None) -> list[str]:
+        """Forget what the keys of ``rows`` (None: every key) hold dated at or before
+        ``until_us`` beyond their ``keep``; return the transactions no history holds now."""
+        self._use(layout)
+        gone: list[str] = []
+        if until_us <= _NEVER:
+            return gone
+        for group, histories in zip(layout.groups, self._index, strict=True):
+            keys = histories.keys() if rows is None else {_key(r.columns, group) for r in rows}
+            for key in list(keys):
+                history = histories.get(key)
+                if history is None:
+                    continue
+                for stored in history.forget(until_us, group.keep):
+                    stored.refs -= 1
+                    if stored.refs == 0:
+                        gone.append(stored.transaction_id)
+                if not history.events:
+                    del histories[key]
+        if not layout.groups:  # nothing indexes them: they go by time alone
+            gone = [tid for tid, s in self.records.items() if s.t_us <= until_us]
+        for tid in gone:
+            del self.records[tid]
+        return gone
+
+    def close(self) -> None:
+        """Nothing to release; here for the ``SpecStore`` protocol."""
+
+    def _next_seq(self, seq: int | None) -> int:
+        return self._seq + 1 if seq is None else seq
+
+    def _use(self, layout: Layout) -> None:
+        """Index the records by ``layout``'s groups, if they are not already."""
+        if layout.groups == (self._layout.groups if self._layout else None):
+            self._layout = layout
+            return
+        self._layout = layout
+        self._index = [{} for _ in layout.groups]
+        for stored in sorted(self.records.values(), key=lambda s: s.seq):
+            stored.refs = 0
+            self._index_one(stored)
+
+    def _index_one(self, stored: Stored) -> None:
+        assert self._layout is not None
+        for group, histories in zip(self._layout.groups, self._index, strict=True):
+            key = _key(stored.columns, group)
+            history = histories.get(key)
+            if history is None:
+                history = histories[key] = _History()
+            history.add(stored)
+            stored.refs += 1
+
+    def _answer(self, row: Row, layout: Layout, leave_out: str | None) -> Answer:
+        self._use(layout)
+        answer = []
+        for group, histories in zip(layout.groups, self._index, strict=True):
+            history = histories.get(_key(row.columns, group))
+            members = [] if history is None else history.reach(row.t_us, group)
+            if leave_out is not None:
+                members = [m for m in members if m.transaction_id != leave_out]
+            answer.append(members)
+        return answer
+
+
+def _key(columns: Mapping[str, Value], group: Group) -> tuple[Value, ...]:
+    return tuple(columns.get(c) for c in group.by)
+
+
+class SpecOnline:
+    """A spec's features of one event at a time over a ``SpecStore`` (module docstring).
+
+    Holds no state of its own: several instances (service replicas) may share one store.
+    ``forget=False`` keeps everything (the reference engine of the tests).
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        store: SpecStore,
+        watermark: Watermark | None = None,
+        forget: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.store = store
+        self.watermark = watermark
+        self.names = spec.feature_names
+        self.layout = layout_of(spec)
+        self.columns = self.layout.columns  # the extra columns a row must carry
+        self._numeric = numeric_columns(spec)
+        self._forget = forget
+        self._delay_us = spec.label_delay_seconds * _US
+        self._group_of = [[g.by for g in self.layout.groups].index(a.by) for a in spec.aggregates]
+        self._wheres = [a.where_expr for a in spec.aggregates]
+        self._calendar_wheres = [
+            w is not None and bool(referenced_names(w) & set(CALENDAR)) for w in self._wheres
+        ]
+        self._derives = [(d.name, d.tree) for d in spec.derive_order()]
 
     def features(self, tx: Mapping[str, Any]) -> dict[str, float | None]:
-        """The features of ``tx``, which it then records: later events see it."""
-        tx_id = str(tx[TRANSACTION_ID])
-        if tx_id in self._seen:
-            raise DataError(f"transaction_id {tx_id!r} was already recorded")
-        t_us = _epoch_us(tx[TIMESTAMP])
-        env: dict[str, Value] = {**tx, **_calendar(t_us)}
-        mine = []
-        for index, aggregate in enumerate(self.spec.aggregates):
-            stored = self._stored(index, aggregate, tx, env, t_us, tx_id)
-            history = self._histories[index].setdefault(
-                tuple(tx[c] for c in aggregate.by), _History()
-            )
-            for window in aggregate.windows:
-                env[aggregate.feature_name(window)] = self._aggregate(
-                    aggregate, window, history, stored
+        """The features of ``tx``, which it then records: later events see it.
+
+        Raises ``DataError`` if its transaction_id is already recorded.
+        """
+        row = self.row(tx)
+        (values,), (fresh,) = self.record_rows([row])
+        if not fresh:
+            raise DataError(f"transaction_id {row.transaction_id!r} was already recorded")
+        named = zip(self.names, values.tolist(), strict=True)
+        return {name: None if math.isnan(v) else v for name, v in named}
+
+    def row(self, tx: Mapping[str, Any]) -> Row:
+        """``tx`` as a ``Row`` carrying the extra columns of the spec (``to_row``)."""
+        row = to_row(tx, self.columns)
+        self.check(row)
+        return row
+
+    def check(self, row: Row) -> None:
+        """A ``DataError`` naming the first numeric column whose value is not a number."""
+        for column in self._numeric:
+            value = row.columns.get(column)
+            if value is not None and (isinstance(value, str | bool) or not _finite(value)):
+                raise DataError(
+                    f"`{column}` must be a finite number or null, however got {value!r}"
                 )
-            mine.append((history, stored))
-        for derive in self.spec.derive_order():
-            env[derive.name] = _as_float(evaluate(derive.tree, env))
-        for history, stored in mine:
-            history.add(stored)
-        self._seen.add(tx_id)
-        self._seq += 1
-        return {name: _as_float(env[name]) for name in self.names}
+
+    def record_rows(self, rows: Sequence[Row]) -> FeatureRows:
+        """The features of each row in order (N, F), NaN for null, in one store call; each
+        sees the ones before it. ``fresh`` False: the transaction_id was recorded already."""
+        if not rows:
+            return FeatureRows(np.zeros((0, len(self.names))), np.zeros(0, dtype=bool))
+        forget = _NEVER
+        if self._forget:
+            earliest = min(r.t_us for r in rows)
+            if self.watermark is not None:
+                earliest = self.watermark.advance(earliest)
+            forget = earliest - self.layout.retention_us
+        answers = self.store.apply_many(rows, self.layout, forget_until_us=forget)
+        values = np.full((len(rows), len(self.names)), np.nan)
+        for i, (row, answer) in enumerate(zip(rows, answers, strict=True)):
+            if answer is not None:
+                values[i] = self._row_features(row, answer)
+        fresh = np.array([a is not None for a in answers], dtype=bool)
+        return FeatureRows(values, fresh)
+
+    def stored_features(self, rows: Sequence[Row]) -> np.ndarray:
+        """Feature rows (N, F) of rows the store already holds, recomputed from it now, each
+        as if it came next after the stored events (itself left out): for the service to
+        decide again a transaction whose decision was lost. Changes nothing."""
+        answers = self.store.read(rows, self.layout)
+        values = np.full((len(rows), len(self.names)), np.nan)
+        for i, (row, answer) in enumerate(zip(rows, answers, strict=True)):
+            values[i] = self._row_features(row, answer)
+        return values
 
     def record_label(self, transaction_id: str | int, is_fraud: bool | int) -> None:
         """Set (or replace: a retraction) a recorded transaction's label."""
-        if str(transaction_id) not in self._seen:
-            raise DataError(f"cannot label transaction_id {transaction_id!r}: not recorded")
-        self._labels[str(transaction_id)] = int(bool(is_fraud))
+        if isinstance(is_fraud, bool) or is_fraud in (0, 1):
+            if self.store.set_label(str(transaction_id), bool(is_fraud)):
+                return
+            raise DataError(
+                f"cannot label transaction_id {transaction_id!r}: it is not recorded (unknown, "
+                "or older than the feature state retention)"
+            )
+        raise DataError(f"is_fraud must be 0 or 1, however got {is_fraud!r}")
 
-    def _stored(
-        self,
-        index: int,
-        aggregate: Aggregate,
-        tx: Mapping[str, Any],
-        env: Mapping[str, Value],
-        t_us: int,
-        tx_id: str,
-    ) -> _Stored:
+    def prune(self, now: datetime | str) -> int:
+        """Forget everything no event at or after ``now`` can see; return transactions gone."""
+        return self.store.prune(self.layout, _epoch_us(now) - self.layout.retention_us)
+
+    def _row_features(self, row: Row, answer: Answer) -> list[float]:
+        env: dict[str, Value] = {
+            **row.columns,
+            TRANSACTION_ID: row.transaction_id,
+            **_calendar(row.t_us),
+        }
+        me = Stored(row.t_us, 2**62, row.transaction_id, row.columns)
+        for index, aggregate in enumerate(self.spec.aggregates):
+            members = answer[self._group_of[index]]
+            for window in aggregate.windows:
+                env[aggregate.feature_name(window)] = self._aggregate(
+                    index, aggregate, window, members, me
+                )
+        for name, tree in self._derives:
+            env[name] = _as_float(evaluate(tree, env))
+        out = []
+        for name in self.names:
+            value = _as_float(env.get(name))
+            out.append(math.nan if value is None else value)
+        return out
+
+    def _prepared(self, index: int, aggregate: Aggregate, stored: Stored) -> tuple[bool, Any]:
+        """The aggregate's filter (and a present value) and value for one row, once."""
+        key = (aggregate.where, aggregate.of, aggregate.fn == "count_distinct")
+        done = stored.prepared.get(key)
+        if done is not None:
+            return done
         where = self._wheres[index]
-        passes = True if where is None else _as_bool(evaluate(where, env)) is True
+        passes = True
+        if where is not None:
+            env: Mapping[str, Value] = stored.columns
+            if self._calendar_wheres[index]:
+                env = {**stored.columns, **_calendar(stored.t_us)}
+            passes = _as_bool(evaluate(where, env)) is True
         value = None
         if aggregate.of is not None:
-            value = tx.get(aggregate.of)
+            value = stored.columns.get(aggregate.of)
             passes = passes and value is not None
-            if aggregate.fn != "count_distinct" and value is not None:
+            if not key[2] and value is not None:
                 value = float(value)
-        return _Stored(t_us, self._seq, tx_id, passes, value)
+        done = stored.prepared[key] = (passes, value)
+        return done
 
     def _members(
-        self, aggregate: Aggregate, window: Window, history: _History, me: _Stored
-    ) -> list[_Stored]:
-        """The window's events, the asking one included where the window ends at it."""
+        self, aggregate: Aggregate, window: Window, members: list[Stored], me: Stored
+    ) -> list[Stored]:
+        """The window's events, the asking one included where the window ends at it.
+
+        ``members``: the key's stored events in (time, arrival) order that the group's
+        windows may reach (``Group``), all recorded before the event asking.
+        """
         t = me.t_us
+        times = [m.t_us for m in members]
         if aggregate.delayed:
-            known = history.upto(t - self._delay_us)
+            known = members[: bisect_right(times, t - self._delay_us)]
             if window.events is not None:
                 return known[-window.events :]
-            return [e for e in known if e.t_us > t - self._delay_us - (window.seconds or 0) * _US]
-        before = history.upto(t)
+            start = t - self._delay_us - (window.seconds or 0) * _US
+            return [e for e in known if e.t_us > start]
+        before = members[: bisect_right(times, t)]
         if window.events is not None:
             return [*before[max(0, len(before) - (window.events - 1)) :], me]
-        return [*(e for e in before if e.t_us > t - (window.seconds or 0) * _US), me]
+        start = t - (window.seconds or 0) * _US
+        return [*(e for e in before if e.t_us > start), me]
 
     def _aggregate(
-        self, aggregate: Aggregate, window: Window, history: _History, me: _Stored
+        self, index: int, aggregate: Aggregate, window: Window, members: list[Stored], me: Stored
     ) -> float | None:
-        members = [e for e in self._members(aggregate, window, history, me) if e.passes]
+        chosen = [
+            e
+            for e in self._members(aggregate, window, members, me)
+            if self._prepared(index, aggregate, e)[0]
+        ]
         fn, default = aggregate.fn, aggregate.default
         if fn == "count":
-            return float(len(members))
+            return float(len(chosen))
         if fn in ("fraud_count", "fraud_rate"):
-            frauds = sum(self._labels.get(e.transaction_id, 0) for e in members)
+            frauds = sum(e.label for e in chosen)
             if fn == "fraud_count":
                 return float(frauds)
-            return frauds / len(members) if members else default
+            return frauds / len(chosen) if chosen else default
         if fn in ("time_since_last", "time_since_first", "time_since_fraud"):
             if fn == "time_since_last":
-                found = [e for e in members if e is not me][-1:]
+                found = [e for e in chosen if e is not me][-1:]
             elif fn == "time_since_first":
-                found = members[:1]
+                found = chosen[:1]
             else:
-                found = [e for e in members if self._labels.get(e.transaction_id, 0)][-1:]
+                found = [e for e in chosen if e.label][-1:]
             if not found:
                 return default
             return (me.t_us - found[0].t_us) / (UNIT_SECONDS[aggregate.unit] * _US)
-        values = [e.value for e in members]
+        values = [self._prepared(index, aggregate, e)[1] for e in chosen]
         if fn == "count_distinct":
             return float(len(set(values)))
         if fn == "sum":
@@ -183,11 +600,23 @@ class SpecFeatures:
         if fn == "mean":
             return math.fsum(values) / len(values)
         if fn == "min":
-            return min(values)
+            return float(min(values))
         if fn == "max":
-            return max(values)
+            return float(max(values))
         mean = math.fsum(values) / len(values)  # std: population
         return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+
+
+def reference_engine(spec: FeatureSpec) -> SpecOnline:
+    """The reference engine of the tests: ``SpecOnline`` in memory, forgetting nothing."""
+    return SpecOnline(spec, store=MemorySpecStore(), forget=False)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def evaluate(expr: Expr, env: Mapping[str, Value]) -> Value:

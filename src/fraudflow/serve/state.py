@@ -17,7 +17,9 @@ counts are range counts, without a join.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,7 +46,7 @@ from fraudflow.serve.sqlite import (
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["RedisStore", "SQLiteStore", "open_store", "sqlite_file"]
+__all__ = ["RedisStore", "SQLiteStore", "migrate_state_file", "open_store", "sqlite_file"]
 
 
 def sqlite_file(url: str | None, *, default_path: Path) -> Path | None:
@@ -76,7 +78,7 @@ def open_store(url: str | None, *, default_path: Path) -> StateStore:
 
 # --- SQLite ------------------------------------------------------------------------------
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,  -- arrival order, never reused
@@ -85,7 +87,8 @@ CREATE TABLE IF NOT EXISTS transactions (
     customer_id    TEXT NOT NULL,
     terminal_id    TEXT NOT NULL,
     amount         REAL NOT NULL,
-    is_fraud       INTEGER NOT NULL DEFAULT 0          -- the latest label
+    is_fraud       INTEGER NOT NULL DEFAULT 0,         -- the latest label
+    extra          TEXT                                -- JSON: the spec engine's extra columns
 );
 CREATE INDEX IF NOT EXISTS transactions_by_time ON transactions (t_us);
 CREATE TABLE IF NOT EXISTS label_changes (
@@ -117,6 +120,29 @@ class _Changes(NamedTuple):
 
 
 _NO_CHANGES = _Changes([], [], [])
+
+
+def migrate_state_file(db: sqlite3.Connection, path: Path) -> None:
+    """Bring a state file to this schema (or create it); another schema is a ``ConfigError``.
+
+    Schema 3 adds ``transactions.extra``, the columns the spec engine
+    (``fraudflow.serve.spec_state``) records besides the canonical ones: both engines share
+    one log of transactions, so a reload that changes the spec keeps the history.
+    """
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version == 2:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(transactions)")}
+        if "extra" not in columns:  # another process may have just added it
+            with contextlib.suppress(sqlite3.OperationalError):
+                db.execute("ALTER TABLE transactions ADD COLUMN extra TEXT")
+    elif version not in (0, _SCHEMA_VERSION):
+        db.close()
+        raise ConfigError(
+            f"state store {path} has schema version {version}, however this "
+            f"fraudflow expects {_SCHEMA_VERSION}: point it at a new file"
+        )
+    db.executescript(_SCHEMA)
+    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
 
 class SQLiteStore:
@@ -254,15 +280,7 @@ class SQLiteStore:
         self.close()
 
     def _migrate(self) -> None:
-        (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version not in (0, _SCHEMA_VERSION):
-            self._db.close()
-            raise ConfigError(
-                f"state store {self.path} has schema version {version}, however this "
-                f"fraudflow expects {_SCHEMA_VERSION}: point it at a new file"
-            )
-        self._db.executescript(_SCHEMA)
-        self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        migrate_state_file(self._db, self.path)
 
     @contextmanager
     def _locked_transaction(self, begin: str) -> Iterator[None]:
