@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
+    "FEATURE_SPEC_FILE",
     "RUN_METRICS",
     "SEARCH_LIMIT",
     "NullTracker",
@@ -63,7 +64,8 @@ RUN_METRICS = (
     "train_seconds",
     "train_samples_per_second",
 )
-ARTIFACT_FILES = ("report.html", "metrics.json", "config.json")
+FEATURE_SPEC_FILE = "feature_spec.toml"  # the run's feature spec, beside config.json
+ARTIFACT_FILES = ("report.html", "metrics.json", "config.json", FEATURE_SPEC_FILE)
 MODEL_DIR = "model"  # where fraudflow.artifacts writes the bundle inside a run folder
 # MLflow's log_batch takes at most 100 params per call.
 PARAMS_PER_BATCH = 100

@@ -20,7 +20,13 @@ from fraudflow.cli.main import app
 from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
 from fraudflow.data.simulator import simulate
 from fraudflow.errors import ConfigError
-from fraudflow.features import build_features, parse_spec, read_feature_table, write_feature_table
+from fraudflow.features import (
+    build_features,
+    load_spec,
+    parse_spec,
+    read_feature_table,
+    write_feature_table,
+)
 from fraudflow.train import DONE, train_run
 
 pytestmark = pytest.mark.slow
@@ -201,3 +207,5 @@ def test_a_custom_spec_with_empty_windows_trains_end_to_end(tmp_path: Path, mode
     assert math.isfinite(outcome.metrics["average_precision"])
     meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
     assert meta["feature_spec_hash"] == spec.hash and meta["features"] == spec.feature_names
+    written = load_spec(tmp_path / "run" / "feature_spec.toml")
+    assert written.hash == spec.hash

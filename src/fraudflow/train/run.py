@@ -2,6 +2,7 @@
 
     RUN_DIR/
         config.json         the resolved config, the feature table it read, the periods
+        feature_spec.toml   the spec the features were built with (tables that record one)
         checkpoints/        best.pt and last.pt (neural models)
         model/              the model bundle (see fraudflow.artifacts)
         predictions.parquet one row per test-period transaction
@@ -40,9 +41,10 @@ from fraudflow.eval.calibration import Calibrator, calibration_summary, fit_cali
 from fraudflow.eval.metrics import drop_known_compromised, metrics_from_predictions
 from fraudflow.eval.report import write_report
 from fraudflow.eval.thresholds import VALIDATION_PREDICTIONS
-from fraudflow.features import FeatureSource, open_feature_source
+from fraudflow.features import FeatureSource, open_feature_source, parse_spec, spec_to_toml
 from fraudflow.files import write_json_atomic, write_text_atomic
 from fraudflow.models import Estimator, NeuralModel, Standardizer, build_model
+from fraudflow.tracking import FEATURE_SPEC_FILE
 from fraudflow.train.device import check_amp, resolve_device
 from fraudflow.train.distributed import DistContext, single_process
 from fraudflow.train.loop import LoopObserver, TensorData, TrainingRows, fit, predict_scores
@@ -89,6 +91,7 @@ def train_run(
     if dist_ctx.is_main:
         config = _resolved_config(cfg, features_path, table, split)
         write_json_atomic(run_dir / "config.json", config | {"world_size": dist_ctx.world_size})
+        _write_spec(run_dir, table)
     model = build_model(
         cfg.train.model, n_features=len(table.feature_names), train=cfg.train, gbdt=cfg.gbdt
     )
@@ -275,6 +278,13 @@ def _finish(
     write_report([run_dir], run_dir / "report.html", title=f"fraudflow run {run_dir.name}")
     write_text_atomic(run_dir / DONE, "ok\n")
     return RunOutcome(run_dir=run_dir, metrics=metrics)
+
+
+def _write_spec(run_dir: Path, table: FeatureSource) -> None:
+    """The feature spec beside config.json, as the TOML a user can edit and rebuild with."""
+    raw = table.meta.get("feature_spec")
+    if raw is not None:
+        write_text_atomic(run_dir / FEATURE_SPEC_FILE, spec_to_toml(parse_spec(raw)))
 
 
 def _bundle_meta(cfg: RunConfig, table: FeatureSource) -> dict[str, Any]:
