@@ -212,6 +212,11 @@ class SpecStore(Protocol):
     bundle of another spec) indexes what it holds by the new groups first.
     """
 
+    def prepare(self, layout: Layout) -> None:
+        """Index what the store holds by ``layout``'s key groups, before the first call with
+        it (an engine's start): later calls need not wait for it."""
+        ...
+
     def apply_many(
         self, rows: Sequence[Row], layout: Layout, *, forget_until_us: int
     ) -> list[Answer | None]:
@@ -290,6 +295,9 @@ class MemorySpecStore:
         self._seq = 0
         self._layout: Layout | None = None
         self._index: list[dict[tuple[Value, ...], _History]] = []
+
+    def prepare(self, layout: Layout) -> None:
+        self._use(layout)
 
     def apply_many(
         self, rows: Sequence[Row], layout: Layout, *, forget_until_us: int
@@ -400,8 +408,9 @@ def _key(columns: Mapping[str, Value], group: Group) -> tuple[Value, ...]:
 class SpecOnline:
     """A spec's features of one event at a time over a ``SpecStore`` (module docstring).
 
-    Holds no state of its own: several instances (service replicas) may share one store.
-    ``forget=False`` keeps everything (the reference engine of the tests).
+    Holds no state of its own: several instances (service replicas) may share one store,
+    which it prepares for its spec's key groups when made (``SpecStore.prepare``: it may
+    read the whole store). ``forget=False`` keeps everything (the reference of the tests).
     """
 
     def __init__(
@@ -427,6 +436,7 @@ class SpecOnline:
             w is not None and bool(referenced_names(w) & set(CALENDAR)) for w in self._wheres
         ]
         self._derives = [(d.name, d.tree) for d in spec.derive_order()]
+        store.prepare(self.layout)
 
     def features(self, tx: Mapping[str, Any]) -> dict[str, float | None]:
         """The features of ``tx``, which it then records: later events see it.

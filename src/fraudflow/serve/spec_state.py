@@ -33,6 +33,7 @@ from fraudflow.features.spec_online import (
     SpecStore,
     Stored,
 )
+from fraudflow.serve.spec_redis import SpecRedisStore
 from fraudflow.serve.sqlite import connect_wal
 from fraudflow.serve.state import migrate_state_file, sqlite_file
 
@@ -50,8 +51,6 @@ def open_spec_store(url: str | None, *, default_path: Path) -> SpecStore:
         return SpecSQLiteStore(path)
     assert url is not None  # None names the default file
     if url.partition("://")[0] in ("redis", "rediss"):
-        from fraudflow.serve.spec_redis import SpecRedisStore
-
         return SpecRedisStore(url)
     raise ConfigError("state store URL must be sqlite:///<path> or redis://<host>[:<port>][/<db>]")
 
@@ -88,6 +87,11 @@ class SpecSQLiteStore:
         self._seen_label = 0
         self._stale = True
         self._data_version: int | None = None
+
+    def prepare(self, layout: Layout) -> None:
+        with self._transaction("BEGIN"):
+            self._catch_up(layout)
+            self._mirror.prepare(layout)
 
     def apply_many(
         self, rows: Sequence[Row], layout: Layout, *, forget_until_us: int

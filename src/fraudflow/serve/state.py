@@ -46,7 +46,14 @@ from fraudflow.serve.sqlite import (
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["RedisStore", "SQLiteStore", "migrate_state_file", "open_store", "sqlite_file"]
+__all__ = [
+    "LABEL_LUA",
+    "RedisStore",
+    "SQLiteStore",
+    "migrate_state_file",
+    "open_store",
+    "sqlite_file",
+]
 
 
 def sqlite_file(url: str | None, *, default_path: Path) -> Path | None:
@@ -399,7 +406,9 @@ class SQLiteStore:
 #   ev:<entity>:<id>   zset      score t_us, member "<seq, 20 digits>|<t_us>|<repr(amount)>";
 #                                equal scores sort by member, so ties keep arrival order
 #   fr:<entity>:<id>   zset      score t_us, member transaction_id: the events labelled fraud
-#   tx                 hash      transaction_id -> JSON [t_us, customer_id, terminal_id]
+#   tx                 hash      transaction_id -> JSON [t_us, customer_id, terminal_id, amount,
+#                                seq]: the log the spec engine (``fraudflow.serve.spec_redis``)
+#                                indexes its key groups from, and writes too
 #   txt                zset      score t_us, member transaction_id: for forgetting old ones
 #   label              hash      transaction_id -> "0" | "1", the latest label
 # Scores are doubles: integer microsecond times are exact up to 2**53 (the year 2255).
@@ -462,7 +471,7 @@ for i, e in ipairs(cjson.decode(ARGV[3])) do
       redis.call('ZADD', prefix .. 'ev:' .. entity, t, member)
       touched[entity] = true
     end
-    redis.call('HSET', prefix .. 'tx', tx, cjson.encode({t, customer, terminal}))
+    redis.call('HSET', prefix .. 'tx', tx, cjson.encode({t, customer, terminal, amount, seq}))
     redis.call('ZADD', prefix .. 'txt', t, tx)
   end
 end
@@ -476,7 +485,7 @@ return cjson.encode(out)
 )
 
 # ARGV: prefix, tx_id, "0" | "1". Returns 1, or 0 when the transaction is not stored.
-_LABEL_LUA = """
+LABEL_LUA = """
 local prefix, tx, flag = ARGV[1], ARGV[2], ARGV[3]
 local info = redis.call('HGET', prefix .. 'tx', tx)
 if not info then return 0 end
@@ -509,7 +518,7 @@ class RedisStore:
         self._seq = prefix + "seq"  # declared to Redis, so cluster clients route to the slot
         self._read = self._client.register_script(_READ_LUA)
         self._apply_many = self._client.register_script(_APPLY_MANY_LUA)
-        self._label = self._client.register_script(_LABEL_LUA)
+        self._label = self._client.register_script(LABEL_LUA)
         self._forget = self._client.register_script(_PRUNE_LUA)
 
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
