@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -10,6 +11,7 @@ from typer.testing import CliRunner, Result
 
 from fraudflow.cli.main import app
 from fraudflow.serve.audit import AuditLog
+from fraudflow.serve.cases import CaseIn, CaseStore
 from tests.serve.test_audit import decision
 
 NO_KEYS = {"FRAUDFLOW_API_KEYS": None, "FRAUDFLOW_ADMIN_KEYS": None, "COLUMNS": "300"}
@@ -92,6 +94,34 @@ def test_decisions_export_writes_one_row_per_decision(tmp_path: Path) -> None:
         "decisions", "export", "--audit", audit, "--labels", "--out", tmp_path / "l.parquet"
     )
     assert labels.exit_code == 0 and pl.read_parquet(tmp_path / "l.parquet").height == 0
+
+
+def test_decisions_export_carries_each_decisions_case_outcome(tmp_path: Path) -> None:
+    audit = tmp_path / "serve" / "audit.db"
+    log = AuditLog(audit)
+    log.submit([decision(i) for i in range(4)]).result(timeout=10)
+    log.close()
+    cases = CaseStore(audit.parent / "cases.db")
+    opened = [
+        CaseIn(transaction_id=f"tx-{i}", customer_id="c", terminal_id="t", amount=10.0,
+               score=0.8, decision="review", reasons=(), at_us=1_000_000 * i)
+        for i in (1, 2)
+    ]  # fmt: skip
+    cases.open_cases(opened)
+    assert cases.take_next("ann", 5_000_000).transaction_id == "tx-1"  # the oldest first
+    cases.verdict(1, "ann", "fraud", "stolen card", 7_000_000)
+    cases.close()
+    result = invoke("decisions", "export", "--audit", audit, "--out", tmp_path / "d.parquet")
+    assert result.exit_code == 0, result.output
+    frame = pl.read_parquet(tmp_path / "d.parquet")
+    assert frame["transaction_id"].to_list() == [f"tx-{i}" for i in range(4)]
+    assert frame["case_id"].to_list() == [None, 1, 2, None]
+    assert frame["case_status"].to_list() == [None, "closed", "open", None]
+    assert frame["case_outcome"].to_list() == [None, "fraud", None, None]
+    assert frame["case_analyst"].to_list() == [None, "ann", None, None]
+    closed_at = frame["case_closed_at"].to_list()[1]
+    assert closed_at == datetime(1970, 1, 1, 0, 0, 7, tzinfo=UTC)
+    assert frame["case_opened_at"].dtype == pl.Datetime("us", "UTC")
 
 
 def test_decisions_export_errors_leave_no_file(tmp_path: Path) -> None:

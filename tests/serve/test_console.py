@@ -22,6 +22,7 @@ from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import read_decisions, read_labels
 from fraudflow.serve.cases import CaseFilter, CaseIn, CaseStore
 from fraudflow.serve.console import now_us
+from fraudflow.serve.service import DecisionService
 from fraudflow.serve.settings import ServeSettings
 from fraudflow.serve.users import UserStore, users_path_for
 from tests.serve.test_api import (
@@ -29,6 +30,7 @@ from tests.serve.test_api import (
     AUTH,
     SMALL_SIM,
     LiveServer,
+    metric_value,
     settings_for,
     simulate_and_train,
     transaction,
@@ -48,13 +50,17 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Console:
     """A served app with its console's stores, and signed-in clients."""
 
+    service: DecisionService
+
     def __init__(self, live: LiveServer, settings: ServeSettings) -> None:
         self.live = live
         self.settings = settings
         self.cases = CaseStore(settings.cases_path)
         self.users = UserStore(users_path_for(settings.audit_path))
+        known = {u.username for u in self.users.list()}  # a server again on the same data
         for name, role in [("ann", "analyst"), ("bob", "analyst"), ("sue", "supervisor")]:
-            self.users.add(name, role, PASSWORD, now_us())
+            if name not in known:
+                self.users.add(name, role, PASSWORD, now_us())
 
         self._clients: list[httpx.Client] = []
 
@@ -115,10 +121,12 @@ def take(client: httpx.Client) -> int:
 
 def served(run_dir: Path, data: Path, **extra: Any) -> Iterator[Console]:
     settings = settings_for(run_dir, data, **extra)
-    with LiveServer(create_app(settings)) as live:
+    app = create_app(settings)
+    with LiveServer(app) as live:
         with live.client() as client:
             wait_ready(client)
         console = Console(live, settings)
+        console.service = app.state.service
         try:
             yield console
         finally:
@@ -376,3 +384,139 @@ def test_without_the_console_no_case_is_opened(run_dir: Path, tmp_path: Path) ->
             assert client.post("/v1/decisions", json=tx, headers=AUTH).status_code == 200
             assert client.get("/console/login").status_code == 404
         assert console.cases.queue(CaseFilter()) == []
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def test_metrics_follow_the_queue_and_the_verdicts(console: Console) -> None:
+    console.open("tx-1", "tx-2")
+    console.open("tx-3", hours_ago=30)  # past the 24 h SLA
+    with console.client() as scraper:
+        before = scraper.get("/metrics").text
+        assert metric_value(before, "fraudflow_cases_open") == 3
+        assert metric_value(before, "fraudflow_cases_overdue") == 1
+        assert (
+            30 * 3_600
+            <= metric_value(before, "fraudflow_cases_oldest_open_age_seconds")
+            < 31 * 3_600
+        )
+        assert metric_value(before, "fraudflow_case_verdicts_total", outcome="fraud") == 0
+        ann = console.sign_in("ann")
+        first = take(ann)  # the highest priority: tx-2 (score 0.51 x 100)
+        assert (
+            post(ann, f"/console/cases/{first}/verdict", outcome="fraud", note="stolen").status_code
+            == 303
+        )
+        sue = console.sign_in("sue")
+        closed = post(sue, "/console/bulk-close", case_id=["3"], outcome="not_fraud", note="known")
+        assert closed.status_code == 303, closed.text
+        after = scraper.get("/metrics").text
+    assert metric_value(after, "fraudflow_cases_open") == 1
+    assert metric_value(after, "fraudflow_cases_overdue") == 0
+    assert metric_value(after, "fraudflow_cases_oldest_open_age_seconds") < 60
+    assert metric_value(after, "fraudflow_case_verdicts_total", outcome="fraud") == 1
+    assert metric_value(after, "fraudflow_case_verdicts_total", outcome="not_fraud") == 1
+    assert metric_value(after, "fraudflow_case_time_to_verdict_seconds_count") == 2
+    # Case 3 opened 30 h before its verdict: in the 48 h bucket, not the 24 h one.
+    day, two_days = (str(float(h * 3_600)) for h in (24, 48))
+    assert metric_value(after, "fraudflow_case_time_to_verdict_seconds_bucket", le=day) == 1
+    assert metric_value(after, "fraudflow_case_time_to_verdict_seconds_bucket", le=two_days) == 2
+
+
+def test_a_service_whose_console_has_no_case_reports_no_case_gauges(client: httpx.Client) -> None:
+    text = client.get("/metrics").text
+    assert "fraudflow_cases_open " not in text
+    assert metric_value(text, "fraudflow_case_verdicts_total", outcome="fraud") == 0
+
+
+# --- the case page ------------------------------------------------------------------------
+
+
+def test_the_case_page_shows_the_cards_month_the_terminals_frauds_and_reasons_in_words(
+    console: Console,
+) -> None:
+    reason = "customer__amount_ratio__30d = 5.2 raised the fraud log-odds by 1.234"
+    # Opened first: the service's own case of tx-5, if any, would have other reasons.
+    console.cases.open_cases([
+        CaseIn(transaction_id="tx-5", customer_id="c1", terminal_id="T", amount=555.0,
+               score=0.9, decision="review", reasons=(reason,), at_us=now_us())
+    ])  # fmt: skip
+    with console.client() as api:
+        # Card c1: tx-1 (40 days earlier: out of the month), tx-2 and tx-3; card c2's tx-4 at
+        # terminal T was fraud; tx-5 at T, by c1, is the case.
+        txs = [
+            transaction(1, terminal_id="A", amount=11.0, timestamp="2026-01-20T12:00:00+00:00"),
+            transaction(2, terminal_id="A", amount=22.0),
+            transaction(3, terminal_id="B", amount=33.0),
+            transaction(4, terminal_id="T", customer_id="c2", amount=44.0),
+            transaction(5, terminal_id="T", amount=555.0),
+        ]
+        for tx in txs:
+            assert api.post("/v1/decisions", json=tx, headers=AUTH).status_code == 200
+        label = {"transaction_id": "tx-4", "is_fraud": 1}
+        assert api.post("/v1/labels", json=label, headers=AUTH).status_code == 200
+    ann = console.sign_in("ann")
+    page = ann.get(f"/console/cases/{take(ann)}").text
+    history = _table(page, "card-history")
+    assert [tx for tx in ("tx-1", "tx-2", "tx-3", "tx-4", "tx-5") if tx in history] == [
+        "tx-2", "tx-3", "tx-5"
+    ]  # fmt: skip
+    assert "555.00" in history and "22.00" in history
+    assert '<svg class="chart"' in page and page.count('<circle class="dot') == 3
+    assert 'class="dot approve current"' in page or 'class="dot review current"' in page
+    assert "tx-4" in _table(page, "terminal-frauds")
+    assert "amount 5.2x the card&#39;s 30-day mean (raises the risk)" in page
+
+
+def _table(page: str, table_id: str) -> str:
+    found = re.search(f'<table class="cases" id="{table_id}">(.*?)</table>', page, re.S)
+    assert found is not None, page
+    return found.group(1)
+
+
+# --- labels owed --------------------------------------------------------------------------
+
+
+def test_a_verdict_whose_label_fails_is_retried_until_recorded(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    for console in served(run_dir, data):
+        with console.client() as api:
+            assert api.post("/v1/decisions", json=transaction(1), headers=AUTH).status_code == 200
+        console.open("tx-1", "tx-2")
+        store = console.service._resources.store.inner  # type: ignore[union-attr]
+
+        def failing(transaction_id: str, is_fraud: bool) -> bool:
+            raise OSError("disk I/O error")
+
+        store.set_label = failing  # type: ignore[method-assign]
+        ann = console.sign_in("ann")
+        first = take(ann)
+        failed = post(ann, f"/console/cases/{first}/verdict", outcome="fraud", note="stolen")
+        assert failed.status_code == 503 and "will be retried" in failed.text
+        assert console.cases.get(first).outcome == "fraud"  # the verdict is kept
+        assert [c for c, _ in console.cases.pending_labels()] == [first]
+        assert not (
+            console.settings.audit_path.is_file() and len(read_labels(console.settings.audit_path))
+        )
+    # A new server on the same data (the store works again) records it at start.
+    for console in served(run_dir, data):
+        deadline = time.monotonic() + 20
+        while console.cases.pending_labels() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert console.cases.pending_labels() == []
+        labels = read_labels(console.settings.audit_path)
+        assert labels["transaction_id"].to_list() == [console.cases.get(first).transaction_id]
+        assert labels["is_fraud"].to_list() == [1]
+        # The next verdict also retries: its label and no other is owed afterwards.
+        ann = console.sign_in("ann")
+        second = take(ann)
+        assert (
+            post(
+                ann, f"/console/cases/{second}/verdict", outcome="not_fraud", note="ok"
+            ).status_code
+            == 303
+        )
+        assert console.cases.pending_labels() == []

@@ -24,10 +24,13 @@ def export(
     data_dir: Path = typer.Option(None, "--data-dir", help="Or: the --data-dir served with."),
     labels: bool = typer.Option(False, "--labels", help="Export the posted labels instead."),
 ) -> None:
-    """Write every recorded decision (or label) to Parquet, one row each, atomically."""
+    """Write every recorded decision (or label) to Parquet, one row each, atomically.
+
+    Decisions carry their review case's outcome, analyst and times where the console opened
+    one (the ``case_*`` columns; the case store beside the audit log)."""
     from fraudflow.serve.audit import export_audit
     from fraudflow.serve.settings import audit_path_for
 
     path = audit_path_for(audit=audit, run=run, data_dir=data_dir)
-    rows = export_audit(path, out, labels=labels)
+    rows = export_audit(path, out, labels=labels, cases=path.parent / "cases.db")
     err_console.print(f"{rows:,} {'labels' if labels else 'decisions'} from {path} -> {out}")

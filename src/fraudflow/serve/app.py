@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fraudflow.serve.auth import load_api_keys
 from fraudflow.serve.console import ConsoleStores, build_console_router
 from fraudflow.serve.endpoints import ERROR_KIND_KEY, DirectRoutes, post_routes
-from fraudflow.serve.metrics import ServiceMetrics
+from fraudflow.serve.metrics import CaseGaugeCollector, ServiceMetrics
 from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router, publish_exact_schemas
 from fraudflow.serve.runcheck import verify_run
 from fraudflow.serve.service import ACTIVE_MODEL_FILE, DecisionService, EngineLoader
@@ -71,15 +71,21 @@ def create_app(
     )
     if settings.insecure_no_auth:
         log.warning("--insecure-no-auth: every caller may decide, label and reload models")
+    # Its verdicts are labels through the service, as POST /v1/labels.
+    console = (
+        None if stores is None else build_console_router(stores, labels=service, metrics=metrics)
+    )
+    if stores is not None:
+        metrics.add_scrape_collector(CaseGaugeCollector(stores.gauges))
     app = FastAPI(
         title="fraudflow decisions",
         summary="Real-time fraud decisions: score, policy, reasons.",
-        lifespan=_lifespan(service, stores, freeze_gc=freeze_gc),
+        lifespan=_lifespan(service, stores, console, freeze_gc=freeze_gc),
     )
     app.state.service = service
     app.include_router(build_router(settings))
-    if stores is not None:  # its verdicts are labels through the service, as POST /v1/labels
-        app.include_router(build_console_router(stores, labels=service))
+    if console is not None:
+        app.include_router(console)
     publish_exact_schemas(app, settings)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(DirectRoutes, service=service, routes=post_routes(settings))
@@ -107,7 +113,13 @@ def _log_to_stderr(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-def _lifespan(service: DecisionService, stores: ConsoleStores | None, *, freeze_gc: bool) -> Any:
+def _lifespan(
+    service: DecisionService,
+    stores: ConsoleStores | None,
+    console: APIRouter | None,
+    *,
+    freeze_gc: bool,
+) -> Any:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(service.settings.torch_threads)  # one worker per core
@@ -115,6 +127,8 @@ def _lifespan(service: DecisionService, stores: ConsoleStores | None, *, freeze_
         watchers = [asyncio.create_task(service.watch_health())]
         if service.settings.workers > 1:
             watchers.append(asyncio.create_task(service.watch_reloads()))
+        if console is not None:  # owed labels, the case pages' history
+            watchers.append(asyncio.create_task(console.console.keep_up()))  # type: ignore[attr-defined]
         try:
             yield
         finally:

@@ -80,6 +80,7 @@ import polars as pl
 from fraudflow.data.io import write_table
 from fraudflow.errors import ArtifactError, ConfigError
 from fraudflow.features.online import epoch_us
+from fraudflow.serve.cases import read_case_outcomes
 from fraudflow.serve.sqlite import (
     Checkpointer,
     connect_wal,
@@ -667,10 +668,18 @@ def read_labels(path: Path) -> pl.DataFrame:
     ).drop("reported_at_us", "received_at_us")
 
 
-def export_audit(path: Path, out: Path, *, labels: bool = False) -> int:
-    """Write the decisions (or the labels) to ``out`` (.parquet, atomically); return rows."""
+def export_audit(path: Path, out: Path, *, labels: bool = False, cases: Path | None = None) -> int:
+    """Write the decisions (or the labels) to ``out`` (.parquet, atomically); return rows.
+
+    ``cases``: the review console's case store; each decision then carries its case's id,
+    status, outcome, analyst and times (``case_*`` columns, null where it opened no case).
+    """
     if Path(out).suffix.lower() != ".parquet":
         raise ConfigError(f"--out must be a .parquet file, however got {out}")
     frame = read_labels(path) if labels else read_decisions(path)
+    if cases is not None and not labels:
+        frame = frame.join(
+            read_case_outcomes(cases), on="transaction_id", how="left", maintain_order="left"
+        )
     write_table(frame, out)
     return frame.height

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import polars as pl
 
@@ -35,11 +35,14 @@ from fraudflow.serve.sqlite import ThreadConnections
 __all__ = [
     "Case",
     "CaseFilter",
+    "CaseGauges",
     "CaseIn",
     "CaseStore",
+    "Decided",
     "Verdict",
     "export_cases",
     "read_case_events",
+    "read_case_outcomes",
     "read_cases",
 ]
 
@@ -176,6 +179,7 @@ class CaseStore:
         # The console and the service call in from a pool of threads: a connection each.
         self._db = ThreadConnections(self.path)
         self._db.get().executescript(_SCHEMA)  # commits by itself
+        self._create_extras()
 
     # ---------------------------------------------------------------- opening
 
@@ -364,6 +368,125 @@ class CaseStore:
         """Close every thread's connection (a later call opens new ones)."""
         self._db.close()
 
+    # ---------------------------------------------------------------- console extras
+    # What the console shows beside the queue, and what the service measures of it (issue 15):
+    # the scrape-time gauges, the card and terminal history (followed from the audit log by
+    # ``fraudflow.serve.history``), the labels still to record, and each case's outcome by
+    # transaction for the decisions export. Tables and indexes in ``_EXTRA_SCHEMA``.
+
+    def _create_extras(self) -> None:
+        db = self._db.get()
+        for statement in _EXTRA_SCHEMA:
+            db.execute(statement)
+
+    def gauges(self, now_us: int) -> CaseGauges:
+        """Open (open or escalated) cases, the age of the oldest, and those past due: from
+        the shared file, so every replica reports the same figures (indexed counts)."""
+        db = self._read()
+        open_count = overdue = 0
+        oldest: int | None = None
+        for status in ("open", "escalated"):
+            count, first = db.execute(
+                "SELECT COUNT(*), MIN(opened_us) FROM cases WHERE status = ?", (status,)
+            ).fetchone()
+            late = db.execute(
+                "SELECT COUNT(*) FROM cases WHERE status = ? AND due_us < ?", (status, now_us)
+            ).fetchone()[0]
+            open_count, overdue = open_count + count, overdue + late
+            if first is not None:
+                oldest = first if oldest is None else min(oldest, first)
+        age = 0.0 if oldest is None else max(0, now_us - oldest) / _US
+        return CaseGauges(open=open_count, oldest_open_age_seconds=age, overdue=overdue)
+
+    def mark_label_pending(self, case_ids: Sequence[int], now_us: int) -> None:
+        """Before a verdict: its label is owed until ``label_recorded``. Durable, so a label
+        that fails (or a process that dies before recording it) is retried later
+        (``pending_labels``); a case that ends up not closed owes nothing."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO pending_labels (case_id, since_us) VALUES (?, ?) "
+                "ON CONFLICT (case_id) DO NOTHING",
+                [(case_id, now_us) for case_id in case_ids],
+            )
+
+    def label_recorded(self, case_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM pending_labels WHERE case_id = ?", (case_id,))
+
+    def pending_labels(self, *, limit: int = 500) -> list[tuple[int, Verdict]]:
+        """Closed cases whose label is still owed, oldest first: (case_id, the label)."""
+        rows = self._read().execute(
+            "SELECT p.case_id, c.transaction_id, c.outcome FROM pending_labels p "
+            "JOIN cases c ON c.case_id = p.case_id WHERE c.status = 'closed' "
+            "ORDER BY p.since_us, p.case_id LIMIT ?",
+            (limit,),
+        )
+        return [(case_id, Verdict(tid, outcome == "fraud")) for case_id, tid, outcome in rows]
+
+    def record_history(self, rows: Sequence[Decided], *, forget_before_us: int) -> None:
+        """Add decided transactions to the card and terminal history (a transaction seen
+        before is kept as it was); forget those decided before ``forget_before_us``."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO card_history (transaction_id, customer_id, terminal_id, t_us, "
+                "amount, score, decision, decided_us, is_fraud) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (transaction_id) DO NOTHING",
+                [tuple(r) for r in rows],
+            )
+            db.execute("DELETE FROM card_history WHERE decided_us < ?", (forget_before_us,))
+
+    def record_history_labels(self, labels: Sequence[tuple[str, bool]]) -> None:
+        """The latest label of each transaction, in the order reported."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE card_history SET is_fraud = ? WHERE transaction_id = ?",
+                [(int(flag), tid) for tid, flag in labels],
+            )
+
+    def history_cursor(self, source: str) -> int:
+        """The last sequence number of ``source`` (an audit shard) in the history; 0: none."""
+        row = (
+            self._read()
+            .execute("SELECT seq FROM history_cursors WHERE source = ?", (source,))
+            .fetchone()
+        )
+        return 0 if row is None else int(row[0])
+
+    def set_history_cursor(self, source: str, seq: int) -> None:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO history_cursors (source, seq) VALUES (?, ?) "
+                "ON CONFLICT (source) DO UPDATE SET seq = excluded.seq",
+                (source, seq),
+            )
+
+    def decided(self, transaction_id: str) -> Decided | None:
+        row = (
+            self._read()
+            .execute(f"SELECT {_DECIDED} FROM card_history WHERE transaction_id = ?",
+                     (transaction_id,))
+            .fetchone()
+        )  # fmt: skip
+        return None if row is None else Decided(*row)
+
+    def card_history(self, customer_id: str, *, since_us: int, limit: int = 500) -> list[Decided]:
+        """The card's decided transactions from ``since_us`` on, oldest first."""
+        rows = self._read().execute(
+            f"SELECT {_DECIDED} FROM card_history WHERE customer_id = ? AND t_us >= ? "
+            "ORDER BY t_us, transaction_id LIMIT ?",
+            (customer_id, since_us, limit),
+        )
+        return [Decided(*row) for row in rows]
+
+    def terminal_frauds(self, terminal_id: str, *, since_us: int, limit: int = 20) -> list[Decided]:
+        """The terminal's transactions labelled fraud from ``since_us`` on, newest first."""
+        rows = self._read().execute(
+            f"SELECT {_DECIDED} FROM card_history WHERE terminal_id = ? AND is_fraud = 1 "
+            "AND t_us >= ? ORDER BY t_us DESC LIMIT ?",
+            (terminal_id, since_us, limit),
+        )
+        return [Decided(*row) for row in rows]
+
     # ---------------------------------------------------------------- internals
 
     def _read(self) -> sqlite3.Connection:
@@ -404,6 +527,75 @@ class CaseStore:
             "VALUES (?, ?, ?, ?, ?)",
             (case_id, at_us, user, action, detail),
         )
+
+
+# ---------------------------------------------------------------- console extras (storage)
+
+
+class CaseGauges(NamedTuple):
+    """The queue's gauges at one time (``fraudflow_cases_*``)."""
+
+    open: int  # open or escalated: waiting for a verdict
+    oldest_open_age_seconds: float  # 0 when none is open
+    overdue: int  # open or escalated past their due time
+
+
+class Decided(NamedTuple):
+    """A decided transaction in the card and terminal history (``card_history``)."""
+
+    transaction_id: str
+    customer_id: str
+    terminal_id: str
+    t_us: int  # the transaction's time
+    amount: float
+    score: float
+    decision: str
+    decided_us: int
+    is_fraud: int | None  # the latest label: None while none was reported
+
+
+_DECIDED = ", ".join(Decided._fields)
+_EXTRA_SCHEMA = (
+    # The gauges' counts and oldest time by status, without reading the rows.
+    "CREATE INDEX IF NOT EXISTS cases_status_opened ON cases (status, opened_us)",
+    "CREATE INDEX IF NOT EXISTS cases_status_due ON cases (status, due_us)",
+    # The queue page's order over all queues (the console shows them together).
+    "CREATE INDEX IF NOT EXISTS cases_status_priority "
+    "ON cases (status, priority DESC, opened_us, case_id)",
+    "CREATE TABLE IF NOT EXISTS pending_labels ("
+    "case_id INTEGER PRIMARY KEY, since_us BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS card_history ("
+    "transaction_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, terminal_id TEXT NOT NULL, "
+    "t_us BIGINT NOT NULL, amount DOUBLE PRECISION NOT NULL, score DOUBLE PRECISION NOT NULL, "
+    "decision TEXT NOT NULL, decided_us BIGINT NOT NULL, is_fraud INTEGER)",
+    "CREATE INDEX IF NOT EXISTS card_history_card ON card_history (customer_id, t_us)",
+    "CREATE INDEX IF NOT EXISTS card_history_frauds ON card_history (terminal_id, t_us) "
+    "WHERE is_fraud = 1",
+    "CREATE INDEX IF NOT EXISTS card_history_decided ON card_history (decided_us)",
+    "CREATE TABLE IF NOT EXISTS history_cursors (source TEXT PRIMARY KEY, seq BIGINT NOT NULL)",
+)
+
+
+def read_case_outcomes(path: Path) -> pl.DataFrame:
+    """Per transaction with a case: its case's id, status, outcome, analyst and times (the
+    columns ``fraudflow decisions export`` adds); empty if ``path`` does not exist."""
+    schema = {"transaction_id": pl.String, "case_id": pl.Int64, "case_status": pl.String,
+              "case_outcome": pl.String, "case_analyst": pl.String, "case_opened_us": pl.Int64,
+              "case_closed_us": pl.Int64}  # fmt: skip
+    rows: list[Any] = []
+    if Path(path).is_file():
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = db.execute(
+                "SELECT transaction_id, case_id, status, outcome, closed_by, opened_us, "
+                "closed_us FROM cases ORDER BY case_id"
+            ).fetchall()
+        finally:
+            db.close()
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    return frame.with_columns(_datetime("case_opened_us"), _datetime("case_closed_us")).rename(
+        {"case_opened_us": "case_opened_at", "case_closed_us": "case_closed_at"}
+    )
 
 
 def _require_note(note: str) -> None:

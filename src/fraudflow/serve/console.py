@@ -14,7 +14,14 @@ other. Roles are checked here, on the server, for every action. Jinja2 escapes a
 
 Verdicts become labels through ``LabelSink``: the service's own ``label``, the function behind
 ``POST /v1/labels``, so the feature state and the audit log see a console verdict exactly as
-they see a posted label.
+they see a posted label. A label is owed from before its verdict is written until it is
+recorded (``CaseStore.mark_label_pending``): one that fails (the state store down) or is cut
+short (the process dies) is retried after the next verdict, every ``LABEL_RETRY_SECONDS`` and
+at start (``_Console.retry_labels``).
+
+A case page shows the card's last 30 days of decided transactions (with a chart of their
+amounts), the terminal's known frauds of that time and the card's earlier cases: the history
+is followed from the audit log into the case store (``fraudflow.serve.history``).
 
 The stores are opened on first use, not at start-up: a service whose console nobody uses
 creates no files for it.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -38,10 +46,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from fraudflow.errors import DataError, ServeError
-from fraudflow.serve.cases import Case, CaseFilter, CaseStore, Status
+from fraudflow.serve.cases import Case, CaseFilter, CaseStore, Status, Verdict
+from fraudflow.serve.charts import amounts_chart
+from fraudflow.serve.history import HISTORY_DAYS, follow_audit
+from fraudflow.serve.metrics import CASE_GAUGES, ServiceMetrics
 from fraudflow.serve.schemas import LabelIn
 from fraudflow.serve.settings import ServeSettings
 from fraudflow.serve.users import LoginRefused, LoginThrottled, Session, UserStore, users_path_for
+from fraudflow.serve.wording import in_words
 
 __all__ = ["ConsoleStores", "LabelSink", "build_console_router", "now_us"]
 
@@ -50,6 +62,10 @@ LOGIN_COOKIE = "fraudflow_console_login"
 SUPERVISORS = frozenset({"supervisor", "admin"})
 PAGE_SIZE = 50
 MAX_FORM_BYTES = 64 * 1024
+LABEL_RETRY_SECONDS = 30.0  # owed labels are retried this often (and after each verdict)
+HISTORY_FOLLOW_SECONDS = 5.0  # the audit log is followed into the history this often
+_DAY_US = 86_400 * 1_000_000
+log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
 _US = 1_000_000
 _HEADERS = {
@@ -92,6 +108,23 @@ class ConsoleStores:
         s = self.settings
         return UserStore(users_path_for(s.audit_path), session_seconds=s.console_session_seconds)
 
+    def started(self) -> bool:
+        """Whether the case store exists (a console nobody used has none, and makes none)."""
+        return "cases" in self.__dict__ or self.settings.cases_path.is_file()
+
+    def gauges(self) -> dict[str, float] | None:
+        """The ``fraudflow_cases_*`` gauges now, from the shared store; None: no store."""
+        if not self.started():
+            return None
+        g = self.cases.gauges(now_us())
+        values = [g.open, g.oldest_open_age_seconds, g.overdue]
+        return dict(zip(CASE_GAUGES, values, strict=True))
+
+    def follow_audit(self) -> None:
+        """Copy the audit log's new decisions and labels into the case pages' history."""
+        if self.started():
+            follow_audit(self.settings.audit_path, self.cases, now_us=now_us())
+
     def close(self) -> None:
         """Close the stores opened (at shut-down: their files stay open until then)."""
         for name in ("cases", "users"):
@@ -124,6 +157,7 @@ def _age(us: int) -> str:
 
 _templates.filters["when"] = _when
 _templates.filters["age"] = _age
+_templates.filters["in_words"] = in_words
 
 
 class _Refused(Exception):
@@ -136,11 +170,16 @@ class _Refused(Exception):
 
 
 def build_console_router(
-    stores: ConsoleStores, *, labels: LabelSink, clock: Callable[[], int] = now_us
+    stores: ConsoleStores,
+    *,
+    labels: LabelSink,
+    metrics: ServiceMetrics | None = None,
+    clock: Callable[[], int] = now_us,
 ) -> APIRouter:
-    """The console's routes; ``labels`` records verdicts as ``POST /v1/labels`` does."""
+    """The console's routes; ``labels`` records verdicts as ``POST /v1/labels`` does;
+    ``metrics`` counts the verdicts and their time (``fraudflow_case_*``)."""
     router = APIRouter(prefix="/console", include_in_schema=False)
-    console = _Console(stores, labels, clock)
+    console = _Console(stores, labels, clock, metrics)
     router.add_api_route("", console.home, methods=["GET"])
     router.add_api_route("/static/console.css", console.css, methods=["GET"])
     router.add_api_route("/login", console.login_form, methods=["GET"])
@@ -191,10 +230,17 @@ def _guarded(
 
 
 class _Console:
-    def __init__(self, stores: ConsoleStores, labels: LabelSink, clock: Callable[[], int]):
+    def __init__(
+        self,
+        stores: ConsoleStores,
+        labels: LabelSink,
+        clock: Callable[[], int],
+        metrics: ServiceMetrics | None = None,
+    ):
         self.stores = stores
         self.labels = labels
         self.clock = clock
+        self.metrics = metrics
 
     # ---------------------------------------------------------------- helpers
 
@@ -323,11 +369,16 @@ class _Console:
         case: Case = await self._store(cases.view, case_id, session.user.username, now)
         earlier = await self._store(cases.card_cases, case.customer_id, before_us=case.opened_us)
         users = await self._store(self.stores.users.list)
+        history, frauds = await self._store(self._history, case)
         return _page(
             "case.html",
             session=session,
             case=case,
             now=now,
+            history=history,
+            chart=amounts_chart(history, current=case.transaction_id),
+            frauds=frauds,
+            history_days=HISTORY_DAYS,
             earlier=earlier,
             held_by=case.held_by(now),
             mine=case.held_by(now) == session.user.username,
@@ -336,28 +387,89 @@ class _Console:
             message=request.query_params.get("message"),
         )
 
+    def _history(self, case: Case) -> tuple[list[Any], list[Any]]:
+        """The card's decided transactions of the ``HISTORY_DAYS`` before the case's (and
+        since), and the terminal's known frauds of that time; followed from the audit log
+        first, so the case's own transaction is there."""
+        self.stores.follow_audit()
+        cases = self.stores.cases
+        own = cases.decided(case.transaction_id)
+        since = (case.opened_us if own is None else own.t_us) - HISTORY_DAYS * _DAY_US
+        history = cases.card_history(case.customer_id, since_us=since)
+        return history, cases.terminal_frauds(case.terminal_id, since_us=since)
+
     @_guarded
     async def verdict(self, request: Request, case_id: int) -> Response:
         session, form = await self._posted(request)
         outcome, note = _one(form, "outcome") or "", _note(form)
         if outcome not in ("fraud", "not_fraud"):
             raise _Refused(422, f"a verdict is fraud or not_fraud, however got {outcome!r}")
-        cases = self.stores.cases
+        cases, now = self.stores.cases, self.clock()
+        await self._store(cases.mark_label_pending, [case_id], now)
         verdict = await self._store(
-            cases.verdict, case_id, session.user.username, outcome, note, self.clock()
+            cases.verdict, case_id, session.user.username, outcome, note, now
         )
-        await self._label(verdict.transaction_id, verdict.is_fraud)
+        await self._counted([case_id])
+        await self._label(case_id, verdict)
+        await self.retry_labels()
         return _redirect("/console/queue?" + urlencode({"message": f"case {case_id} closed"}))
 
-    async def _label(self, transaction_id: str, is_fraud: bool) -> None:
-        try:
-            await self.labels.label(LabelIn(transaction_id=transaction_id, is_fraud=is_fraud))
-        except ServeError as exc:
+    async def _label(self, case_id: int, verdict: Verdict) -> None:
+        """Record the verdict's label; if that fails, it stays owed and is retried."""
+        if not await self._try_label(case_id, verdict):
             raise _Refused(
                 503,
-                f"the verdict is saved but its label could not be recorded ({exc.detail}): "
-                f"post it again with POST /v1/labels for transaction {transaction_id}",
-            ) from None
+                f"the verdict is saved but its label could not be recorded yet: it will be "
+                f"retried (transaction {verdict.transaction_id})",
+            )
+
+    async def _try_label(self, case_id: int, verdict: Verdict) -> bool:
+        label = LabelIn(transaction_id=verdict.transaction_id, is_fraud=verdict.is_fraud)
+        try:
+            await self.labels.label(label)
+        except ServeError:  # logged and counted by the service
+            return False
+        await self._store(self.stores.cases.label_recorded, case_id)
+        return True
+
+    async def retry_labels(self) -> int:
+        """Record the labels still owed (oldest first) until one fails; returns how many
+        were recorded."""
+        if not self.stores.started():
+            return 0
+        owed = await self._store(self.stores.cases.pending_labels)
+        done = 0
+        for case_id, verdict in owed:
+            if not await self._try_label(case_id, verdict):
+                break
+            done += 1
+        return done
+
+    async def keep_up(self) -> None:
+        """Background work, until cancelled: owed labels (at once, then every
+        ``LABEL_RETRY_SECONDS``) and the history (every ``HISTORY_FOLLOW_SECONDS``)."""
+        since_retry = LABEL_RETRY_SECONDS
+        while True:
+            try:
+                if since_retry >= LABEL_RETRY_SECONDS:
+                    since_retry = 0.0
+                    await self.retry_labels()
+                await asyncio.to_thread(self.stores.follow_audit)
+            except Exception:  # a store's failure must not end the loop
+                log.exception("the review console's background work failed")
+            await asyncio.sleep(HISTORY_FOLLOW_SECONDS)
+            since_retry += HISTORY_FOLLOW_SECONDS
+
+    async def _counted(self, case_ids: list[int]) -> None:
+        """Count the verdicts of ``case_ids`` (now closed) and their time since opening."""
+        if self.metrics is None:
+            return
+        for case_id in case_ids:
+            case = await self._store(self.stores.cases.get, case_id)
+            if case.outcome is not None and case.closed_us is not None:
+                self.metrics.case_verdicts.labels(outcome=case.outcome).inc()
+                seconds = max(0, case.closed_us - case.opened_us) / _US
+                self.metrics.case_time_to_verdict.observe(seconds)
 
     @_guarded
     async def escalate(self, request: Request, case_id: int) -> Response:
@@ -388,13 +500,17 @@ class _Console:
             raise _Refused(422, f"a verdict is fraud or not_fraud, however got {outcome!r}")
         if not ids:
             raise _Refused(422, "tick the cases to close")
-        cases = self.stores.cases
+        cases, now = self.stores.cases, self.clock()
+        await self._store(cases.mark_label_pending, ids, now)
         verdicts = await self._store(
-            cases.bulk_close, ids, outcome, note, session.user.username, self.clock()
+            cases.bulk_close, ids, outcome, note, session.user.username, now
         )
-        for v in verdicts:
-            await self._label(v.transaction_id, v.is_fraud)
+        closed = await self._store(_closed_now, cases, ids, now)
+        await self._counted(closed)
+        recorded = await self.retry_labels()  # the owed labels, these ones among them
         message = f"{len(verdicts)} cases closed"
+        if recorded < len(verdicts):
+            message += "; some labels could not be recorded yet: they will be retried"
         return _redirect("/console/queue?" + urlencode({"message": message}))
 
     @_guarded
@@ -405,6 +521,11 @@ class _Console:
             self.stores.cases.record, session.user.username, "view_audit", "", self.clock()
         )
         return _page("audit.html", session=session, events=list(reversed(events[-500:])))
+
+
+def _closed_now(cases: CaseStore, case_ids: list[int], now: int) -> list[int]:
+    """Which of ``case_ids`` were closed at ``now`` (by this bulk close)."""
+    return [i for i in case_ids if cases.get(i).closed_us == now]
 
 
 class _SignIn(Exception):

@@ -13,6 +13,16 @@ label ever holds an id or a key:
     fraudflow_model_info{model_version}            gauge = 1 for the loaded model
     fraudflow_model_loaded                         gauge 0/1
     fraudflow_score_psi                            gauge, see ``ScoreDrift``
+    fraudflow_case_verdicts_total{outcome}         counter: fraud | not_fraud (the console)
+    fraudflow_case_time_to_verdict_seconds         histogram: a case's opening to its verdict
+    fraudflow_cases_open                           gauge: open or escalated cases
+    fraudflow_cases_oldest_open_age_seconds        gauge: age of the oldest of them (0: none)
+    fraudflow_cases_overdue                        gauge: those of them past their due time
+
+The ``fraudflow_cases_*`` gauges are read from the shared case store when scraped
+(``CaseGaugeCollector``), not kept per process: every worker and replica reports the same
+figures, the queue's, so alerts take their ``max``. The verdict counter and histogram count
+each process's own verdicts: ``sum`` them.
 
 Each app gets its own ``CollectorRegistry``. With several worker processes, prometheus_client's
 multiprocess mode is used (``PROMETHEUS_MULTIPROC_DIR``, set by ``fraudflow serve --workers``
@@ -22,8 +32,10 @@ histograms over all workers; the gauges say how they combine in ``multiprocess_m
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +48,16 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from fraudflow.eval.drift import population_stability_index
 
 __all__ = [
+    "CASE_GAUGES",
     "CONTENT_TYPE_LATEST",
     "ERROR_KINDS",
+    "CaseGaugeCollector",
     "ScoreDrift",
     "ServiceMetrics",
     "observe_many",
@@ -63,6 +79,21 @@ _STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 # An audit commit waits for its group and an fsync: a few ms when the disk keeps up.
 _COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+# A verdict comes minutes to days after its case opened (the default SLA is 24 h).
+_VERDICT_BUCKETS = tuple(
+    60.0 * m for m in (1, 5, 15, 30, 60, 120, 240, 480, 720, 1_440, 2_880, 4_320, 10_080)
+)
+OUTCOMES = ("fraud", "not_fraud")
+# The gauges read from the case store at each scrape: name -> help.
+CASE_GAUGES = {
+    "fraudflow_cases_open": "Review cases waiting for a verdict (open or escalated).",
+    "fraudflow_cases_oldest_open_age_seconds": (
+        "Age of the oldest review case waiting for a verdict (0 when none waits)."
+    ),
+    "fraudflow_cases_overdue": "Review cases waiting for a verdict past their due time (SLA).",
+}
+
+log = logging.getLogger(__name__)
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:
@@ -134,7 +165,25 @@ class ServiceMetrics:
             "fraudflow_score_psi", "Population stability index of recent scores vs validation.",
             registry=registry, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.case_verdicts = Counter(
+            "fraudflow_case_verdicts", "Review console verdicts, by outcome.", ["outcome"],
+            registry=registry,
+        )  # fmt: skip
+        for outcome in OUTCOMES:  # both series exist from the start, for rate()
+            self.case_verdicts.labels(outcome=outcome)
+        self.case_time_to_verdict = Histogram(
+            "fraudflow_case_time_to_verdict_seconds",
+            "Time from a review case's opening to its verdict.",
+            buckets=_VERDICT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self._scrape_collectors: list[Collector] = []
         self._version: str | None = None
+
+    def add_scrape_collector(self, collector: Collector) -> None:
+        """A collector read at each scrape, in every mode (``CaseGaugeCollector``)."""
+        self._scrape_collectors.append(collector)
+        if self.multiprocess_dir is None:
+            self.registry.register(collector)
 
     def model_changed(self, version: str | None) -> None:
         if self._version is not None and self._version != version:
@@ -153,12 +202,37 @@ class ServiceMetrics:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
         prom_multiprocess.MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        for collector in self._scrape_collectors:
+            merged.register(collector)
         return generate_latest(merged)
 
     def process_exiting(self) -> None:
         """Drop this worker's live gauges (multiprocess mode), so they stop counting."""
         if self.multiprocess_dir is not None:
             prom_multiprocess.mark_process_dead(os.getpid(), path=str(self.multiprocess_dir))
+
+
+class CaseGaugeCollector(Collector):
+    """The ``CASE_GAUGES``, from ``read()`` at each scrape (name -> value; None: no case
+    store yet, no series). A failing read is logged and leaves the gauges out of that
+    scrape rather than failing it."""
+
+    def __init__(self, read: Callable[[], dict[str, float] | None]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:  # without reading: registering opens nothing
+        for name, text in CASE_GAUGES.items():
+            yield GaugeMetricFamily(name, text)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            values = self._read()
+        except Exception:
+            log.exception("reading the review cases' gauges failed")
+            return
+        for name, text in CASE_GAUGES.items():
+            if values is not None:
+                yield GaugeMetricFamily(name, text, value=values[name])
 
 
 class ScoreDrift:
