@@ -44,9 +44,9 @@ def amounts_chart(
         f'<line class="axis" x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + plot_h}"/>',
         f'<text class="tick" x="{_LEFT - 4}" y="{_TOP + 8}" text-anchor="end">{top:,.0f}</text>',
         f'<text class="tick" x="{_LEFT - 4}" y="{_TOP + plot_h}" text-anchor="end">0</text>',
-        f'<text class="tick" x="{_LEFT}" y="{height - 6}">{_day(t0)}</text>',
+        f'<text class="tick" x="{_LEFT}" y="{height - 6}">{_tick(t0, t1 - t0)}</text>',
         f'<text class="tick" x="{width - _RIGHT}" y="{height - 6}" text-anchor="end">'
-        f"{_day(t1)}</text>",
+        f"{_tick(t1, t1 - t0)}</text>",
     ]
     ordered = sorted(points, key=lambda p: p.transaction_id == current)  # current on top
     for p in ordered:
@@ -65,3 +65,9 @@ def amounts_chart(
 
 def _day(t_us: int) -> str:
     return datetime.fromtimestamp(t_us / _US, UTC).strftime("%Y-%m-%d")
+
+
+def _tick(t_us: int, span_us: int) -> str:
+    """The day; with the time when the chart spans under two days."""
+    at = datetime.fromtimestamp(t_us / _US, UTC)
+    return at.strftime("%Y-%m-%d" if span_us >= 2 * 86_400 * _US else "%Y-%m-%d %H:%M")

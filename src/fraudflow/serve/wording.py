@@ -9,6 +9,7 @@ log-odds by 1.234", ``fraudflow.serve.scoring``); an analyst reads "amount 5.2x 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 __all__ = ["in_words"]
 
@@ -58,26 +59,35 @@ def _feature_phrase(name: str, v: float) -> str | None:
     entity, _, rest = name.partition("__")
     aggregate, _, label = rest.partition("__")
     who = {"customer": "the card", "terminal": "the terminal"}.get(entity)
-    span = _window(label) if label else ""
     if entity == "tx":
         return _transaction_phrase(aggregate, v)
     if who is None:
         return None
-    phrases = {
-        "amount_ratio": f"amount {v:.1f}x {who}'s {span} mean",
-        "mean_amount": f"{who}'s {span} mean amount is {v:,.2f}",
-        "count": (
-            f"{_count(v, 'transaction')} on the card in {_last(label)}"
-            if entity == "customer"
-            else f"{_count(v, 'transaction')} on the terminal in its labelled {span} window"
-        ),
-        "live_count": f"{_count(v, 'transaction')} on {who} in the last day",
-        "small_count": f"{_count(v, 'small transaction')} on {who} in the last day",
-        "known_fraud_count": f"{who} had {_count(v, 'known fraud')} in its {span} window",
-        "fraud_rate": f"{v:.0%} of {who}'s labelled {span} window was fraud",
-        "hours_since_prev": f"{_duration(v)} since {who}'s previous transaction",
-    }
-    return phrases.get(aggregate)
+    phrase = _PHRASES.get(aggregate)
+    return None if phrase is None else phrase(who, label, v)
+
+
+def _counted(who: str, label: str, v: float) -> str:
+    if who == "the card":
+        return f"{_count(v, 'transaction')} on the card in {_last(label)}"
+    return f"{_count(v, 'transaction')} on the terminal in its labelled {_window(label)} window"
+
+
+# Per aggregate: its phrase from the entity ("the card"), the window label ("30d") and value.
+_PHRASES: dict[str, Callable[[str, str, float], str]] = {
+    "amount_ratio": lambda who, label, v: f"amount {v:.1f}x {who}'s {_window(label)} mean",
+    "mean_amount": lambda who, label, v: f"{who}'s {_window(label)} mean amount is {v:,.2f}",
+    "count": _counted,
+    "live_count": lambda who, _, v: f"{_count(v, 'transaction')} on {who} in the last day",
+    "small_count": lambda who, _, v: f"{_count(v, 'small transaction')} on {who} in the last day",
+    "known_fraud_count": (
+        lambda who, label, v: f"{who} had {_count(v, 'known fraud')} in its {_window(label)} window"
+    ),
+    "fraud_rate": (
+        lambda who, label, v: f"{v:.0%} of {who}'s labelled {_window(label)} window was fraud"
+    ),
+    "hours_since_prev": lambda who, _, v: f"{_duration(v)} since {who}'s previous transaction",
+}
 
 
 def _transaction_phrase(aggregate: str, v: float) -> str | None:
