@@ -119,3 +119,12 @@ def test_the_chart_has_a_dot_per_transaction_and_escapes_its_text() -> None:
     assert 'cx="56.0" cy="98.0"' in svg and 'cx="180.0" cy="8.0"' in svg
     assert 'cx="552.0" cy="68.0"' in svg
     assert str(amounts_chart([], current="x")) == ""
+
+
+def test_a_cursor_only_moves_forward(tmp_path: Path) -> None:
+    cases = CaseStore(tmp_path / "cases.db")
+    assert cases.history_cursor("host:/audit.db:1:decisions") == 0
+    for seq in (5, 3, 9):  # a slower follower's 3 comes after the 5
+        cases.set_history_cursor("host:/audit.db:1:decisions", seq)
+        assert cases.history_cursor("host:/audit.db:1:decisions") == max(5, seq)
+    cases.close()

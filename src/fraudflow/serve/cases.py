@@ -459,7 +459,9 @@ class CaseStore:
         with self._write() as db:
             db.execute(
                 "INSERT INTO history_cursors (source, seq) VALUES (?, ?) "
-                "ON CONFLICT (source) DO UPDATE SET seq = excluded.seq",
+                # Only forward: a slower follower (another worker) must not move it back.
+                "ON CONFLICT (source) DO UPDATE SET seq = excluded.seq "
+                "WHERE history_cursors.seq < excluded.seq",
                 (source, seq),
             )
 
