@@ -2,12 +2,15 @@
 
     RUN_DIR/model/
         meta.json      model name, feature list and version, standardiser, model config,
-                       and the score calibration fitted on the validation period
+                       the score calibration fitted on the validation period, and the codes
+                       of the categorical features ("categories", where there are any)
         weights.pt     neural models: the state dict
         model.txt      LightGBM: the booster
         manifest.json  the SHA-256 of each file above; written last
 
-``load_bundle`` rebuilds the model through the same registry the trainer used.
+``load_bundle`` rebuilds the model through the same registry the trainer used. Feature rows
+reach the model through ``Bundle.model_matrix``: raw categorical values become the codes the
+model learned (``fraudflow.features.categories``), so callers pass the values as logged.
 
 A bundle is verified whenever it is read: every file against its recorded SHA-256, the model
 built from the very bytes that were checked (a file swapped in between cannot slip in), and
@@ -38,10 +41,19 @@ import torch
 from fraudflow.config import FeatureConfig, GBDTConfig, TrainConfig
 from fraudflow.errors import ArtifactError, FraudflowError, RunCheckError
 from fraudflow.eval.calibration import Calibrator
+from fraudflow.features.categories import CategoryCodes, matrix_from_rows
 from fraudflow.features.default_spec import default_spec
+from fraudflow.features.spec import parse_spec
 from fraudflow.features.specs import FEATURE_VERSION, feature_names
 from fraudflow.files import atomic_path, write_bytes_atomic, write_json_atomic
-from fraudflow.models import GBDT, NEURAL_MODELS, Standardizer, build_model
+from fraudflow.models import (
+    GBDT,
+    NEURAL_MODELS,
+    Categorical,
+    Standardizer,
+    build_model,
+    neural_inputs,
+)
 from fraudflow.models.interface import Estimator, NeuralModel
 
 __all__ = [
@@ -77,6 +89,29 @@ class Bundle:
         return list(self.meta["features"])
 
     @property
+    def codes(self) -> CategoryCodes | None:
+        """The categorical features' codes; None when every feature is numeric."""
+        return _codes_of(self.meta)
+
+    @property
+    def categorical(self) -> tuple[Categorical, ...]:
+        """Where the categorical features sit in the model matrix, and their cardinalities."""
+        return _categorical_of(self.meta)
+
+    def model_matrix(self, rows: Any) -> np.ndarray:
+        """The model matrix (N, F) float64 of raw feature rows (N, F) in ``features`` order:
+        numbers (None or NaN: missing) and, in the categorical columns, the raw values (a
+        value not seen in training, or null, gets the unseen code). What ``predict`` scores;
+        for a bundle without categorical features, the rows as floats."""
+        matrix = matrix_from_rows(rows, self.features, self.codes)
+        if matrix.ndim != 2 or matrix.shape[1] != len(self.features):
+            raise ArtifactError(
+                f"the bundle expects {len(self.features)} features per row, "
+                f"however got shape {matrix.shape}"
+            )
+        return matrix
+
+    @property
     def calibrator(self) -> Calibrator:
         """The run's Platt scaling; the identity for bundles saved before calibration existed."""
         raw = self.meta.get("calibration")
@@ -87,24 +122,21 @@ class Bundle:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"the bundle's calibration {raw!r} is unreadable: {exc}") from None
 
-    def predict_calibrated(self, x: np.ndarray) -> np.ndarray:
-        """Calibrated fraud probabilities (N,) for feature rows x (N, F): what the service
+    def predict_calibrated(self, x: Any) -> np.ndarray:
+        """Calibrated fraud probabilities (N,) for raw feature rows x (N, F): what the service
         answers. Same ranking as ``predict`` (the calibration is increasing)."""
         return self.calibrator.apply(self.predict(x))
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Raw model scores (N,) in [0, 1] for feature rows x (N, F) in ``features`` order.
+    def predict(self, x: Any) -> np.ndarray:
+        """Raw model scores (N,) in [0, 1] for raw feature rows x (N, F) in ``features`` order
+        (see ``model_matrix``).
 
         Class weighting distorts them as probabilities: see ``predict_calibrated``.
         """
-        if x.ndim != 2 or x.shape[1] != len(self.features):
-            raise ArtifactError(
-                f"the bundle expects {len(self.features)} features per row, "
-                f"however got shape {x.shape}"
-            )
+        matrix = self.model_matrix(x)
         if isinstance(self.model, lgb.Booster):
-            return np.asarray(self.model.predict(x), dtype=np.float64)
-        return self._predict_neural(torch.as_tensor(x, dtype=torch.float32))
+            return np.asarray(self.model.predict(matrix), dtype=np.float64)
+        return self._predict_neural(torch.as_tensor(matrix, dtype=torch.float32))
 
     @torch.no_grad()
     def _predict_neural(self, x: torch.Tensor) -> np.ndarray:
@@ -113,8 +145,10 @@ class Bundle:
         module.eval()
         parts = []
         for start in range(0, x.shape[0], _SCORE_BATCH):
-            xb = self.standardizer.transform(x[start : start + _SCORE_BATCH])
-            parts.append(torch.softmax(module({"x": xb}).float(), dim=1)[:, 1])
+            inputs = neural_inputs(
+                x[start : start + _SCORE_BATCH], self.categorical, self.standardizer
+            )
+            parts.append(torch.softmax(module(inputs).float(), dim=1)[:, 1])
         return torch.cat(parts).double().numpy() if parts else np.zeros(0)
 
 
@@ -169,6 +203,7 @@ def check_run(run_dir: Path) -> dict[str, Any]:
     folder = Path(run_dir) / BUNDLE_DIR
     meta = _parse_meta(_verified_files(folder)[_META], folder / _META)
     _check_features(meta, folder)
+    _check_servable(meta, folder)
     return meta
 
 
@@ -190,12 +225,15 @@ def load_bundle(run_dir: Path, *, completed: bool = False) -> Bundle:
     files = _verified_files(folder)
     meta = _parse_meta(files[_META], folder / _META)
     _check_features(meta, folder)
+    if completed:
+        _check_servable(meta, folder)
     if meta["model"] not in NEURAL_MODELS:
         return Bundle(meta=meta, model=_booster(files, folder), standardizer=None)
     train_cfg = TrainConfig(**_tuples(meta["train_config"]))
     model = build_model(
-        meta["model"], n_features=len(meta["features"]), train=train_cfg, gbdt=GBDTConfig()
-    )
+        meta["model"], n_features=len(meta["features"]), train=train_cfg, gbdt=GBDTConfig(),
+        categorical=_categorical_of(meta),
+    )  # fmt: skip
     if not isinstance(model, NeuralModel):
         raise ArtifactError(f"model {meta['model']!r} in {folder} is not a neural model")
     weights = _recorded(files, _WEIGHTS, folder)
@@ -289,8 +327,33 @@ def _manifest(folder: Path) -> dict[str, str]:
     return dict(hashes)
 
 
+def _codes_of(meta: dict[str, Any]) -> CategoryCodes | None:
+    raw = meta.get("categories")
+    if raw is None:
+        return None
+    try:
+        return CategoryCodes.from_dict(raw)
+    except (FraudflowError, TypeError) as exc:
+        raise ArtifactError(f"the bundle's category codes are unreadable: {exc}") from None
+
+
+def _categorical_of(meta: dict[str, Any]) -> tuple[Categorical, ...]:
+    codes = _codes_of(meta)
+    if codes is None:
+        return ()
+    features = list(meta["features"])
+    missing = [c for c in codes.columns if c not in features]
+    if missing:
+        raise ArtifactError(
+            f"the bundle has category codes for {missing[0]!r}, however it is not one of its "
+            f"features {features!r:.300}"
+        )
+    return tuple(Categorical(features.index(c), codes.cardinality(c)) for c in codes.columns)
+
+
 def _check_features(meta: dict[str, Any], folder: Path) -> None:
-    """The bundle's features must be the ones this build computes, by version and by name."""
+    """The bundle's features must be the ones this build computes, by version and by name:
+    the default spec's for its feature config, or those of the spec it records."""
     found = meta.get("feature_version")
     if found != FEATURE_VERSION:
         raise RunCheckError(
@@ -309,18 +372,44 @@ def _check_features(meta: dict[str, Any], folder: Path) -> None:
         ) from None
     spec_hash = meta.get("feature_spec_hash")
     if spec_hash is not None and spec_hash != default_spec(config).hash:
+        expected = _spec_features(meta, folder)
+    if meta.get("features") != expected:
+        raise RunCheckError(
+            "feature_spec",
+            f"model bundle {folder} expects features {meta.get('features')!r:.400}, however "
+            f"this fraudflow computes {expected} for its feature config",
+        )
+
+
+def _spec_features(meta: dict[str, Any], folder: Path) -> list[str]:
+    """The features of the spec the bundle records (checked against its hash)."""
+    try:
+        spec = parse_spec(meta.get("feature_spec") or {})
+    except FraudflowError as exc:
+        raise RunCheckError(
+            "feature_spec", f"model bundle {folder} records a feature spec this build cannot "
+            f"read: {exc}",
+        ) from None  # fmt: skip
+    if spec.hash != meta.get("feature_spec_hash"):
+        raise RunCheckError(
+            "feature_spec",
+            f"model bundle {folder} records a feature spec whose hash {spec.hash[:12]} is not "
+            f"its feature_spec_hash {str(meta.get('feature_spec_hash'))[:12]}",
+        )
+    return spec.feature_names
+
+
+def _check_servable(meta: dict[str, Any], folder: Path) -> None:
+    """What the service can compute online: the default spec only, for now."""
+    config = feature_config_of(meta)
+    spec_hash = meta.get("feature_spec_hash")
+    if spec_hash is not None and spec_hash != default_spec(config).hash:
         # Tables from before specs record no hash: their features are the default ones.
         raise RunCheckError(
             "feature_spec",
             f"model bundle {folder} was trained on a feature spec ({spec_hash[:12]}) other "
             "than the default one, however this fraudflow computes online only the default "
             "spec for now: train on `fraudflow features` without --spec to serve the model",
-        )
-    if meta.get("features") != expected:
-        raise RunCheckError(
-            "feature_spec",
-            f"model bundle {folder} expects features {meta.get('features')!r:.400}, however "
-            f"this fraudflow computes {expected} for its feature config",
         )
 
 

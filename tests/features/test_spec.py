@@ -193,8 +193,12 @@ def test_features_command_with_a_spec_over_an_extra_column(tmp_path: Path) -> No
          "derive 'a': 'sqrt(amount)': unknown function 'sqrt'"),
         ({"derive": [{"name": "a", "expr": "amount.__class__"}]},
          "derive 'a': 'amount.__class__': Attribute is not allowed"),
-        ({"column": [{"name": "category", "kind": "categorical"}]},
-         "column 'category': categorical columns are not supported yet"),
+        ({"column": [{"name": "category", "kind": "text"}]},
+         "column 'category': unknown kind 'text' (expected one of numeric, categorical)"),
+        ({"column": [{"name": "amount", "max_categories": 5}]},
+         "column 'amount': max_categories is for kind = \"categorical\" only"),
+        ({"column": [{"name": "category", "kind": "categorical", "max_categories": 0}]},
+         "column 'category': max_categories must be an integer >= 1, however got 0"),
         ({"features": ["nope"]}, "features: 'nope' is not defined by any entry of the spec"),
         ({"label_delay": "soon"}, "label_delay: bad duration 'soon'"),
     ],
@@ -217,6 +221,11 @@ def test_a_bad_spec_names_the_entry_and_the_problem(change: dict, message: str) 
          "aggregate 'a': reads `is_fraud`, which is known only after the label delay"),
         ({"derive": [{"name": "amount", "expr": "1"}]},
          "feature 'amount': name clash with a column of the input"),
+        ({"column": [{"name": "merchant", "kind": "categorical"}]},
+         "column 'merchant': column 'merchant' is not in the input (columns: transaction_id,"),
+        ({"column": [{"name": "amount", "kind": "categorical"}]},
+         "column 'amount': a categorical column holds strings, integers or booleans, however "
+         "found Float64"),
     ],
 )  # fmt: skip
 def test_a_spec_that_does_not_fit_the_input_is_refused(entry: dict, message: str) -> None:

@@ -27,7 +27,7 @@ leaves its block. Blocks are processed in chunks small enough that the key fits 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -53,7 +53,7 @@ from fraudflow.features.expressions import (
 )
 from fraudflow.features.spec import UNIT_SECONDS, Aggregate, FeatureSpec, Window
 
-__all__ = ["build_features"]
+__all__ = ["build_features", "check_categorical", "check_input"]
 
 _T = "__t_us"  # timestamp as integer microseconds since the epoch
 _ROW = "__row"  # arrival position
@@ -71,6 +71,7 @@ def build_features(transactions: pl.DataFrame, spec: FeatureSpec | FeatureConfig
     spec = spec if isinstance(spec, FeatureSpec) else default_spec(spec)
     _check_rows(transactions)
     check_input(spec, transactions.columns)
+    check_categorical(spec, transactions.schema)
     ordered = transactions.lazy()
     if not transactions[TIMESTAMP].is_sorted():  # logs usually arrive in time order already
         ordered = ordered.sort(TIMESTAMP, maintain_order=True)
@@ -136,6 +137,22 @@ def check_input(spec: FeatureSpec, columns: list[str]) -> None:
     if shadowed:
         name = sorted(shadowed)[0]
         raise ConfigError(f"feature {name!r}: name clash with a column of the input")
+
+
+def check_categorical(spec: FeatureSpec, schema: Mapping[str, pl.DataType]) -> None:
+    """Categorical columns hold values that are equal or not: strings, integers, booleans.
+    (A float's codes would hang on its exact bits.)"""
+    for column in spec.columns:
+        dtype = schema[column.name]
+        if column.kind == "categorical" and not _discrete(dtype):
+            raise ConfigError(
+                f"column {column.name!r}: a categorical column holds strings, integers or "
+                f"booleans, however found {dtype}"
+            )
+
+
+def _discrete(dtype: pl.DataType) -> bool:
+    return dtype.is_integer() or dtype in (pl.String, pl.Boolean, pl.Categorical, pl.Enum)
 
 
 def _names(expr: Expr | None) -> list[str]:

@@ -24,6 +24,11 @@ A spec is a TOML file (``load_spec``) or the shipped default (``fraudflow.featur
     name = "merchant_risk"
     kind = "numeric"
 
+    [[column]]
+    name = "merchant_category"
+    kind = "categorical"               # strings, integers or booleans; models see integer codes
+    max_categories = 50                # optional: only the most frequent values get own codes
+
 Point in time, in every engine: a row's window holds rows at or before it (equal timestamps:
 the earlier input rows and itself, never later ones); ``fraud_count`` and ``fraud_rate`` read
 labels, so their windows are always delayed, (t - delay - w, t - delay], where every label is
@@ -34,6 +39,9 @@ previous matching row (not the row itself) inside the window; ``time_since_first
 since the window's earliest matching row (the row itself included: a key's first row gives 0,
 so over a long window it is the card's age); ``time_since_fraud`` reads labels (delayed
 duration windows): the time since the latest matching row of the window known to be fraud.
+
+A categorical column is output as the row's own value; the trainer maps its values to integer
+codes learned on the training rows (``fraudflow.features.categories``), stored in the bundle.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from fraudflow.features.expressions import CALENDAR, Expr, parse_expression, ref
 
 __all__ = [
     "FUNCTIONS",
+    "KINDS",
     "Aggregate",
     "Column",
     "Derive",
@@ -115,10 +124,15 @@ class Derive:
         return parse_expression(self.expr)
 
 
+KINDS = ("numeric", "categorical")
+
+
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: str  # numeric (categorical: not yet)
+    kind: str  # one of KINDS
+    # categorical only: codes for the most frequent values at most; None: every value
+    max_categories: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +156,12 @@ class FeatureSpec:
         return list(self.outputs) if self.outputs is not None else self.defined
 
     @property
+    def categorical(self) -> list[str]:
+        """The model's categorical features, in ``feature_names`` order."""
+        kinds = {c.name: c.kind for c in self.columns}
+        return [name for name in self.feature_names if kinds.get(name) == "categorical"]
+
+    @property
     def label_delay_days(self) -> int:
         """Whole days, rounded up, for the time splits."""
         return -(-self.label_delay_seconds // UNIT_SECONDS["d"])
@@ -152,7 +172,7 @@ class FeatureSpec:
             out["features"] = list(self.outputs)
         out["aggregate"] = [_aggregate_dict(a) for a in self.aggregates]
         out["derive"] = [{"name": d.name, "expr": d.expr} for d in self.derives]
-        out["column"] = [{"name": c.name, "kind": c.kind} for c in self.columns]
+        out["column"] = [_column_dict(c) for c in self.columns]
         return out
 
     @property
@@ -285,14 +305,21 @@ def _derive(entry: dict[str, Any]) -> Derive:
 def _column(entry: dict[str, Any]) -> Column:
     name = _entry_name(entry, "column")
     kind = entry.get("kind", "numeric")
-    if kind == "categorical":
+    if kind not in KINDS:
         raise ConfigError(
-            f"column {name!r}: categorical columns are not supported yet; encode them as "
-            "numbers in the log, or use them as aggregate keys (by) and filters (where)"
+            f"column {name!r}: unknown kind {kind!r} (expected one of numeric, categorical)"
         )
-    if kind != "numeric" or set(entry) - {"name", "kind"}:
-        raise ConfigError(f'column {name!r}: expected keys name and kind = "numeric"')
-    return Column(name=name, kind=kind)
+    unknown = set(entry) - {"name", "kind", "max_categories"}
+    if unknown:
+        raise ConfigError(f"column {name!r}: unknown key {sorted(unknown)[0]!r}")
+    cap = entry.get("max_categories")
+    if cap is not None and kind != "categorical":
+        raise ConfigError(f'column {name!r}: max_categories is for kind = "categorical" only')
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(
+            f"column {name!r}: max_categories must be an integer >= 1, however got {cap!r}"
+        )
+    return Column(name=name, kind=kind, max_categories=cap)
 
 
 def _parse(text: str, where: str) -> Expr:
@@ -355,6 +382,13 @@ def _check_names(spec: FeatureSpec) -> None:
             raise ConfigError(f"features: {name!r} is not defined by any entry of the spec")
     if spec.outputs is not None and len(set(spec.outputs)) != len(spec.outputs):
         raise ConfigError("features: a name is listed twice")
+
+
+def _column_dict(c: Column) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": c.name, "kind": c.kind}
+    if c.max_categories is not None:
+        out["max_categories"] = c.max_categories
+    return out
 
 
 def _aggregate_dict(a: Aggregate) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from fraudflow.data.io import read_parquet_metadata, write_table
 from fraudflow.data.schema import TIMESTAMP
 from fraudflow.errors import ConfigError, DataError
 from fraudflow.features.default_spec import default_spec
-from fraudflow.features.spec import FeatureSpec
+from fraudflow.features.spec import FeatureSpec, parse_spec
 from fraudflow.features.specs import FEATURE_VERSION, describe_features
 
 __all__ = [
@@ -65,6 +65,17 @@ class FeatureSource:
     @property
     def label_delay_days(self) -> int:
         return int(self.meta["feature_config"]["label_delay_days"])
+
+    @property
+    def categorical(self) -> dict[str, int | None]:
+        """The categorical features, each with its spec's max_categories (None: no cap).
+        Tables from before specs record none: all their features are numeric."""
+        raw = self.meta.get("feature_spec")
+        if raw is None:
+            return {}
+        spec = parse_spec(raw)
+        caps = {c.name: c.max_categories for c in spec.columns}
+        return {name: caps[name] for name in spec.categorical}
 
     def scan(self) -> pl.LazyFrame:
         return pl.scan_parquet(list(self.files))

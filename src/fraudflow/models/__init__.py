@@ -1,9 +1,9 @@
 """Models behind one interface: the MLP and the LightGBM baseline (tensors, not frames)."""
 
 from fraudflow.models.gbdt import GBDT
-from fraudflow.models.interface import Estimator, NeuralModel
+from fraudflow.models.interface import Categorical, Estimator, NeuralModel
 from fraudflow.models.mlp import MLP
-from fraudflow.models.preprocessing import Standardizer
+from fraudflow.models.preprocessing import Standardizer, neural_inputs, numeric_columns
 from fraudflow.models.registry import MODEL_NAMES, NEURAL_MODELS, build_model
 
 __all__ = [
@@ -11,8 +11,11 @@ __all__ = [
     "MLP",
     "MODEL_NAMES",
     "NEURAL_MODELS",
+    "Categorical",
     "Estimator",
     "NeuralModel",
     "Standardizer",
     "build_model",
+    "neural_inputs",
+    "numeric_columns",
 ]

@@ -4,9 +4,15 @@ Two kinds of model share one data path and one metrics path:
 
 * ``NeuralModel``: a torch module trained by ``fraudflow.train.loop``. It takes a dict of input
   tensors, all sliced on their first (batch) dimension, and returns class logits.
-  Shape: inputs["x"] is (B, F) float32; the output is (B, 2).
+  Shape: inputs["x"] is (B, F - C) float32, the standardised numeric columns; with C > 0
+  categorical columns, inputs["codes"] is (B, C) int64 (``preprocessing.neural_inputs``);
+  the output is (B, 2).
 * ``Estimator``: a model with its own fitting procedure (LightGBM), trained on NumPy arrays.
-  Shape: x is (N, F) float32, y is (N,) int; ``predict_proba`` returns (N,) fraud probabilities.
+  Shape: x is (N, F) float32, the model matrix (categorical columns hold their codes), y is
+  (N,) int; ``predict_proba`` returns (N,) fraud probabilities.
+
+A model is told which columns of the model matrix are categorical (``Categorical``: the
+position and the number of codes), never what they mean.
 
 A neural model may declare ``cuda_graph_safe = True`` (a class attribute): its forward has
 shapes fixed by the batch's and no host synchronisation, so the trainer may capture and replay
@@ -17,13 +23,22 @@ The trainer relies on these protocols only, never on a concrete model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from torch import Tensor
 
-__all__ = ["Estimator", "NeuralModel"]
+__all__ = ["Categorical", "Estimator", "NeuralModel"]
+
+
+@dataclass(frozen=True)
+class Categorical:
+    """A column of the model matrix that holds integer codes 0 .. cardinality - 1 (0: unseen)."""
+
+    position: int
+    cardinality: int
 
 
 @runtime_checkable

@@ -1,17 +1,21 @@
-"""Input standardisation, fitted on training rows only.
+"""Input standardisation, fitted on training rows only, and the neural models' inputs.
 
-Shape: x is (N, F); mean and std are (F,).
+Shape: x is (N, F); mean and std are (F,). ``neural_inputs``: the model matrix (N, F) with C
+categorical columns -> "x" (N, F - C) standardised and, when C > 0, "codes" (N, C) int64.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Standardizer"]
+from fraudflow.models.interface import Categorical
+
+__all__ = ["Standardizer", "neural_inputs", "numeric_columns"]
 
 # Standardised values are clipped: a handful of extreme rows (e.g. a 50x amount ratio) would
 # otherwise dominate the first layer's activations.
@@ -52,3 +56,23 @@ class Standardizer:
             mean=torch.tensor(raw["mean"], dtype=torch.float32),
             std=torch.tensor(raw["std"], dtype=torch.float32),
         )
+
+
+def numeric_columns(matrix: Tensor, categorical: Sequence[Categorical]) -> Tensor:
+    """The model matrix's numeric columns (N, F - C): what the standardiser is fitted on."""
+    if not categorical:
+        return matrix
+    skip = {c.position for c in categorical}
+    keep = [j for j in range(matrix.shape[1]) if j not in skip]
+    return matrix[:, keep]
+
+
+def neural_inputs(
+    matrix: Tensor, categorical: Sequence[Categorical], standardizer: Standardizer
+) -> dict[str, Tensor]:
+    """A neural model's inputs from the model matrix (N, F) (see the module docstring)."""
+    inputs = {"x": standardizer.transform(numeric_columns(matrix, categorical))}
+    if categorical:
+        positions = [c.position for c in categorical]
+        inputs["codes"] = matrix[:, positions].long()  # (N, C)
+    return inputs

@@ -7,7 +7,7 @@ import torch
 from fraudflow.config import GBDTConfig, TrainConfig
 from fraudflow.errors import ConfigError
 from fraudflow.models.gbdt import GBDT
-from fraudflow.models.interface import Estimator, NeuralModel
+from fraudflow.models.interface import Categorical, Estimator, NeuralModel
 from fraudflow.models.mlp import MLP
 
 __all__ = ["MODEL_NAMES", "NEURAL_MODELS", "build_model"]
@@ -17,12 +17,21 @@ MODEL_NAMES = ("mlp", "gbdt")
 
 
 def build_model(
-    name: str, *, n_features: int, train: TrainConfig, gbdt: GBDTConfig
+    name: str,
+    *,
+    n_features: int,
+    train: TrainConfig,
+    gbdt: GBDTConfig,
+    categorical: tuple[Categorical, ...] = (),
 ) -> NeuralModel | Estimator:
+    """``n_features``: columns of the model matrix, ``categorical`` among them."""
     if name == "mlp":
         # Seeded here so that the initial weights depend on the run's seed only.
         torch.manual_seed(train.seed)
-        return MLP(n_features=n_features, hidden_sizes=train.hidden_sizes, dropout=train.dropout)
+        return MLP(
+            n_features=n_features - len(categorical), hidden_sizes=train.hidden_sizes,
+            dropout=train.dropout, cardinalities=tuple(c.cardinality for c in categorical),
+        )  # fmt: skip
     if name == "gbdt":
         return GBDT(
             n_estimators=gbdt.n_estimators,
@@ -34,5 +43,6 @@ def build_model(
             early_stopping_rounds=gbdt.early_stopping_rounds,
             num_threads=gbdt.num_threads,
             seed=train.seed,
+            categorical_features=tuple(c.position for c in categorical),
         )
     raise ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)}, however got {name!r}")

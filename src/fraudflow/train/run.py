@@ -14,6 +14,10 @@
 Each file is written atomically. The LightGBM baseline goes through the same split,
 prediction and metrics path as the neural models.
 
+Categorical features get integer codes learned on the fit rows only
+(``fraudflow.features.categories``), stored in the bundle; the model is told their positions
+and cardinalities.
+
 Scores: ``score`` in both prediction tables is the calibrated fraud probability, Platt scaling
 fitted on the validation period (``fraudflow.eval.calibration``, stored in the bundle);
 ``raw_score`` is the model's own output.
@@ -42,8 +46,17 @@ from fraudflow.eval.metrics import drop_known_compromised, metrics_from_predicti
 from fraudflow.eval.report import write_report
 from fraudflow.eval.thresholds import VALIDATION_PREDICTIONS
 from fraudflow.features import FeatureSource, open_feature_source, parse_spec, spec_to_toml
+from fraudflow.features.categories import CategoryCodes, matrix_from_frame
 from fraudflow.files import write_json_atomic, write_text_atomic
-from fraudflow.models import Estimator, NeuralModel, Standardizer, build_model
+from fraudflow.models import (
+    Categorical,
+    Estimator,
+    NeuralModel,
+    Standardizer,
+    build_model,
+    neural_inputs,
+    numeric_columns,
+)
 from fraudflow.tracking import FEATURE_SPEC_FILE
 from fraudflow.train.device import check_amp, resolve_device
 from fraudflow.train.distributed import DistContext, single_process
@@ -59,6 +72,43 @@ CHECKPOINTS = "checkpoints"
 class RunOutcome:
     run_dir: Path
     metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """How feature rows become the model's inputs: the features in order, the codes of the
+    categorical ones (None: all numeric) and where they sit in the model matrix."""
+
+    features: list[str]
+    codes: CategoryCodes | None = None
+
+    @property
+    def categorical(self) -> tuple[Categorical, ...]:
+        if self.codes is None:
+            return ()
+        return tuple(
+            Categorical(self.features.index(c), self.codes.cardinality(c))
+            for c in self.codes.columns
+        )
+
+    @property
+    def numeric(self) -> list[str]:
+        return [f for f in self.features if self.codes is None or f not in self.codes.values]
+
+    def matrix(self, frame: pl.DataFrame) -> np.ndarray:
+        return matrix_from_frame(frame, self.features, self.codes)  # (N, F)
+
+    def tensors(self, frame: pl.DataFrame, standardizer: Standardizer) -> TensorData:
+        matrix = torch.from_numpy(self.matrix(frame))
+        inputs = neural_inputs(matrix, self.categorical, standardizer)
+        return TensorData(inputs=inputs, labels=torch.from_numpy(_labels(frame)))
+
+
+def _inputs(table: FeatureSource, split: LazySplit) -> _Inputs:
+    """Codes learned on the fit rows only: validation and test values count as unseen."""
+    caps = table.categorical
+    codes = CategoryCodes.fit(split.fit, caps) if caps else None
+    return _Inputs(features=table.feature_names, codes=codes)
 
 
 @dataclass(frozen=True)
@@ -92,26 +142,29 @@ def train_run(
         config = _resolved_config(cfg, features_path, table, split)
         write_json_atomic(run_dir / "config.json", config | {"world_size": dist_ctx.world_size})
         _write_spec(run_dir, table)
+    inputs = _inputs(table, split)
     model = build_model(
-        cfg.train.model, n_features=len(table.feature_names), train=cfg.train, gbdt=cfg.gbdt
-    )
+        cfg.train.model, n_features=len(inputs.features), train=cfg.train, gbdt=cfg.gbdt,
+        categorical=inputs.categorical,
+    )  # fmt: skip
     started = time.perf_counter()
     if isinstance(model, Estimator):
         if dist_ctx.enabled:
             raise ConfigError("--ddp trains neural models; LightGBM runs in one process")
-        scores, stats = _fit_estimator(model, split.fit.collect(), split, table.feature_names)
+        scores, stats = _fit_estimator(model, split.fit.collect(), split, inputs)
     else:
-        neural = _NeuralJob(split, table, cfg, run_dir, resume, observer, dist_ctx)
+        neural = _NeuralJob(split, table, inputs, cfg, run_dir, resume, observer, dist_ctx)
         scores, stats = _fit_neural(model, neural)
     if not dist_ctx.is_main:
         return RunOutcome(run_dir=run_dir, metrics={})
     stats.setdefault("train_seconds", time.perf_counter() - started)
     # Fitted on validation, never test: the test metrics stay those of unseen data.
     calibrator = fit_calibrator(scores.valid, _labels(split.valid))
+    categories = {} if inputs.codes is None else {"categories": inputs.codes.to_dict()}
     save_bundle(
         run_dir,
         model=model,
-        meta=_bundle_meta(cfg, table) | {"calibration": calibrator.to_dict()},
+        meta=_bundle_meta(cfg, table) | categories | {"calibration": calibrator.to_dict()},
         standardizer=stats.pop("standardizer", None),
     )
     return _finish(run_dir, cfg, split, scores, stats, calibrator)
@@ -143,22 +196,18 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
             )
 
 
-def _matrix(frame: pl.DataFrame, features: list[str]) -> np.ndarray:
-    return frame.select(features).to_numpy().astype(np.float32, copy=False)  # (N, F)
-
-
 def _labels(frame: pl.DataFrame) -> np.ndarray:
     return frame[IS_FRAUD].to_numpy().astype(np.int64)  # (N,)
 
 
 def _fit_estimator(
-    model: Estimator, fit_rows: pl.DataFrame, split: LazySplit, features: list[str]
+    model: Estimator, fit_rows: pl.DataFrame, split: LazySplit, inputs: _Inputs
 ) -> tuple[_Scores, dict[str, Any]]:
     started = time.perf_counter()
     model.fit(
-        _matrix(fit_rows, features),
+        inputs.matrix(fit_rows),
         _labels(fit_rows),
-        _matrix(split.valid, features),
+        inputs.matrix(split.valid),
         _labels(split.valid),
     )
     seconds = time.perf_counter() - started
@@ -169,19 +218,15 @@ def _fit_estimator(
         "train_samples_per_second": fit_rows.height * rounds / seconds,
         "best_iteration": rounds,
     }
-    test, valid = (model.predict_proba(_matrix(f, features)) for f in (split.test, split.valid))
+    test, valid = (model.predict_proba(inputs.matrix(f)) for f in (split.test, split.valid))
     return _Scores(test=test, valid=valid), stats
-
-
-def _tensors(frame: pl.DataFrame, features: list[str], standardizer: Standardizer) -> TensorData:
-    x = standardizer.transform(torch.from_numpy(_matrix(frame, features)))
-    return TensorData(inputs={"x": x}, labels=torch.from_numpy(_labels(frame)))
 
 
 @dataclass(frozen=True)
 class _NeuralJob:
     split: LazySplit
     table: FeatureSource
+    inputs: _Inputs
     cfg: RunConfig
     run_dir: Path
     resume: bool
@@ -194,7 +239,7 @@ def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[_Scores, dict[str,
     check_amp(cfg.train.amp, device)
     features = job.table.feature_names
     train, standardizer = _training_rows(job)
-    valid, test = (_tensors(f, features, standardizer) for f in (split.valid, split.test))
+    valid, test = (job.inputs.tensors(f, standardizer) for f in (split.valid, split.test))
     if cfg.train.compile:
         # Module.compile keeps the module and its state_dict keys: checkpoints stay portable.
         cast(Any, model).compile()
@@ -226,15 +271,17 @@ def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[_Scores, dict[str,
 
 def _training_rows(job: _NeuralJob) -> tuple[TrainingRows, Standardizer]:
     """In memory for one file; streamed shard by shard for a folder of shards."""
-    features, periods = job.table.feature_names, job.split.periods
+    inputs, periods = job.inputs, job.split.periods
     if job.table.sharded:
         period = in_period(periods.train_start, periods.valid_start)
         shards = [pl.scan_parquet(f).filter(period) for f in job.table.files]
-        standardizer = fit_standardizer(shards, features)
-        return ShardRows(shards, features, standardizer), standardizer
+        standardizer = fit_standardizer(shards, inputs.numeric)
+        rows = ShardRows(shards, inputs.features, standardizer, inputs.matrix, inputs.categorical)
+        return rows, standardizer
     fit_rows = job.split.fit.collect()
-    standardizer = Standardizer.fit(torch.from_numpy(_matrix(fit_rows, features)))
-    return _tensors(fit_rows, features, standardizer), standardizer
+    matrix = torch.from_numpy(inputs.matrix(fit_rows))
+    standardizer = Standardizer.fit(numeric_columns(matrix, inputs.categorical))
+    return inputs.tensors(fit_rows, standardizer), standardizer
 
 
 def _predictions(

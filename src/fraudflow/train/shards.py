@@ -8,6 +8,7 @@ so fitting it never needs the whole table either.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +16,7 @@ import polars as pl
 import torch
 
 from fraudflow.data.schema import IS_FRAUD
-from fraudflow.models import Standardizer
+from fraudflow.models import Categorical, Standardizer, neural_inputs
 from fraudflow.train.loop import TensorData
 
 __all__ = ["ShardRows", "fit_standardizer"]
@@ -33,6 +34,10 @@ class ShardRows:
     shards: list[pl.LazyFrame]
     features: list[str]
     standardizer: Standardizer
+    # Feature rows -> the model matrix (N, F) (categorical columns as codes); None: the
+    # features as they are, all numeric.
+    to_matrix: Callable[[pl.DataFrame], np.ndarray] | None = None
+    categorical: tuple[Categorical, ...] = ()
 
     def __post_init__(self) -> None:
         counts = [_counts(s) for s in self.shards]
@@ -53,12 +58,18 @@ class ShardRows:
 
     def segment(self, index: int, device: torch.device) -> TensorData:
         frame = self.shards[index].select(*self.features, IS_FRAUD).collect()
-        x = torch.from_numpy(frame.select(self.features).to_numpy().astype(np.float32))  # (n, F)
+        matrix = (
+            self.to_matrix(frame)
+            if self.to_matrix is not None
+            else frame.select(self.features).to_numpy().astype(np.float32)
+        )
+        x = torch.from_numpy(matrix)  # (n, F)
         y = torch.from_numpy(frame[IS_FRAUD].to_numpy().astype(np.int64))  # (n,)
         if device.type == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
         x = x.to(device, non_blocking=True)
-        return TensorData(inputs={"x": self.standardizer.transform(x)}, labels=y.to(device))
+        inputs = neural_inputs(x, self.categorical, self.standardizer)
+        return TensorData(inputs=inputs, labels=y.to(device))
 
 
 def fit_standardizer(shards: list[pl.LazyFrame], features: list[str]) -> Standardizer:
