@@ -31,6 +31,7 @@ import io
 import json
 import pickle
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,12 @@ class Bundle:
     def features(self) -> list[str]:
         return list(self.meta["features"])
 
-    @property
+    @cached_property
     def codes(self) -> CategoryCodes | None:
         """The categorical features' codes; None when every feature is numeric."""
         return _codes_of(self.meta)
 
-    @property
+    @cached_property
     def categorical(self) -> tuple[Categorical, ...]:
         """Where the categorical features sit in the model matrix, and their cardinalities."""
         return _categorical_of(self.meta)
@@ -202,8 +203,7 @@ def check_run(run_dir: Path) -> dict[str, Any]:
     _require_done(Path(run_dir))
     folder = Path(run_dir) / BUNDLE_DIR
     meta = _parse_meta(_verified_files(folder)[_META], folder / _META)
-    _check_features(meta, folder)
-    _check_servable(meta, folder)
+    _check_features(meta, folder, serving=True)
     return meta
 
 
@@ -224,9 +224,7 @@ def load_bundle(run_dir: Path, *, completed: bool = False) -> Bundle:
     folder = Path(run_dir) / BUNDLE_DIR
     files = _verified_files(folder)
     meta = _parse_meta(files[_META], folder / _META)
-    _check_features(meta, folder)
-    if completed:
-        _check_servable(meta, folder)
+    _check_features(meta, folder, serving=completed)
     if meta["model"] not in NEURAL_MODELS:
         return Bundle(meta=meta, model=_booster(files, folder), standardizer=None)
     train_cfg = TrainConfig(**_tuples(meta["train_config"]))
@@ -351,9 +349,10 @@ def _categorical_of(meta: dict[str, Any]) -> tuple[Categorical, ...]:
     return tuple(Categorical(features.index(c), codes.cardinality(c)) for c in codes.columns)
 
 
-def _check_features(meta: dict[str, Any], folder: Path) -> None:
+def _check_features(meta: dict[str, Any], folder: Path, *, serving: bool) -> None:
     """The bundle's features must be the ones this build computes, by version and by name:
-    the default spec's for its feature config, or those of the spec it records."""
+    the default spec's for its feature config, or those of the spec it records. ``serving``:
+    the spec must be one the service computes online (only the default one, for now)."""
     found = meta.get("feature_version")
     if found != FEATURE_VERSION:
         raise RunCheckError(
@@ -372,6 +371,14 @@ def _check_features(meta: dict[str, Any], folder: Path) -> None:
         ) from None
     spec_hash = meta.get("feature_spec_hash")
     if spec_hash is not None and spec_hash != default_spec(config).hash:
+        # Tables from before specs record no hash: their features are the default ones.
+        if serving:
+            raise RunCheckError(
+                "feature_spec",
+                f"model bundle {folder} was trained on a feature spec ({spec_hash[:12]}) other "
+                "than the default one, however this fraudflow computes online only the default "
+                "spec for now: train on `fraudflow features` without --spec to serve the model",
+            )
         expected = _spec_features(meta, folder)
     if meta.get("features") != expected:
         raise RunCheckError(
@@ -397,20 +404,6 @@ def _spec_features(meta: dict[str, Any], folder: Path) -> list[str]:
             f"its feature_spec_hash {str(meta.get('feature_spec_hash'))[:12]}",
         )
     return spec.feature_names
-
-
-def _check_servable(meta: dict[str, Any], folder: Path) -> None:
-    """What the service can compute online: the default spec only, for now."""
-    config = feature_config_of(meta)
-    spec_hash = meta.get("feature_spec_hash")
-    if spec_hash is not None and spec_hash != default_spec(config).hash:
-        # Tables from before specs record no hash: their features are the default ones.
-        raise RunCheckError(
-            "feature_spec",
-            f"model bundle {folder} was trained on a feature spec ({spec_hash[:12]}) other "
-            "than the default one, however this fraudflow computes online only the default "
-            "spec for now: train on `fraudflow features` without --spec to serve the model",
-        )
 
 
 def _parse_meta(data: bytes, path: Path) -> dict[str, Any]:

@@ -3,7 +3,9 @@ and their integer codes follow the documented order on tables whose answer is kn
 
 import json
 import math
+import tomllib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -125,3 +127,15 @@ def test_only_the_models_features_count_as_categorical(listed: bool) -> None:
         "features": ["category", "amount"] if listed else ["amount"],
     }
     assert parse_spec(raw).categorical == (["category"] if listed else [])
+
+
+def test_the_readme_example_over_a_merchant_category_builds() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    after = readme.split("An example over a merchant category", 1)[1]
+    block = after.split("```toml\n", 1)[1].split("```", 1)[0]
+    spec = parse_spec(tomllib.loads('label_delay = "7d"\n' + block))
+    log = LOG.rename({"category": "merchant_category"})
+    out = build_features(log, spec)
+    assert spec.categorical == ["merchant_category"]
+    assert out["card__categories__7d"].to_list() == [1, 1, 2]  # card A: x, then x and y
+    assert out["merchant_category"].to_list() == ["x", "x", "y"]

@@ -46,7 +46,8 @@ def test_the_mlp_learns_it_through_an_embedding() -> None:
     x, y = _table(2_000, seed=0)
     x_test, y_test = _table(1_000, seed=1)
     train = TrainConfig(seed=0, hidden_sizes=(8,), dropout=0.0)
-    model = build_model("mlp", n_features=3, train=train, gbdt=GBDTConfig(), categorical=(CATEGORY,))
+    gbdt = GBDTConfig()
+    model = build_model("mlp", n_features=3, train=train, gbdt=gbdt, categorical=(CATEGORY,))
     assert isinstance(model, MLP) and len(model.embeddings) == 1
     matrix = torch.from_numpy(x)
     standardizer = Standardizer.fit(matrix[:, [0, 2]])

@@ -48,7 +48,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("categorical")
     log = simulate(SimulationConfig(n_customers=300, n_terminals=600, n_days=60, seed=0))
     late_from = log["timestamp"].max() - timedelta(days=18)  # type: ignore[operator]
@@ -59,11 +59,26 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     log.with_columns(category.alias("merchant_category")).write_parquet(folder / "log.parquet")
     (folder / "spec.toml").write_text(SPEC)
-    args = ["features", "--input", str(folder / "log.parquet"), "--out"]
-    args += [str(folder / "features.parquet"), "--spec", str(folder / "spec.toml")]
+    return folder
+
+
+def _features(folder: Path, out: str, *more: str) -> Path:
+    args = ["features", "--input", str(folder / "log.parquet"), "--out", str(folder / out)]
+    result = CliRunner().invoke(app, [*args, "--spec", str(folder / "spec.toml"), *more])
+    assert result.exit_code == 0, result.output
+    return folder / out
+
+
+@pytest.fixture(scope="module")
+def table(log: Path) -> Path:
+    return _features(log, "features.parquet")
+
+
+def _train(table: Path, run: Path, model: str) -> None:
+    args = ["train", "--features", str(table), "--model", model, "--out", str(run)]
+    args += ["--epochs", "2", "--seed", "1", "--set", "gbdt.n_estimators=50"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    return folder / "features.parquet"
 
 
 @pytest.mark.parametrize("model", ["gbdt", "mlp"])
@@ -71,10 +86,7 @@ def test_train_learns_codes_on_fit_rows_and_the_bundle_scores_raw_values(
     table: Path, tmp_path: Path, model: str
 ) -> None:
     run = tmp_path / model
-    args = ["train", "--features", str(table), "--model", model, "--out", str(run)]
-    args += ["--epochs", "2", "--seed", "1", "--set", "gbdt.n_estimators=50"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    _train(table, run, model)
     config = json.loads((run / "config.json").read_text())
     frame = read_feature_table(table).frame
     late_days = frame.filter(pl.col("merchant_category") == LATE)["timestamp"].dt.date()
@@ -105,3 +117,17 @@ def test_train_learns_codes_on_fit_rows_and_the_bundle_scores_raw_values(
     assert matrix[:, 0].tolist() == [UNSEEN, UNSEEN, UNSEEN, 1]
     scores = bundle.predict(variants)
     assert scores[0] == scores[1] == scores[2]
+
+
+def test_a_folder_of_shards_trains_the_mlp_with_the_same_codes(
+    log: Path, table: Path, tmp_path: Path
+) -> None:
+    shards = _features(log, "shards", "--shard-days", "10")
+    _train(shards, tmp_path / "sharded", "mlp")
+    _train(table, tmp_path / "whole", "mlp")
+    sharded, whole = load_bundle(tmp_path / "sharded"), load_bundle(tmp_path / "whole")
+    assert sharded.codes == whole.codes and sharded.codes is not None
+    for moment in ("mean", "std"):  # over the numeric features only, both ways
+        got, expected = sharded.meta["standardizer"][moment], whole.meta["standardizer"][moment]
+        assert len(got) == len(whole.features) - 1
+        np.testing.assert_allclose(got, expected, rtol=1e-4)
