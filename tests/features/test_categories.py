@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from typer.testing import CliRunner
 
+from fraudflow.cli.main import app
 from fraudflow.features import build_features, parse_spec
 from fraudflow.features.categories import (
     UNSEEN,
@@ -139,3 +141,17 @@ def test_the_readme_example_over_a_merchant_category_builds() -> None:
     assert spec.categorical == ["merchant_category"]
     assert out["card__categories__7d"].to_list() == [1, 1, 2]  # card A: x, then x and y
     assert out["merchant_category"].to_list() == ["x", "x", "y"]
+
+
+def test_a_float_column_declared_categorical_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    LOG.write_parquet(tmp_path / "log.parquet")
+    (tmp_path / "spec.toml").write_text(
+        'label_delay = "7d"\n[[column]]\nname = "amount"\nkind = "categorical"\n'
+    )
+    args = ["features", "--input", str(tmp_path / "log.parquet"), "--out"]
+    args += [str(tmp_path / "out.parquet"), "--spec", str(tmp_path / "spec.toml")]
+    result = CliRunner().invoke(app, [*args, "--engine", "spark"])  # refused before Spark starts
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "error: column 'amount': a categorical column holds strings, integers or" in said
+    assert not (tmp_path / "out.parquet").exists()

@@ -93,6 +93,7 @@ def features(
         raise ConfigError("fraudflow features needs --input and --out")
     from fraudflow.data.ingest import parse_column_map, read_transaction_files
     from fraudflow.features import (
+        check_categorical,
         check_input,
         default_spec,
         load_spec,
@@ -120,6 +121,7 @@ def features(
         transactions = read_transaction_files(input, column_map=column_map)
     if spec is not None:
         check_input(spec, transactions.columns)  # before the work: a bad spec fails at once
+        check_categorical(spec, transactions.schema)
     with spinner(f"building features for {transactions.height:,} transactions ({engine})"):
         table = _build(transactions, spec or default_spec(cfg), engine, spark_master, spark_conf)
     with spinner(f"writing {out}"):

@@ -1,6 +1,6 @@
 """Point-in-time behavioural features: in batch with Polars, and online one event at a time."""
 
-from fraudflow.features.batch import build_features, check_input
+from fraudflow.features.batch import build_features, check_categorical, check_input
 from fraudflow.features.default_spec import default_spec
 from fraudflow.features.online import MemoryStore, OnlineFeatures, StateStore
 from fraudflow.features.spec import FeatureSpec, load_spec, parse_spec, spec_to_toml
@@ -23,6 +23,7 @@ __all__ = [
     "OnlineFeatures",
     "StateStore",
     "build_features",
+    "check_categorical",
     "check_input",
     "default_spec",
     "describe_features",
