@@ -17,9 +17,13 @@ def invoke(*args: str | Path) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
 
 
-def test_cases_and_their_audit_trail_export_to_parquet(tmp_path: Path) -> None:
+def test_cases_and_their_audit_trail_export_to_parquet(
+    tmp_path: Path, cases_url: str | None
+) -> None:
     data = tmp_path / "data"
-    store = CaseStore(data / "cases.db")  # where `fraudflow serve --data-dir data` keeps them
+    # Where `fraudflow serve --data-dir data [--cases URL]` keeps them, and the flags naming it.
+    store = CaseStore(cases_url or data / "cases.db")
+    served = ["--cases", cases_url] if cases_url else ["--data-dir", data]
     store.open_cases([
         CaseIn("tx-1", "c1", "t1", 100.0, 0.9, "review", ("score 0.90",), T0),
         CaseIn("tx-2", "c1", "t1", 50.0, 0.95, "block", ("score 0.95",), T0 + 1),
@@ -27,7 +31,8 @@ def test_cases_and_their_audit_trail_export_to_parquet(tmp_path: Path) -> None:
     case = store.take_next("ann", T0 + 10)
     assert case is not None
     store.verdict(case.case_id, "ann", "fraud", "stolen card", T0 + 20)
-    done = invoke("cases", "export", "--out", tmp_path / "cases.parquet", "--data-dir", data)
+    store.close()
+    done = invoke("cases", "export", "--out", tmp_path / "cases.parquet", *served)
     assert done.exit_code == 0, done.output
     assert "2 cases from" in done.output
     cases = pl.read_parquet(tmp_path / "cases.parquet")
@@ -37,7 +42,7 @@ def test_cases_and_their_audit_trail_export_to_parquet(tmp_path: Path) -> None:
     assert cases["confirm_only"].to_list() == [False, True]
     assert cases.schema["closed_at"] == pl.Datetime("us", "UTC")
     out = tmp_path / "events.parquet"
-    assert invoke("cases", "export", "--out", out, "--data-dir", data, "--events").exit_code == 0
+    assert invoke("cases", "export", "--out", out, *served, "--events").exit_code == 0
     events = pl.read_parquet(out)
     assert events["action"].to_list() == ["take", "verdict"]
     assert events["user"].to_list() == ["ann", "ann"]

@@ -17,29 +17,33 @@ def invoke(*args: str | Path, stdin: str | None = None) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args], input=stdin, env={"COLUMNS": "300"})
 
 
-def test_add_list_disable_in_the_file_serve_uses(tmp_path: Path) -> None:
+def test_add_list_disable_in_the_store_serve_uses(tmp_path: Path, cases_url: str | None) -> None:
     data = tmp_path / "data"
+    # The flags `fraudflow serve` was given: --data-dir, and --cases for PostgreSQL.
+    served = ["--cases", cases_url] if cases_url else ["--data-dir", data]
     added = invoke(
-        "users", "add", "ann", "--role", "analyst", "--password-stdin", "--data-dir", data,
+        "users", "add", "ann", "--role", "analyst", "--password-stdin", *served,
         stdin=PASSWORD + "\n",
     )  # fmt: skip
     assert added.exit_code == 0, added.output
     assert "added ann (analyst)" in added.output
     # Prompted (twice) when not piped with --password-stdin.
     prompted = invoke(
-        "users", "add", "sue", "--role", "supervisor", "--data-dir", data,
+        "users", "add", "sue", "--role", "supervisor", *served,
         stdin=f"{PASSWORD}\n{PASSWORD}\n",
     )  # fmt: skip
     assert prompted.exit_code == 0, prompted.output
-    # The file `fraudflow serve --data-dir DATA` reads: beside its audit log.
+    # The store `fraudflow serve --data-dir DATA` reads: beside its audit log (or --cases).
     path = users_path_for(audit_path_for(audit=None, run=None, data_dir=data))
     assert path == data / "users.db"
-    assert UserStore(path).authenticate("sue", PASSWORD, 0).role == "supervisor"
-    listed = invoke("users", "list", "--data-dir", data)
+    store = UserStore(cases_url or path)
+    assert store.authenticate("sue", PASSWORD, 0).role == "supervisor"
+    store.close()
+    listed = invoke("users", "list", *served)
     assert listed.exit_code == 0
     assert listed.stdout.splitlines() == ["ann\tanalyst\tactive", "sue\tsupervisor\tactive"]
-    assert invoke("users", "disable", "ann", "--data-dir", data).exit_code == 0
-    assert "ann\tanalyst\tdisabled" in invoke("users", "list", "--data-dir", data).stdout
+    assert invoke("users", "disable", "ann", *served).exit_code == 0
+    assert "ann\tanalyst\tdisabled" in invoke("users", "list", *served).stdout
 
 
 def test_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:

@@ -446,6 +446,10 @@ def test_api_deployment(overlay: str, replicas: int) -> None:
         if "secretKeyRef" in e.get("valueFrom", {})
     }
     assert {"FRAUDFLOW_API_KEYS", "FRAUDFLOW_ADMIN_KEYS"} <= set(secret_env)
+    # The console's PostgreSQL, shared by the replicas: required where there are several.
+    cases = secret_env["FRAUDFLOW_CASES"]
+    assert (cases["name"], cases["key"]) == ("fraudflow-cases", "url")
+    assert cases.get("optional", False) is (replicas == 1)
     hpa = find(resources, "HorizontalPodAutoscaler", "fraudflow-api")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["minReplicas"] == replicas
@@ -472,6 +476,8 @@ def test_network_policies_admit_only_the_ingress_path_to_the_api_and_the_api_to_
         {"kubernetes.io/metadata.name": "monitoring"},
     ]
     assert api["ingress"][0]["ports"] == [{"protocol": "TCP", "port": 8000}]
+    egress_ports = [port["port"] for rule in api["egress"] for port in rule["ports"]]
+    assert sorted(egress_ports) == [53, 53, 5432, 6379]  # DNS, the console's PostgreSQL, Redis
     redis = find(resources, "NetworkPolicy", "fraudflow-redis")["spec"]
     assert redis["ingress"] == [
         {

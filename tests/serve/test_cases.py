@@ -1,6 +1,12 @@
-"""The review queue's case store: ordering, holds, verdicts, roles' actions, the audit trail."""
+"""The review queue's case store: ordering, holds, verdicts, roles' actions, the audit trail.
 
+Every test runs on both stores: a SQLite file, and a database of a real PostgreSQL server
+(``cases_url``, tests/conftest.py).
+"""
+
+import multiprocessing
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,8 +30,15 @@ def _decision(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> CaseStore:
-    return CaseStore(tmp_path / "cases.db", sla_seconds=24 * 3_600, hold_seconds=15 * 60)
+def where(cases_url: str | None, tmp_path: Path) -> Path | str:
+    return cases_url or tmp_path / "cases.db"
+
+
+@pytest.fixture
+def store(where: Path | str) -> Iterator[CaseStore]:
+    store = CaseStore(where, sla_seconds=24 * 3_600, hold_seconds=15 * 60)
+    yield store
+    store.close()
 
 
 def test_decisions_open_cases_once_in_priority_order(store: CaseStore) -> None:
@@ -46,20 +59,32 @@ def test_decisions_open_cases_once_in_priority_order(store: CaseStore) -> None:
     assert store.counts(T0 + 25 * HOUR)["overdue"] == 4  # due 24 h after opening
 
 
-def test_two_analysts_taking_next_at_once_get_different_cases(tmp_path: Path) -> None:
-    path = tmp_path / "cases.db"
-    CaseStore(path).open_cases([_decision(f"tx{i}", 0.5 + i / 100, 100.0) for i in range(40)])
-    taken: list[str] = []
-    barrier = threading.Barrier(8)
-
-    def analyst(name: str) -> None:
-        store = CaseStore(path)  # its own connection, as another worker's
-        barrier.wait()
-        for _ in range(5):
+def _work_the_queue(where: Path | str, name: str, cases: int, start: object) -> list[str]:
+    """An analyst with a store of its own (as another worker's or replica's): take ``cases``
+    cases one after the other, each closed with a verdict; the transactions taken."""
+    store = CaseStore(where)
+    try:
+        start.wait()  # type: ignore[attr-defined]
+        taken = []
+        for _ in range(cases):
             case = store.take_next(name, T0)
             assert case is not None
             taken.append(case.transaction_id)
             store.verdict(case.case_id, name, "not_fraud", "checked", T0)
+        return taken
+    finally:
+        store.close()
+
+
+def test_two_analysts_taking_next_at_once_get_different_cases(
+    store: CaseStore, where: Path | str
+) -> None:
+    store.open_cases([_decision(f"tx{i}", 0.5 + i / 100, 100.0) for i in range(40)])
+    taken: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def analyst(name: str) -> None:
+        taken.extend(_work_the_queue(where, name, 5, barrier))
 
     threads = [threading.Thread(target=analyst, args=(f"analyst{i}",)) for i in range(8)]
     for thread in threads:
@@ -67,6 +92,24 @@ def test_two_analysts_taking_next_at_once_get_different_cases(tmp_path: Path) ->
     for thread in threads:
         thread.join()
     assert len(taken) == 40 and len(set(taken)) == 40
+    assert store.counts(T0)["closed"] == 40
+    assert store.take_next("late", T0) is None
+
+
+def test_analysts_in_several_processes_get_different_cases(
+    store: CaseStore, where: Path | str
+) -> None:
+    store.open_cases([_decision(f"tx{i}", 0.5 + i / 100, 100.0) for i in range(12)])
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter, as a worker is
+    with spawn.Manager() as manager:
+        start = manager.Barrier(3)  # all three started before any takes a case
+        with spawn.Pool(3) as pool:
+            pending = [
+                pool.apply_async(_work_the_queue, (where, f"analyst{i}", 4, start))
+                for i in range(3)
+            ]
+            taken = [tx for result in pending for tx in result.get(timeout=120)]
+    assert sorted(taken) == sorted(f"tx{i}" for i in range(12))
 
 
 def test_a_hold_lapses_and_the_case_goes_back_to_the_queue(store: CaseStore) -> None:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner, Result
 from fraudflow.cli.main import app
 from fraudflow.serve.audit import AuditLog
 from fraudflow.serve.cases import CaseIn, CaseStore
+from tests.helpers.postgres import PostgresServer
 from tests.serve.test_audit import decision
 
 NO_KEYS = {"FRAUDFLOW_API_KEYS": None, "FRAUDFLOW_ADMIN_KEYS": None, "COLUMNS": "300"}
@@ -67,6 +68,28 @@ def test_serve_rejects_bad_settings_by_flag_name(tmp_path: Path) -> None:
     assert_fails(from_env, "--workers (FRAUDFLOW_WORKERS)")
 
 
+def test_serve_refuses_a_cases_database_it_cannot_use(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "meta.json").write_text("{}")
+    env = {"FRAUDFLOW_API_KEYS": "k"}
+    other = invoke("serve", "--run", tmp_path, "--cases", "mysql://u:secret@db/x", env=env)
+    assert_fails(
+        other,
+        "--cases (FRAUDFLOW_CASES): must be postgresql://[user[:password]@]host[:port]/database, "
+        "however got 'mysql://u:***@db/x'",
+    )
+    down = "postgresql://u:secret@127.0.0.1:1/cases"  # nothing listens on port 1
+    unreachable = invoke("serve", "--run", tmp_path, "--cases", down, env=env)
+    assert_fails(unreachable, "cannot connect to postgresql://u:***@127.0.0.1:1/cases:")
+    assert "Connection refused" in one_line(unreachable.stderr)
+    assert "secret" not in unreachable.stderr
+    no_database = postgres_server.url("nope")
+    from_env = invoke("serve", "--run", tmp_path, env=env | {"FRAUDFLOW_CASES": no_database})
+    assert_fails(from_env, 'database "nope" does not exist')
+
+
 def test_serve_checks_the_amount_and_clock_skew_limits(tmp_path: Path) -> None:
     env = {"FRAUDFLOW_API_KEYS": "k"}
     skew = invoke("serve", "--run", tmp_path, "--max-clock-skew", "0", env=env)
@@ -96,12 +119,14 @@ def test_decisions_export_writes_one_row_per_decision(tmp_path: Path) -> None:
     assert labels.exit_code == 0 and pl.read_parquet(tmp_path / "l.parquet").height == 0
 
 
-def test_decisions_export_carries_each_decisions_case_outcome(tmp_path: Path) -> None:
+def test_decisions_export_carries_each_decisions_case_outcome(
+    tmp_path: Path, cases_url: str | None
+) -> None:
     audit = tmp_path / "serve" / "audit.db"
     log = AuditLog(audit)
     log.submit([decision(i) for i in range(4)]).result(timeout=10)
     log.close()
-    cases = CaseStore(audit.parent / "cases.db")
+    cases = CaseStore(cases_url or audit.parent / "cases.db")
     opened = [
         CaseIn(transaction_id=f"tx-{i}", customer_id="c", terminal_id="t", amount=10.0,
                score=0.8, decision="review", reasons=(), at_us=1_000_000 * i)
@@ -111,9 +136,11 @@ def test_decisions_export_carries_each_decisions_case_outcome(tmp_path: Path) ->
     assert cases.take_next("ann", 5_000_000).transaction_id == "tx-1"  # the oldest first
     cases.verdict(1, "ann", "fraud", "stolen card", 7_000_000)
     cases.close()
-    result = invoke("decisions", "export", "--audit", audit, "--out", tmp_path / "d.parquet")
+    served = ["--cases", cases_url] if cases_url else []  # default: cases.db beside the log
+    out = tmp_path / "d.parquet"
+    result = invoke("decisions", "export", "--audit", audit, *served, "--out", out)
     assert result.exit_code == 0, result.output
-    frame = pl.read_parquet(tmp_path / "d.parquet")
+    frame = pl.read_parquet(out)
     assert frame["transaction_id"].to_list() == [f"tx-{i}" for i in range(4)]
     assert frame["case_id"].to_list() == [None, 1, 2, None]
     assert frame["case_status"].to_list() == [None, "closed", "open", None]

@@ -1,8 +1,10 @@
 """The review console on real loopback HTTP with the real app: sign-in, sessions, CSRF, roles,
 taking cases, holds, verdicts reaching the online features.
 
-Cases are opened in the console's case store (the file the service uses) for transactions the
-service decided; accounts are made in its accounts file, as ``fraudflow users add`` does.
+Cases are opened in the console's case store (the one the service uses) for transactions the
+service decided; accounts are made in its accounts store, as ``fraudflow users add`` does.
+Every test runs twice (``cases_url``, tests/conftest.py): with the default SQLite files, and
+with ``--cases`` naming a database of a real PostgreSQL server.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class Console:
     def __init__(self, live: LiveServer, settings: ServeSettings) -> None:
         self.live = live
         self.settings = settings
-        self.cases = CaseStore(settings.cases_path)
-        self.users = UserStore(users_path_for(settings.audit_path))
+        self.cases = CaseStore(settings.cases_target)
+        self.users = UserStore(settings.cases or users_path_for(settings.audit_path))
         known = {u.username for u in self.users.list()}  # a server again on the same data
         for name, role in [("ann", "analyst"), ("bob", "analyst"), ("sue", "supervisor")]:
             if name not in known:
@@ -72,6 +74,8 @@ class Console:
     def close(self) -> None:
         for client in self._clients:
             client.close()
+        self.cases.close()
+        self.users.close()
 
     def sign_in(self, name: str, password: str = PASSWORD) -> httpx.Client:
         client = self.client()
@@ -119,7 +123,13 @@ def take(client: httpx.Client) -> int:
     return int(found.group(1))
 
 
-def served(run_dir: Path, data: Path, **extra: Any) -> Iterator[Console]:
+def served(
+    run_dir: Path, data: Path, cases_url: str | None = None, **extra: Any
+) -> Iterator[Console]:
+    """The app served with its data in ``data``, its console's cases and accounts there or in
+    the PostgreSQL database ``cases_url``."""
+    if cases_url is not None:
+        extra["cases"] = cases_url
     settings = settings_for(run_dir, data, **extra)
     app = create_app(settings)
     with LiveServer(app) as live:
@@ -134,8 +144,8 @@ def served(run_dir: Path, data: Path, **extra: Any) -> Iterator[Console]:
 
 
 @pytest.fixture
-def console(run_dir: Path, tmp_path: Path) -> Iterator[Console]:
-    yield from served(run_dir, tmp_path / "data")
+def console(run_dir: Path, tmp_path: Path, cases_url: str | None) -> Iterator[Console]:
+    yield from served(run_dir, tmp_path / "data", cases_url)
 
 
 # --- signing in ---------------------------------------------------------------------------
@@ -261,8 +271,10 @@ def test_two_analysts_taking_next_at_once_get_different_cases(console: Console) 
     assert all(t.startswith("/console/cases/") for t in taken)
 
 
-def test_a_lapsed_hold_goes_back_to_the_queue(run_dir: Path, tmp_path: Path) -> None:
-    for console in served(run_dir, tmp_path / "data", case_hold_seconds=1):
+def test_a_lapsed_hold_goes_back_to_the_queue(
+    run_dir: Path, tmp_path: Path, cases_url: str | None
+) -> None:
+    for console in served(run_dir, tmp_path / "data", cases_url, case_hold_seconds=1):
         console.open("tx-a")
         ann, bob = console.sign_in("ann"), console.sign_in("bob")
         case_id = take(ann)
@@ -354,10 +366,12 @@ rules:
 """
 
 
-def test_review_and_block_decisions_open_cases(run_dir: Path, tmp_path: Path) -> None:
+def test_review_and_block_decisions_open_cases(
+    run_dir: Path, tmp_path: Path, cases_url: str | None
+) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    for console in served(run_dir, tmp_path / "data", policy=policy):
+    for console in served(run_dir, tmp_path / "data", cases_url, policy=policy):
         txs = [transaction(1, amount=12.0), transaction(2, amount=6000.0)]
         txs.append(transaction(3, amount=9500.0))
         with console.client() as api:
@@ -375,10 +389,12 @@ def test_review_and_block_decisions_open_cases(run_dir: Path, tmp_path: Path) ->
         assert "tx-3" in ann.get(f"/console/cases/{take(ann)}").text  # score x amount: first
 
 
-def test_without_the_console_no_case_is_opened(run_dir: Path, tmp_path: Path) -> None:
+def test_without_the_console_no_case_is_opened(
+    run_dir: Path, tmp_path: Path, cases_url: str | None
+) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    for console in served(run_dir, tmp_path / "data", policy=policy, console=False):
+    for console in served(run_dir, tmp_path / "data", cases_url, policy=policy, console=False):
         with console.client() as client:
             tx = transaction(1, amount=9500.0)
             assert client.post("/v1/decisions", json=tx, headers=AUTH).status_code == 200
@@ -479,10 +495,10 @@ def _table(page: str, table_id: str) -> str:
 
 
 def test_a_verdict_whose_label_fails_is_retried_until_recorded(
-    run_dir: Path, tmp_path: Path
+    run_dir: Path, tmp_path: Path, cases_url: str | None
 ) -> None:
     data = tmp_path / "data"
-    for console in served(run_dir, data):
+    for console in served(run_dir, data, cases_url):
         with console.client() as api:
             assert api.post("/v1/decisions", json=transaction(1), headers=AUTH).status_code == 200
         console.open("tx-1", "tx-2")
@@ -502,7 +518,7 @@ def test_a_verdict_whose_label_fails_is_retried_until_recorded(
             console.settings.audit_path.is_file() and len(read_labels(console.settings.audit_path))
         )
     # A new server on the same data (the store works again) records it at start.
-    for console in served(run_dir, data):
+    for console in served(run_dir, data, cases_url):
         deadline = time.monotonic() + 20
         while console.cases.pending_labels() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -1,5 +1,7 @@
-"""Console accounts: adding, disabling, signing in, throttling, sessions."""
+"""Console accounts: adding, disabling, signing in, throttling, sessions; each test on both
+stores, a SQLite file and a real PostgreSQL server's database (``cases_url``)."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,10 +16,12 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> UserStore:
+def store(cases_url: str | None, tmp_path: Path) -> Iterator[UserStore]:
     # Cheap hashing parameters: these tests are about the rules, not the hash's cost.
     cheap = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
-    return UserStore(tmp_path / "users.db", hasher=cheap, session_seconds=3_600)
+    store = UserStore(cases_url or tmp_path / "users.db", hasher=cheap, session_seconds=3_600)
+    yield store
+    store.close()
 
 
 def test_accounts_are_added_listed_and_disabled(store: UserStore) -> None:
@@ -42,9 +46,19 @@ def test_accounts_are_added_listed_and_disabled(store: UserStore) -> None:
         store.disable("zed")
 
 
-def test_the_password_is_stored_hashed(store: UserStore, tmp_path: Path) -> None:
+def test_the_password_is_stored_hashed(
+    store: UserStore, cases_url: str | None, tmp_path: Path
+) -> None:
     store.add("ann", "analyst", PASSWORD, T0)
-    assert PASSWORD.encode() not in (tmp_path / "users.db").read_bytes()
+    if cases_url is None:
+        assert PASSWORD.encode() not in (tmp_path / "users.db").read_bytes()
+    else:
+        import psycopg
+
+        with psycopg.connect(cases_url) as db:
+            rows = db.execute("SELECT * FROM users").fetchall()
+        assert len(rows) == 1 and PASSWORD not in repr(rows)
+        assert "$argon2id$" in repr(rows)
     assert store.authenticate("ann", PASSWORD, T0).role == "analyst"
 
 

@@ -27,6 +27,13 @@ def serve(
         None, "--data-dir", help="Folder for state.db and audit.db (default RUN/serve)."
     ),
     audit: Path = typer.Option(None, "--audit", help="Audit log (default DATA_DIR/audit.db)."),
+    cases: str = typer.Option(
+        None,
+        "--cases",
+        help="The review console's cases, accounts and audit trail in PostgreSQL, shared by "
+        "replicas: postgresql://user[:password]@host[:port]/db (default: SQLite files beside "
+        "the audit log). Env: FRAUDFLOW_CASES.",
+    ),
     insecure_no_auth: bool = typer.Option(
         False, "--insecure-no-auth", help="Serve without API keys (never in production)."
     ),
@@ -59,6 +66,7 @@ def serve(
         policy=policy,
         data_dir=data_dir,
         audit=audit,
+        cases=cases,
         insecure_no_auth=insecure_no_auth or None,  # unset: the environment may still say so
         max_amount=max_amount,
         max_clock_skew_seconds=max_clock_skew,

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fraudflow.serve.auth import load_api_keys
 from fraudflow.serve.console import ConsoleStores, build_console_router
+from fraudflow.serve.database import open_database
 from fraudflow.serve.endpoints import ERROR_KIND_KEY, DirectRoutes, post_routes
 from fraudflow.serve.metrics import CaseGaugeCollector, ServiceMetrics
 from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router, publish_exact_schemas
@@ -233,9 +234,12 @@ def run_server(settings: ServeSettings) -> None:
         "server_header": False,
     }
     _log_to_stderr(settings.log_level)
-    # Keys, then the run: a bad one stops the command here (exit 2 with its message), before
-    # a port is bound or a worker forked.
+    # Keys, the console's PostgreSQL database (psycopg installed, the server reachable), then
+    # the run: a bad one stops the command here (exit 2 with its message), before a port is
+    # bound or a worker forked.
     load_api_keys(settings)
+    if settings.console and settings.cases is not None:
+        open_database(settings.cases).close()
     verify_run(settings.run, timeout_seconds=settings.model_check_timeout_seconds)
     if settings.workers == 1:
         if settings.prometheus_multiproc_dir is not None:  # set: the client writes files there

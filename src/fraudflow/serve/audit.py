@@ -668,11 +668,14 @@ def read_labels(path: Path) -> pl.DataFrame:
     ).drop("reported_at_us", "received_at_us")
 
 
-def export_audit(path: Path, out: Path, *, labels: bool = False, cases: Path | None = None) -> int:
+def export_audit(
+    path: Path, out: Path, *, labels: bool = False, cases: Path | str | None = None
+) -> int:
     """Write the decisions (or the labels) to ``out`` (.parquet, atomically); return rows.
 
-    ``cases``: the review console's case store; each decision then carries its case's id,
-    status, outcome, analyst and times (``case_*`` columns, null where it opened no case).
+    ``cases``: the review console's case store (a file or a URL); each decision then carries
+    its case's id, status, outcome, analyst and times (``case_*`` columns, null where it
+    opened no case).
     """
     if Path(out).suffix.lower() != ".parquet":
         raise ConfigError(f"--out must be a .parquet file, however got {out}")

@@ -10,8 +10,9 @@ abandoned case goes back to the queue. A verdict (fraud / not fraud, with a note
 case and is returned as the label to record; an escalation hands it to the supervisors.
 
 Every analyst action is appended to ``case_events`` (user, time, action, detail): the audit
-trail of the console. Storage: one SQLite file (WAL) shared by the service's workers; the SQL
-is kept to what PostgreSQL also runs, for the shared database of several replicas.
+trail of the console. Storage (``fraudflow.serve.database``): a SQLite file (WAL) shared by the
+service's workers, or a PostgreSQL database shared by several replicas; the SQL is what both
+run, with the dialect's row locks where concurrent transactions meet.
 
 Times are integer microseconds since the epoch (UTC), as in the state stores.
 """
@@ -19,7 +20,6 @@ Times are integer microseconds since the epoch (UTC), as in the state stores.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ import polars as pl
 
 from fraudflow.data.io import write_table
 from fraudflow.errors import ConfigError, DataError
-from fraudflow.serve.sqlite import ThreadConnections
+from fraudflow.serve.database import Connection, Database, is_postgres_url, open_database
 
 __all__ = [
     "Case",
@@ -52,7 +52,7 @@ _US = 1_000_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cases (
-    case_id INTEGER PRIMARY KEY,
+    case_id {key},
     transaction_id TEXT NOT NULL UNIQUE,
     customer_id TEXT NOT NULL,
     terminal_id TEXT NOT NULL,
@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS cases (
 CREATE INDEX IF NOT EXISTS cases_queue ON cases (status, queue, priority DESC, opened_us);
 CREATE INDEX IF NOT EXISTS cases_customer ON cases (customer_id, opened_us);
 CREATE TABLE IF NOT EXISTS case_events (
-    event_id INTEGER PRIMARY KEY,
+    event_id {key},
     case_id INTEGER,
     at_us BIGINT NOT NULL,
     username TEXT NOT NULL,
@@ -160,11 +160,12 @@ class Verdict:
 
 
 class CaseStore:
-    """Cases in one SQLite file; safe to share between threads and processes."""
+    """Cases in a SQLite file (a path) or a PostgreSQL database (a ``postgresql://`` URL); safe
+    to share between threads, processes and (PostgreSQL) replicas."""
 
     def __init__(
         self,
-        path: Path,
+        where: Path | str,
         *,
         sla_seconds: int = 24 * 3_600,
         hold_seconds: int = 15 * 60,
@@ -172,14 +173,14 @@ class CaseStore:
     ) -> None:
         if sla_seconds <= 0 or hold_seconds <= 0:
             raise ConfigError("case sla_seconds and hold_seconds must be > 0")
-        self.path = Path(path)
         self.sla_us = sla_seconds * _US
         self.hold_us = hold_seconds * _US
         self.open_block_cases = open_block_cases
-        # The console and the service call in from a pool of threads: a connection each.
-        self._db = ThreadConnections(self.path)
-        self._db.get().executescript(_SCHEMA)  # commits by itself
-        self._create_extras()
+        self._db: Database = open_database(where)
+        self.where = self._db.where
+        self._dialect = self._db.dialect
+        self._db.create(_SCHEMA.format(key=self._dialect.serial_key))
+        self._db.create(";\n".join(_EXTRA_SCHEMA))
 
     # ---------------------------------------------------------------- opening
 
@@ -199,24 +200,20 @@ class CaseStore:
                 d.at_us, d.at_us + self.sla_us, "open",
             ))  # fmt: skip
         with self._write() as db:
-            before = db.total_changes
-            db.executemany(
+            return db.executemany(
                 "INSERT INTO cases (transaction_id, customer_id, terminal_id, amount, score, "
                 "decision, confirm_only, reasons, priority, queue, opened_us, due_us, status) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (transaction_id) DO NOTHING",
                 rows,
-            )
-            return db.total_changes - before
+            ).rowcount
 
     # ---------------------------------------------------------------- reading
 
     def get(self, case_id: int) -> Case:
-        row = (
-            self._read()
-            .execute(f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE case_id = ?", (case_id,))
-            .fetchone()
-        )
+        with self._read() as db:
+            sql = f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE case_id = ?"
+            row = db.execute(sql, (case_id,)).fetchone()
         if row is None:
             raise DataError(f"case {case_id} does not exist")
         return _case(row)
@@ -224,27 +221,28 @@ class CaseStore:
     def queue(self, where: CaseFilter, *, limit: int = 50, offset: int = 0) -> list[Case]:
         """Cases matching ``where``, highest priority first, then oldest."""
         sql, args = _filter_sql(where)
-        rows = self._read().execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM cases{sql} "
-            "ORDER BY priority DESC, opened_us, case_id LIMIT ? OFFSET ?",
-            (*args, limit, offset),
-        )
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM cases{sql} "
+                "ORDER BY priority DESC, opened_us, case_id LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            ).fetchall()
         return [_case(row) for row in rows]
 
     def counts(self, now_us: int) -> dict[str, int]:
         """The queue's headline numbers: open, escalated, overdue, held, closed."""
-        db = self._read()
-        out = dict(db.execute("SELECT status, COUNT(*) FROM cases GROUP BY status").fetchall())
-        # Not closed: open or escalated, so that the (status, due_us) index serves the count;
-        # the held ones are found by their hold time (cases_held), a few among many.
-        overdue = db.execute(
-            "SELECT COUNT(*) FROM cases WHERE status IN ('open', 'escalated') AND due_us < ?",
-            (now_us,),
-        ).fetchone()[0]
-        held = db.execute(
-            "SELECT COUNT(*) FROM cases WHERE held_until_us >= ? AND status != 'closed'",
-            (now_us,),
-        ).fetchone()[0]
+        with self._read() as db:
+            out = dict(db.execute("SELECT status, COUNT(*) FROM cases GROUP BY status").fetchall())
+            # Not closed: open or escalated, so that the (status, due_us) index serves the
+            # count; the held ones are found by their hold time (cases_held), a few among many.
+            overdue = db.execute(
+                "SELECT COUNT(*) FROM cases WHERE status IN ('open', 'escalated') AND due_us < ?",
+                (now_us,),
+            ).fetchone()[0]
+            held = db.execute(
+                "SELECT COUNT(*) FROM cases WHERE held_until_us >= ? AND status != 'closed'",
+                (now_us,),
+            ).fetchone()[0]
         return {
             "open": out.get("open", 0), "escalated": out.get("escalated", 0),
             "closed": out.get("closed", 0), "overdue": overdue, "held": held,
@@ -252,11 +250,12 @@ class CaseStore:
 
     def card_cases(self, customer_id: str, *, before_us: int, limit: int = 20) -> list[Case]:
         """Earlier cases of the same card, newest first."""
-        rows = self._read().execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE customer_id = ? AND opened_us < ? "
-            "ORDER BY opened_us DESC LIMIT ?",
-            (customer_id, before_us, limit),
-        )
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE customer_id = ? AND opened_us < ? "
+                "ORDER BY opened_us DESC LIMIT ?",
+                (customer_id, before_us, limit),
+            ).fetchall()
         return [_case(row) for row in rows]
 
     def events(self, *, case_id: int | None = None) -> list[dict[str, Any]]:
@@ -265,7 +264,8 @@ class CaseStore:
         args: tuple[Any, ...] = ()
         if case_id is not None:
             sql, args = sql + " WHERE case_id = ?", (case_id,)
-        rows = self._read().execute(sql + " ORDER BY event_id", args)
+        with self._read() as db:
+            rows = db.execute(sql + " ORDER BY event_id", args).fetchall()
         keys = ("event_id", "case_id", "at_us", "user", "action", "detail")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
@@ -276,14 +276,15 @@ class CaseStore:
 
         An analyst holds one case at a time: the case ``user`` held (skipped without a
         verdict) goes back to the queue, and is not the one handed out. The choice and the
-        hold are one write transaction: concurrent callers (threads or processes) take turns
-        for the write lock, so each gets a different case.
+        hold are one write transaction, so concurrent callers (threads, processes, replicas)
+        each get a different case: in SQLite they take turns for the write lock; in PostgreSQL
+        each locks the row it chooses, skipping rows another has locked.
         """
         with self._write() as db:
             row = db.execute(
                 "SELECT case_id FROM cases WHERE status = 'open' AND queue = ? "
                 "AND (held_until_us IS NULL OR held_until_us < ?) "
-                "ORDER BY priority DESC, opened_us, case_id LIMIT 1",
+                "ORDER BY priority DESC, opened_us, case_id LIMIT 1" + self._dialect.skip_locked,
                 (queue, now_us),
             ).fetchone()
             db.execute(
@@ -377,24 +378,19 @@ class CaseStore:
     # ``fraudflow.serve.history``), the labels still to record, and each case's outcome by
     # transaction for the decisions export. Tables and indexes in ``_EXTRA_SCHEMA``.
 
-    def _create_extras(self) -> None:
-        db = self._db.get()
-        for statement in _EXTRA_SCHEMA:
-            db.execute(statement)
-
     def gauges(self, now_us: int) -> CaseGauges:
         """Open (open or escalated) cases, the age of the oldest, and those past due: from
         the shared file, so every replica reports the same figures (indexed counts)."""
-        db = self._read()
         open_count = overdue = 0
         oldest: int | None = None
         for status in ("open", "escalated"):
-            count, first = db.execute(
-                "SELECT COUNT(*), MIN(opened_us) FROM cases WHERE status = ?", (status,)
-            ).fetchone()
-            late = db.execute(
-                "SELECT COUNT(*) FROM cases WHERE status = ? AND due_us < ?", (status, now_us)
-            ).fetchone()[0]
+            with self._read() as db:
+                count, first = db.execute(
+                    "SELECT COUNT(*), MIN(opened_us) FROM cases WHERE status = ?", (status,)
+                ).fetchone()
+                late = db.execute(
+                    "SELECT COUNT(*) FROM cases WHERE status = ? AND due_us < ?", (status, now_us)
+                ).fetchone()[0]
             open_count, overdue = open_count + count, overdue + late
             if first is not None:
                 oldest = first if oldest is None else min(oldest, first)
@@ -418,12 +414,13 @@ class CaseStore:
 
     def pending_labels(self, *, limit: int = 500) -> list[tuple[int, Verdict]]:
         """Closed cases whose label is still owed, oldest first: (case_id, the label)."""
-        rows = self._read().execute(
-            "SELECT p.case_id, c.transaction_id, c.outcome FROM pending_labels p "
-            "JOIN cases c ON c.case_id = p.case_id WHERE c.status = 'closed' "
-            "ORDER BY p.since_us, p.case_id LIMIT ?",
-            (limit,),
-        )
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT p.case_id, c.transaction_id, c.outcome FROM pending_labels p "
+                "JOIN cases c ON c.case_id = p.case_id WHERE c.status = 'closed' "
+                "ORDER BY p.since_us, p.case_id LIMIT ?",
+                (limit,),
+            ).fetchall()
         return [(case_id, Verdict(tid, outcome == "fraud")) for case_id, tid, outcome in rows]
 
     def record_history(self, rows: Sequence[Decided], *, forget_before_us: int) -> None:
@@ -448,11 +445,9 @@ class CaseStore:
 
     def history_cursor(self, source: str) -> int:
         """The last sequence number of ``source`` (an audit shard) in the history; 0: none."""
-        row = (
-            self._read()
-            .execute("SELECT seq FROM history_cursors WHERE source = ?", (source,))
-            .fetchone()
-        )
+        with self._read() as db:
+            sql = "SELECT seq FROM history_cursors WHERE source = ?"
+            row = db.execute(sql, (source,)).fetchone()
         return 0 if row is None else int(row[0])
 
     def set_history_cursor(self, source: str, seq: int) -> None:
@@ -466,56 +461,55 @@ class CaseStore:
             )
 
     def decided(self, transaction_id: str) -> Decided | None:
-        row = (
-            self._read()
-            .execute(f"SELECT {_DECIDED} FROM card_history WHERE transaction_id = ?",
-                     (transaction_id,))
-            .fetchone()
-        )  # fmt: skip
+        with self._read() as db:
+            sql = f"SELECT {_DECIDED} FROM card_history WHERE transaction_id = ?"
+            row = db.execute(sql, (transaction_id,)).fetchone()
         return None if row is None else Decided(*row)
 
     def card_history(self, customer_id: str, *, since_us: int, limit: int = 500) -> list[Decided]:
         """The card's decided transactions from ``since_us`` on, oldest first."""
-        rows = self._read().execute(
-            f"SELECT {_DECIDED} FROM card_history WHERE customer_id = ? AND t_us >= ? "
-            "ORDER BY t_us, transaction_id LIMIT ?",
-            (customer_id, since_us, limit),
-        )
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {_DECIDED} FROM card_history WHERE customer_id = ? AND t_us >= ? "
+                "ORDER BY t_us, transaction_id LIMIT ?",
+                (customer_id, since_us, limit),
+            ).fetchall()
         return [Decided(*row) for row in rows]
 
     def terminal_frauds(self, terminal_id: str, *, since_us: int, limit: int = 20) -> list[Decided]:
         """The terminal's transactions labelled fraud from ``since_us`` on, newest first."""
-        rows = self._read().execute(
-            f"SELECT {_DECIDED} FROM card_history WHERE terminal_id = ? AND is_fraud = 1 "
-            "AND t_us >= ? ORDER BY t_us DESC LIMIT ?",
-            (terminal_id, since_us, limit),
-        )
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {_DECIDED} FROM card_history WHERE terminal_id = ? AND is_fraud = 1 "
+                "AND t_us >= ? ORDER BY t_us DESC LIMIT ?",
+                (terminal_id, since_us, limit),
+            ).fetchall()
         return [Decided(*row) for row in rows]
 
     # ---------------------------------------------------------------- internals
 
-    def _read(self) -> sqlite3.Connection:
-        return self._db.get()
+    def _read(self) -> AbstractContextManager[Connection]:
+        return self._db.read()
 
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        return self._db.transaction()  # the write lock first: reads inside are consistent
+    def _write(self) -> AbstractContextManager[Connection]:
+        return self._db.write()
 
-    def _locked(self, db: sqlite3.Connection, case_id: int) -> Case:
-        row = db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE case_id = ?", (case_id,)
-        ).fetchone()
+    def _locked(self, db: Connection, case_id: int) -> Case:
+        """The case, read in a write transaction that goes on to change it (row-locked)."""
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM cases WHERE case_id = ?"
+        row = db.execute(sql + self._dialect.for_update, (case_id,)).fetchone()
         if row is None:
             raise DataError(f"case {case_id} does not exist")
         return _case(row)
 
-    def _hold(self, db: sqlite3.Connection, case_id: int, user: str, now_us: int) -> None:
+    def _hold(self, db: Connection, case_id: int, user: str, now_us: int) -> None:
         db.execute(
             "UPDATE cases SET assignee = ?, held_until_us = ? WHERE case_id = ?",
             (user, now_us + self.hold_us, case_id),
         )
 
     def _close(
-        self, db: sqlite3.Connection, case_id: int, user: str, outcome: str, note: str, now: int
+        self, db: Connection, case_id: int, user: str, outcome: str, note: str, now: int
     ) -> None:
         db.execute(
             "UPDATE cases SET status = 'closed', outcome = ?, closed_by = ?, closed_us = ?, "
@@ -525,7 +519,7 @@ class CaseStore:
 
     @staticmethod
     def _event(
-        db: sqlite3.Connection, case_id: int | None, at_us: int, user: str, action: str, detail: str
+        db: Connection, case_id: int | None, at_us: int, user: str, action: str, detail: str
     ) -> None:
         db.execute(
             "INSERT INTO case_events (case_id, at_us, username, action, detail) "
@@ -582,22 +576,20 @@ _EXTRA_SCHEMA = (
 )
 
 
-def read_case_outcomes(path: Path) -> pl.DataFrame:
+def read_case_outcomes(where: Path | str) -> pl.DataFrame:
     """Per transaction with a case: its case's id, status, outcome, analyst and times (the
-    columns ``fraudflow decisions export`` adds); empty if ``path`` does not exist."""
+    columns ``fraudflow decisions export`` adds), from the store at ``where`` (a file or a
+    URL); empty if there is no such file."""
     schema = {"transaction_id": pl.String, "case_id": pl.Int64, "case_status": pl.String,
               "case_outcome": pl.String, "case_analyst": pl.String, "case_opened_us": pl.Int64,
               "case_closed_us": pl.Int64}  # fmt: skip
     rows: list[Any] = []
-    if Path(path).is_file():
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            rows = db.execute(
-                "SELECT transaction_id, case_id, status, outcome, closed_by, opened_us, "
-                "closed_us FROM cases ORDER BY case_id"
-            ).fetchall()
-        finally:
-            db.close()
+    if is_postgres_url(where) or Path(where).is_file():
+        rows = _read_all(
+            where,
+            "SELECT transaction_id, case_id, status, outcome, closed_by, opened_us, "
+            "closed_us FROM cases ORDER BY case_id",
+        )
     frame = pl.DataFrame(rows, schema=schema, orient="row")
     return frame.with_columns(_datetime("case_opened_us"), _datetime("case_closed_us")).rename(
         {"case_opened_us": "case_opened_at", "case_closed_us": "case_closed_at"}
@@ -614,7 +606,8 @@ def _filter_sql(where: CaseFilter) -> tuple[str, list[Any]]:
     checks: list[tuple[Any, str]] = [
         (where.status, "status = ?"),
         (where.queue, "queue = ?"),
-        (None if where.rule is None else f"%{where.rule}%", "reasons LIKE ?"),
+        # lower() on both sides: SQLite's LIKE ignores ASCII case, PostgreSQL's does not.
+        (None if where.rule is None else f"%{where.rule.lower()}%", "lower(reasons) LIKE ?"),
         (where.min_amount, "amount >= ?"),
         (where.max_amount, "amount <= ?"),
         (where.opened_before_us, "opened_us <= ?"),
@@ -637,13 +630,10 @@ def _case(row: Sequence[Any]) -> Case:
 # ---------------------------------------------------------------- export
 
 
-def read_cases(path: Path) -> pl.DataFrame:
-    """Every case of the file at ``path``, oldest first; times as UTC datetimes."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM cases ORDER BY case_id").fetchall()
-    finally:
-        db.close()
+def read_cases(where: Path | str) -> pl.DataFrame:
+    """Every case of the store at ``where`` (a file or a URL), oldest first; times as UTC
+    datetimes."""
+    rows = _read_all(where, f"SELECT {', '.join(_COLUMNS)} FROM cases ORDER BY case_id")
     frame = pl.DataFrame(rows, schema=_CASE_SCHEMA, orient="row")
     return frame.with_columns(
         pl.col("confirm_only").cast(pl.Boolean),
@@ -652,30 +642,37 @@ def read_cases(path: Path) -> pl.DataFrame:
               "closed_us": "closed_at"})  # fmt: skip
 
 
-def read_case_events(path: Path) -> pl.DataFrame:
+def read_case_events(where: Path | str) -> pl.DataFrame:
     """The audit trail of analyst actions (user, time, action, detail), oldest first."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT event_id, case_id, at_us, username, action, detail FROM case_events "
-            "ORDER BY event_id"
-        ).fetchall()
-    finally:
-        db.close()
+    rows = _read_all(
+        where,
+        "SELECT event_id, case_id, at_us, username, action, detail FROM case_events "
+        "ORDER BY event_id",
+    )
     schema = {"event_id": pl.Int64, "case_id": pl.Int64, "at_us": pl.Int64, "user": pl.String,
               "action": pl.String, "detail": pl.String}  # fmt: skip
     frame = pl.DataFrame(rows, schema=schema, orient="row")
     return frame.with_columns(_datetime("at_us")).rename({"at_us": "at"})
 
 
-def export_cases(path: Path, out: Path, *, events: bool = False) -> int:
-    """Write the cases (or the audit trail of analyst actions) to ``out`` (.parquet,
-    atomically); return the rows written."""
+def _read_all(where: Path | str, sql: str) -> list[Any]:
+    if not is_postgres_url(where) and not Path(where).is_file():
+        raise ConfigError(f"no case store at {where}: has the console opened any case?")
+    db = open_database(where)
+    try:
+        db.create(_SCHEMA.format(key=db.dialect.serial_key))  # a database the console never used
+        with db.read() as conn:
+            return conn.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def export_cases(where: Path | str, out: Path, *, events: bool = False) -> int:
+    """Write the cases (or the audit trail of analyst actions) of the store at ``where`` (a
+    file or a URL) to ``out`` (.parquet, atomically); return the rows written."""
     if Path(out).suffix.lower() != ".parquet":
         raise ConfigError(f"--out must be a .parquet file, however got {out}")
-    if not Path(path).is_file():
-        raise ConfigError(f"no case store at {path}: has the console opened any case?")
-    frame = read_case_events(path) if events else read_cases(path)
+    frame = read_case_events(where) if events else read_cases(where)
     write_table(frame, out)
     return frame.height
 

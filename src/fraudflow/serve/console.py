@@ -24,7 +24,8 @@ amounts), the terminal's known frauds of that time and the card's earlier cases:
 is followed from the audit log into the case store (``fraudflow.serve.history``).
 
 The stores are opened on first use, not at start-up: a service whose console nobody uses
-creates no files for it.
+creates no files for it. They are SQLite files beside the audit log, or with ``--cases
+postgresql://...`` one PostgreSQL database that several replicas share.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class ConsoleStores:
     def cases(self) -> CaseStore:
         s = self.settings
         return CaseStore(
-            s.cases_path,
+            s.cases_target,
             sla_seconds=s.case_sla_seconds,
             hold_seconds=s.case_hold_seconds,
             open_block_cases=s.open_block_cases,
@@ -106,11 +107,14 @@ class ConsoleStores:
     @functools.cached_property
     def users(self) -> UserStore:
         s = self.settings
-        return UserStore(users_path_for(s.audit_path), session_seconds=s.console_session_seconds)
+        where = s.cases if s.cases is not None else users_path_for(s.audit_path)
+        return UserStore(where, session_seconds=s.console_session_seconds)
 
     def started(self) -> bool:
-        """Whether the case store exists (a console nobody used has none, and makes none)."""
-        return "cases" in self.__dict__ or self.settings.cases_path.is_file()
+        """Whether the case store exists (a console nobody used has none, and makes none; a
+        PostgreSQL database is there from the start)."""
+        s = self.settings
+        return "cases" in self.__dict__ or s.cases is not None or s.cases_path.is_file()
 
     def gauges(self) -> dict[str, float] | None:
         """The ``fraudflow_cases_*`` gauges now, from the shared store; None: no store."""

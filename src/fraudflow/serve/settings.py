@@ -9,6 +9,7 @@ Where things live by default (``--data-dir``, default ``RUN_DIR/serve``):
     <data-dir>/state.db     the feature state (unless --state names another store)
     <data-dir>/audit.db     the audit log of decisions and labels (unless --audit)
     cases.db, users.db      the review console's cases and accounts, beside the audit log
+                            (unless --cases names a PostgreSQL database for both)
 
 With ``--workers > 1`` the settings travel to the worker processes through the environment
 (``settings_environment``), the way uvicorn's app factories expect.
@@ -30,6 +31,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fraudflow.errors import ConfigError
+from fraudflow.serve.database import POSTGRES_URL_FORM, is_postgres_url, redact_url
 
 __all__ = [
     "ENV_PREFIX",
@@ -92,6 +94,9 @@ class ServeSettings(BaseSettings):
     # The review console (/console, fraudflow.serve.console): review (and block) decisions
     # open cases in <audit folder>/cases.db, its accounts are in <audit folder>/users.db.
     console: bool = True
+    # postgresql://...: the console's cases, accounts, sessions and audit trail in that
+    # database, shared by every replica; None: the SQLite files beside the audit log.
+    cases: str | None = None
     open_block_cases: bool = True  # block decisions open confirm-only cases
     case_sla_seconds: int = Field(24 * 3_600, ge=1)
     case_hold_seconds: int = Field(15 * 60, ge=1)  # a hold lapses after this long idle
@@ -124,6 +129,13 @@ class ServeSettings(BaseSettings):
             )
         return url
 
+    @field_validator("cases")
+    @classmethod
+    def _cases_url(cls, url: str | None) -> str | None:
+        if url is not None and not (is_postgres_url(url) and url.partition("://")[2]):
+            raise ValueError(f"must be {POSTGRES_URL_FORM}, however got {redact_url(url)!r}")
+        return url
+
     @field_validator("policy", "api_keys_file", "admin_keys_file")
     @classmethod
     def _file_exists(cls, path: Path | None) -> Path | None:
@@ -153,6 +165,11 @@ class ServeSettings(BaseSettings):
     @property
     def cases_path(self) -> Path:
         return self.audit_path.parent / "cases.db"
+
+    @property
+    def cases_target(self) -> Path | str:
+        """Where the console keeps its cases: the --cases URL, else cases.db."""
+        return self.cases if self.cases is not None else self.cases_path
 
     @property
     def state_default_path(self) -> Path:

@@ -1,4 +1,5 @@
-"""The review console's accounts and sign-in sessions, in one SQLite file beside the cases.
+"""The review console's accounts and sign-in sessions, stored beside the cases: a SQLite file
+(``users.db`` beside ``cases.db``) or the cases' PostgreSQL database (``fraudflow.serve.database``).
 
 Accounts are made with ``fraudflow users add`` (there is no default account): a name, a role
 (``analyst``, ``supervisor``, ``admin``) and an argon2id hash of the password (argon2-cffi,
@@ -11,8 +12,8 @@ the oldest of those failures leaves the window. A name that does not exist is ch
 a dummy hash, so the time taken does not tell which names exist.
 
 Sessions: a random token (the cookie's value) of which only the SHA-256 digest is stored, with
-its CSRF token and an expiry renewed by each use. The file is shared by the service's worker
-processes, so a session opened by one worker is known to the others.
+its CSRF token and an expiry renewed by each use. The store is shared by the service's worker
+processes (and, in PostgreSQL, its replicas), so a session opened by one is known to the others.
 
 Times are integer microseconds since the epoch (UTC), as in the case store.
 """
@@ -22,17 +23,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from fraudflow.errors import ConfigError, DataError
-from fraudflow.serve.sqlite import ThreadConnections
+from fraudflow.serve.database import Connection, Database, open_database
 
 __all__ = [
     "ROLES",
@@ -64,7 +65,7 @@ CREATE TABLE IF NOT EXISTS login_failures (
 );
 CREATE INDEX IF NOT EXISTS login_failures_user ON login_failures (username, at_us);
 CREATE TABLE IF NOT EXISTS sessions (
-    token_sha256 BLOB PRIMARY KEY,
+    token_sha256 {bytes} PRIMARY KEY,
     username TEXT NOT NULL,
     csrf TEXT NOT NULL,
     expires_us BIGINT NOT NULL
@@ -104,11 +105,12 @@ def users_path_for(audit_path: Path) -> Path:
 
 
 class UserStore:
-    """Accounts, sign-in throttling and sessions in one SQLite file (threads and processes)."""
+    """Accounts, sign-in throttling and sessions in a SQLite file (a path) or a PostgreSQL
+    database (a ``postgresql://`` URL); safe to share between threads and processes."""
 
     def __init__(
         self,
-        path: Path,
+        where: Path | str,
         *,
         session_seconds: int = 8 * 3_600,
         max_failures: int = 5,
@@ -117,14 +119,14 @@ class UserStore:
     ) -> None:
         if session_seconds <= 0 or max_failures <= 0 or failure_window_seconds <= 0:
             raise ConfigError("session_seconds, max_failures, failure_window_seconds must be > 0")
-        self.path = Path(path)
         self.session_us = session_seconds * _US
         self.max_failures = max_failures
         self.failure_window_us = failure_window_seconds * _US
         self._hasher = hasher or PasswordHasher()
         self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(16))
-        self._connections = ThreadConnections(self.path)  # the service calls from many threads
-        self._db().executescript(_SCHEMA)
+        self._database: Database = open_database(where)
+        self.where = self._database.where
+        self._database.create(_SCHEMA.format(bytes=self._database.dialect.bytes))
 
     # ---------------------------------------------------------------- accounts
 
@@ -138,34 +140,27 @@ class UserStore:
                 f"however got {len(password)}"
             )
         digest = self._hasher.hash(password)
-        try:
-            with self._write() as db:
-                db.execute(
-                    "INSERT INTO users (username, role, password_hash, created_us) "
-                    "VALUES (?, ?, ?, ?)",
-                    (username, role, digest, now_us),
-                )
-        except sqlite3.IntegrityError:
-            raise DataError(f"user {username!r} exists already") from None
+        with self._write() as db:
+            added = db.execute(
+                "INSERT INTO users (username, role, password_hash, created_us) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+                (username, role, digest, now_us),
+            ).rowcount
+        if not added:
+            raise DataError(f"user {username!r} exists already")
         return self.get(username)
 
     def get(self, username: str) -> User:
-        row = (
-            self._db()
-            .execute(
-                "SELECT username, role, disabled, created_us FROM users WHERE username = ?",
-                (username,),
-            )
-            .fetchone()
+        row = self._one(
+            "SELECT username, role, disabled, created_us FROM users WHERE username = ?",
+            (username,),
         )
         if row is None:
             raise DataError(f"user {username!r} does not exist")
         return User(row[0], row[1], bool(row[2]), row[3])
 
     def list(self) -> list[User]:
-        rows = self._db().execute(
-            "SELECT username, role, disabled, created_us FROM users ORDER BY username"
-        )
+        rows = self._all("SELECT username, role, disabled, created_us FROM users ORDER BY username")
         return [User(r[0], r[1], bool(r[2]), r[3]) for r in rows]
 
     def disable(self, username: str) -> None:
@@ -186,11 +181,7 @@ class UserStore:
             raise LoginThrottled(
                 f"too many failed sign-ins for this account: try again in {minutes} min"
             )
-        row = (
-            self._db()
-            .execute("SELECT password_hash, disabled FROM users WHERE username = ?", (username,))
-            .fetchone()
-        )
+        row = self._one("SELECT password_hash, disabled FROM users WHERE username = ?", (username,))
         stored, disabled = (self._dummy_hash, True) if row is None else (row[0], bool(row[1]))
         if not self._verify(stored, password) or disabled:
             with self._write() as db:
@@ -211,7 +202,7 @@ class UserStore:
     def _throttled_for(self, username: str, now_us: int) -> int:
         """Microseconds until ``username`` may try again (0: now)."""
         since = now_us - self.failure_window_us
-        rows = self._db().execute(
+        rows = self._all(
             "SELECT at_us FROM login_failures WHERE username = ? AND at_us > ? "
             "ORDER BY at_us DESC LIMIT ?",
             (username, since, self.max_failures),
@@ -245,15 +236,11 @@ class UserStore:
         if not token:
             return None
         key = _digest(token)
-        row = (
-            self._db()
-            .execute(
-                "SELECT s.csrf, u.username, u.role, u.disabled, u.created_us "
-                "FROM sessions s JOIN users u ON u.username = s.username "
-                "WHERE s.token_sha256 = ? AND s.expires_us >= ?",
-                (key, now_us),
-            )
-            .fetchone()
+        row = self._one(
+            "SELECT s.csrf, u.username, u.role, u.disabled, u.created_us "
+            "FROM sessions s JOIN users u ON u.username = s.username "
+            "WHERE s.token_sha256 = ? AND s.expires_us >= ?",
+            (key, now_us),
         )
         if row is None or row[3]:
             return None
@@ -269,14 +256,19 @@ class UserStore:
             db.execute("DELETE FROM sessions WHERE token_sha256 = ?", (_digest(token),))
 
     def close(self) -> None:
-        """Close every thread's connection (a later call opens new ones)."""
-        self._connections.close()
+        """Close the store's connections (a later call opens new ones)."""
+        self._database.close()
 
-    def _db(self) -> sqlite3.Connection:
-        return self._connections.get()
+    def _one(self, sql: str, params: Sequence[Any]) -> Any:
+        with self._database.read() as db:
+            return db.execute(sql, params).fetchone()
 
-    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        return self._connections.transaction()
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any]:
+        with self._database.read() as db:
+            return db.execute(sql, params).fetchall()
+
+    def _write(self) -> AbstractContextManager[Connection]:
+        return self._database.write()
 
 
 def _digest(token: str) -> bytes:
