@@ -7,6 +7,9 @@
 # versions the base image's torch accepts; then torch, triton and the nvidia-* CUDA wheels are
 # left out of the lock, so that installing it never replaces the base image's CUDA build.
 #
+# The pins already in requirements.lock are kept where they still fit (uv prefers the versions
+# in an existing output file): adding a package moves no other. Delete the lock to upgrade all.
+#
 # Needs uv (pip install uv) and PyPI. Run from anywhere: sh deploy/docker/lock.sh
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,6 +18,10 @@ torch_version=2.9.1 # keep equal to the tag of BASE_IMAGE in the Dockerfile
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 printf 'torch==%s\n' "$torch_version" >"$tmp/overrides.txt"
+if [ -f "$here/requirements.lock" ]; then
+  cp "$here/requirements.lock" "$tmp/all.txt"
+  cp "$here/requirements.lock" "$tmp/lock.txt"
+fi
 
 compile() {
   (cd "$root" && uv pip compile pyproject.toml deploy/docker/requirements.in \

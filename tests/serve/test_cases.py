@@ -112,6 +112,41 @@ def test_analysts_in_several_processes_get_different_cases(
     assert sorted(taken) == sorted(f"tx{i}" for i in range(12))
 
 
+def test_analysts_whose_holds_lapsed_taking_next_at_once_never_fail(
+    store: CaseStore, where: Path | str
+) -> None:
+    """Each round every hold has lapsed, so each analyst may take another's old case while
+    giving back their own (in PostgreSQL: each row locked by the other's transaction). No
+    call fails, and no case goes to two analysts in a round. (In PostgreSQL a call may find
+    no case while all four are locked by the others' transactions of that instant.)"""
+    store.open_cases([_decision(f"tx{i}", 0.5, 100.0) for i in range(4)])
+    failures: list[BaseException] = []
+    taken: dict[int, list[int]] = {}
+    barrier = threading.Barrier(4)
+
+    def analyst(name: str) -> None:
+        own = CaseStore(where, hold_seconds=1)
+        for round_ in range(1, 101):
+            barrier.wait()
+            try:
+                case = own.take_next(name, T0 + round_ * 10_000_000)
+            except BaseException as exc:
+                failures.append(exc)
+                continue
+            if case is not None:
+                taken.setdefault(round_, []).append(case.case_id)
+        own.close()
+
+    threads = [threading.Thread(target=analyst, args=(f"analyst{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert all(len(ids) == len(set(ids)) for ids in taken.values())
+    assert sum(len(ids) for ids in taken.values()) > 100  # most calls found a case
+
+
 def test_a_hold_lapses_and_the_case_goes_back_to_the_queue(store: CaseStore) -> None:
     store.open_cases([_decision("a", 0.9, 100.0), _decision("b", 0.5, 100.0)])
     first = store.take_next("ann", T0)

@@ -278,18 +278,27 @@ class CaseStore:
         verdict) goes back to the queue, and is not the one handed out. The choice and the
         hold are one write transaction, so concurrent callers (threads, processes, replicas)
         each get a different case: in SQLite they take turns for the write lock; in PostgreSQL
-        each locks the row it chooses, skipping rows another has locked.
+        each locks the row it chooses, skipping rows another has locked (so while every free
+        case is locked by others' transactions of that instant, the answer is None).
+
+        The case given back is skipped too if another transaction has it locked (it is
+        taking, reassigning or closing that case, and so gives it a new holder anyway): two
+        analysts whose holds lapsed, each taking the other's old case, would otherwise each
+        wait for the other's lock, a deadlock that PostgreSQL breaks by failing one of them.
         """
+        skip_locked = self._dialect.skip_locked
         with self._write() as db:
             row = db.execute(
                 "SELECT case_id FROM cases WHERE status = 'open' AND queue = ? "
                 "AND (held_until_us IS NULL OR held_until_us < ?) "
-                "ORDER BY priority DESC, opened_us, case_id LIMIT 1" + self._dialect.skip_locked,
+                "ORDER BY priority DESC, opened_us, case_id LIMIT 1" + skip_locked,
                 (queue, now_us),
             ).fetchone()
             db.execute(
-                "UPDATE cases SET assignee = NULL, held_until_us = NULL "
-                "WHERE assignee = ? AND status = 'open'",
+                "UPDATE cases SET assignee = NULL, held_until_us = NULL WHERE case_id IN "
+                "(SELECT case_id FROM cases WHERE assignee = ? AND status = 'open'"
+                + skip_locked
+                + ")",
                 (user,),
             )
             if row is None:
@@ -354,7 +363,7 @@ class CaseStore:
         _require_note(note)
         verdicts = []
         with self._write() as db:
-            for case_id in case_ids:
+            for case_id in sorted(set(case_ids)):  # locked in one order: two never deadlock
                 case = self._locked(db, case_id)
                 if case.status == "closed":
                     continue
