@@ -14,10 +14,10 @@ model learned (``fraudflow.features.categories``), so callers pass the values as
 
 A bundle is verified whenever it is read: every file against its recorded SHA-256, the model
 built from the very bytes that were checked (a file swapped in between cannot slip in), and
-the features against what this build computes (``FEATURE_VERSION``, the feature config's
-names). ``check_run`` adds the run's ``DONE`` marker and builds nothing: what the service
-requires of a run before it loads it. Failures are ``RunCheckError``s whose ``check`` names
-which check failed.
+the features against what this build computes (``FEATURE_VERSION``, the names the bundle's
+feature spec defines). ``check_run`` adds the run's ``DONE`` marker and builds nothing:
+what the service requires of a run before it loads it. Failures are ``RunCheckError``s whose
+``check`` names which check failed.
 
 Bundles saved before manifests existed are refused rather than served unverified: the hashes
 exist to catch a damaged or replaced file, and a bundle without them is exactly one the check
@@ -44,8 +44,9 @@ from fraudflow.errors import ArtifactError, FraudflowError, RunCheckError
 from fraudflow.eval.calibration import Calibrator
 from fraudflow.features.categories import CategoryCodes, matrix_from_rows
 from fraudflow.features.default_spec import default_spec
-from fraudflow.features.spec import parse_spec
-from fraudflow.features.specs import FEATURE_VERSION, feature_names
+from fraudflow.features.spec import FeatureSpec, parse_spec
+from fraudflow.features.spec_online import online_problem
+from fraudflow.features.specs import FEATURE_VERSION
 from fraudflow.files import atomic_path, write_bytes_atomic, write_json_atomic
 from fraudflow.models import (
     GBDT,
@@ -64,6 +65,7 @@ __all__ = [
     "Bundle",
     "check_run",
     "feature_config_of",
+    "feature_spec_of",
     "load_bundle",
     "save_bundle",
     "seal_bundle",
@@ -352,7 +354,7 @@ def _categorical_of(meta: dict[str, Any]) -> tuple[Categorical, ...]:
 def _check_features(meta: dict[str, Any], folder: Path, *, serving: bool) -> None:
     """The bundle's features must be the ones this build computes, by version and by name:
     the default spec's for its feature config, or those of the spec it records. ``serving``:
-    the spec must be one the service computes online (only the default one, for now)."""
+    the spec must be one the service computes online (``online_problem``)."""
     found = meta.get("feature_version")
     if found != FEATURE_VERSION:
         raise RunCheckError(
@@ -362,48 +364,41 @@ def _check_features(meta: dict[str, Any], folder: Path, *, serving: bool) -> Non
             "built by this version (`fraudflow features`, then `fraudflow train`)",
         )
     try:
-        config = feature_config_of(meta)
-        expected = feature_names(config)
+        spec = feature_spec_of(meta)
     except (FraudflowError, TypeError, ValueError) as exc:
         raise RunCheckError(
             "feature_spec",
-            f"model bundle {folder} has a feature_config this build cannot use: {exc}",
+            f"model bundle {folder} has a feature spec or config this build cannot use: {exc}",
         ) from None
     spec_hash = meta.get("feature_spec_hash")
-    if spec_hash is not None and spec_hash != default_spec(config).hash:
-        # Tables from before specs record no hash: their features are the default ones.
-        if serving:
-            raise RunCheckError(
-                "feature_spec",
-                f"model bundle {folder} was trained on a feature spec ({spec_hash[:12]}) other "
-                "than the default one, however this fraudflow computes online only the default "
-                "spec for now: train on `fraudflow features` without --spec to serve the model",
-            )
-        expected = _spec_features(meta, folder)
-    if meta.get("features") != expected:
+    if spec_hash is not None and spec_hash != spec.hash:
+        raise RunCheckError(
+            "feature_spec",
+            f"model bundle {folder} records the feature spec hash {spec_hash[:12]}, however its "
+            f"recorded spec hashes to {spec.hash[:12]} (the spec was edited after training)",
+        )
+    if meta.get("features") != spec.feature_names:
         raise RunCheckError(
             "feature_spec",
             f"model bundle {folder} expects features {meta.get('features')!r:.400}, however "
-            f"this fraudflow computes {expected} for its feature config",
+            f"its feature spec computes {spec.feature_names}",
+        )
+    problem = online_problem(spec) if serving else None
+    if problem is not None:  # refused at start and at reload, before anything is loaded
+        raise RunCheckError(
+            "feature_spec", f"model bundle {folder} cannot be served: its feature spec's {problem}"
         )
 
 
-def _spec_features(meta: dict[str, Any], folder: Path) -> list[str]:
-    """The features of the spec the bundle records (checked against its hash)."""
-    try:
-        spec = parse_spec(meta.get("feature_spec") or {})
-    except FraudflowError as exc:
-        raise RunCheckError(
-            "feature_spec", f"model bundle {folder} records a feature spec this build cannot "
-            f"read: {exc}",
-        ) from None  # fmt: skip
-    if spec.hash != meta.get("feature_spec_hash"):
-        raise RunCheckError(
-            "feature_spec",
-            f"model bundle {folder} records a feature spec whose hash {spec.hash[:12]} is not "
-            f"its feature_spec_hash {str(meta.get('feature_spec_hash'))[:12]}",
-        )
-    return spec.feature_names
+def feature_spec_of(meta: dict[str, Any]) -> FeatureSpec:
+    """The feature spec a bundle was trained with; for bundles from before specs (no
+    ``feature_spec``), the default spec of their feature config, which they were built with."""
+    raw = meta.get("feature_spec")
+    if raw is None:
+        return default_spec(feature_config_of(meta))
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"the bundle's feature_spec must be an object, however got {raw!r}")
+    return parse_spec(raw)
 
 
 def _parse_meta(data: bytes, path: Path) -> dict[str, Any]:

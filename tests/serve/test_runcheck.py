@@ -171,7 +171,7 @@ def test_check_messages_say_what_was_expected_and_found(run_dir: Path, tmp_path:
         check_run(without_done(run_dir, tmp_path / "nd"))
 
 
-def test_a_run_on_a_custom_feature_spec_is_refused_until_the_service_computes_it(
+def test_a_bundle_whose_spec_hash_does_not_match_its_spec_is_refused(
     run_dir: Path, tmp_path: Path
 ) -> None:
     meta = json.loads((run_dir / "model" / "meta.json").read_text())
@@ -182,7 +182,7 @@ def test_a_run_on_a_custom_feature_spec_is_refused_until_the_service_computes_it
     meta_path.write_text(json.dumps(meta | {"feature_spec_hash": "ab" * 32}))
     seal_bundle(dest)
     with pytest.raises(
-        RunCheckError, match=r"was trained on a feature spec .* other than the default one"
+        RunCheckError, match=r"records the feature spec hash abababababab, however its recorded"
     ) as custom:
         check_run(dest)
     assert custom.value.check == "feature_spec"

@@ -153,10 +153,10 @@ def test_engine_refuses_a_bundle_whose_features_differ(run: Path, tmp_path: Path
 
     copy = Path(shutil.copytree(run, tmp_path / "run"))
     meta = json.loads((copy / "model" / "meta.json").read_text())
-    meta["feature_config"]["customer_windows_days"] = [1, 7]
+    meta["features"] = meta["features"][::-1]
     (copy / "model" / "meta.json").write_text(json.dumps(meta))
     seal_bundle(copy)  # as a bundle written so would record it
-    with pytest.raises(ArtifactError, match="however this fraudflow computes"):
+    with pytest.raises(ArtifactError, match="however its feature spec computes"):
         load_engine(copy, store=MemoryStore(), policy_path=None)
 
 

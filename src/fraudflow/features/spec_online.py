@@ -71,6 +71,7 @@ __all__ = [
     "extra_columns",
     "layout_of",
     "numeric_columns",
+    "online_problem",
     "reference_engine",
     "to_row",
 ]
@@ -182,6 +183,18 @@ def numeric_columns(spec: FeatureSpec) -> frozenset[str]:
     values = {a.of for a in spec.aggregates if a.fn in NEEDS_VALUE and a.fn != "count_distinct"}
     values |= {c.name for c in spec.columns if c.kind == "numeric"}
     return frozenset(v for v in values if v is not None) - frozenset(REQUIRED_COLUMNS)
+
+
+def online_problem(spec: FeatureSpec) -> str | None:
+    """Why this engine cannot compute ``spec`` online (one line), or None: it computes every
+    aggregate, window and expression, and the row's numeric columns."""
+    for column in spec.columns:
+        if column.kind != "numeric":
+            return (
+                f"column {column.name!r} is of kind {column.kind!r}, however the online "
+                "engine computes numeric row columns only"
+            )
+    return None
 
 
 def to_row(tx: Mapping[str, Any], columns: Sequence[str] = ()) -> Row:

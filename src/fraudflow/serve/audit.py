@@ -66,7 +66,7 @@ import queue
 import sqlite3
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -179,6 +179,8 @@ class DecisionRecord(NamedTuple):
     packed_features: bytes
     response: bytes  # the body sent, reasons included
     feature_names: Sequence[str]  # the model's, shared by its records
+    # The columns beyond the canonical ones that the model's feature spec reads; None: none.
+    extra: Mapping[str, Any] | None = None
 
 
 def pack_features(values: Sequence[float]) -> bytes:
@@ -438,7 +440,11 @@ class AuditLog:
         if not decisions:
             return []
         seq, columns = self._next_group, list(zip(*decisions, strict=True))
-        fields = orjson.dumps(dict(zip(_GROUP_FIELDS, columns[:_N_GROUP_FIELDS], strict=True)))
+        named = dict(zip(_GROUP_FIELDS, columns[:_N_GROUP_FIELDS], strict=True))
+        extra = columns[_N_GROUP_FIELDS + 3]
+        if any(x is not None for x in extra):  # a spec's extra columns: kept for replays
+            named["extra"] = extra
+        fields = orjson.dumps(named)
         features, responses = columns[_N_GROUP_FIELDS], columns[_N_GROUP_FIELDS + 1]
         offsets = np.concatenate([_offsets(responses), _offsets(features)]).astype("<i8")
         row = [seq, len(decisions), fields, b"".join(features), b"".join(responses)]
@@ -550,11 +556,15 @@ def read_decisions(path: Path) -> pl.DataFrame:
     """Every recorded decision of every shard, one row each, in recording order (by decision
     time; one shard's order for equal times), one column per feature."""
     rows = _read_all(path, _decision_rows, time_column=9)
-    base = pl.DataFrame([r[:-1] for r in rows], schema=_DECISION_SCHEMA, orient="row")
+    base = pl.DataFrame([r[:-2] for r in rows], schema=_DECISION_SCHEMA, orient="row")
     # Every row's keys: models of different versions may compute different features.
-    parsed = [r[-1] for r in rows]
+    parsed = [r[-2] for r in rows]
     features = pl.DataFrame(parsed, infer_schema_length=None) if rows else pl.DataFrame()
-    frame = pl.concat([base, features.cast(pl.Float64)], how="horizontal")
+    # The columns a model's feature spec read beyond the canonical ones, as sent.
+    extra = [r[-1] for r in rows]
+    extras = pl.from_dicts(extra, infer_schema_length=None, strict=False)
+    extras = extras.select(c for c in extras.columns if c not in features.columns)
+    frame = pl.concat([base, features.cast(pl.Float64), extras], how="horizontal")
     return frame.with_columns(
         _utc("t_us").alias("timestamp"), _utc("decided_at_us").alias("decided_at")
     ).drop("t_us", "decided_at_us")
@@ -567,15 +577,16 @@ _DECISION_FIELDS = (
 
 
 def _decision_rows(db: sqlite3.Connection, version: int) -> list[tuple[Any, ...]]:
-    """One shard's decisions: the ``_DECISION_SCHEMA`` fields, then a dict of features."""
+    """One shard's decisions: the ``_DECISION_SCHEMA`` fields, then a dict of features, then
+    a dict of the extra columns the model's feature spec read (schema 3)."""
     if version == 1:  # features as a JSON object, reasons in a column of their own
         sql = f"SELECT {_DECISION_FIELDS}, reasons, features FROM decisions ORDER BY seq"
-        return [(*r[:-1], orjson.loads(r[-1])) for r in db.execute(sql)]
+        return [(*r[:-1], orjson.loads(r[-1]), {}) for r in db.execute(sql)]
     names = {v: orjson.loads(n) for v, n in db.execute("SELECT * FROM feature_sets")}
     if version == 2:  # a row per decision
         sql = f"SELECT {_DECISION_FIELDS}, response, features FROM decisions ORDER BY seq"
         return [
-            _decision_row(fields, response, values, names)
+            (*_decision_row(fields, response, values, names), {})
             for *fields, response, values in db.execute(sql)
         ]
     out = []
@@ -585,13 +596,14 @@ def _decision_rows(db: sqlite3.Connection, version: int) -> list[tuple[Any, ...]
         columns = orjson.loads(fields)
         bounds = np.frombuffer(offsets, dtype="<i8").tolist()
         at_response, at_features = bounds[: n + 1], bounds[n + 1 :]
+        extra = columns.get("extra") or [None] * n
         for k, row in enumerate(zip(*(columns[f] for f in _GROUP_FIELDS), strict=True)):
             if row[0] in recorded:
                 continue
             recorded.add(row[0])
             response = responses[at_response[k] : at_response[k + 1]]
             values = features[at_features[k] : at_features[k + 1]]
-            out.append(_decision_row(row, response, values, names))
+            out.append((*_decision_row(row, response, values, names), extra[k] or {}))
     return out
 
 

@@ -1,8 +1,10 @@
 """The HTTP API's bodies; names say the direction (``...In`` requests, ``...Out`` responses).
 
-A transaction is the canonical schema (``fraudflow.data.schema``); other fields are allowed and
-ignored. ``timestamp`` is an ISO 8601 string, UTC (``Z``) or with an offset; one without an
-offset is read as UTC, as ``fraudflow.data.ingest`` reads a log.
+A transaction is the canonical schema (``fraudflow.data.schema``); other fields are allowed,
+and kept for a model whose feature spec reads them (the service checks those against the spec
+served: a missing one is a 422 naming it). ``timestamp`` is an ISO 8601 string, UTC (``Z``)
+or with an offset; one without an offset is read as UTC, as ``fraudflow.data.ingest`` reads
+a log.
 
 Every request is validated whole here, by pydantic-core in one pass over the raw body, before
 the service stores anything: whatever passes can be stored, scored, audited and answered, so
@@ -193,7 +195,10 @@ def _amount(maximum: float) -> Any:
 
 
 class TransactionIn(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Other fields are kept (``model_extra``): a model trained on a feature spec that reads
+    # columns beyond the canonical ones (``fraudflow.features.spec``) gets them from there;
+    # the service checks them against the served spec (``OnlinePath.problem``).
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     transaction_id: Id
     timestamp: Timestamp

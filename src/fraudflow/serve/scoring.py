@@ -43,9 +43,13 @@ import polars as pl
 import scipy.sparse
 import torch
 
-from fraudflow.artifacts import BUNDLE_DIR, Bundle, feature_config_of, load_bundle
+from fraudflow.artifacts import BUNDLE_DIR, Bundle, feature_config_of, feature_spec_of, load_bundle
+from fraudflow.data.schema import AMOUNT, CUSTOMER_ID, TERMINAL_ID
 from fraudflow.errors import ArtifactError
+from fraudflow.features.default_spec import default_spec
 from fraudflow.features.online import Event, FeatureRows, OnlineFeatures, StateStore, Watermark
+from fraudflow.features.spec import FeatureSpec
+from fraudflow.features.spec_online import Row, SpecOnline, SpecStore, numeric_columns
 from fraudflow.serve.policy import (
     AMOUNT_FEATURE,
     DEFAULT_POLICY,
@@ -64,9 +68,11 @@ __all__ = [
     "GradientAttribution",
     "Judgements",
     "LeafIndex",
+    "OnlinePath",
     "Scorer",
     "Scores",
     "TreePathAttribution",
+    "fast_path_serves",
     "load_engine",
     "model_version",
     "reference_scores",
@@ -298,13 +304,124 @@ class Judgements(NamedTuple):
     reasons: list[list[dict[str, Any]]]
 
 
+Extras = Mapping[str, Any]  # a transaction's columns beyond the canonical ones
+
+
+class OnlinePath(Protocol):
+    """How an engine computes its model's features online, from the state store."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns beyond the canonical ones that each transaction must carry."""
+        ...
+
+    def problem(self, extras: Extras | None) -> str | None:
+        """What is wrong with a transaction's extra columns (one line naming the column), or
+        None."""
+        ...
+
+    def record(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> FeatureRows:
+        """The events' feature rows in order, which the store then holds (one transaction)."""
+        ...
+
+    def stored(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> np.ndarray:
+        """Feature rows (N, F) of events the store holds, recomputed from it now."""
+        ...
+
+    def record_label(self, transaction_id: str, is_fraud: bool) -> None: ...
+
+
+class _FastPath:
+    """The default spec through ``OnlineFeatures``: the speed path (``fast_path_serves``)."""
+
+    columns: tuple[str, ...] = ()
+
+    def __init__(self, online: OnlineFeatures) -> None:
+        self.online = online
+        self.names = online.names
+
+    def problem(self, extras: Extras | None) -> str | None:
+        return None
+
+    def record(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> FeatureRows:
+        return self.online.record_events(events)
+
+    def stored(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> np.ndarray:
+        return self.online.stored_features(events)
+
+    def record_label(self, transaction_id: str, is_fraud: bool) -> None:
+        self.online.record_label(transaction_id, is_fraud)
+
+
+# What an extra column may hold: what a log's column holds (a string, a number, a flag, null).
+_MAX_TEXT = 256
+
+
+class _SpecPath:
+    """Any spec through ``SpecOnline``; requests carry the spec's extra columns."""
+
+    def __init__(self, online: SpecOnline) -> None:
+        self.online = online
+        self.names = online.names
+        self.columns = online.columns
+        self._numeric = numeric_columns(online.spec)
+
+    def problem(self, extras: Extras | None) -> str | None:
+        extras = extras or {}
+        for column in self.columns:
+            if column not in extras:
+                return f"missing column {column!r}: the model's feature spec reads it"
+            value = extras[column]
+            if column in self._numeric:
+                if value is not None and not _is_number(value):
+                    return f"column {column!r} must be a finite number or null"
+            elif not (value is None or isinstance(value, bool) or _is_number(value)) and not (
+                isinstance(value, str) and len(value) <= _MAX_TEXT
+            ):
+                return (
+                    f"column {column!r} must be a string of at most {_MAX_TEXT} characters, "
+                    "a number, true, false or null"
+                )
+        return None
+
+    def record(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> FeatureRows:
+        return self.online.record_rows(self._rows(events, extras))
+
+    def stored(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> np.ndarray:
+        return self.online.stored_features(self._rows(events, extras))
+
+    def record_label(self, transaction_id: str, is_fraud: bool) -> None:
+        self.online.record_label(transaction_id, is_fraud)
+
+    def _rows(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> list[Row]:
+        given: Sequence[Extras] = extras if extras is not None else [{}] * len(events)
+        return [
+            Row(e.transaction_id, e.t_us, {
+                **{c: x.get(c) for c in self.columns},
+                CUSTOMER_ID: e.customer_id, TERMINAL_ID: e.terminal_id, AMOUNT: e.amount,
+            })
+            for e, x in zip(events, given, strict=True)
+        ]  # fmt: skip
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and bool(np.isfinite(float(value)))
+    )
+
+
 @dataclass(frozen=True)
 class Engine:
     """What decides, as one swappable snapshot."""
 
     run_dir: Path
     scorer: Scorer
-    online: OnlineFeatures
+    online: OnlinePath
     policy: Policy
     policy_source: str
     reference: np.ndarray | None  # validation scores for the drift metric; None: none
@@ -313,12 +430,15 @@ class Engine:
     def model_version(self) -> str:
         return self.scorer.model_version
 
-    def record(self, events: Sequence[Event]) -> FeatureRows:
+    def record(
+        self, events: Sequence[Event], extras: Sequence[Extras] | None = None
+    ) -> FeatureRows:
         """The feature rows of the events in order (``features`` order), which the state store
         then holds, in one store transaction; ``fresh`` is False for a transaction_id the
-        store already holds (or earlier).
+        store already holds (or earlier). ``extras``: each event's extra columns
+        (``online.columns``), where the spec reads any.
         """
-        return self.online.record_events(events)
+        return self.online.record(events, extras)
 
     def judge(self, x: np.ndarray, amounts: Sequence[float]) -> Judgements:
         """Score and decide feature rows at once: one model call, vectorised policy.
@@ -385,22 +505,54 @@ def load_engine(
     store: StateStore,
     policy_path: Path | None,
     watermark: Watermark | None = None,
+    spec_store: SpecStore | None = None,
 ) -> Engine:
     """Load everything a run needs to decide, fully, before anyone may use it.
 
+    The bundle's feature spec is computed online by the fast path over ``store`` when it is
+    the default spec (``fast_path_serves``), else by the spec engine over ``spec_store``
+    (``fraudflow.serve.spec_state``: the same state, so a reload that changes the spec keeps
+    the history; the new spec's key groups are indexed from it here, before the swap).
     ``watermark`` drives the state's forgetting; pass the same one to every engine of a store.
     """
     bundle = load_bundle(run_dir, completed=True)
     scorer = BundleScorer(bundle, version=model_version(run_dir, bundle))
-    online = OnlineFeatures(cfg=feature_config_of(bundle.meta), store=store, watermark=watermark)
+    online = _online_path(bundle.meta, run_dir, store, spec_store, watermark)
     if online.names != list(scorer.features):
         raise ArtifactError(
             f"the model in {run_dir} expects features {list(scorer.features)}, however the "
-            f"online evaluator computes {online.names} for its feature config"
+            f"online evaluator computes {online.names} for its feature spec"
         )
     policy, source = _policy_for(run_dir, policy_path)
     check_rule_features(policy, online.names, source=source)
     return Engine(run_dir, scorer, online, policy, source, reference_scores(run_dir))
+
+
+def fast_path_serves(spec: FeatureSpec, meta: Mapping[str, Any]) -> bool:
+    """Whether the bundle's spec is the default one of its feature config, which
+    ``OnlineFeatures`` computes as columns for a whole group of events: the speed path whose
+    throughput and latency ``benchmarks/serve.py`` holds to its targets. Any other spec goes
+    through ``SpecOnline`` (the same features on the default spec: a property test)."""
+    return spec.hash == default_spec(feature_config_of(dict(meta))).hash
+
+
+def _online_path(
+    meta: Mapping[str, Any],
+    run_dir: Path,
+    store: StateStore,
+    spec_store: SpecStore | None,
+    watermark: Watermark | None,
+) -> OnlinePath:
+    spec = feature_spec_of(dict(meta))
+    if fast_path_serves(spec, meta):
+        cfg = feature_config_of(dict(meta))
+        return _FastPath(OnlineFeatures(cfg=cfg, store=store, watermark=watermark))
+    if spec_store is None:
+        raise ArtifactError(
+            f"the model in {run_dir} was trained on a feature spec other than the default one "
+            f"({spec.hash[:12]}), however no store for the spec engine was given"
+        )
+    return _SpecPath(SpecOnline(spec, store=spec_store, watermark=watermark))
 
 
 def model_version(run_dir: Path, bundle: Bundle) -> str:

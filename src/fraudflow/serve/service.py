@@ -48,6 +48,7 @@ from fraudflow.features.online import (
     Window,
     epoch_us,
 )
+from fraudflow.features.spec_online import SpecStore
 from fraudflow.files import write_json_atomic
 from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, now_us
 from fraudflow.serve.auth import ApiKeys
@@ -66,6 +67,7 @@ from fraudflow.serve.runcheck import refusal, verify_run
 from fraudflow.serve.schemas import LabelIn, TransactionIn
 from fraudflow.serve.scoring import Engine, Judgements, load_engine
 from fraudflow.serve.settings import ServeSettings
+from fraudflow.serve.spec_state import open_spec_store
 from fraudflow.serve.state import open_store, sqlite_file
 
 __all__ = ["ACTIVE_MODEL_FILE", "CaseOpener", "DecisionService", "EngineLoader", "TimedStore"]
@@ -99,8 +101,13 @@ def _audit_failed() -> ServeError:
 class TimedStore:
     """A ``StateStore`` that reports each call's latency (``fraudflow_state_store_...``)."""
 
-    def __init__(self, store: StateStore, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, store: StateStore, metrics: ServiceMetrics, *, spec: SpecStore | None = None
+    ) -> None:
         self.inner = store
+        # The spec engine's store over the same state (``fraudflow.serve.spec_state``), for
+        # bundles of another spec than the default one.
+        self.spec = spec
         self._apply = metrics.store_latency.labels(operation="apply")
         self._read = metrics.store_latency.labels(operation="read")
         self._label = metrics.store_latency.labels(operation="set_label")
@@ -131,6 +138,8 @@ class TimedStore:
 
     def close(self) -> None:
         self.inner.close()
+        if self.spec is not None:
+            self.spec.close()
 
 
 @dataclass
@@ -146,7 +155,11 @@ def default_loader(settings: ServeSettings) -> EngineLoader:
     watermark = Watermark(max_skew_us=round(settings.max_clock_skew_seconds * 1e6))
 
     def load(run_dir: Path, store: StateStore) -> Engine:
-        return load_engine(run_dir, store=store, policy_path=settings.policy, watermark=watermark)
+        spec_store = store.spec if isinstance(store, TimedStore) else None
+        return load_engine(
+            run_dir, store=store, policy_path=settings.policy, watermark=watermark,
+            spec_store=spec_store,
+        )  # fmt: skip
 
     return load
 
@@ -276,7 +289,12 @@ class DecisionService:
         s = self.settings
         with self.health.watch(STATE_STORE, self._state_folder):
             opened = open_store(s.state, default_path=s.state_default_path)
-        store = TimedStore(opened, self.metrics)
+            try:
+                spec_store = open_spec_store(s.state, default_path=s.state_default_path)
+            except BaseException:
+                opened.close()
+                raise
+        store = TimedStore(opened, self.metrics, spec=spec_store)
         redis_ledger = None
         if s.state is not None and s.state.startswith(("redis://", "rediss://")):
             redis_ledger = RedisLedger(s.state, ttl_seconds=s.idempotency_ttl_seconds)
@@ -336,6 +354,11 @@ class DecisionService:
         call. If the store fails, nothing is applied and the request fails with 503.
         """
         engine, resources = await self._ready_soon()
+        if engine.online.columns:  # the whole batch is refused before any of it is applied
+            for k, tx in enumerate(txs):
+                problem = engine.online.problem(tx.model_extra)
+                if problem is not None:
+                    raise ServeError(422, f"transactions[{k}]: {problem}", "validation")
         answers = await self._decide_many(engine, resources, txs)
         duplicates = {id(a): a for a in answers if isinstance(a, _Duplicate)}
         replayed: dict[int, bytes | ServeError] = {}
@@ -363,6 +386,10 @@ class DecisionService:
     ) -> list[bytes | _Duplicate | ServeError]:
         """Per transaction, in request order: its response body, its error, or, for one the
         state already held, a ``_Duplicate`` for the caller to resolve (``_replay``)."""
+        if engine.online.columns:
+            problems = [engine.online.problem(tx.model_extra) for tx in txs]
+            if any(p is not None for p in problems):
+                return await self._decide_valid(engine, resources, txs, problems)
         events = [tx.event() for tx in txs]  # all valid (pydantic) before any is applied
         times = [e.t_us for e in events]
         order = sorted(range(len(txs)), key=times.__getitem__)  # stable: ties keep order
@@ -374,7 +401,10 @@ class DecisionService:
         unique = order  # the first occurrences, in the order applied: all, the usual case
         if repeats:
             unique = [i for i, tid in zip(order, tids, strict=True) if first_of[tid] == i]
-        features = await self._record(engine, [events[i] for i in unique])
+        extras = None
+        if engine.online.columns:
+            extras = [txs[i].model_extra for i in unique]
+        features = await self._record(engine, [events[i] for i in unique], extras)
         answers: list[bytes | _Duplicate | ServeError | None] = [None] * len(txs)
         stored = features.fresh.tolist()
         fresh = [i for i, new in zip(unique, stored, strict=True) if new]
@@ -391,6 +421,26 @@ class DecisionService:
         out = [a for a in answers if a is not None]
         assert len(out) == len(txs)  # every first occurrence was answered above
         return out
+
+    async def _decide_valid(
+        self,
+        engine: Engine,
+        resources: _Resources,
+        txs: Sequence[TransactionIn],
+        problems: Sequence[str | None],
+    ) -> list[bytes | _Duplicate | ServeError]:
+        """``_decide_many`` of the transactions whose extra columns are valid; the others
+        (requests coalesced with them) get their 422."""
+        valid = [i for i, p in enumerate(problems) if p is None]
+        decided = (
+            await self._decide_many(engine, resources, [txs[i] for i in valid]) if valid else []
+        )
+        out: list[bytes | _Duplicate | ServeError] = [
+            ServeError(422, p, "validation") for p in problems if p is not None
+        ]
+        answers = dict(zip(valid, decided, strict=True))
+        invalid = iter(out)
+        return [answers[i] if i in answers else next(invalid) for i in range(len(txs))]
 
     async def _decide_fresh(
         self,
@@ -452,12 +502,14 @@ class DecisionService:
             log.exception("opening the review cases of %d decisions failed", len(cases))
             self.metrics.errors.labels(kind="cases").inc()
 
-    async def _record(self, engine: Engine, events: list[Event]) -> FeatureRows:
+    async def _record(
+        self, engine: Engine, events: list[Event], extras: list[Any] | None
+    ) -> FeatureRows:
         """Apply the events to the state, in a thread: the store may wait on a disk or on
         Redis, and the event loop must not (``/healthz``, other requests' answers)."""
         try:
             with self.health.watch(STATE_STORE, self._state_folder, ignore=(DataError,)):
-                return await asyncio.to_thread(engine.record, events)
+                return await asyncio.to_thread(engine.record, events, extras)
         except DataError:
             raise ServeError(422, "invalid transaction", "validation") from None
         except Exception:
@@ -512,7 +564,8 @@ class DecisionService:
         pending = self._pending.add([tid])
         try:
             with self.health.watch(STATE_STORE, self._state_folder):
-                values = await asyncio.to_thread(engine.online.stored_features, [event])
+                extras = [duplicate.tx.model_extra or {}] if engine.online.columns else None
+                values = await asyncio.to_thread(engine.online.stored, [event], extras)
         except Exception as exc:
             log.exception("the feature state store failed")
             self._pending.fail(pending, [tid], _store_failed())
@@ -687,6 +740,11 @@ def _records(
 ) -> list[DecisionRecord]:
     """Each decided transaction's audit record, its response body included."""
     version, names, n = engine.model_version, engine.scorer.features, len(batch.events)
+    # The spec's extra columns of each transaction, kept so that the log can be replayed.
+    columns = engine.online.columns
+    extra: Any = itertools.repeat(None, n)
+    if columns:
+        extra = [{c: (tx.model_extra or {}).get(c) for c in columns} for tx in batch.txs]
     scores = judged.scores.tolist()
     # The audit log stores each row's values as float64 little-endian bytes.
     packed = batch.values.astype("<f8", copy=False).tobytes()
@@ -712,7 +770,7 @@ def _records(
                 [e.amount for e in events], scores, judged.raw_scores.tolist(), judged.actions,
                 itertools.repeat(version, n), itertools.repeat(decided_at_us, n),
                 [packed[k * width : (k + 1) * width] for k in range(n)], responses,
-                itertools.repeat(names, n), strict=True,
+                itertools.repeat(names, n), extra, strict=True,
             ),
         )
     )  # fmt: skip
