@@ -73,12 +73,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from fraudflow.artifacts import Bundle, load_bundle
+from fraudflow.artifacts import Bundle, feature_config_of, feature_spec_of, load_bundle
 from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
 from fraudflow.data.simulator import simulate
 from fraudflow.errors import FraudflowError
 from fraudflow.features import build_features, open_feature_source, write_feature_table
 from fraudflow.features.online import MemoryStore, OnlineFeatures
+from fraudflow.features.spec_online import MemorySpecStore, SpecOnline, extra_columns
+from fraudflow.serve.scoring import fast_path_serves
 from fraudflow.train import train_run
 
 API_KEY = "bench-key"
@@ -110,13 +112,15 @@ def build_run(folder: Path) -> Path:
     return run
 
 
-def load_transactions(run: Path) -> pl.DataFrame:
-    """The run's test-period transactions, canonical columns, in time order."""
+def load_transactions(run: Path, columns: tuple[str, ...] = ()) -> pl.DataFrame:
+    """The run's test-period transactions, canonical columns and the extra ``columns`` its
+    feature spec reads, in time order."""
     config = json.loads((run / "config.json").read_text())
     test_start = config["periods"]["test_start"]
     scan = open_feature_source(Path(config["features_path"])).scan()
     day = pl.col("timestamp").dt.date().cast(pl.String)
-    frame = scan.filter(day >= test_start).select(CANONICAL).sort("timestamp").collect()
+    wanted = [*CANONICAL, *columns]
+    frame = scan.filter(day >= test_start).select(wanted).sort("timestamp").collect()
     if frame.height == 0:
         raise FraudflowError(f"the feature table of {run} has no test-period transactions")
     return frame
@@ -129,7 +133,7 @@ def transaction_stream(frame: pl.DataFrame) -> Iterator[dict[str, Any]]:
     for repeat in itertools.count():
         suffix, shift = (f"-r{repeat}" if repeat else ""), span * repeat
         for row in rows:
-            yield {
+            yield row | {  # the extra columns a custom spec reads, as they are
                 "transaction_id": f"{row['transaction_id']}{suffix}",
                 "timestamp": (row["timestamp"] + shift).isoformat(),
                 "customer_id": str(row["customer_id"]),
@@ -142,11 +146,12 @@ def transaction_stream(frame: pl.DataFrame) -> Iterator[dict[str, Any]]:
 
 
 def floor_ms(bundle: Bundle, frame: pl.DataFrame, *, warm: int, measured: int) -> float:
-    """Median milliseconds of OnlineFeatures(MemoryStore) + predict_calibrated on one row."""
-    raw = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in bundle.meta["feature_config"].items()
-    }
-    online = OnlineFeatures(cfg=FeatureConfig(**raw), store=MemoryStore())
+    """Median milliseconds of OnlineFeatures(MemoryStore) + predict_calibrated on one row
+    (a run on another spec than the default one: SpecOnline(MemorySpecStore), as served)."""
+    spec = feature_spec_of(bundle.meta)
+    online: OnlineFeatures | SpecOnline = SpecOnline(spec, store=MemorySpecStore())
+    if fast_path_serves(spec, bundle.meta):
+        online = OnlineFeatures(cfg=feature_config_of(bundle.meta), store=MemoryStore())
     names = bundle.features
     stream = transaction_stream(frame)
     for tx in itertools.islice(stream, warm):
@@ -155,7 +160,7 @@ def floor_ms(bundle: Bundle, frame: pl.DataFrame, *, warm: int, measured: int) -
     for tx in itertools.islice(stream, measured):
         started = time.perf_counter()
         values = online.features(tx)
-        row = np.array([[values[n] for n in names]], dtype=np.float32)  # (1, F)
+        row = np.array([[values[n] for n in names]], dtype=np.float32)  # (1, F); None: NaN
         bundle.predict_calibrated(row)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1e3
@@ -580,6 +585,8 @@ def report(result: dict[str, Any]) -> None:
         value = result.get(key)
         return "n/a" if value is None else format(value, spec)
 
+    path = result.get("online_path")
+    print(f"online path: {path} ({'default spec' if path == 'fast' else 'a custom spec'})")
     print(f"floor (features + model, in process): {fmt('floor_ms', '.3f')} ms / decision")
     print(
         f"single, capacity (closed loop): {fmt('decisions_per_second', ',.0f')} decisions/s "
@@ -640,11 +647,15 @@ def main() -> int:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="fraudflow-bench-run-") as tmp:
         run = args.run or build_run(Path(tmp))
-        frame = load_transactions(run)
         bundle = load_bundle(run)
+        spec = feature_spec_of(bundle.meta)
+        frame = load_transactions(run, extra_columns(spec))
         result: dict[str, Any] = {
             "run": str(run),
             "model": bundle.meta["model"],
+            # The targets hold for the default spec's fast path; other specs are served by
+            # the spec engine (SpecOnline), reported here for what it costs.
+            "online_path": "fast" if fast_path_serves(spec, bundle.meta) else "spec",
             "workers": args.workers,
             "concurrency": args.concurrency,
             "batch_size": args.batch_size,

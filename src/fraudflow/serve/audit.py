@@ -562,9 +562,11 @@ def read_decisions(path: Path) -> pl.DataFrame:
     features = pl.DataFrame(parsed, infer_schema_length=None) if rows else pl.DataFrame()
     # The columns a model's feature spec read beyond the canonical ones, as sent.
     extra = [r[-1] for r in rows]
-    extras = pl.from_dicts(extra, infer_schema_length=None, strict=False)
-    extras = extras.select(c for c in extras.columns if c not in features.columns)
-    frame = pl.concat([base, features.cast(pl.Float64), extras], how="horizontal")
+    parts = [base, features.cast(pl.Float64)]
+    if any(extra):
+        extras = pl.from_dicts(extra, infer_schema_length=None, strict=False)
+        parts.append(extras.select(c for c in extras.columns if c not in features.columns))
+    frame = pl.concat(parts, how="horizontal")
     return frame.with_columns(
         _utc("t_us").alias("timestamp"), _utc("decided_at_us").alias("decided_at")
     ).drop("t_us", "decided_at_us")
