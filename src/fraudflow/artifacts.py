@@ -383,6 +383,17 @@ def _check_features(meta: dict[str, Any], folder: Path, *, serving: bool) -> Non
             f"model bundle {folder} expects features {meta.get('features')!r:.400}, however "
             f"its feature spec computes {spec.feature_names}",
         )
+    try:
+        codes = _codes_of(meta)
+    except ArtifactError as exc:
+        raise RunCheckError("feature_spec", f"model bundle {folder}: {exc}") from None
+    uncoded = [name for name in spec.categorical if codes is None or name not in codes.values]
+    if uncoded:
+        raise RunCheckError(
+            "feature_spec",
+            f"model bundle {folder} has the categorical feature {uncoded[0]!r}, however no "
+            "codes for it (meta.json: categories), which training stores: retrain the run",
+        )
     problem = online_problem(spec) if serving else None
     if problem is not None:  # refused at start and at reload, before anything is loaded
         raise RunCheckError(

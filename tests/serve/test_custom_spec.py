@@ -132,7 +132,8 @@ def test_a_custom_spec_is_served_with_its_extra_column(
 
 
 def _categorical(run: Path, dest: Path) -> Path:
-    """The run with a feature spec whose row column ``channel`` is categorical."""
+    """The run with a feature spec whose row column ``channel`` is categorical, without the
+    codes training stores for one: a bundle the service cannot serve."""
     shutil.copytree(run, dest)
     meta_path = dest / "model" / "meta.json"
     meta = json.loads(meta_path.read_text())

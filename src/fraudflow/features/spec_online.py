@@ -57,7 +57,14 @@ from fraudflow.features.expressions import (
     referenced_names,
 )
 from fraudflow.features.online import FeatureRows, Watermark
-from fraudflow.features.spec import NEEDS_VALUE, UNIT_SECONDS, Aggregate, FeatureSpec, Window
+from fraudflow.features.spec import (
+    KINDS,
+    NEEDS_VALUE,
+    UNIT_SECONDS,
+    Aggregate,
+    FeatureSpec,
+    Window,
+)
 
 __all__ = [
     "Group",
@@ -187,13 +194,12 @@ def numeric_columns(spec: FeatureSpec) -> frozenset[str]:
 
 def online_problem(spec: FeatureSpec) -> str | None:
     """Why this engine cannot compute ``spec`` online (one line), or None: it computes every
-    aggregate, window and expression, and the row's numeric columns."""
+    aggregate, window and expression, and the row's columns. A categorical column's feature
+    is NaN here: its value is the row's own, which the model bundle encodes
+    (``fraudflow.artifacts.Bundle.model_matrix``; the service: ``serve.scoring``)."""
     for column in spec.columns:
-        if column.kind != "numeric":
-            return (
-                f"column {column.name!r} is of kind {column.kind!r}, however the online "
-                "engine computes numeric row columns only"
-            )
+        if column.kind not in KINDS:
+            return f"column {column.name!r} is of kind {column.kind!r}, unknown to the engine"
     return None
 
 
@@ -441,6 +447,7 @@ class SpecOnline:
         self.layout = layout_of(spec)
         self.columns = self.layout.columns  # the extra columns a row must carry
         self._numeric = numeric_columns(spec)
+        self._categorical = frozenset(spec.categorical)
         self._forget = forget
         self._delay_us = spec.label_delay_seconds * _US
         self._group_of = [[g.by for g in self.layout.groups].index(a.by) for a in spec.aggregates]
@@ -539,7 +546,7 @@ class SpecOnline:
             env[name] = _as_float(evaluate(tree, env))
         out = []
         for name in self.names:
-            value = _as_float(env.get(name))
+            value = None if name in self._categorical else _as_float(env.get(name))
             out.append(math.nan if value is None else value)
         return out
 

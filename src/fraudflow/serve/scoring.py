@@ -46,10 +46,12 @@ import torch
 from fraudflow.artifacts import BUNDLE_DIR, Bundle, feature_config_of, feature_spec_of, load_bundle
 from fraudflow.data.schema import AMOUNT, CUSTOMER_ID, TERMINAL_ID
 from fraudflow.errors import ArtifactError
+from fraudflow.features.categories import CategoryCodes
 from fraudflow.features.default_spec import default_spec
 from fraudflow.features.online import Event, FeatureRows, OnlineFeatures, StateStore, Watermark
 from fraudflow.features.spec import FeatureSpec
 from fraudflow.features.spec_online import Row, SpecOnline, SpecStore, numeric_columns
+from fraudflow.models import neural_inputs
 from fraudflow.serve.policy import (
     AMOUNT_FEATURE,
     DEFAULT_POLICY,
@@ -223,7 +225,10 @@ def _fill_leaf_paths(node: Mapping[str, Any], leaves: np.ndarray, path: np.ndarr
 
 
 class GradientAttribution:
-    """Gradient x standardised input of the fraud log-odds, for the bundle's neural model."""
+    """Gradient x standardised input of the fraud log-odds, for the bundle's neural model.
+
+    Categorical features (embedded, not multiplied by a weight) get no contribution here.
+    """
 
     def __init__(self, bundle: Bundle) -> None:
         if bundle.standardizer is None or isinstance(bundle.model, lgb.Booster):
@@ -231,15 +236,24 @@ class GradientAttribution:
         self._module: Any = bundle.model
         self._module.eval()
         self._standardizer = bundle.standardizer
+        self._categorical = bundle.categorical
+        skip = {c.position for c in self._categorical}
+        self._numeric = [j for j in range(len(bundle.features)) if j not in skip]
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.enable_grad():
-            xs = self._standardizer.transform(torch.from_numpy(x)).requires_grad_(True)  # (N, F)
-            logits = self._module({"x": xs}).float()  # (N, 2)
+            inputs = neural_inputs(torch.from_numpy(x), self._categorical, self._standardizer)
+            xs = inputs["x"].requires_grad_(True)  # (N, F - C)
+            logits = self._module(inputs).float()  # (N, 2)
             margin = logits[:, 1] - logits[:, 0]  # (N,) fraud log-odds
             # Rows are independent (eval mode), so the gradient of the sum is per row.
             (grad,) = torch.autograd.grad(margin.sum(), xs)
-        contributions = (grad * xs).detach().double().numpy()
+        numeric = (grad * xs).detach().double().numpy()  # (N, F - C)
+        if self._categorical:
+            contributions = np.zeros((x.shape[0], x.shape[1]))  # (N, F)
+            contributions[:, self._numeric] = numeric
+        else:
+            contributions = numeric
         # As Bundle.predict computes it: softmax in float32, then float64.
         probability = torch.softmax(logits.detach(), dim=1)[:, 1].double().numpy()
         return contributions, probability
@@ -361,13 +375,20 @@ _MAX_TEXT = 256
 
 
 class _SpecPath:
-    """Any spec through ``SpecOnline``; requests carry the spec's extra columns."""
+    """Any spec through ``SpecOnline``; requests carry the spec's extra columns.
 
-    def __init__(self, online: SpecOnline) -> None:
+    A categorical feature is the row's raw value, which leaves here as the bundle's code for
+    it (``codes``: learned in training; unseen values and nulls get the unseen code), so the
+    model reads the model matrix it was trained on.
+    """
+
+    def __init__(self, online: SpecOnline, codes: CategoryCodes | None = None) -> None:
         self.online = online
         self.names = online.names
         self.columns = online.columns
         self._numeric = numeric_columns(online.spec)
+        self._codes = codes  # every categorical feature has its codes: load_bundle checks
+        self._coded = [(self.names.index(c), c) for c in online.spec.categorical]
 
     def problem(self, extras: Extras | None) -> str | None:
         extras = extras or {}
@@ -388,13 +409,26 @@ class _SpecPath:
         return None
 
     def record(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> FeatureRows:
-        return self.online.record_rows(self._rows(events, extras))
+        rows = self._rows(events, extras)
+        out = self.online.record_rows(rows)
+        self._encode(out.values, rows)
+        return out
 
     def stored(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> np.ndarray:
-        return self.online.stored_features(self._rows(events, extras))
+        rows = self._rows(events, extras)
+        values = self.online.stored_features(rows)
+        self._encode(values, rows)
+        return values
 
     def record_label(self, transaction_id: str, is_fraud: bool) -> None:
         self.online.record_label(transaction_id, is_fraud)
+
+    def _encode(self, values: np.ndarray, rows: Sequence[Row]) -> None:
+        """Each categorical feature's column of ``values`` (N, F) becomes the rows' codes."""
+        if self._codes is None:
+            return
+        for position, column in self._coded:
+            values[:, position] = self._codes.encode(column, [r.columns.get(column) for r in rows])
 
     def _rows(self, events: Sequence[Event], extras: Sequence[Extras] | None) -> list[Row]:
         given: Sequence[Extras] = extras if extras is not None else [{}] * len(events)
@@ -517,7 +551,7 @@ def load_engine(
     """
     bundle = load_bundle(run_dir, completed=True)
     scorer = BundleScorer(bundle, version=model_version(run_dir, bundle))
-    online = _online_path(bundle.meta, run_dir, store, spec_store, watermark)
+    online = _online_path(bundle, run_dir, store, spec_store, watermark)
     if online.names != list(scorer.features):
         raise ArtifactError(
             f"the model in {run_dir} expects features {list(scorer.features)}, however the "
@@ -537,12 +571,13 @@ def fast_path_serves(spec: FeatureSpec, meta: Mapping[str, Any]) -> bool:
 
 
 def _online_path(
-    meta: Mapping[str, Any],
+    bundle: Bundle,
     run_dir: Path,
     store: StateStore,
     spec_store: SpecStore | None,
     watermark: Watermark | None,
 ) -> OnlinePath:
+    meta = bundle.meta
     spec = feature_spec_of(dict(meta))
     if fast_path_serves(spec, meta):
         cfg = feature_config_of(dict(meta))
@@ -552,7 +587,7 @@ def _online_path(
             f"the model in {run_dir} was trained on a feature spec other than the default one "
             f"({spec.hash[:12]}), however no store for the spec engine was given"
         )
-    return _SpecPath(SpecOnline(spec, store=spec_store, watermark=watermark))
+    return _SpecPath(SpecOnline(spec, store=spec_store, watermark=watermark), bundle.codes)
 
 
 def model_version(run_dir: Path, bundle: Bundle) -> str:
