@@ -131,6 +131,23 @@ def test_gradient_attribution_of_a_linear_model_is_weight_times_input() -> None:
     np.testing.assert_allclose(probability, bundle.predict(x), atol=1e-7)
 
 
+def test_gradient_attribution_leaves_categorical_features_at_zero() -> None:
+    torch.manual_seed(0)
+    model = MLP(n_features=2, hidden_sizes=(), dropout=0.0, cardinalities=(3,))
+    standardizer = Standardizer(mean=torch.tensor([1.0, -1.0]), std=torch.tensor([2.0, 0.5]))
+    meta = {"features": ["a", "cat", "c"], "model": "mlp", "categories": {"columns": {
+        "cat": ["x", "y"]}}}  # fmt: skip
+    bundle = Bundle(meta=meta, model=model, standardizer=standardizer)
+    x = np.array([[3.0, 2.0, 0.0], [1.0, 0.0, -1.0]])  # codes 2 ("y") and 0 (unseen)
+    contributions, probability = GradientAttribution(bundle)(x)
+    xs = standardizer.transform(torch.from_numpy(x[:, [0, 2]]).float()).numpy()
+    weight = model.net[0].weight.detach().numpy()[:, :2]  # the numeric inputs' weights
+    np.testing.assert_allclose(contributions[:, [0, 2]], (weight[1] - weight[0]) * xs, rtol=1e-6)
+    assert np.all(contributions[:, 1] == 0)
+    raw = [[3.0, "y", 0.0], [1.0, "never-seen", -1.0]]
+    np.testing.assert_allclose(probability, bundle.predict(raw), atol=1e-7)
+
+
 def test_engine_uses_the_runs_policy_file(run: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(run, tmp_path / "run"))
     runner = CliRunner()

@@ -242,7 +242,8 @@ class GradientAttribution:
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.enable_grad():
-            inputs = neural_inputs(torch.from_numpy(x), self._categorical, self._standardizer)
+            matrix = torch.as_tensor(x, dtype=torch.float32)  # (N, F); no copy from float32
+            inputs = neural_inputs(matrix, self._categorical, self._standardizer)
             xs = inputs["x"].requires_grad_(True)  # (N, F - C)
             logits = self._module(inputs).float()  # (N, 2)
             margin = logits[:, 1] - logits[:, 0]  # (N,) fraud log-odds
