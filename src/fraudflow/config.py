@@ -42,11 +42,24 @@ class SimulationConfig:
     n_days: int = 90
     start_date: date = date(2026, 1, 1)
     seed: int = 0
+    # The structural fraud scenarios (fraudflow.data.simulator); a rate of 0 turns one off.
+    # Expected events per entity per day, so the fraud rate does not depend on the size.
+    cpp_rate_per_terminal_day: float = 4e-5  # a terminal is skimmed (common point of compromise)
+    cpp_window_days: int = 7  # how long a skimmed terminal leaks the cards that use it
+    ato_rate_per_card_day: float = 2e-4  # an account takeover starts
+    ring_rate_per_card_day: float = 1.5e-5  # a fraud ring forms (counted per card in the world)
 
     def __post_init__(self) -> None:
         _require(self.n_customers >= 1, "n_customers must be >= 1", self.n_customers)
         _require(self.n_terminals >= 1, "n_terminals must be >= 1", self.n_terminals)
         _require(self.n_days >= 1, "n_days must be >= 1", self.n_days)
+        for name in (
+            "cpp_rate_per_terminal_day",
+            "ato_rate_per_card_day",
+            "ring_rate_per_card_day",
+        ):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0", getattr(self, name))
+        _require(self.cpp_window_days >= 1, "cpp_window_days must be >= 1", self.cpp_window_days)
 
 
 @dataclass(frozen=True)

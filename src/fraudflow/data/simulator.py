@@ -2,8 +2,9 @@
 
 The generative model follows the "transaction data simulator" of Le Borgne et al.,
 *Reproducible Machine Learning for Credit Card Fraud Detection - Practical Handbook*
-(Université Libre de Bruxelles, 2022), chapter 3, extended with a weekly rhythm and a
-card-testing scenario:
+(Université Libre de Bruxelles, 2022), chapter 3, extended with a weekly rhythm, a
+card-testing scenario and three scenarios whose signal lies in the structure of the data
+(a card's sequence of events, the card-terminal graph) rather than in one row:
 
 - customers live at a home point of a 100 x 100 square, with a mean amount, an amount
   spread and a mean number of transactions per day; terminals have a location too;
@@ -19,11 +20,34 @@ Fraud scenarios (``SCENARIOS``), each with its own start and end dates:
                           amount x5 (card-not-present spending)
     card_testing          extra rows: 5-15 tiny payments seconds-to-minutes apart at 1-3
                           terminals anywhere, then within hours 1-3 large ones
+    common_point_of_compromise
+                          a skimmed terminal leaks every card that pays there legitimately
+                          during its window (``cpp_window_days``); 1-10 days after the window
+                          closes each stolen card makes 2-5 extra payments within two days at
+                          random other terminals, 1-4x its usual amount. The skimmed terminal's
+                          own rows stay legitimate: the link is the cards' shared history.
+    account_takeover      a card with at least 5 legitimate payments behind it changes
+                          abruptly: extra rows at terminals at least 30 away from home, 9-15 h
+                          away from its usual time of day, first a burst of 3-6 ordinary
+                          amounts 1-10 minutes apart, then on the following days 1-3 payments
+                          of 5-10x its usual amount at the same hours
+    fraud_ring            4-8 cards and 2-4 colluding terminals, each in one ring only; for 21
+                          days the ring's cards pay at the ring's terminals (extra rows, about
+                          every other day per card, at the card's usual hours, 1-3x its amount)
 
 Event counts scale with the number of terminals or customers, so the fraud rate (about
-0.5%) does not depend on the size of the config. When several scenarios apply to a row it
-carries the last one in ``SCENARIOS`` order (the most specific); ``is_fraud`` is 1 when any
-applies.
+0.7%; 0.5% from the first four) does not depend on the size of the config. The rates of the
+last three are ``SimulationConfig`` fields (0 turns a scenario off). They only add rows,
+after the first four have labelled theirs, so turning them off gives the rows of the first
+four unchanged. When several scenarios apply to a row it carries the last one in
+``SCENARIOS`` order (the most specific); ``is_fraud`` is 1 when any applies.
+
+``fraud_scenario`` names the scenario of every fraud row and is "" (never null) for every
+legitimate row: a string column with no nulls, so filters and group-bys need no null case. It
+is label detail, for evaluation only (``fraudflow.eval``), never a feature.
+
+``simulate_with_truth`` also returns how the structural scenarios were made (skimmed terminals
+and their windows, takeovers, ring members, locations): ground truth for tests and analysis.
 
 Output shape: one row per transaction, columns ``SIMULATED_COLUMNS``, sorted by timestamp.
 Timestamps have one-second resolution; equal timestamps keep generation order, which
@@ -43,6 +67,7 @@ from fraudflow.config import SimulationConfig
 from fraudflow.data.schema import (
     AMOUNT,
     CUSTOMER_ID,
+    FRAUD_SCENARIO,
     IS_FRAUD,
     TERMINAL_ID,
     TIMESTAMP,
@@ -54,10 +79,11 @@ __all__ = [
     "LARGE_AMOUNT_THRESHOLD",
     "SCENARIOS",
     "SIMULATED_COLUMNS",
+    "SimulationTruth",
     "simulate",
+    "simulate_with_truth",
 ]
 
-FRAUD_SCENARIO = "fraud_scenario"
 SIMULATED_COLUMNS: tuple[str, ...] = (
     TRANSACTION_ID,
     TIMESTAMP,
@@ -73,8 +99,13 @@ SCENARIOS: tuple[str, ...] = (
     "compromised_terminal",
     "compromised_card",
     "card_testing",
+    "common_point_of_compromise",
+    "account_takeover",
+    "fraud_ring",
 )
-_LARGE, _TERMINAL, _CARD, _TESTING = (np.int8(k) for k in range(1, len(SCENARIOS) + 1))
+_LARGE, _TERMINAL, _CARD, _TESTING, _CPP, _ATO, _RING = (
+    np.int8(k) for k in range(1, len(SCENARIOS) + 1)
+)
 
 LARGE_AMOUNT_THRESHOLD = 220.0
 
@@ -94,7 +125,22 @@ _TESTING_EVENTS_PER_CUSTOMER_DAY = 1.6e-4
 _TESTING_SMALL, _TESTING_LARGE, _TESTING_TERMINALS = (5, 15), (1, 3), 3
 _TESTING_LARGE_FACTOR = (3.0, 8.0)  # follow-up amount / the customer's mean amount
 
-_N_STAGES = 7
+# Common point of compromise: stolen cards are used this many days after the window closes,
+# this many times, spread over this many seconds, at this amount / the card's mean amount.
+_CPP_DELAY_DAYS, _CPP_USES, _CPP_SPREAD_SECONDS = (1, 10), (2, 5), 2 * _DAY_SECONDS
+_CPP_AMOUNT_FACTOR = (1.0, 4.0)
+# Account takeover: only a card with this many legitimate payments before the takeover day.
+_ATO_MIN_HISTORY = 5
+_ATO_MIN_DISTANCE = 30.0  # six legitimate radii: a terminal the card never uses
+_ATO_CANDIDATES = 16  # random terminals tried per row to find one that far
+_ATO_HOUR_SHIFT_SECONDS = (9 * 3600, 15 * 3600)  # from the card's preferred time of day
+_ATO_BURST, _ATO_BURST_GAP_SECONDS, _ATO_BURST_FACTOR = (3, 6), (60, 600), (0.5, 1.5)
+_ATO_LARGE, _ATO_LARGE_FACTOR, _ATO_JITTER_SECONDS = (1, 3), (5.0, 10.0), 1_800
+# Fraud ring: members, colluding terminals, active days, payments per card per active day.
+_RING_CARDS, _RING_TERMINALS, _RING_DAYS, _RING_TX_PER_CARD_DAY = (4, 8), (2, 4), 21, 0.5
+_RING_AMOUNT_FACTOR = (1.0, 3.0)
+
+_N_STAGES = 8
 
 
 @dataclass(frozen=True)
@@ -134,6 +180,51 @@ class _Tx:
     scenario: np.ndarray  # (N,) int8, 0 legitimate, else 1 + index in SCENARIOS
 
 
+@dataclass(frozen=True)
+class _Skimmed:
+    """Skimmed terminals: each leaks the cards paying there in days [start, end)."""
+
+    terminal: np.ndarray  # (E,)
+    start: np.ndarray  # (E,) days since start_date
+    end: np.ndarray  # (E,)
+
+
+@dataclass(frozen=True)
+class _Takeovers:
+    card: np.ndarray  # (E,)
+    second: np.ndarray  # (E,) seconds since start_date of the takeover's first fraud
+
+
+@dataclass(frozen=True)
+class _Rings:
+    card: np.ndarray  # (M,) ring members
+    card_ring: np.ndarray  # (M,) their ring
+    terminal: np.ndarray  # (K,) colluding terminals
+    terminal_ring: np.ndarray  # (K,) their ring
+
+
+@dataclass(frozen=True)
+class SimulationTruth:
+    """How the structural scenarios were made: for tests and analysis, never a model input.
+
+    Frames (times are UTC datetimes like ``timestamp``):
+        skimmed         terminal_id, window_start, window_end: the terminal leaked every card
+                        that paid there legitimately in [window_start, window_end)
+        takeovers       customer_id, takeover: the time of the takeover's first fraud
+        ring_cards      ring, customer_id
+        ring_terminals  ring, terminal_id
+        customers       customer_id, x, y, preferred_hour (home and usual time of day)
+        terminals       terminal_id, x, y
+    """
+
+    skimmed: pl.DataFrame
+    takeovers: pl.DataFrame
+    ring_cards: pl.DataFrame
+    ring_terminals: pl.DataFrame
+    customers: pl.DataFrame
+    terminals: pl.DataFrame
+
+
 def simulate(
     cfg: SimulationConfig, *, progress: Callable[[int, int], None] | None = None
 ) -> pl.DataFrame:
@@ -141,7 +232,16 @@ def simulate(
 
     ``progress(done, total)``, when given, is called after each of the ``total`` stages.
     """
-    rngs = np.random.default_rng(cfg.seed).spawn(6)  # one stream per random stage
+    return simulate_with_truth(cfg, progress=progress)[0]
+
+
+def simulate_with_truth(
+    cfg: SimulationConfig, *, progress: Callable[[int, int], None] | None = None
+) -> tuple[pl.DataFrame, SimulationTruth]:
+    """``simulate``, and how its structural scenarios were made."""
+    # One stream per random stage. Spawned children are numbered, so the first six streams
+    # (the first four scenarios) are the same however many stages follow them.
+    rngs = np.random.default_rng(cfg.seed).spawn(9)
     step = _stepper(progress)
     customers = _make_customers(rngs[0], cfg.n_customers)
     terminals = _Terminals(*rngs[1].uniform(0.0, _SIDE, size=(2, cfg.n_terminals)))
@@ -157,9 +257,15 @@ def simulate(
     _compromise_terminals(rngs[5], tx, cfg)
     _flag_large_amounts(tx)
     step()
+    # Last, so that their history is the final legitimate rows; they only add rows.
+    cpp, skimmed = _common_point_of_compromise(rngs[6], cfg, customers, tx)
+    ato, takeovers = _account_takeover(rngs[7], cfg, customers, terminals, tx)
+    ring, rings = _fraud_rings(rngs[8], cfg, customers)
+    tx = _concat(_concat(_concat(tx, cpp), ato), ring)
+    step()
     frame = _to_frame(tx, cfg)
     step()
-    return frame
+    return frame, _truth(cfg, customers, terminals, skimmed, takeovers, rings)
 
 
 def _stepper(progress: Callable[[int, int], None] | None) -> Callable[[], None]:
@@ -359,28 +465,247 @@ def _segment_cumsum(values: np.ndarray, segment: np.ndarray) -> np.ndarray:
     return total - before
 
 
+# --- structural scenarios ------------------------------------------------------------------
+
+
+def _n_events(rng: np.random.Generator, expected: float, cap: int) -> int:
+    return min(int(rng.poisson(expected)), cap)
+
+
+def _common_point_of_compromise(
+    rng: np.random.Generator, cfg: SimulationConfig, customers: _Customers, tx: _Tx
+) -> tuple[_Tx, _Skimmed]:
+    """Extra rows: the cards leaked by skimmed terminals, used days later at other terminals."""
+    expected = cfg.cpp_rate_per_terminal_day * cfg.n_terminals * cfg.n_days
+    # With one terminal there is no other terminal to use a stolen card at.
+    n_events = _n_events(rng, expected, cfg.n_terminals if cfg.n_terminals > 1 else 0)
+    terminal = rng.choice(cfg.n_terminals, size=n_events, replace=False)  # (E,)
+    start = rng.integers(cfg.n_days, size=n_events)  # (E,)
+    skimmed = _Skimmed(terminal=terminal, start=start, end=start + cfg.cpp_window_days)
+    card, event = _leaked_cards(tx, skimmed, cfg.n_terminals)  # (L,), (L,)
+    delay = rng.integers(_CPP_DELAY_DAYS[0], _CPP_DELAY_DAYS[1] + 1, len(card))
+    uses = rng.integers(_CPP_USES[0], _CPP_USES[1] + 1, len(card))
+    stolen, _ = _segments(uses)  # (R,) index into card
+    first = (skimmed.end[event] + delay) * _DAY_SECONDS  # (L,)
+    seconds = first[stolen] + rng.integers(_CPP_SPREAD_SECONDS, size=len(stolen))
+    # Anywhere but the skimmed terminal: an offset of 1 .. T-1 from it.
+    other = rng.integers(1, max(cfg.n_terminals, 2), size=len(stolen))
+    where = (skimmed.terminal[event[stolen]] + other) % cfg.n_terminals
+    factor = rng.uniform(*_CPP_AMOUNT_FACTOR, len(stolen))
+    amount = _cents(customers.mean_amount[card[stolen]] * factor)
+    rows = _rows(seconds, card[stolen], where, amount, _CPP)
+    return _keep(rows, rows.day < cfg.n_days), skimmed
+
+
+def _leaked_cards(tx: _Tx, skimmed: _Skimmed, n_terminals: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each distinct (card, event) where the card paid legitimately at the event's skimmed
+    terminal during its window, sorted by event then card: (L,) cards and (L,) events."""
+    event_of = np.full(n_terminals, -1, dtype=np.int64)
+    event_of[skimmed.terminal] = np.arange(len(skimmed.terminal))
+    event = event_of[tx.terminal]  # (N,)
+    hit = np.flatnonzero((event >= 0) & (tx.scenario == 0))
+    e, day = event[hit], tx.day[hit]
+    hit = hit[(day >= skimmed.start[e]) & (day < skimmed.end[e])]
+    pairs = np.unique(np.stack([event[hit], tx.customer[hit]]), axis=1)  # (2, L)
+    return pairs[1], pairs[0]
+
+
+def _account_takeover(
+    rng: np.random.Generator,
+    cfg: SimulationConfig,
+    customers: _Customers,
+    terminals: _Terminals,
+    tx: _Tx,
+) -> tuple[_Tx, _Takeovers]:
+    """Extra rows: per taken-over card, a burst far from home at new hours, then large ones."""
+    expected = cfg.ato_rate_per_card_day * cfg.n_customers * cfg.n_days
+    n_events = _n_events(rng, expected, cfg.n_customers)
+    card = rng.choice(cfg.n_customers, size=n_events, replace=False)  # (E,)
+    day = rng.integers(cfg.n_days, size=n_events)  # (E,)
+    history = _legit_rows_before(tx, card, day, cfg.n_days) >= _ATO_MIN_HISTORY
+    card, day = card[history], day[history]
+    shift = rng.uniform(*_ATO_HOUR_SHIFT_SECONDS, len(card))
+    start = day * _DAY_SECONDS + (customers.centre_second[card] + shift).astype(np.int64)
+    n_burst = rng.integers(_ATO_BURST[0], _ATO_BURST[1] + 1, len(card))  # (E,)
+    n_large = rng.integers(_ATO_LARGE[0], _ATO_LARGE[1] + 1, len(card))  # (E,)
+    event, pos = _segments(n_burst + n_large)  # (R,), (R,)
+    burst = pos < n_burst[event]
+    offset = np.where(burst, _ato_burst_offsets(rng, pos, burst, event), 0)
+    # Large ones on the following days at the burst's hours, give or take half an hour.
+    jitter = rng.integers(-_ATO_JITTER_SECONDS, _ATO_JITTER_SECONDS + 1, len(pos))
+    offset = np.where(burst, offset, (pos - n_burst[event] + 1) * _DAY_SECONDS + jitter)
+    factor = np.where(
+        burst,
+        rng.uniform(*_ATO_BURST_FACTOR, len(pos)),
+        rng.uniform(*_ATO_LARGE_FACTOR, len(pos)),
+    )
+    where, found = _far_terminals(rng, customers, terminals, card[event])
+    amount = _cents(customers.mean_amount[card[event]] * factor)
+    rows = _rows(start[event] + offset, card[event], where, amount, _ATO)
+    return _keep(rows, found & (rows.day < cfg.n_days)), _Takeovers(card=card, second=start)
+
+
+def _legit_rows_before(tx: _Tx, card: np.ndarray, day: np.ndarray, n_days: int) -> np.ndarray:
+    """(E,) legitimate rows of each card on days before its ``day``."""
+    legit = tx.scenario == 0
+    keys = np.sort(tx.customer[legit] * n_days + tx.day[legit])  # card-major, then day
+    return np.searchsorted(keys, card * n_days + day) - np.searchsorted(keys, card * n_days)
+
+
+def _ato_burst_offsets(
+    rng: np.random.Generator, pos: np.ndarray, burst: np.ndarray, event: np.ndarray
+) -> np.ndarray:
+    """Seconds since the takeover of each burst row: 1 to 10 minutes between rows."""
+    gap = rng.integers(_ATO_BURST_GAP_SECONDS[0], _ATO_BURST_GAP_SECONDS[1] + 1, len(pos))
+    gap = np.where(burst & (pos > 0), gap, 0)
+    return _segment_cumsum(gap.astype(np.float64), event).astype(np.int64)
+
+
+def _far_terminals(
+    rng: np.random.Generator, customers: _Customers, terminals: _Terminals, card: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(R,) a random terminal at least ``_ATO_MIN_DISTANCE`` from each card's home, and (R,)
+    whether one was found among ``_ATO_CANDIDATES`` tries (a small world may have none)."""
+    candidate = rng.integers(len(terminals.x), size=(len(card), _ATO_CANDIDATES))  # (R, K)
+    dx = terminals.x[candidate] - customers.x[card, None]  # (R, K)
+    dy = terminals.y[candidate] - customers.y[card, None]  # (R, K)
+    far = dx * dx + dy * dy >= _ATO_MIN_DISTANCE**2  # (R, K)
+    first = far.argmax(axis=1)  # (R,) the first far candidate, or 0 when none is
+    return candidate[np.arange(len(card)), first], far.any(axis=1)
+
+
+def _fraud_rings(
+    rng: np.random.Generator, cfg: SimulationConfig, customers: _Customers
+) -> tuple[_Tx, _Rings]:
+    """Extra rows: ring cards paying repeatedly at their ring's colluding terminals."""
+    n_rings = int(rng.poisson(cfg.ring_rate_per_card_day * cfg.n_customers * cfg.n_days))
+    n_cards = rng.integers(_RING_CARDS[0], _RING_CARDS[1] + 1, n_rings)  # (G,)
+    n_terminals = rng.integers(_RING_TERMINALS[0], _RING_TERMINALS[1] + 1, n_rings)  # (G,)
+    # Each card and terminal is in one ring at most: as many rings as the world can hold.
+    fits = (np.cumsum(n_cards) <= cfg.n_customers) & (np.cumsum(n_terminals) <= cfg.n_terminals)
+    n_rings = int(np.count_nonzero(fits))  # cumulative sums grow, so the fits are a prefix
+    n_cards, n_terminals = n_cards[:n_rings], n_terminals[:n_rings]
+    rings = _Rings(
+        card=rng.choice(cfg.n_customers, size=int(n_cards.sum()), replace=False),
+        card_ring=np.repeat(np.arange(n_rings), n_cards),
+        terminal=rng.choice(cfg.n_terminals, size=int(n_terminals.sum()), replace=False),
+        terminal_ring=np.repeat(np.arange(n_rings), n_terminals),
+    )
+    start = rng.integers(cfg.n_days, size=n_rings)  # (G,)
+    per_card = rng.poisson(_RING_TX_PER_CARD_DAY * _RING_DAYS, len(rings.card))  # (M,)
+    member, _ = _segments(per_card)  # (R,) index into rings.card
+    ring = rings.card_ring[member]
+    card = rings.card[member]
+    day = start[ring] + rng.integers(_RING_DAYS, size=len(member))
+    second = _time_of_day(rng, customers.centre_second[card])
+    first_terminal = np.cumsum(n_terminals) - n_terminals  # (G,)
+    pick = (rng.random(len(member)) * n_terminals[ring]).astype(np.int64)
+    where = rings.terminal[first_terminal[ring] + pick]
+    factor = rng.uniform(*_RING_AMOUNT_FACTOR, len(member))
+    amount = _cents(customers.mean_amount[card] * factor)
+    rows = _rows(day * _DAY_SECONDS + second, card, where, amount, _RING)
+    return _keep(rows, rows.day < cfg.n_days), rings
+
+
+def _rows(
+    seconds: np.ndarray,
+    customer: np.ndarray,
+    terminal: np.ndarray,
+    amount: np.ndarray,
+    code: np.int8,
+) -> _Tx:
+    """Fraud rows of one scenario from seconds since start_date."""
+    day, second = np.divmod(seconds.astype(np.int64), _DAY_SECONDS)
+    return _Tx(
+        day=day,
+        second=second,
+        customer=customer.astype(np.int64),
+        terminal=terminal.astype(np.int64),
+        amount=amount,
+        scenario=np.full(len(day), code, dtype=np.int8),
+    )
+
+
+def _keep(tx: _Tx, mask: np.ndarray) -> _Tx:
+    return _Tx(*(getattr(tx, f)[mask] for f in _TX_FIELDS))
+
+
 # --- assembly ------------------------------------------------------------------------------
 
 
+_TX_FIELDS = ("day", "second", "customer", "terminal", "amount", "scenario")
+
+
 def _concat(a: _Tx, b: _Tx) -> _Tx:
-    fields = ("day", "second", "customer", "terminal", "amount", "scenario")
-    return _Tx(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in fields))
+    return _Tx(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in _TX_FIELDS))
+
+
+def _epoch_seconds(cfg: SimulationConfig) -> int:
+    return int(datetime.combine(cfg.start_date, time(), tzinfo=UTC).timestamp())
+
+
+def _datetimes(seconds: np.ndarray) -> pl.Series:
+    return pl.Series(seconds.astype(np.int64) * 1_000_000).cast(pl.Datetime("us", "UTC"))
 
 
 def _to_frame(tx: _Tx, cfg: SimulationConfig) -> pl.DataFrame:
-    epoch = int(datetime.combine(cfg.start_date, time(), tzinfo=UTC).timestamp())
-    seconds = epoch + tx.day * _DAY_SECONDS + tx.second
+    seconds = _epoch_seconds(cfg) + tx.day * _DAY_SECONDS + tx.second
     # Stable sort: equal timestamps keep generation order, itself fixed by the config.
     order = np.argsort(seconds, kind="stable")
     labels = pl.Series(FRAUD_SCENARIO, ["", *SCENARIOS], dtype=pl.String)
     return pl.DataFrame(
         {
             TRANSACTION_ID: np.arange(len(order), dtype=np.int64),
-            TIMESTAMP: pl.Series(seconds[order] * 1_000_000).cast(pl.Datetime("us", "UTC")),
+            TIMESTAMP: _datetimes(seconds[order]),
             CUSTOMER_ID: tx.customer[order].astype(np.int64),
             TERMINAL_ID: tx.terminal[order].astype(np.int64),
             AMOUNT: tx.amount[order].astype(np.float64),
             IS_FRAUD: (tx.scenario[order] > 0).astype(np.int8),
             FRAUD_SCENARIO: labels.gather(tx.scenario[order].astype(np.int64)),
         }
+    )
+
+
+def _truth(
+    cfg: SimulationConfig,
+    customers: _Customers,
+    terminals: _Terminals,
+    skimmed: _Skimmed,
+    takeovers: _Takeovers,
+    rings: _Rings,
+) -> SimulationTruth:
+    epoch = _epoch_seconds(cfg)
+    return SimulationTruth(
+        skimmed=pl.DataFrame(
+            {
+                TERMINAL_ID: skimmed.terminal.astype(np.int64),
+                "window_start": _datetimes(epoch + skimmed.start * _DAY_SECONDS),
+                "window_end": _datetimes(epoch + skimmed.end * _DAY_SECONDS),
+            }
+        ),
+        takeovers=pl.DataFrame(
+            {
+                CUSTOMER_ID: takeovers.card.astype(np.int64),
+                "takeover": _datetimes(epoch + takeovers.second),
+            }
+        ),
+        ring_cards=pl.DataFrame({"ring": rings.card_ring, CUSTOMER_ID: rings.card}).cast(pl.Int64),
+        ring_terminals=pl.DataFrame(
+            {"ring": rings.terminal_ring, TERMINAL_ID: rings.terminal}
+        ).cast(pl.Int64),
+        customers=pl.DataFrame(
+            {
+                CUSTOMER_ID: np.arange(cfg.n_customers, dtype=np.int64),
+                "x": customers.x,
+                "y": customers.y,
+                "preferred_hour": customers.centre_second / 3600.0,
+            }
+        ),
+        terminals=pl.DataFrame(
+            {
+                TERMINAL_ID: np.arange(cfg.n_terminals, dtype=np.int64),
+                "x": terminals.x,
+                "y": terminals.y,
+            }
+        ),
     )
