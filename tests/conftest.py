@@ -39,7 +39,7 @@ def small_features_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def features_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small simulated feature table: 75 days, ~200k transactions, ~0.5% fraud."""
+    """A small simulated feature table: 75 days, ~200k transactions, ~0.8% fraud."""
     sim = SimulationConfig(n_customers=1500, n_terminals=3000, n_days=75, seed=0)
     return _simulated_features(tmp_path_factory, "data", sim)
 

@@ -119,3 +119,32 @@ def test_single_class_run_still_renders(tmp_path: Path) -> None:
     )
     text = write_report([run_dir], tmp_path / "r.html").read_text(encoding="utf-8")
     assert "n/a" in text  # the NaN ROC AUC
+
+
+def test_per_scenario_table_shows_each_run_and_scenario(tmp_path: Path) -> None:
+    per_scenario = {
+        "account_takeover": {
+            "n_fraud": 41,
+            "recall_at_review_threshold": 0.5,
+            "average_precision": 0.25,
+        },
+        "fraud_ring": {"n_fraud": 7, "recall_at_review_threshold": 1.0, "average_precision": None},
+    }
+    runs = [
+        _make_run(tmp_path, "with", "gbdt", 0, per_scenario=per_scenario, review_threshold=0.125),
+        _make_run(tmp_path, "without", "mlp", 1),
+    ]
+    text = write_report(runs, tmp_path / "report.html").read_text(encoding="utf-8")
+    section = text.split("<h2>Per fraud scenario</h2>")[1].split("<h2>")[0]
+    rows = re.findall(r"<tr><td>with</td><td>(\w+)</td>(.*?)</tr>", section)
+    cells = {name: re.findall(r"<td>([^<]*)</td>", rest) for name, rest in rows}
+    assert cells == {
+        "account_takeover": ["41", "0.5000", "0.2500", "0.1250"],
+        "fraud_ring": ["7", "1.0000", "n/a", "0.1250"],
+    }
+    assert "<td>without</td>" not in section
+
+
+def test_no_per_scenario_section_without_scenarios(two_runs: list[Path], tmp_path: Path) -> None:
+    text = write_report(two_runs, tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Per fraud scenario" not in text

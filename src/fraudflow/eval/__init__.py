@@ -1,5 +1,5 @@
-"""Evaluation: fraud metrics as pure functions, score calibration, drift, decision
-thresholds, and the HTML report comparing runs."""
+"""Evaluation: fraud metrics as pure functions, metrics per fraud scenario, score
+calibration, drift, decision thresholds, and the HTML report comparing runs."""
 
 from fraudflow.eval.calibration import (
     Calibrator,
@@ -29,6 +29,7 @@ from fraudflow.eval.report import (
     load_run,
     write_report,
 )
+from fraudflow.eval.scenarios import REVIEW_BUDGET, per_scenario_metrics, scenario_metrics
 from fraudflow.eval.thresholds import (
     PolicyCalibration,
     block_threshold,
@@ -40,6 +41,7 @@ from fraudflow.eval.thresholds import (
 
 __all__ = [
     "PREDICTION_COLUMNS",
+    "REVIEW_BUDGET",
     "TABLE_COLUMNS",
     "Calibrator",
     "Column",
@@ -59,6 +61,7 @@ __all__ = [
     "fit_calibrator",
     "load_run",
     "metrics_from_predictions",
+    "per_scenario_metrics",
     "policy_document",
     "policy_yaml",
     "population_stability_index",
@@ -66,5 +69,6 @@ __all__ = [
     "reliability_bins",
     "review_threshold",
     "roc_auc",
+    "scenario_metrics",
     "write_report",
 ]

@@ -2,9 +2,10 @@
 
 A run folder holds ``metrics.json`` (the numbers training reported) and ``predictions.parquet``
 (the test-set scores, see ``fraudflow.eval.metrics``). The report shows a comparison table with
-the best value of each column highlighted, precision-recall and ROC curves, card precision@100
-per test day and per-class score histograms. Rows with ``known_compromised`` true are left out
-of every curve, as they are out of the metrics.
+the best value of each column highlighted, a table per fraud scenario when metrics.json has
+``per_scenario`` (``fraudflow.eval.scenarios``), precision-recall and ROC curves, card
+precision@100 per test day and per-class score histograms. Rows with ``known_compromised``
+true are left out of every curve, as they are out of the metrics.
 
 The file opens offline: CSS is inline, images are base64 PNG data URIs, there are no scripts
 and no links. It is written atomically, so an error leaves no partial report behind.
@@ -187,6 +188,7 @@ def _render_html(runs: Sequence[RunResult], title: str) -> str:
         _table_html(comparison_table(runs)),
         '<p class="note">Metrics as recorded in each run\'s metrics.json. Curves below use the '
         "test predictions without the cards known to be compromised before the test period.</p>",
+        *_scenario_section(runs),
         "<h2>Precision-recall</h2>",
         _img(_pr_figure(runs), "precision-recall curves"),
         "<h2>ROC</h2>",
@@ -220,6 +222,44 @@ def _row_html(row: dict[str, Any], best: dict[str, float]) -> str:
         css = ' class="best"' if value is not None and value == best.get(col.key) else ""
         cells.append(f"<td{css}>{html.escape(text)}</td>")
     return "".join(cells)
+
+
+def _scenario_section(runs: Sequence[RunResult]) -> list[str]:
+    """A table row per run and fraud scenario; nothing when no run recorded scenarios."""
+    rows = [
+        (run, name, values)
+        for run in runs
+        for name, values in (run.metrics.get("per_scenario") or {}).items()
+    ]
+    if not rows:
+        return []
+    labels = ["Run", "Scenario", "Frauds", "Recall at review threshold", "AP", "Threshold"]
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    body = "".join(f"<tr>{_scenario_row(*row)}</tr>\n" for row in rows)
+    return [
+        "<h2>Per fraud scenario</h2>",
+        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>",
+        "<p class=\"note\">Each scenario's test frauds: the share scored at or above the run's "
+        "review threshold (chosen on validation for its review budget of cards a day), and "
+        "the average precision of those frauds against all legitimate test rows.</p>",
+    ]
+
+
+def _scenario_row(run: RunResult, name: str, values: dict[str, Any]) -> str:
+    cells = [
+        run.name,
+        name,
+        _number(values.get("n_fraud"), 0),
+        _number(values.get("recall_at_review_threshold"), 4),
+        _number(values.get("average_precision"), 4),
+        _number(run.metrics.get("review_threshold"), 4),
+    ]
+    return "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
+
+
+def _number(value: Any, decimals: int) -> str:
+    finite = _finite_or_none(value)
+    return "n/a" if finite is None else f"{finite:,.{decimals}f}"
 
 
 def _img(fig: Figure, alt: str) -> str:

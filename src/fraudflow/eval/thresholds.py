@@ -61,6 +61,7 @@ __all__ = [
     "review_cards_per_day",
     "review_threshold",
     "validation_amounts",
+    "validation_review_threshold",
 ]
 
 POLICY_VERSION = 1
@@ -115,6 +116,14 @@ def review_threshold(
     if not fits.any():
         return min(float(np.nextafter(candidates[-1], np.inf)), 1.0)
     return float(candidates[fits][0])
+
+
+def validation_review_threshold(validation: pl.DataFrame, budget: float) -> float:
+    """``review_threshold`` on a validation predictions table (its calibrated ``score``): the
+    review threshold ``calibrate_policy`` would choose for this budget."""
+    _check_columns(validation)
+    cards, scores = validation[CUSTOMER_ID].to_numpy(), validation["score"].to_numpy()
+    return review_threshold(cards, _utc_days(validation), scores, budget)
 
 
 def review_cards_per_day(

@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 
 from fraudflow.config import FeatureConfig
-from fraudflow.data.schema import IS_FRAUD, TIMESTAMP
+from fraudflow.data.schema import FRAUD_SCENARIO, IS_FRAUD, TIMESTAMP
 from fraudflow.errors import ConfigError, DataError
 from fraudflow.features.default_spec import default_spec
 from fraudflow.features.expressions import (
@@ -132,6 +132,7 @@ def check_input(spec: FeatureSpec, columns: list[str]) -> None:
                     "column of the input or a calendar part)"
                 )
     for c in spec.columns:
+        _no_labels([c.name], f"column {c.name!r}")
         need(c.name, f"column {c.name!r}")
     shadowed = (features - {c.name for c in spec.columns}) & present
     if shadowed:
@@ -165,6 +166,12 @@ def _no_labels(names: list[str], entry: str) -> None:
         raise ConfigError(
             f"{entry}: reads `{IS_FRAUD}`, which is known only after the label delay; use fn "
             "fraud_count or fraud_rate, whose windows wait for it"
+        )
+    if FRAUD_SCENARIO in names:
+        # A fraud's scenario is label detail, known (if ever) with its label: evaluation only.
+        raise ConfigError(
+            f"{entry}: reads `{FRAUD_SCENARIO}`, which is label detail for evaluation; "
+            "features must not read labels"
         )
 
 

@@ -7,7 +7,8 @@
         model/              the model bundle (see fraudflow.artifacts)
         predictions.parquet one row per test-period transaction
         validation_predictions.parquet  the same for the validation period (policy thresholds)
-        metrics.json        test metrics plus training speed
+        metrics.json        test metrics plus training speed; per_scenario when the input
+                            names each fraud's scenario (fraudflow.eval.scenarios)
         report.html         curves and tables for this run
         DONE                written last: the run is complete
 
@@ -38,12 +39,19 @@ import torch
 from fraudflow.artifacts import DONE, save_bundle
 from fraudflow.config import RunConfig, to_dict
 from fraudflow.data.io import write_table
-from fraudflow.data.schema import CUSTOMER_ID, IS_FRAUD, TIMESTAMP, TRANSACTION_ID
+from fraudflow.data.schema import (
+    CUSTOMER_ID,
+    FRAUD_SCENARIO,
+    IS_FRAUD,
+    TIMESTAMP,
+    TRANSACTION_ID,
+)
 from fraudflow.data.splits import KNOWN_COMPROMISED, LazySplit, in_period, split_lazy
 from fraudflow.errors import ConfigError
 from fraudflow.eval.calibration import Calibrator, calibration_summary, fit_calibrator
 from fraudflow.eval.metrics import drop_known_compromised, metrics_from_predictions
 from fraudflow.eval.report import write_report
+from fraudflow.eval.scenarios import scenario_metrics
 from fraudflow.eval.thresholds import VALIDATION_PREDICTIONS
 from fraudflow.features import FeatureSource, open_feature_source, parse_spec, spec_to_toml
 from fraudflow.features.categories import CategoryCodes, matrix_from_frame
@@ -134,6 +142,7 @@ def train_run(
     dist_ctx = dist_ctx or single_process(resolve_device(cfg.train.device))
     _check_run_dir(run_dir, resume)
     table = open_feature_source(features_path)
+    _check_no_label_features(table.feature_names)
     split = split_lazy(table.scan(), cfg.split, label_delay_days=table.label_delay_days)
     if resume:
         _check_same_config(run_dir, cfg)
@@ -194,6 +203,17 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
                 f"--resume must use the run's own settings, however {section}."
                 f"{', '.join(changed)} differ from {path}"
             )
+
+
+def _check_no_label_features(features: list[str]) -> None:
+    # The last guard before the training matrix: the feature layer refuses specs that read
+    # labels, but a table's feature list may have been written by other means.
+    labels = [name for name in features if name in (IS_FRAUD, FRAUD_SCENARIO)]
+    if labels:
+        raise ConfigError(
+            f"the feature table lists label columns as features: {labels}; features must not "
+            "read labels"
+        )
 
 
 def _labels(frame: pl.DataFrame) -> np.ndarray:
@@ -313,12 +333,15 @@ def _finish(
     stats: dict[str, Any],
     calibrator: Calibrator,
 ) -> RunOutcome:
-    predictions = _predictions(split.test, scores.test, calibrator, KNOWN_COMPROMISED)
+    named = [FRAUD_SCENARIO] if FRAUD_SCENARIO in split.test.columns else []
+    predictions = _predictions(split.test, scores.test, calibrator, KNOWN_COMPROMISED, *named)
     metrics = {"model": cfg.train.model, **metrics_from_predictions(predictions), **stats}
     metrics |= _calibration_metrics(predictions)
     metrics["periods"] = split.periods.as_dict()
     metrics["n_known_compromised_excluded"] = int(predictions[KNOWN_COMPROMISED].sum())
     validation = _predictions(split.valid, scores.valid, calibrator)
+    if named:
+        metrics |= scenario_metrics(predictions, validation)
     write_table(validation, run_dir / VALIDATION_PREDICTIONS)
     write_table(predictions, run_dir / "predictions.parquet")
     write_json_atomic(run_dir / "metrics.json", metrics)
