@@ -32,7 +32,9 @@ def run(features_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_scores_are_the_calibrated_raw_scores(run: Path) -> None:
     calibrator = Calibrator.from_dict(load_bundle(run).meta["calibration"])
-    for name, extra in (("predictions", ["known_compromised"]), ("validation_predictions", [])):
+    # The simulated input names each fraud's scenario, which the test predictions keep.
+    test_extra = ["known_compromised", "fraud_scenario"]
+    for name, extra in (("predictions", test_extra), ("validation_predictions", [])):
         pred = pl.read_parquet(run / f"{name}.parquet")
         assert pred.columns == [*COLUMNS, *extra, "raw_score"], name
         raw, score = pred["raw_score"].to_numpy(), pred["score"].to_numpy()
