@@ -162,6 +162,20 @@ def test_a_hold_lapses_and_the_case_goes_back_to_the_queue(store: CaseStore) -> 
         store.verdict(first.case_id, "ann", "fraud", "looks stolen", lapsed)
 
 
+def test_the_holder_viewing_the_case_renews_the_hold_and_others_do_not(store: CaseStore) -> None:
+    store.open_cases([_decision("a", 0.9, 100.0)])
+    case = store.take_next("ann", T0)
+    assert case is not None
+    minute = 60 * 1_000_000
+    assert store.view(case.case_id, "sue", T0 + 10 * minute).held_until_us == T0 + 15 * minute
+    assert store.view(case.case_id, "ann", T0 + 10 * minute).held_until_us == T0 + 25 * minute
+    assert store.take_next("bob", T0 + 20 * minute) is None  # still ann's
+    with pytest.raises(DataError, match="case 99 does not exist"):
+        store.view(99, "ann", T0)
+    actions = [(e["user"], e["action"]) for e in store.events()]
+    assert actions == [("ann", "take"), ("sue", "view"), ("ann", "view")]
+
+
 def test_a_verdict_needs_the_hold_and_a_note_and_returns_the_label(store: CaseStore) -> None:
     store.open_cases([_decision("a", 0.9, 100.0)])
     case = store.take_next("ann", T0)
