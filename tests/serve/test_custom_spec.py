@@ -29,6 +29,7 @@ from tests.serve.test_api import (
     AUTH,
     SMALL_SIM,
     LiveServer,
+    metric_value,
     settings_for,
     simulate_and_train,
     wait_ready,
@@ -123,6 +124,10 @@ def test_a_custom_spec_is_served_with_its_extra_column(
             assert reload.status_code == 200, reload.text
         last = client.post("/v1/decisions", json=_tx(5, 9, channel="pos"), headers=AUTH)
         assert last.status_code == 200, last.text
+        metrics = client.get("/metrics").text  # the spec engine's store calls are timed too
+        name = "fraudflow_state_store_latency_seconds_count"
+        assert metric_value(metrics, name, operation="apply") >= 4
+        assert metric_value(metrics, name, operation="set_label") == 1
     decisions = read_decisions(settings.audit_path).sort("timestamp")
     assert decisions["transaction_id"].to_list() == [f"tx-{i}" for i in range(1, 6)]
     assert decisions[FRAUDS].to_list() == [0.0, 0.0, 0.0, 1.0, 1.0]
