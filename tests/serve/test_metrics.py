@@ -1,13 +1,14 @@
 """The service's metric helpers agree with prometheus_client's own."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from fraudflow.eval.drift import population_stability_index
-from fraudflow.serve.metrics import ScoreDrift, observe_many
+from fraudflow.serve.metrics import CaseGaugeCollector, ScoreDrift, ServiceMetrics, observe_many
 
 
 def _histogram() -> tuple[Histogram, CollectorRegistry]:
@@ -55,3 +56,29 @@ def test_score_drift_ignores_nan_scores() -> None:
     assert math.isnan(drift.psi())
     drift.add(np.array([0.0, 4.0]))
     assert drift.psi() == population_stability_index(np.arange(5.0), [0.0, 4.0])
+
+
+@pytest.mark.parametrize("multiprocess", [False, True])
+def test_case_gauges_are_read_at_each_scrape_in_either_mode(
+    multiprocess: bool, tmp_path: Path
+) -> None:
+    metrics = ServiceMetrics(multiprocess_dir=tmp_path if multiprocess else None)
+    queue = {"fraudflow_cases_open": 3.0, "fraudflow_cases_oldest_open_age_seconds": 7.5,
+             "fraudflow_cases_overdue": 1.0}  # fmt: skip
+    reads: list[dict[str, float] | None] = [None, queue]
+    metrics.add_scrape_collector(CaseGaugeCollector(lambda: reads.pop(0)))
+    assert "fraudflow_cases_open" not in metrics.render().decode()  # no case store yet
+    text = metrics.render().decode()
+    assert "fraudflow_cases_open 3.0" in text and "fraudflow_cases_overdue 1.0" in text
+    assert "fraudflow_cases_oldest_open_age_seconds 7.5" in text
+
+
+def test_a_failing_case_store_leaves_its_gauges_out_of_the_scrape() -> None:
+    metrics = ServiceMetrics()
+
+    def broken() -> dict[str, float]:
+        raise OSError("disk I/O error")
+
+    metrics.add_scrape_collector(CaseGaugeCollector(broken))
+    text = metrics.render().decode()
+    assert "fraudflow_cases_open" not in text and "fraudflow_score_psi" in text

@@ -436,33 +436,34 @@ class _Console:
         await self._store(self.stores.cases.label_recorded, case_id)
         return True
 
-    async def retry_labels(self) -> int:
-        """Record the labels still owed (oldest first) until one fails; returns how many
-        were recorded."""
+    async def retry_labels(self) -> tuple[int, bool]:
+        """Record the labels still owed (oldest first) until one fails: how many were
+        recorded, and whether any is still owed."""
         if not self.stores.started():
-            return 0
+            return 0, False
         owed = await self._store(self.stores.cases.pending_labels)
-        done = 0
-        for case_id, verdict in owed:
+        for done, (case_id, verdict) in enumerate(owed):
             if not await self._try_label(case_id, verdict):
-                break
-            done += 1
-        return done
+                return done, True
+        return len(owed), False
 
     async def keep_up(self) -> None:
-        """Background work, until cancelled: owed labels (at once, then every
-        ``LABEL_RETRY_SECONDS``) and the history (every ``HISTORY_FOLLOW_SECONDS``)."""
-        since_retry = LABEL_RETRY_SECONDS
+        """Background work, until cancelled: the history (every ``HISTORY_FOLLOW_SECONDS``)
+        and owed labels: at once, then every ``LABEL_RETRY_SECONDS``; after a failure
+        (the service still loading, the state store down) sooner, backing off to that."""
+        wait = retry_in = 0.0
         while True:
             try:
-                if since_retry >= LABEL_RETRY_SECONDS:
-                    since_retry = 0.0
-                    await self.retry_labels()
+                if retry_in <= 0:
+                    _, left = await self.retry_labels()
+                    wait = min(2 * wait, LABEL_RETRY_SECONDS) if left else LABEL_RETRY_SECONDS
+                    wait = max(wait, HISTORY_FOLLOW_SECONDS)
+                    retry_in = wait
                 await asyncio.to_thread(self.stores.follow_audit)
             except Exception:  # a store's failure must not end the loop
                 log.exception("the review console's background work failed")
             await asyncio.sleep(HISTORY_FOLLOW_SECONDS)
-            since_retry += HISTORY_FOLLOW_SECONDS
+            retry_in -= HISTORY_FOLLOW_SECONDS
 
     async def _counted(self, case_ids: list[int]) -> None:
         """Count the verdicts of ``case_ids`` (now closed) and their time since opening."""
@@ -511,9 +512,9 @@ class _Console:
         )
         closed = await self._store(_closed_now, cases, ids, now)
         await self._counted(closed)
-        recorded = await self.retry_labels()  # the owed labels, these ones among them
+        _, left = await self.retry_labels()  # the owed labels, these ones among them
         message = f"{len(verdicts)} cases closed"
-        if recorded < len(verdicts):
+        if left:
             message += "; some labels could not be recorded yet: they will be retried"
         return _redirect("/console/queue?" + urlencode({"message": message}))
 
