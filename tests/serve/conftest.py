@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from fraudflow.serve.app import create_app
-from tests.serve.test_api import LiveServer, settings_for, wait_ready
+from tests.helpers.service import LiveServer, settings_for, wait_ready
 
 
 @pytest.fixture

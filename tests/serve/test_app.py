@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fraudflow.serve.app import create_app, tune_process
-from tests.serve.test_api import (
+from tests.helpers.service import (
     AUTH,
     SMALL_SIM,
     LiveServer,

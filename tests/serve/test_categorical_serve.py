@@ -18,7 +18,7 @@ from fraudflow.features import build_features, parse_spec, write_feature_table
 from fraudflow.features.categories import UNSEEN
 from fraudflow.serve.audit import read_decisions
 from fraudflow.train import train_run
-from tests.serve.test_api import AUTH, transaction
+from tests.helpers.service import AUTH, transaction
 
 SPEC = {
     "label_delay": "7d",

@@ -27,7 +27,7 @@ from fraudflow.serve.console import now_us
 from fraudflow.serve.service import DecisionService
 from fraudflow.serve.settings import ServeSettings
 from fraudflow.serve.users import UserStore, users_path_for
-from tests.serve.test_api import (
+from tests.helpers.service import (
     ADMIN,
     AUTH,
     SMALL_SIM,

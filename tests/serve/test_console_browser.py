@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fraudflow.serve.audit import read_labels
-from tests.serve.test_api import AUTH, SMALL_SIM, simulate_and_train, transaction
+from tests.helpers.service import AUTH, SMALL_SIM, simulate_and_train, transaction
 from tests.serve.test_console import PASSWORD, served
 
 sync_api = pytest.importorskip("playwright.sync_api")

@@ -26,7 +26,7 @@ import pytest
 
 from fraudflow.serve.audit import AuditLog, read_decisions
 from fraudflow.serve.state import SQLiteStore
-from tests.serve.test_api import (
+from tests.helpers.service import (
     ADMIN,
     ADMIN_KEY,
     AUTH,

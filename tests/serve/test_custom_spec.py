@@ -24,7 +24,7 @@ from fraudflow.serve.schemas import TransactionIn
 from fraudflow.serve.service import DecisionService
 from fraudflow.train import train_run
 from tests.helpers.redis_server import REDIS_SERVER, needs_redis, redis_server
-from tests.serve.test_api import (
+from tests.helpers.service import (
     ADMIN,
     AUTH,
     SMALL_SIM,

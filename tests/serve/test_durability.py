@@ -32,7 +32,7 @@ from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import read_decisions
 from fraudflow.serve.schemas import TransactionIn
 from fraudflow.serve.service import DecisionService
-from tests.serve.test_api import (
+from tests.helpers.service import (
     AUTH,
     SMALL_SIM,
     LiveServer,

@@ -21,7 +21,7 @@ from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import read_decisions
 from fraudflow.serve.endpoints import DirectRoutes
 from fraudflow.serve.scoring import Engine
-from tests.serve.test_api import (
+from tests.helpers.service import (
     ADMIN,
     AUTH,
     SMALL_SIM,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fraudflow.serve.app import create_app
-from tests.serve.test_api import (
+from tests.helpers.service import (
     CLIENT_KEY,
     SMALL_SIM,
     LiveServer,

@@ -24,7 +24,7 @@ from fraudflow.data.schema import IS_FRAUD, TIMESTAMP, TRANSACTION_ID
 from fraudflow.features import build_features, feature_names
 from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import read_decisions
-from tests.serve.test_api import AUTH, LiveServer, settings_for, simulate_and_train, wait_ready
+from tests.helpers.service import AUTH, LiveServer, settings_for, simulate_and_train, wait_ready
 from tests.serve.test_state import needs_redis, redis_url  # noqa: F401 (a fixture)
 
 SIM = SimulationConfig(n_customers=80, n_terminals=160, n_days=60, seed=5)

@@ -22,7 +22,7 @@ from fraudflow.errors import RunCheckError
 from fraudflow.features import default_spec
 from fraudflow.serve.app import create_app
 from fraudflow.serve.runcheck import REFUSALS, check_in_child
-from tests.serve.test_api import (
+from tests.helpers.service import (
     ADMIN,
     AUTH,
     SMALL_SIM,

@@ -28,7 +28,7 @@ from fraudflow.serve.scoring import (
     load_engine,
     reference_scores,
 )
-from tests.serve.test_api import simulate_and_train
+from tests.helpers.service import simulate_and_train
 
 SIM = SimulationConfig(n_customers=100, n_terminals=200, n_days=60, seed=7)
 
