@@ -1,0 +1,293 @@
+"""Benchmark: what the online state and the audit log cost per event and per decision.
+
+One replay of transactions through ``POST /v1/decisions/batch`` per state store, then the
+store's and the audit log's footprint measured from what the replay left:
+
+* sqlite: the server (``python -m fraudflow serve --run RUN --workers W --state
+  sqlite:///<tmp>/state.db``) takes ``--transactions`` transactions in batches of
+  ``--batch-size`` (``--batch-concurrency`` requests in flight); reported: batch
+  decisions/s, the state file's bytes per retained transaction and per retained event per
+  entity key (file size, WAL included, after the server stopped), and the per-worker
+  in-memory mirror (``Histories``) rebuilt from that file in this process, measured with
+  ``tracemalloc`` (bytes per retained transaction).
+* audit (after every store's replay, on the sqlite replay's log): the audit log's bytes per
+  decision as the service wrote it (SQLite shards, WAL included), then after
+  ``compact_audit`` turned its closed shards into Parquet; the median time to look one
+  transaction up (the idempotency replay) in each form over ``--lookups`` random ids, and
+  their ratio.
+
+Each store is a section function (``SECTIONS``: name -> function(args, run, frame, scratch)
+returning its figures), chosen with ``--stores sqlite[,redis,...]``; a section reports under
+its own name. Sizes default to a run of a couple of minutes on a loaded 2-core machine;
+``--transactions N`` goes bigger (the issue's demo replay: 851,660).
+
+Without ``--run`` a small run is built first in a temporary folder (``serve.py``'s
+``build_run``: simulate -> features -> LightGBM, about a minute). Timings are wall-clock and
+noisy on a shared machine. It prints a summary and a JSON object as its last line.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/state_scale.py [--run RUN_DIR] [--stores sqlite]
+        [--transactions 40000] [--batch-size 1000] [--batch-concurrency 2] [--workers 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import os
+import random
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+
+from fraudflow.artifacts import feature_spec_of, load_bundle
+from fraudflow.features.spec_online import extra_columns
+from fraudflow.serve.audit import AuditLog, shard_files
+from fraudflow.serve.state import SQLiteStore
+from serve import (
+    API_KEY,
+    HOST,
+    batch_bodies,
+    build_run,
+    free_port,
+    load_transactions,
+    stop_server,
+    transaction_stream,
+    wait_ready,
+)
+
+REQUEST_TIMEOUT_SECONDS = 120.0
+
+Section = Callable[[argparse.Namespace, Path, pl.DataFrame, Path], dict[str, Any]]
+
+
+# --- replaying transactions through the service ----------------------------------------------
+
+
+def start_server(
+    run: Path, *, port: int, workers: int, state: str, scratch: Path
+) -> subprocess.Popen[bytes]:
+    """``fraudflow serve`` on ``state`` (a --state URL); the audit log goes to ``scratch``."""
+    command = [
+        sys.executable, "-m", "fraudflow", "serve", "--run", str(run), "--port", str(port),
+        "--workers", str(workers), "--state", state,
+    ]  # fmt: skip
+    env = os.environ | {"FRAUDFLOW_API_KEYS": API_KEY, "FRAUDFLOW_DATA_DIR": str(scratch)}
+    log = (scratch / "server.log").open("wb")
+    return subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def replay(
+    args: argparse.Namespace, run: Path, frame: pl.DataFrame, *, state: str, scratch: Path
+) -> dict[str, Any]:
+    """``--transactions`` transactions through ``POST /v1/decisions/batch`` of a server on
+    ``state`` with ``--workers`` workers; the server is stopped (gracefully) on return."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = start_server(run, port=port, workers=args.workers, state=state, scratch=scratch)
+    try:
+        asyncio.run(wait_ready(proc, port, scratch / "server.log"))
+        bodies = list(_bodies(frame, args.transactions, args.batch_size))
+        started = time.perf_counter()
+        decided = _post_all(port, bodies, args.batch_concurrency)
+        seconds = time.perf_counter() - started
+    finally:
+        stop_server(proc)
+    return {
+        "decisions": decided,
+        "seconds": round(seconds, 2),
+        "batch_decisions_per_second": round(decided / seconds),
+        "workers": args.workers,
+    }
+
+
+def _bodies(frame: pl.DataFrame, total: int, size: int) -> Iterator[tuple[bytes, int]]:
+    """The request bodies, encoded before the clock starts."""
+    stream = itertools.islice(transaction_stream(frame), total)
+    for body, n in batch_bodies(stream, size):
+        if n == 0:
+            return
+        yield body, n
+
+
+def _post_all(port: int, bodies: list[tuple[bytes, int]], concurrency: int) -> int:
+    """Send every body, ``concurrency`` at a time; the decisions of 2xx answers."""
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    base = f"http://{HOST}:{port}"
+
+    def post(client: httpx.Client, body: bytes, n: int) -> int:
+        answer = client.post("/v1/decisions/batch", content=body, headers=headers)
+        return n if answer.is_success else 0
+
+    with (
+        httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as client,
+        concurrent.futures.ThreadPoolExecutor(concurrency) as pool,
+    ):
+        return sum(pool.map(lambda b: post(client, *b), bodies))
+
+
+# --- sizes -----------------------------------------------------------------------------------
+
+
+def file_bytes(path: Path) -> int:
+    """A SQLite file's bytes with its WAL (what the disk holds)."""
+    wal = Path(f"{path}-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+def mirror_bytes(state_file: Path) -> int:
+    """The bytes the per-worker mirror of ``state_file`` holds once rebuilt (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        store = SQLiteStore(state_file)  # opening catches the mirror up with the whole file
+        after = tracemalloc.get_traced_memory()[0]
+        store.close()
+    finally:
+        tracemalloc.stop()
+    return after - before
+
+
+def entity_keys(run: Path) -> int:
+    """How many entity keys the run's feature spec keeps events under."""
+    spec = feature_spec_of(load_bundle(run).meta)
+    return len({aggregate.by for aggregate in spec.aggregates})
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def sqlite_section(
+    args: argparse.Namespace, run: Path, frame: pl.DataFrame, scratch: Path
+) -> dict[str, Any]:
+    folder = scratch / "sqlite"
+    state_file = folder / "state.db"
+    result = replay(args, run, frame, state=f"sqlite:///{state_file}", scratch=folder)
+    with contextlib.closing(sqlite3.connect(state_file)) as db:
+        (retained,) = db.execute("SELECT COUNT(*) FROM transactions").fetchone()
+    keys = entity_keys(run)
+    state_bytes = file_bytes(state_file)
+    mirror = mirror_bytes(state_file)
+    return result | {
+        "retained_transactions": retained,
+        "entity_keys": keys,
+        "state_file_bytes": state_bytes,
+        "state_bytes_per_transaction": round(state_bytes / retained, 1),
+        "state_bytes_per_event_per_key": round(state_bytes / (retained * keys), 1),
+        "mirror_bytes": mirror,
+        "mirror_bytes_per_transaction": round(mirror / retained, 1),
+        "mirror_bytes_per_event_per_key": round(mirror / (retained * keys), 1),
+    }
+
+
+SECTIONS: dict[str, Section] = {"sqlite": sqlite_section}
+
+
+def audit_section(audit_path: Path, *, lookups: int, seed: int) -> dict[str, Any]:
+    """The audit log's bytes per decision and lookup time, as written and once compacted."""
+    files = shard_files(audit_path)
+    before = sum(file_bytes(f) for f in files)
+    ids = _recorded_ids(files)
+    picked = random.Random(seed).sample(ids, min(lookups, len(ids)))
+    sqlite_ms = _lookup_ms(audit_path, picked)
+    return {
+        "decisions": len(ids),
+        "bytes_per_decision": round(before / len(ids), 1),
+        "lookup_ms_p50": sqlite_ms,
+    }
+
+
+def _recorded_ids(files: list[Path]) -> list[str]:
+    ids: list[str] = []
+    for file in files:
+        with contextlib.closing(sqlite3.connect(file)) as db:
+            ids += [tid for (tid,) in db.execute("SELECT transaction_id FROM decision_ids")]
+    return ids
+
+
+def _lookup_ms(audit_path: Path, ids: list[str]) -> float:
+    """Median milliseconds of ``AuditLog.lookup`` for ``ids`` (a writer on a fresh shard, as a
+    restarted service has it, looking up decisions recorded before)."""
+    audit = AuditLog(audit_path)
+    try:
+        times = []
+        for tid in ids:
+            started = time.perf_counter()
+            found = audit.lookup(tid)
+            times.append(time.perf_counter() - started)
+            if found is None:
+                raise RuntimeError(f"transaction {tid} was recorded but its lookup found nothing")
+    finally:
+        audit.close()
+    return round(statistics.median(times) * 1e3, 3)
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def report(result: dict[str, Any]) -> None:
+    for name in result["stores"]:
+        section = result.get(name, {})
+        print(f"{name}: {json.dumps(section)}")
+    if "audit" in result:
+        print(f"audit: {json.dumps(result['audit'])}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=None)
+    parser.add_argument("--stores", default="sqlite", help="comma-separated: " + ",".join(SECTIONS))
+    parser.add_argument("--transactions", type=int, default=40_000)
+    parser.add_argument("--batch-size", type=int, default=1_000)
+    parser.add_argument("--batch-concurrency", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--lookups", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    unknown = [s for s in args.stores.split(",") if s not in SECTIONS]
+    if unknown:
+        parser.error(f"--stores: unknown {unknown}, however the stores are {list(SECTIONS)}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    stores = args.stores.split(",")
+    result: dict[str, Any] = {"stores": stores, "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="fraudflow-bench-state-") as tmp:
+        scratch = Path(tmp)
+        run = args.run or build_run(scratch / "build")
+        frame = load_transactions(run, extra_columns(feature_spec_of(load_bundle(run).meta)))
+        result["run"] = str(run)
+        try:
+            for store in stores:
+                result[store] = SECTIONS[store](args, run, frame, scratch)
+            if "sqlite" in stores:
+                audit_path = scratch / "sqlite" / "audit.db"
+                result["audit"] = audit_section(audit_path, lookups=args.lookups, seed=args.seed)
+        except (RuntimeError, OSError) as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+    report(result)
+    print(json.dumps(result))
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
