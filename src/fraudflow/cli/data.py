@@ -93,6 +93,7 @@ def features(
         raise ConfigError("fraudflow features needs --input and --out")
     from fraudflow.data.ingest import parse_column_map, read_transaction_files
     from fraudflow.features import (
+        build_features,
         check_categorical,
         check_input,
         default_spec,
@@ -117,13 +118,18 @@ def features(
     column_map = parse_column_map(map)
     if shard_days is None and out.suffix.lower() != ".parquet":
         raise ConfigError(f"--out must be a .parquet file, however got {out}")
+    if engine == "spark":
+        _backfill(
+            input, spec or default_spec(cfg), out, column_map, shard_days, spark_master, spark_conf
+        )
+        return
     with spinner(f"reading and validating {input}"):
         transactions = read_transaction_files(input, column_map=column_map)
     if spec is not None:
         check_input(spec, transactions.columns)  # before the work: a bad spec fails at once
         check_categorical(spec, transactions.schema)
-    with spinner(f"building features for {transactions.height:,} transactions ({engine})"):
-        table = _build(transactions, spec or default_spec(cfg), engine, spark_master, spark_conf)
+    with spinner(f"building features for {transactions.height:,} transactions"):
+        table = build_features(transactions, spec or default_spec(cfg))
     with spinner(f"writing {out}"):
         if shard_days is None:
             write_feature_table(table, out, cfg, spec=spec)
@@ -132,13 +138,17 @@ def features(
     err_console.print(f"{table.height:,} rows x {len(table.columns)} columns -> {out}")
 
 
-def _build(transactions: Any, spec: Any, engine: str, master: str, conf: list[str]) -> Any:
-    """The feature table of ``transactions`` by ``engine``: the same rows and values."""
-    if engine == "polars":
-        from fraudflow.features import build_features
-
-        return build_features(transactions, spec)
-    from fraudflow.features.spark import run_on_spark
+def _backfill(
+    input: str,
+    spec: Any,
+    out: Path,
+    column_map: dict[str, str],
+    shard_days: int | None,
+    master: str,
+    conf: list[str],
+) -> None:
+    """The Spark engine: executors read, check, compute and (with shards) write."""
+    from fraudflow.features.spark_backfill import backfill_on_spark
 
     settings = {}
     for item in conf:
@@ -146,7 +156,14 @@ def _build(transactions: Any, spec: Any, engine: str, master: str, conf: list[st
         if not sep or not key.strip():
             raise ConfigError(f"--spark-conf expects KEY=VALUE, however got {item!r}")
         settings[key.strip()] = value
-    return run_on_spark(transactions, spec, master=master, conf=settings)
+    with spinner(f"building features of {input} on Spark ({master})"):
+        done = backfill_on_spark(
+            input, spec, out, column_map=column_map, shard_days=shard_days,
+            master=master, conf=settings,
+        )  # fmt: skip
+    err_console.print(
+        f"{done.rows:,} rows from {done.inputs} file(s) -> {out} ({len(done.files)} file(s))"
+    )
 
 
 @features_app.command("spec")

@@ -21,11 +21,12 @@ from fraudflow.data.schema import (
     TIMESTAMP,
     TRANSACTION_ID,
 )
-from fraudflow.errors import ConfigError, DataError, SchemaError
+from fraudflow.errors import ConfigError, DataError, FraudflowError, SchemaError
 
 __all__ = [
     "input_files",
     "parse_column_map",
+    "read_named_file",
     "read_transaction_files",
     "read_transactions",
     "validate_transactions",
@@ -91,10 +92,19 @@ def read_transaction_files(
     """``read_transactions`` of each input file (``input_files``), in file order, checked as
     one log (a transaction_id repeated across files is an error too)."""
     files = input_files(spec)
-    frames = [read_transactions(f, column_map=column_map) for f in files]
-    if len(frames) == 1:
-        return frames[0]
+    if len(files) == 1:
+        return read_transactions(files[0], column_map=column_map)
+    frames = [read_named_file(f, column_map=column_map) for f in files]
     return validate_transactions(pl.concat(frames, how="vertical_relaxed"))
+
+
+def read_named_file(path: Path, *, column_map: Mapping[str, str] | None = None) -> pl.DataFrame:
+    """``read_transactions`` of one file of several: its error names the file, since row
+    numbers count within it."""
+    try:
+        return read_transactions(path, column_map=column_map)
+    except FraudflowError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
 
 
 def validate_transactions(df: pl.DataFrame) -> pl.DataFrame:

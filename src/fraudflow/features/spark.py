@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,15 +50,28 @@ if TYPE_CHECKING:
     import polars as pl
     from pyspark.sql import Column, DataFrame
 
-__all__ = ["ROW", "build_features_spark", "run_on_spark", "spark_session"]
+__all__ = [
+    "ROW",
+    "T_US",
+    "build_features_spark",
+    "features_with_row",
+    "run_on_spark",
+    "spark_session",
+]
 
 ROW = "__row"  # the input position: arrival order within equal timestamps
-_T = "__t_us"
+T_US = _T = "__t_us"  # the timestamp in integer microseconds
 _US = 1_000_000
 
 
 def build_features_spark(transactions: DataFrame, spec: FeatureSpec) -> DataFrame:
     """``transactions`` (with ``__row``) with the spec's features, in (time, arrival) order."""
+    return features_with_row(transactions, spec).orderBy(_T, ROW).drop(ROW, _T)
+
+
+def features_with_row(transactions: DataFrame, spec: FeatureSpec) -> DataFrame:
+    """``build_features_spark`` unordered, keeping ``__row`` and ``__t_us`` (the order's keys)
+    for a caller that orders within partitions only (``fraudflow.features.spark_backfill``)."""
     from pyspark.sql import functions as F
 
     columns = [c for c in transactions.columns if c != ROW]
@@ -82,7 +96,7 @@ def build_features_spark(transactions: DataFrame, spec: FeatureSpec) -> DataFram
     for derive in spec.derive_order():
         frame = frame.withColumn(derive.name, _numeric(_column(derive.tree)))
     kept = [name for name in spec.feature_names if name not in columns]
-    return frame.orderBy(_T, ROW).select(*columns, *kept)
+    return frame.select(ROW, _T, *columns, *kept)
 
 
 def _inputs(index: int, a: Aggregate) -> dict[str, Column]:
@@ -350,6 +364,12 @@ def spark_session(master: str, conf: Mapping[str, str] | None = None) -> Any:
             "the Spark engine needs PySpark: pip install 'fraudflow[spark]'"
         ) from None
     builder = SparkSession.builder.master(master).appName("fraudflow-features")
+    if master.startswith("local"):
+        # Local executors run Python code of ours (the backfill's tasks): this interpreter,
+        # whose environment has fraudflow, not whatever `python3` is first on PATH. PySpark
+        # reads the variable when the context starts (the `spark.pyspark.python` setting only
+        # reaches spark-submit).
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     for key, value in {**_SESSION_CONFIG, **(conf or {})}.items():
         builder = builder.config(key, value)
     try:
