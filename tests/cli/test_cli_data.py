@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from fraudflow.cli.main import app
-from fraudflow.config import FeatureConfig
+from fraudflow.config import FeatureConfig, SimulationConfig
+from fraudflow.data.simulator import simulate
 from fraudflow.features import FEATURE_VERSION, feature_names, read_feature_table
 from tests.data.test_ingest import BAD_CSV_CASES, HEADER, ROWS, with_cells, write_csv
 
@@ -191,3 +192,20 @@ def test_error_message_quoting_markup_like_input_is_printed_verbatim(tmp_path: P
         result,
         "`amount` must be a number, however: 1 row is not a number (first: row 2, amount='[/x]')",
     )
+
+
+def test_a_log_too_large_for_the_memory_is_refused_before_the_work(tmp_path: Path) -> None:
+    log = tmp_path / "log.parquet"
+    simulate(SimulationConfig(n_customers=20, n_terminals=20, n_days=10, seed=0)).write_parquet(log)
+    out = tmp_path / "f.parquet"
+    args = ["features", "--input", str(log), "--out", str(out), "--memory-limit"]
+    refused = CliRunner().invoke(app, [*args, "100MiB"])
+    assert refused.exit_code == 2
+    text = " ".join(refused.output.split())
+    assert "with the Polars engine, however 0.10 GiB is the limit: use --engine spark" in text
+    assert not out.exists()
+    assert CliRunner().invoke(app, [*args, "4GiB"]).exit_code == 0
+    assert out.exists()
+    bad = CliRunner().invoke(app, [*args, "lots"])
+    assert bad.exit_code == 2
+    assert "a memory size must look like 16GiB or 512MiB, however got 'lots'" in bad.output

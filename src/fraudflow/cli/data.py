@@ -85,6 +85,11 @@ def features(
     spark_conf: list[str] = typer.Option(
         [], "--spark-conf", help="Spark setting KEY=VALUE for --engine spark (repeatable)."
     ),
+    memory_limit: str = typer.Option(
+        None,
+        "--memory-limit",
+        help="Memory the Polars engine may use, e.g. 16GiB [default: what is available].",
+    ),
 ) -> None:
     """Build point-in-time features from a transaction log."""
     if ctx.invoked_subcommand is not None:
@@ -101,9 +106,13 @@ def features(
         write_feature_shards,
         write_feature_table,
     )
+    from fraudflow.features.memory import check_memory, parse_size
 
     if engine not in ("polars", "spark"):
         raise ConfigError(f"--engine must be polars or spark, however got {engine!r}")
+    if memory_limit is not None and engine == "spark":
+        raise ConfigError("--memory-limit is for the Polars engine; Spark takes --spark-conf")
+    limit = None if memory_limit is None else parse_size(memory_limit)
 
     spec = None
     if spec_file is not None:
@@ -128,8 +137,11 @@ def features(
     if spec is not None:
         check_input(spec, transactions.columns)  # before the work: a bad spec fails at once
         check_categorical(spec, transactions.schema)
+    spec = spec or default_spec(cfg)
+    added = [name for name in spec.feature_names if name not in transactions.columns]
+    check_memory(transactions.height, len(transactions.columns) + len(added), limit=limit)
     with spinner(f"building features for {transactions.height:,} transactions"):
-        table = build_features(transactions, spec or default_spec(cfg))
+        table = build_features(transactions, spec)
     with spinner(f"writing {out}"):
         if shard_days is None:
             write_feature_table(table, out, cfg, spec=spec)
