@@ -51,6 +51,19 @@ first decision of an id is the one recorded. Schema 2 kept a decision at about h
 of schema 1 (features as a JSON object and the reasons a second time beside the response):
 every byte is written twice (the WAL, then the checkpoint). Shards of schemas 1 and 2 stay
 readable (lookups, export); a writer leaves them as they are and takes the next shard number.
+
+Compaction. A closed shard (no writer holds its lock; the automatic pass after a writer
+rotates takes full ones only) of this schema is rewritten as Parquet files
+(``fraudflow.serve.compaction``: one row per recorded decision, every field of its groups,
+zstd) and its SQLite file is then dropped: ``compact_audit``, run in the background by the
+writer that closed a shard, and by ``fraudflow decisions compact``. The compactor holds the
+shard's lock throughout, so no writer takes the shard meanwhile, and writers never take a
+shard number that has a compacted file. Readers (lookups, ``read_decisions``,
+``read_labels``, the console's history follower) read a shard's SQLite file while it exists
+and its Parquet files once it is gone; the SQLite file is dropped only after both Parquet
+files are durable (temporary file, fsync, rename, the decisions file last), so a crash at any
+step leaves each decision readable exactly once, and the next pass finishes the job. A
+duplicate of an id that its shard did not key (see above) is not carried: no reader sees it.
 """
 
 from __future__ import annotations
@@ -66,7 +79,7 @@ import queue
 import sqlite3
 import struct
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,11 +89,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 import polars as pl
+import pyarrow as pa
 
 from fraudflow.data.io import write_table
 from fraudflow.errors import ArtifactError, ConfigError
 from fraudflow.features.online import epoch_us
 from fraudflow.serve.cases import read_case_outcomes
+from fraudflow.serve.compaction import (
+    CompactedShard,
+    compacted_paths,
+    open_compacted,
+    write_compacted,
+)
 from fraudflow.serve.sqlite import (
     Checkpointer,
     connect_wal,
@@ -99,11 +119,16 @@ __all__ = [
     "AuditLog",
     "DecisionRecord",
     "LabelRecord",
+    "Shard",
+    "compact_audit",
     "export_audit",
+    "log_shards",
+    "lookup_decision",
     "now_us",
     "pack_features",
     "read_decisions",
     "read_labels",
+    "shard_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,26 +254,71 @@ def _shard(path: Path, number: int) -> Path:
     return path if number == 0 else path.with_name(f"{path.stem}.{number}{path.suffix}")
 
 
+class Shard(NamedTuple):
+    """One shard of a log: its SQLite file and its compacted files (either may be missing)."""
+
+    number: int
+    file: Path
+    compacted: Path
+    compacted_labels: Path
+
+    def source(self) -> sqlite3.Connection | CompactedShard:
+        """What a reader reads: the SQLite file while it exists, else the compacted files.
+        Opened without creating anything: a file a compaction just dropped is not made anew."""
+        try:
+            return _read_only(self.file)
+        except ConfigError:  # not there (any more)
+            if not self.compacted.is_file():
+                raise
+        return open_compacted(self.compacted)
+
+
+def log_shards(path: Path) -> list[Shard]:
+    """The shards of the log named ``path`` that exist, in either form, by number."""
+    path = Path(path)
+    numbers = {0} if path.is_file() else set()
+    for suffix in (path.suffix, ".parquet"):
+        pattern = f"{glob.escape(path.stem)}.*{glob.escape(suffix)}"
+        for candidate in path.parent.glob(pattern):
+            number = candidate.name[len(path.stem) + 1 : len(candidate.name) - len(suffix)]
+            if number.isdigit():
+                numbers.add(int(number))
+    return [Shard(n, _shard(path, n), *compacted_paths(path, n)) for n in sorted(numbers)]
+
+
 def _claim_shard(path: Path, *, max_decisions: int) -> tuple[Path, int | None]:
     """The first shard of ``path`` no other writer holds, of this schema (or new) and with
     fewer than ``max_decisions`` decisions, and the lock's file descriptor. Shards of an
     older schema are left as they are, for reading, and so are full ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for number in itertools.count():
-        candidate = _shard(path, number)
+        candidate, compacted = _shard(path, number), compacted_paths(path, number)[0]
+        if compacted.exists():  # a compacted shard is never written again
+            continue
         version, decisions = _shard_state(candidate)
         if version not in (0, _SCHEMA_VERSION) or decisions >= max_decisions:
             continue
         if fcntl is None:  # no flock (Windows): one writer process, as uvicorn runs there
             return candidate, None
-        fd = os.open(f"{candidate}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = _try_lock(candidate)
+        if fd is None:
+            continue
+        if compacted.exists():  # compacted between the check above and the lock
             os.close(fd)
             continue
         return candidate, fd
     raise AssertionError("unreachable")
+
+
+def _try_lock(shard: Path) -> int | None:
+    """The shard's lock (a file descriptor holding ``flock``), or None if another holds it."""
+    fd = os.open(f"{shard}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _shard_state(path: Path) -> tuple[int, int]:
@@ -256,7 +326,11 @@ def _shard_state(path: Path) -> tuple[int, int]:
     over its groups: ~1 row per 1,000 decisions); (0, 0) if it does not exist yet."""
     if not path.is_file():
         return 0, 0
-    with contextlib.closing(_read_only(path)) as db:
+    try:
+        db = _read_only(path)
+    except ConfigError:  # gone since: compacted
+        return 0, 0
+    with contextlib.closing(db):
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version != _SCHEMA_VERSION:
             return int(version), 0
@@ -280,11 +354,15 @@ class AuditLog:
         after_commit: AfterCommit | None = None,
         max_group: int = 4096,
         max_shard_decisions: int = _MAX_SHARD_DECISIONS,
+        compact_closed: bool = True,
     ) -> None:
         self.path = Path(path)
         self._after_commit = after_commit
         self._max_group = max_group
         self._max_shard = max_shard_decisions
+        self._compact_closed = compact_closed
+        self._compactor: threading.Thread | None = None
+        self._stop_compacting = threading.Event()
         self._read_lock = threading.Lock()  # the reader, and which file it reads
         self._open_shard()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -317,15 +395,9 @@ class AuditLog:
         """The response recorded for ``transaction_id`` in any shard, or None."""
         with self._read_lock:
             found = _lookup(self._reader, _SCHEMA_VERSION, transaction_id)
-        # Another worker's shard: only duplicates get here, so opening it each time is fine.
-        for other in shard_files(self.path) if found is None else []:
-            if other != self.file:
-                with contextlib.closing(_read_only(other)) as db:
-                    (version,) = db.execute("PRAGMA user_version").fetchone()
-                    found = _lookup(db, version, transaction_id)
-                if found is not None:
-                    break
-        return found
+        # Another worker's shard: only duplicates get here, so opening it each time is fine
+        # (a compacted shard's footer is cached).
+        return found if found is not None else lookup_decision(self.path, transaction_id, self.file)
 
     def close(self) -> None:
         """Commit what is queued, stop the writer, close the file."""
@@ -335,6 +407,9 @@ class AuditLog:
         self._queue.put(_STOP)
         self._thread.join()
         self._close_shard(self._checkpointer, self._reader, self._shard_lock)
+        self._stop_compacting.set()  # a stopped compaction leaves its shard as it was
+        if self._compactor is not None:
+            self._compactor.join()
 
     def _open_shard(self) -> None:
         """Claim a shard with room and open it: at start, and when the last one is full."""
@@ -371,6 +446,21 @@ class AuditLog:
             return
         old[0].close()
         self._close_shard(*old[1:])
+        if self._compact_closed and (self._compactor is None or not self._compactor.is_alive()):
+            self._compactor = threading.Thread(
+                target=self._compact, name="fraudflow-audit-compaction", daemon=True
+            )
+            self._compactor.start()
+
+    def _compact(self) -> None:
+        """Compact the full shards no writer holds (this one's last among them)."""
+        try:
+            compact_audit(
+                self.path, full_only=True, max_shard_decisions=self._max_shard,
+                stop=self._stop_compacting,
+            )  # fmt: skip
+        except Exception:  # the shards stay readable as they are; the next rotation retries
+            log.exception("audit log %s: compacting closed shards failed", self.path)
 
     def _close_shard(
         self, checkpointer: Checkpointer, reader: sqlite3.Connection, shard_lock: int | None
@@ -511,6 +601,27 @@ def _lookup(db: sqlite3.Connection, version: int, transaction_id: str) -> bytes 
 _RANGE = struct.Struct("<2q")
 
 
+def lookup_decision(path: Path, transaction_id: str, skip: Path | None = None) -> bytes | None:
+    """The response recorded for ``transaction_id`` in the log named ``path`` (its shards but
+    ``skip``, in either form), or None."""
+    for shard in log_shards(path):
+        if shard.file != skip:
+            found = _lookup_in(shard, transaction_id)
+            if found is not None:
+                return found
+    return None
+
+
+def _lookup_in(shard: Shard, transaction_id: str) -> bytes | None:
+    """The response recorded for ``transaction_id`` in ``shard``, in whichever form."""
+    source = shard.source()
+    if isinstance(source, CompactedShard):
+        return source.lookup(transaction_id)
+    with contextlib.closing(source) as db:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        return _lookup(db, version, transaction_id)
+
+
 def _connect(path: Path, *, synchronous: str) -> sqlite3.Connection:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -540,12 +651,19 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection to an existing audit file; never creates one (``mode=rw``): a shard that
+    a compaction dropped meanwhile must not come back empty, hiding its compacted files."""
     if not Path(path).is_file():
         raise ConfigError(f"audit log {path} does not exist")
+    uri = f"{Path(path).absolute().as_uri()}?mode=rw"
     try:
-        return sqlite3.connect(path, isolation_level=None, timeout=30)
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+        db.execute("PRAGMA user_version")  # opens the file now
     except sqlite3.Error as exc:
+        if not Path(path).is_file():
+            raise ConfigError(f"audit log {path} does not exist") from None
         raise ConfigError(f"audit log {path} cannot be opened: {exc}") from None
+    return db
 
 
 def _utc(column: str) -> pl.Expr:
@@ -555,7 +673,7 @@ def _utc(column: str) -> pl.Expr:
 def read_decisions(path: Path) -> pl.DataFrame:
     """Every recorded decision of every shard, one row each, in recording order (by decision
     time; one shard's order for equal times), one column per feature."""
-    rows = _read_all(path, _decision_rows, time_column=9)
+    rows = _read_all(path, _decision_rows, _compacted_decision_rows, time_column=9)
     base = pl.DataFrame([r[:-2] for r in rows], schema=_DECISION_SCHEMA, orient="row")
     # Every row's keys: models of different versions may compute different features.
     parsed = [r[-2] for r in rows]
@@ -595,17 +713,50 @@ def _decision_rows(db: sqlite3.Connection, version: int) -> list[tuple[Any, ...]
     recorded: set[str] = set()  # a repeated id: its first decision is the recorded one
     sql = "SELECT decisions, fields, features, responses, offsets FROM decision_groups ORDER BY seq"
     for n, fields, features, responses, offsets in db.execute(sql):
-        columns = orjson.loads(fields)
         bounds = np.frombuffer(offsets, dtype="<i8").tolist()
         at_response, at_features = bounds[: n + 1], bounds[n + 1 :]
-        extra = columns.get("extra") or [None] * n
-        for k, row in enumerate(zip(*(columns[f] for f in _GROUP_FIELDS), strict=True)):
-            if row[0] in recorded:
-                continue
-            recorded.add(row[0])
-            response = responses[at_response[k] : at_response[k + 1]]
-            values = features[at_features[k] : at_features[k + 1]]
-            out.append((*_decision_row(row, response, values, names), extra[k] or {}))
+        out += _rows_of_columns(
+            orjson.loads(fields),
+            [features[a:b] for a, b in itertools.pairwise(at_features)],
+            [responses[a:b] for a, b in itertools.pairwise(at_response)],
+            names,
+            recorded,
+        )
+    return out
+
+
+def _compacted_decision_rows(shard: CompactedShard) -> list[tuple[Any, ...]]:
+    """A compacted shard's decisions as ``_decision_rows`` gives them (schema 3)."""
+    table = shard.decisions()
+    json_fields = set(shard.metadata["json_fields"])
+    columns = {
+        name: [None if v is None else orjson.loads(v) for v in table[name].to_pylist()]
+        if name in json_fields
+        else table[name].to_pylist()
+        for name in shard.fields()
+    }
+    names = shard.metadata["feature_sets"]
+    features, responses = table["features"].to_pylist(), table["response"].to_pylist()
+    return _rows_of_columns(columns, features, responses, names, set())
+
+
+def _rows_of_columns(
+    columns: dict[str, list[Any]],
+    features: Sequence[bytes],
+    responses: Sequence[bytes],
+    names: dict[str, list[str]],
+    recorded: set[str],
+) -> list[tuple[Any, ...]]:
+    """The rows of decisions given as columns (a group's JSON lists, or a compacted shard's
+    columns), each id's first one only (``recorded``: the ids seen before)."""
+    n = len(responses)
+    extra = columns.get("extra") or [None] * n
+    out = []
+    for k, row in enumerate(zip(*(columns[f] for f in _GROUP_FIELDS), strict=True)):
+        if row[0] in recorded:
+            continue
+        recorded.add(row[0])
+        out.append((*_decision_row(row, responses[k], features[k], names), extra[k] or {}))
     return out
 
 
@@ -622,26 +773,32 @@ def _decision_row(
 def _read_all(
     path: Path,
     read: Callable[[sqlite3.Connection, int], list[tuple[Any, ...]]],
+    read_compacted: Callable[[CompactedShard], list[tuple[Any, ...]]],
     *,
     time_column: int,
 ) -> list[tuple[Any, ...]]:
-    """``read``'s rows (given a shard and its schema version) from every shard of the log
-    named ``path``. One shard: in its order; several: merged by ``time_column`` (stable, so
-    each shard's order holds within ties)."""
-    files = shard_files(path)
-    if not files:
+    """``read``'s rows (given a SQLite shard and its schema version), or ``read_compacted``'s
+    (given a compacted one), from every shard of the log named ``path``. One shard: in its
+    order; several: merged by ``time_column`` (stable, so each shard's order holds within
+    ties)."""
+    shards = log_shards(path)
+    if not shards:
         raise ConfigError(f"audit log {path} does not exist")
     rows: list[tuple[Any, ...]] = []
-    for file in files:
-        with contextlib.closing(_read_only(file)) as db:
+    for shard in shards:
+        source = shard.source()
+        if isinstance(source, CompactedShard):
+            rows += read_compacted(source)
+            continue
+        with contextlib.closing(source) as db:
             (version,) = db.execute("PRAGMA user_version").fetchone()
             if version not in _READABLE_VERSIONS:
                 raise ConfigError(
-                    f"audit log shard {file} has schema version {version}, however this "
-                    f"fraudflow reads versions {list(_READABLE_VERSIONS)}"
+                    f"audit log shard {shard.file} has schema version {version}, however "
+                    f"this fraudflow reads versions {list(_READABLE_VERSIONS)}"
                 )
             rows += read(db, version)
-    if len(files) > 1:
+    if len(shards) > 1:
         rows.sort(key=lambda r: r[time_column])
     return rows
 
@@ -668,7 +825,12 @@ def read_labels(path: Path) -> pl.DataFrame:
         "SELECT transaction_id, is_fraud, reported_at_us, received_at_us, applied "
         "FROM labels ORDER BY seq"
     )
-    rows = _read_all(path, lambda db, _: db.execute(sql).fetchall(), time_column=3)
+    rows = _read_all(
+        path,
+        lambda db, _: db.execute(sql).fetchall(),
+        lambda shard: _compacted_label_rows(shard.labels()),
+        time_column=3,
+    )
     schema = {
         "transaction_id": pl.String,
         "is_fraud": pl.Int8,
@@ -700,3 +862,245 @@ def export_audit(
         )
     write_table(frame, out)
     return frame.height
+
+
+def _compacted_label_rows(table: pa.Table) -> list[tuple[Any, ...]]:
+    table = table.sort_by("seq")
+    return list(zip(*(table[c].to_pylist() for c in _LABEL_COLUMNS), strict=True))
+
+
+# --- compaction ------------------------------------------------------------------------------
+
+# A pass holds this many decisions in memory (about a kilobyte each), sorted, then writes them:
+# a full shard is rewritten in a few passes, each over the ids of one range.
+_ROWS_PER_PASS = 200_000
+_ARROW_TYPES = {"INTEGER": pa.int64(), "REAL": pa.float64(), "TEXT": pa.string()}
+
+
+class _Stopped(Exception):
+    """The log is closing: a compaction in progress gives up, leaving its shard as it was."""
+
+
+def compact_audit(
+    path: Path,
+    *,
+    full_only: bool = False,
+    max_shard_decisions: int = _MAX_SHARD_DECISIONS,
+    stop: threading.Event | None = None,
+) -> list[Path]:
+    """Compact the closed shards of the log named ``path`` (see the module docstring): every
+    shard of this schema no writer holds, or with ``full_only`` the full ones only, and any
+    whose compaction was interrupted. Returns the compacted files written."""
+    if fcntl is None:
+        raise ConfigError("compacting the audit log needs file locks (flock), absent here")
+    done = []
+    for shard in log_shards(Path(path)):
+        if stop is not None and stop.is_set():
+            break
+        if not shard.file.exists():  # compacted before: what an interruption may have left
+            _remove_leftovers(shard)
+            continue
+        fd = _try_lock(shard.file)
+        if fd is None:  # a writer holds it
+            continue
+        try:
+            if _compact_shard(shard, full_only, max_shard_decisions, stop):
+                done.append(shard.compacted)
+        except _Stopped:
+            break
+        finally:
+            os.close(fd)
+    return done
+
+
+def _compaction_step(name: str) -> None:
+    """Called after each durable step of a compaction; the crash tests stop there."""
+
+
+def _compact_shard(
+    shard: Shard, full_only: bool, max_decisions: int, stop: threading.Event | None
+) -> bool:
+    """Compact one shard whose lock the caller holds; False if it is not to be compacted."""
+    version, decisions = _shard_state(shard.file)
+    if version != _SCHEMA_VERSION:  # gone meanwhile (0), or an older schema: left as it is
+        return False
+    with contextlib.closing(_read_only(shard.file)) as db:
+        db.execute("BEGIN")  # one snapshot of the shard
+        (labels,) = db.execute("SELECT COUNT(*) FROM labels").fetchone()
+        resumed = shard.compacted.exists()  # an interrupted compaction: finish it
+        if not resumed and (decisions + labels == 0 or (full_only and decisions < max_decisions)):
+            return False
+        schema, json_fields = _decisions_schema(db)
+        write_compacted(
+            _sorted_batches(db, schema, json_fields, stop),
+            _labels_table(db),
+            schema=schema,
+            metadata=_compacted_metadata(db, shard, json_fields),
+            paths=(shard.compacted, shard.compacted_labels),
+            step=lambda name: _compaction_step(name),
+        )
+    _check_compacted(shard)
+    shard.file.unlink()  # from here on readers read the compacted files
+    _fsync_folder(shard.file.parent)
+    _compaction_step("sqlite-dropped")
+    _remove_leftovers(shard)
+    return True
+
+
+def _remove_leftovers(shard: Shard) -> None:
+    """What a compacted shard's SQLite file left: its WAL, shared memory and lock files, and
+    temporary files of an interrupted write."""
+    for suffix in ("-wal", "-shm", ".lock"):
+        Path(f"{shard.file}{suffix}").unlink(missing_ok=True)
+    for target in (shard.compacted, shard.compacted_labels):
+        for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_compacted(shard: Shard) -> None:
+    """The compacted files hold as many decisions and labels as the shard: else the SQLite
+    file stays (an error here is raised before anything is dropped)."""
+    with contextlib.closing(_read_only(shard.file)) as db:
+        (decisions,) = db.execute("SELECT COUNT(*) FROM decision_ids").fetchone()
+        (labels,) = db.execute("SELECT COUNT(*) FROM labels").fetchone()
+    compacted = open_compacted(shard.compacted)
+    found = (compacted.rows(), compacted.labels().num_rows)
+    if found != (decisions, labels):
+        raise ConfigError(
+            f"compacting {shard.file}: expected {decisions} decisions and {labels} labels in "
+            f"{shard.compacted}, however found {found[0]} and {found[1]}"
+        )
+
+
+def _compacted_metadata(
+    db: sqlite3.Connection, shard: Shard, json_fields: list[str]
+) -> dict[str, Any]:
+    sets = {v: orjson.loads(n) for v, n in db.execute("SELECT * FROM feature_sets")}
+    (decisions,) = db.execute("SELECT COUNT(*) FROM decision_ids").fetchone()
+    (max_group,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM decision_groups").fetchone()
+    labels, max_label = db.execute("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM labels").fetchone()
+    source = {"path": str(shard.file.resolve()), "inode": shard.file.stat().st_ino}
+    return {
+        "json_fields": json_fields, "feature_sets": sets, "decisions": decisions,
+        "labels": labels, "max_group_seq": max_group, "max_label_seq": max_label,
+        "source": source,
+    }  # fmt: skip
+
+
+def _decisions_schema(db: sqlite3.Connection) -> tuple[pa.Schema, list[str]]:
+    """The compacted decisions' columns: the id, every field any group recorded (its type
+    unified over the groups; objects as JSON text), the order and the two blobs; and the
+    fields kept as JSON."""
+    json_fields: set[str] = set()
+    schemas = [
+        pa.table(_field_arrays(orjson.loads(fields), json_fields)).schema
+        for (fields,) in db.execute("SELECT fields FROM decision_groups ORDER BY seq")
+    ]
+    unified = pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+    fields = [f if not pa.types.is_null(f.type) else pa.field(f.name, pa.string()) for f in unified]
+    fields.sort(key=lambda f: f.name != "transaction_id")  # first (a stable sort)
+    schema = pa.schema([
+        *(fields or [pa.field("transaction_id", pa.string())]),
+        pa.field("group_seq", pa.int64()), pa.field("position", pa.int64()),
+        pa.field("features", pa.large_binary()), pa.field("response", pa.large_binary()),
+    ])  # fmt: skip
+    return schema, sorted(json_fields)
+
+
+def _field_arrays(columns: dict[str, list[Any]], json_fields: set[str]) -> dict[str, pa.Array]:
+    """A group's fields as arrays; a field holding objects (in any group) as JSON text."""
+    out = {}
+    for name, values in columns.items():
+        first = next((v for v in values if v is not None), None)  # a field's values: one kind
+        if name in json_fields or isinstance(first, dict | list):
+            json_fields.add(name)
+            values = [None if v is None else orjson.dumps(v).decode() for v in values]
+        out[name] = pa.array(values)
+    return out
+
+
+def _sorted_batches(
+    db: sqlite3.Connection, schema: pa.Schema, json_fields: list[str], stop: threading.Event | None
+) -> Iterator[pa.Table]:
+    """The shard's recorded decisions sorted by transaction_id, a range of ids per table."""
+    as_json = set(json_fields)
+    bounds = _id_bounds(db)
+    for low, high in itertools.pairwise(bounds):
+        keys = db.execute(
+            "SELECT group_seq, position FROM decision_ids WHERE transaction_id >= ? "
+            "AND (? IS NULL OR transaction_id < ?) ORDER BY group_seq, position",
+            (low, high, high),
+        ).fetchall()
+        tables = []
+        for seq, rows in itertools.groupby(keys, key=lambda k: k[0]):
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            n, fields, features, responses, offsets = db.execute(_READ_GROUP, (seq,)).fetchone()
+            table = _group_table(seq, n, fields, features, responses, offsets, as_json)
+            positions = [position for _, position in rows]
+            tables.append(table if len(positions) == n else table.take(pa.array(positions)))
+        if tables:
+            yield _conform(pa.concat_tables(tables, promote_options="permissive"), schema).sort_by(
+                "transaction_id"
+            )
+
+
+_READ_GROUP = (
+    "SELECT decisions, fields, features, responses, offsets FROM decision_groups WHERE seq = ?"
+)
+
+
+def _id_bounds(db: sqlite3.Connection) -> list[str | None]:
+    """Where the passes split the ids: '' (below every id), every ``_ROWS_PER_PASS``-th id,
+    then None (no upper bound)."""
+    ids = db.execute("SELECT transaction_id FROM decision_ids ORDER BY transaction_id")
+    inner = [tid for k, (tid,) in enumerate(ids) if k and k % _ROWS_PER_PASS == 0]
+    return ["", *inner, None]
+
+
+def _group_table(
+    seq: int, n: int, fields: bytes, features: bytes, responses: bytes, offsets: bytes,
+    json_fields: set[str],
+) -> pa.Table:  # fmt: skip
+    """One group row as a table, a row per decision (the blobs sliced without copies)."""
+    arrays = _field_arrays(orjson.loads(fields), json_fields)
+    bounds = np.frombuffer(offsets, dtype="<i8")
+    arrays["group_seq"] = pa.array(np.full(n, seq, dtype=np.int64))
+    arrays["position"] = pa.array(np.arange(n, dtype=np.int64))
+    arrays["features"] = _binary(n, bounds[n + 1 :], features)
+    arrays["response"] = _binary(n, bounds[: n + 1], responses)
+    return pa.table(arrays)
+
+
+def _binary(n: int, offsets: np.ndarray, data: bytes) -> pa.Array:
+    """``n`` byte strings: ``data[offsets[k]:offsets[k + 1]]``."""
+    buffers = [None, pa.py_buffer(offsets.astype("<i8").tobytes()), pa.py_buffer(data)]
+    return pa.Array.from_buffers(pa.large_binary(), n, buffers)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns and types (nulls for a field its groups lack)."""
+    columns = [
+        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _labels_table(db: sqlite3.Connection) -> pa.Table:
+    """The labels table as it is, every column, typed from its declaration."""
+    info = db.execute("PRAGMA table_info(labels)").fetchall()  # cid, name, type, ...
+    rows = db.execute("SELECT * FROM labels ORDER BY seq").fetchall()
+    values = list(zip(*rows, strict=True)) if rows else [() for _ in info]
+    return pa.table({
+        name: pa.array(list(column), type=_ARROW_TYPES.get(kind.upper(), pa.binary()))
+        for (_, name, kind, *_), column in zip(info, values, strict=True)
+    })  # fmt: skip

@@ -16,6 +16,9 @@ deleted and made anew starts from its beginning. A label reported before its tra
 decision was copied (another replica's, not yet followed) does not reach the copy.
 
 Only schema-3 shards are followed (the current one); older shards stay readable by export.
+A compacted shard (``fraudflow.serve.compaction``) is followed under the cursors of the SQLite
+file it replaced (its path and inode are in its metadata): what was copied before the
+compaction is not copied again, and what was not (a console that was not running) is.
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ import threading
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from fraudflow.serve.audit import shard_files
+from fraudflow.errors import ConfigError
+from fraudflow.serve.audit import log_shards
 from fraudflow.serve.cases import CaseStore, Decided
+from fraudflow.serve.compaction import CompactedShard
 
 __all__ = ["HISTORY_DAYS", "RETENTION_DAYS", "follow_audit"]
 
@@ -48,19 +55,72 @@ def follow_audit(audit_path: Path, cases: CaseStore, *, now_us: int) -> int:
     store's history; returns the decisions copied. A missing log copies nothing."""
     copied = 0
     with _lock:
-        for file in shard_files(audit_path):
-            with contextlib.closing(sqlite3.connect(file, timeout=30)) as db:
+        for shard in log_shards(audit_path):
+            try:  # never creates a file: a shard compacted meanwhile is read compacted
+                opened = shard.source()
+            except ConfigError:  # gone: the next call sees its compacted files
+                continue
+            if isinstance(opened, CompactedShard):
+                copied += _copy_compacted(opened, cases, now_us=now_us)
+                continue
+            with contextlib.closing(opened) as db:
                 (version,) = db.execute("PRAGMA user_version").fetchone()
+                try:
+                    source = _source(shard.file, shard.file.stat().st_ino)
+                except FileNotFoundError:  # compacted since it was opened: next call
+                    continue
                 if version != _SCHEMA_VERSION:
                     continue
-                source = _source(file)
                 copied += _copy_decisions(db, cases, source, now_us=now_us)
                 _copy_labels(db, cases, source)
     return copied
 
 
-def _source(file: Path) -> str:
-    return f"{socket.gethostname()}:{file.resolve()}:{file.stat().st_ino}"
+def _source(file: Path | str, inode: int) -> str:
+    return f"{socket.gethostname()}:{Path(file).resolve()}:{inode}"
+
+
+# The columns of a compacted shard that make a ``Decided`` row (its label comes later).
+_DECIDED = (
+    "transaction_id", "customer_id", "terminal_id", "t_us", "amount", "score", "decision",
+    "decided_at_us",
+)  # fmt: skip
+_ROWS_PER_COPY = 50_000
+
+
+def _copy_compacted(shard: CompactedShard, cases: CaseStore, *, now_us: int) -> int:
+    """What a compacted shard holds past the cursors of the SQLite file it replaced."""
+    meta = shard.metadata
+    source = _source(meta["source"]["path"], meta["source"]["inode"])
+    copied = 0
+    after = _cursor_at(cases, source + ":decisions", meta["max_group_seq"])
+    if after < meta["max_group_seq"]:
+        table = shard.decisions().filter(pc.field("group_seq") > after)
+        for start in range(0, len(table), _ROWS_PER_COPY):
+            rows = _decided_rows(table.slice(start, _ROWS_PER_COPY))
+            cases.record_history(rows, forget_before_us=now_us - RETENTION_DAYS * _DAY_US)
+            copied += len(rows)
+        cases.set_history_cursor(source + ":decisions", meta["max_group_seq"])
+    after = _cursor_at(cases, source + ":labels", meta["max_label_seq"])
+    if after < meta["max_label_seq"]:
+        labels = shard.labels().filter(pc.field("seq") > after).sort_by("seq")
+        flags = zip(
+            labels["transaction_id"].to_pylist(), labels["is_fraud"].to_pylist(), strict=True
+        )
+        cases.record_history_labels([(tid, bool(flag)) for tid, flag in flags])
+        cases.set_history_cursor(source + ":labels", meta["max_label_seq"])
+    return copied
+
+
+def _decided_rows(table: pa.Table) -> list[Decided]:
+    columns = [table[name].to_pylist() for name in _DECIDED]
+    return [Decided._make((*row, None)) for row in zip(*columns, strict=True)]
+
+
+def _cursor_at(cases: CaseStore, key: str, last: int) -> int:
+    """The stored cursor, or 0 past ``last`` (the ``_cursor`` rule, for a compacted shard)."""
+    after = cases.history_cursor(key)
+    return 0 if last < after else after
 
 
 def _copy_decisions(db: sqlite3.Connection, cases: CaseStore, source: str, *, now_us: int) -> int:
