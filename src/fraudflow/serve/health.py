@@ -29,6 +29,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from fraudflow.serve.redis_shards import is_cluster, redis_client
 
 __all__ = ["AUDIT_LOG", "STATE_STORE", "FolderProbe", "Health", "RedisProbe", "cause_of"]
 
@@ -147,21 +150,35 @@ class RedisProbe:
     """A Redis server that must answer PING within ``timeout_seconds``."""
 
     def __init__(self, url: str, *, timeout_seconds: float = 1.0) -> None:
-        import redis
-
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
-        )
+        self._url = url
+        self._options = {"socket_timeout": timeout_seconds,
+                         "socket_connect_timeout": timeout_seconds}  # fmt: skip
+        self._client: Any = None
 
     def check(self, *, failed: bool) -> str | None:
+        # A cluster client connects (discovers the slots) when made: made at the first probe,
+        # so that a cluster down at start-up is a failed probe, not a failed start.
         try:
+            if self._client is None:
+                self._client = redis_client(self._url, **self._options)
             self._client.ping()
+            if is_cluster(self._client):
+                # Every slot served: CLUSTERDOWN (a master lost, its replica not yet
+                # promoted) fails the decisions, so it fails readiness too.
+                state = self._client.cluster_info(target_nodes="random")
+                if state.get("cluster_state") != "ok":
+                    return UNREACHABLE
         except Exception as exc:
+            if is_cluster(self._client):  # discover the cluster afresh at the next probe
+                with contextlib.suppress(Exception):
+                    self._client.close()
+                self._client = None
             return cause_of(exc)
         return None
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
 
 Probe = FolderProbe | RedisProbe

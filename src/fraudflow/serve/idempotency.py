@@ -8,8 +8,8 @@ with the decision recorded for the first one, looked up in this order:
    commit; wait for it.
 2. The ledgers: with SQLite state, the audit log (its ``decision_ids`` are unique by
    transaction_id; every process sharing the state shares it); with Redis state, Redis
-   (``RedisLedger``, written right after each audit commit with SET NX), so replicas on other
-   hosts find it; then this replica's own audit log.
+   (``RedisLedger``, written right after each audit commit with SET NX and kept for the
+   idempotency window), so replicas on other hosts find it; then this replica's own audit log.
 3. Not yet there: another process may be committing it; poll for ``wait_seconds``. Not when
    this process itself failed to record it (``PendingDecisions.failed``): nobody else will.
 
@@ -27,20 +27,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import zlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from fraudflow.serve.audit import AuditLog, DecisionRecord
-
-if TYPE_CHECKING:
-    import redis
+from fraudflow.serve.redis_shards import Command, Shards, redis_client
 
 __all__ = [
     "AuditLedger",
     "DecisionLedger",
     "PendingDecisions",
     "RedisLedger",
+    "pack_response",
     "resolve_duplicate",
+    "unpack_response",
 ]
 
 
@@ -61,32 +62,65 @@ class AuditLedger:
 
 
 class RedisLedger:
-    """Responses in Redis, shared by replicas: ``<prefix>decision:<transaction_id>``.
+    """Responses in Redis or a Redis Cluster, shared by replicas: ``<prefix>{t:<id>}r``, in the
+    slot of the transaction's state record (``fraudflow.serve.state``), compressed
+    (``pack_response``).
 
-    Written with SET NX (the first answer stays) and a TTL longer than the feature state's
-    retention: after that the state no longer refuses the id either.
+    Written with SET NX (the first answer stays) and kept ``ttl_seconds``, the idempotency
+    window; a repeat after it finds the state's record (while the state keeps it) but no
+    response, and is decided again from the state (``resolve_duplicate``).
     """
 
-    def __init__(self, url: str, *, ttl_seconds: int, prefix: str = "{fraudflow}:") -> None:
-        import redis
-
-        self._client: redis.Redis = redis.Redis.from_url(url)
-        self._prefix = prefix + "decision:"
+    def __init__(self, url: str, *, ttl_seconds: int, prefix: str = "fraudflow:") -> None:
+        self._client = redis_client(url)
+        self._shards = Shards(self._client)
+        self._prefix = prefix
         self._ttl = ttl_seconds
 
+    def key(self, transaction_id: str) -> str:
+        return f"{self._prefix}{{t:{transaction_id}}}r"
+
     def get(self, transaction_id: str) -> bytes | None:
-        found = self._client.get(self._prefix + transaction_id)
-        return None if found is None else bytes(found)  # type: ignore[arg-type]
+        found = self._client.get(self.key(transaction_id))
+        return None if found is None else unpack_response(bytes(found))  # type: ignore[arg-type]
 
     def put(self, records: Sequence[DecisionRecord]) -> None:
-        """Record the responses; the audit writer calls it after each commit (one round trip)."""
-        with self._client.pipeline(transaction=False) as pipe:
-            for r in records:
-                pipe.set(self._prefix + r.transaction_id, r.response, nx=True, ex=self._ttl)
-            pipe.execute()
+        """Record the responses; the audit writer calls it after each commit (one round trip
+        per node)."""
+        calls: list[Command] = []
+        for r in records:
+            key = self.key(r.transaction_id)
+            calls.append((key, ("SET", key, pack_response(r.response), "NX", "EX", self._ttl)))
+        self._shards.run(calls)
 
     def close(self) -> None:
         self._client.close()
+
+
+# What responses are made of (DecisionOut's keys and usual values), as a preset dictionary:
+# a response then compresses to its numbers and names. Changing it needs a new format byte.
+_RESPONSE_WORDS = (
+    b'"model_version":"","kind":"feature","kind":"rule","kind":"threshold","detail":"'
+    b"customer__count__terminal__fraud_rate__mean_amount__small_count__hours_since_prev"
+    b'__1h__1d__7d__30d__tx__log_amount","value":null,"contribution":null},{"name":"'
+    b'score above the review threshold","decision":"approve","decision":"review",'
+    b'"decision":"block","reasons":[],"reasons":[{"kind":"feature","name":"'
+    b'{"transaction_id":"tx-","score":0.'
+)
+_FORMAT = b"\x01"  # raw DEFLATE with _RESPONSE_WORDS
+
+
+def pack_response(body: bytes) -> bytes:
+    """A response body, compressed for Redis."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zdict=_RESPONSE_WORDS)
+    return _FORMAT + packer.compress(body) + packer.flush()
+
+
+def unpack_response(packed: bytes) -> bytes:
+    if packed[:1] != _FORMAT:  # written by another version: not a response this one reads
+        raise ValueError(f"unknown response format {packed[:1]!r} in Redis")
+    unpacker = zlib.decompressobj(-15, zdict=_RESPONSE_WORDS)
+    return unpacker.decompress(packed[1:]) + unpacker.flush()
 
 
 class PendingDecisions:

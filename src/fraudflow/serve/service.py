@@ -63,6 +63,7 @@ from fraudflow.serve.idempotency import (
     resolve_duplicate,
 )
 from fraudflow.serve.metrics import ScoreDrift, ServiceMetrics, observe_many
+from fraudflow.serve.redis_shards import is_redis_url
 from fraudflow.serve.runcheck import refusal, verify_run
 from fraudflow.serve.schemas import LabelIn, TransactionIn
 from fraudflow.serve.scoring import Engine, Judgements, load_engine
@@ -342,7 +343,7 @@ class DecisionService:
                 raise
         store = TimedStore(opened, self.metrics, spec=TimedSpecStore(spec_store, self.metrics))
         redis_ledger = None
-        if s.state is not None and s.state.startswith(("redis://", "rediss://")):
+        if s.state is not None and is_redis_url(s.state):
             redis_ledger = RedisLedger(s.state, ttl_seconds=s.idempotency_ttl_seconds)
         after_commit = redis_ledger.put if redis_ledger is not None else None
         try:

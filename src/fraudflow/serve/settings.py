@@ -32,6 +32,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fraudflow.errors import ConfigError
 from fraudflow.serve.database import POSTGRES_URL_FORM, is_postgres_url, redact_url
+from fraudflow.serve.redis_shards import CLUSTER_SCHEME, REDIS_SCHEMES, URL_FORMS, cluster_nodes
 
 __all__ = [
     "ENV_PREFIX",
@@ -43,7 +44,7 @@ __all__ = [
 
 ENV_PREFIX = "FRAUDFLOW_"
 MIB = 1024 * 1024
-_STATE_SCHEMES = ("sqlite", "redis", "rediss")
+_STATE_SCHEMES = ("sqlite", *REDIS_SCHEMES)
 
 
 class ServeSettings(BaseSettings):
@@ -55,7 +56,8 @@ class ServeSettings(BaseSettings):
     host: str = "127.0.0.1"  # loopback unless asked: the service holds customer data
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64)
-    state: str | None = None  # sqlite:///<path> or redis://...; None: <data-dir>/state.db
+    # sqlite:///<path>, redis://... or redis-cluster://...; None: <data-dir>/state.db
+    state: str | None = None
     policy: Path | None = None  # None: RUN_DIR/policy.yaml if present, else the default
     data_dir: Path | None = None  # None: RUN_DIR/serve
     audit: Path | None = None  # None: <data-dir>/audit.db
@@ -75,8 +77,9 @@ class ServeSettings(BaseSettings):
     psi_interval_seconds: float = Field(5.0, gt=0)
     # How long a duplicate transaction_id waits for a concurrent request to record its decision.
     duplicate_wait_seconds: float = Field(5.0, ge=0)
-    # Redis idempotency records outlive the feature state's retention (37 days by default).
-    idempotency_ttl_seconds: int = Field(40 * 86_400, ge=60)
+    # With Redis state: how long each decision is kept there for replays of its transaction_id
+    # (the idempotency window); after it, a repeat is decided again from the state.
+    idempotency_ttl_seconds: int = Field(7 * 86_400, ge=60)
     # Workers > 1: how often each worker looks for a reload done by another worker.
     reload_poll_seconds: float = Field(1.0, gt=0)
     # Start-up and reload: how long the child process that loads and probes a run's model may
@@ -124,9 +127,12 @@ class ServeSettings(BaseSettings):
         ok = sep and scheme in _STATE_SCHEMES and (scheme != "sqlite" or len(rest) > 1)
         if not ok or (scheme == "sqlite" and not rest.startswith("/")):
             shown = f"{scheme}://...@{rest.rpartition('@')[2]}" if "@" in rest else url
-            raise ValueError(
-                f"must be sqlite:///<path> or redis://<host>[:<port>][/<db>], however got {shown!r}"
-            )
+            raise ValueError(f"must be sqlite:///<path> or {URL_FORMS}, however got {shown!r}")
+        if scheme == CLUSTER_SCHEME:
+            try:
+                cluster_nodes(url)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return url
 
     @field_validator("cases")

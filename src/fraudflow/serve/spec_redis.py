@@ -1,40 +1,41 @@
 """The spec engine's store in Redis (``fraudflow.features.spec_online.SpecStore``).
 
-Keys, beside the fast path's (``fraudflow.serve.state``, whose ``seq`` counter, ``tx`` log,
-``txt`` times and ``label`` hash are shared, and whose ``ev:``/``fr:`` sets this store keeps
-too, so either engine can take over after a reload):
+Each transaction goes first through the fast path's store (``fraudflow.serve.state.RedisStore``:
+its per-transaction record decides what is new, its per-entity sets are written, so either
+engine can take over after a reload), then into this store's own keys, one key space under the
+hash tag ``{spec}`` (one cluster slot: the script below reads any key group's set):
 
-    sg:<by JSON>:<key JSON>  zset  a key group's events: score t_us, member
+    <p>{spec}:sg:<by JSON>:<key JSON>  zset  a key group's events: score t_us, member
                                    "<seq, 20 digits><len(id), 4 digits><id><t_us>|<columns>",
                                    columns as sorted JSON; equal scores sort by member, so
                                    ties keep arrival order
-    rc                       hash  transaction_id -> how many sg: sets hold it; at 0 the
-                                   transaction is forgotten (tx, label, txt)
-    tx (shared)              hash  transaction_id -> JSON [t_us, customer_id, terminal_id,
-                                   amount, seq, columns JSON]
+    <p>{spec}:log              hash  transaction_id -> JSON [t_us, customer_id, terminal_id,
+                                   amount, seq, columns JSON]: what a new layout is indexed from
+    <p>{spec}:rc               hash  transaction_id -> how many sg: sets hold it; at 0 it is
+                                   forgotten (log, lb)
+    <p>{spec}:lb               hash  transaction_id -> "0" | "1", the latest label
+    <p>{spec}:seq              INCR counter: the arrival sequence
 
-``apply_many`` is one Lua script: atomic, one round trip; per row and key group it answers the
-members of one rank range (``Group``: the events dated in (t - reach, t] and the last N before a
-window's end are one contiguous range of the key's set) and, for groups that read labels,
-their labels. A new layout (``prepare``, at engine load) indexes the log by its groups first:
-the transactions the ``tx`` log holds, whichever engine recorded them. Events recorded by a
-process still serving another spec while this one prepares reach the new groups only if the
-log is indexed again (the next ``prepare``).
+The record's done bit ``SPEC_DONE`` says this store holds the transaction: a call that failed
+between the fast path's writes and this store's script is completed by the next call that
+meets the transaction. ``apply_many``'s script is atomic; per row and key group it answers the
+members of one rank range (``Group``: the events dated in (t - reach, t] and the last N before
+a window's end are one contiguous range of the key's set) and, for groups that read labels,
+their labels. A new layout (``prepare``, at engine load) indexes the log by its groups first,
+after adding to it the transactions the fast path recorded while it served alone.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fraudflow.data.schema import AMOUNT, CUSTOMER_ID, TERMINAL_ID
-from fraudflow.errors import ConfigError
+from fraudflow.features.online import AnswerLists, Event
 from fraudflow.features.spec_online import Answer, Group, Layout, Row, Stored
-from fraudflow.serve.state import LABEL_LUA
-
-if TYPE_CHECKING:
-    import redis
+from fraudflow.serve.redis_shards import redis_client
+from fraudflow.serve.state import SPEC_DONE, RedisStore, unpack_record
 
 __all__ = ["SpecRedisStore"]
 
@@ -64,7 +65,7 @@ local function answer(prefix, q)
     for i = 1, #members, 1000 do
       local ids = {}
       for j = i, math.min(i + 999, #members) do ids[#ids + 1] = id_of(members[j]) end
-      for _, flag in ipairs(redis.call('HMGET', prefix .. 'label', unpack(ids))) do
+      for _, flag in ipairs(redis.call('HMGET', prefix .. 'lb', unpack(ids))) do
         labels[#labels + 1] = flag
       end
     end
@@ -75,9 +76,8 @@ local function forget_member(prefix, m)
   local id = id_of(m)
   if redis.call('HINCRBY', prefix .. 'rc', id, -1) <= 0 then
     redis.call('HDEL', prefix .. 'rc', id)
-    redis.call('HDEL', prefix .. 'tx', id)
-    redis.call('HDEL', prefix .. 'label', id)
-    redis.call('ZREM', prefix .. 'txt', id)
+    redis.call('HDEL', prefix .. 'log', id)
+    redis.call('HDEL', prefix .. 'lb', id)
     return 1
   end
   return 0
@@ -111,15 +111,15 @@ return cjson.encode(out)
 
 # ARGV: prefix, forget_until_us, rows JSON [[id, t, customer, terminal, amount, member tail,
 # columns JSON, [query per group], [keep per group]], ...]. Returns JSON: per row its answer,
-# or 0 where its id is stored already.
+# or 0 where its id is in the log already.
 _APPLY_LUA = (
     _ANSWER_LUA
     + """
 local prefix, forget = ARGV[1], ARGV[2]
-local out, touched, entities = {}, {}, {}
+local out, touched = {}, {}
 for i, r in ipairs(cjson.decode(ARGV[3])) do
   local id, t = r[1], r[2]
-  if redis.call('HEXISTS', prefix .. 'tx', id) == 1 then
+  if redis.call('HEXISTS', prefix .. 'log', id) == 1 then
     out[i] = 0
   else
     local res = {}
@@ -131,23 +131,27 @@ for i, r in ipairs(cjson.decode(ARGV[3])) do
       touched[q[1]] = r[9][g]
     end
     redis.call('HSET', prefix .. 'rc', id, #r[8])
-    local fast = seq .. '|' .. t .. '|' .. r[5]
-    for _, entity in ipairs({'customer:' .. r[3], 'terminal:' .. r[4]}) do
-      redis.call('ZADD', prefix .. 'ev:' .. entity, t, fast)
-      entities[entity] = true
-    end
-    redis.call('HSET', prefix .. 'tx', id, cjson.encode({t, r[3], r[4], r[5], seq, r[7]}))
-    redis.call('ZADD', prefix .. 'txt', t, id)
+    redis.call('HSET', prefix .. 'log', id, cjson.encode({t, r[3], r[4], r[5], seq, r[7]}))
   end
 end
 for key, keep in pairs(touched) do forget_key(prefix, prefix .. 'sg:' .. key, forget, keep) end
-for entity in pairs(entities) do
-  redis.call('ZREMRANGEBYSCORE', prefix .. 'ev:' .. entity, '-inf', forget)
-  redis.call('ZREMRANGEBYSCORE', prefix .. 'fr:' .. entity, '-inf', forget)
-end
 return cjson.encode(out)
 """
 )
+
+# ARGV: prefix, entries JSON [[id, t, customer, terminal, amount, label], ...] in time order:
+# the fast path's transactions, added to the log where absent.
+_LOG_LUA = """
+for _, e in ipairs(cjson.decode(ARGV[2])) do
+  local log = ARGV[1] .. 'log'
+  if redis.call('HEXISTS', log, e[1]) == 0 then
+    local seq = string.format('%020d', redis.call('INCR', KEYS[1]))
+    redis.call('HSET', log, e[1], cjson.encode({e[2], e[3], e[4], e[5], seq}))
+    redis.call('HSET', ARGV[1] .. 'lb', e[1], e[6])
+  end
+end
+return 0
+"""
 
 # ARGV: prefix, entries JSON [[key, t, member, id], ...]: index logged transactions.
 _BACKFILL_LUA = """
@@ -173,23 +177,26 @@ return gone
 
 
 class SpecRedisStore:
-    """A ``SpecStore`` in Redis, shared by service replicas (module docstring).
+    """A ``SpecStore`` in Redis or a Redis Cluster, shared by service replicas (module
+    docstring).
 
-    Thread-safe: redis-py's client draws connections from a pool.
+    Thread-safe: redis-py's clients draw connections from a pool.
     """
 
-    def __init__(self, url: str, *, prefix: str = "{fraudflow}:") -> None:
-        self.prefix = prefix
-        self._client = _redis_client(url)
-        self._seq = prefix + "seq"  # declared to Redis, so cluster clients route to the slot
+    def __init__(self, url: str, *, prefix: str = "fraudflow:") -> None:
+        self.prefix = prefix + "{spec}:"
+        self._fast = RedisStore(url, prefix=prefix)
+        self._client = redis_client(url)
+        self._seq = self.prefix + "seq"  # declared to Redis, so cluster clients route to the slot
         self._read = self._client.register_script(_READ_LUA)
         self._apply = self._client.register_script(_APPLY_LUA)
         self._backfill = self._client.register_script(_BACKFILL_LUA)
+        self._log = self._client.register_script(_LOG_LUA)
         self._prune = self._client.register_script(_PRUNE_LUA)
-        self._label = self._client.register_script(LABEL_LUA)
 
     def prepare(self, layout: Layout) -> None:
         """Index every transaction of the log by ``layout``'s key groups (idempotent)."""
+        self._log_fast_path()
         entries: list[list[Any]] = []
         for tid, logged in self._logged():
             row = _logged_row(tid, logged)
@@ -209,19 +216,32 @@ class SpecRedisStore:
     ) -> list[Answer | None]:
         if not rows:
             return []
-        payload = []
-        for row in rows:
+        events = [_event(row) for row in rows]
+        fresh, wanted = self._fast.apply_claimed(
+            events, (), AnswerLists((), len(rows)), forget_until_us=forget_until_us,
+            also_done=SPEC_DONE,
+        )  # fmt: skip
+        payload, at = [], []
+        for i, row in enumerate(rows):
+            if not wanted[i]:
+                continue
             columns = _columns_json(row.columns)
-            c = row.columns
+            e = events[i]
             payload.append([
-                row.transaction_id, str(row.t_us), str(c[CUSTOMER_ID]), str(c[TERMINAL_ID]),
-                repr(float(c[AMOUNT])),  # type: ignore[arg-type]
+                row.transaction_id, str(row.t_us), e.customer_id, e.terminal_id, repr(e.amount),
                 _member_tail(row.transaction_id, row.t_us, columns), columns,
                 _queries(row, layout), [g.keep for g in layout.groups],
             ])  # fmt: skip
-        args = [self.prefix, str(forget_until_us), json.dumps(payload)]
-        reply = json.loads(self._apply(keys=[self._seq], args=args))
-        return [None if a == 0 else _answer(a, None) for a in _listed(reply)]
+            at.append(i)
+        out: list[Answer | None] = [None] * len(rows)
+        if payload:
+            args = [self.prefix, str(forget_until_us), json.dumps(payload)]
+            reply = _listed(json.loads(self._apply(keys=[self._seq], args=args)))
+            for i, a in zip(at, reply, strict=True):
+                if fresh[i] and a != 0:
+                    out[i] = _answer(a, None)
+            self._fast.mark_done([rows[i].transaction_id for i in at], SPEC_DONE)
+        return out
 
     def read(self, rows: Sequence[Row], layout: Layout) -> list[Answer]:
         queries = [_queries(row, layout) for row in rows]
@@ -229,8 +249,12 @@ class SpecRedisStore:
         return [_answer(a, row.transaction_id) for a, row in zip(_listed(reply), rows, strict=True)]
 
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
-        args = [self.prefix, transaction_id, "1" if is_fraud else "0"]
-        return bool(self._label(keys=[self._seq], args=args))
+        # The log may keep a transaction the fast path forgot (among a key's last N).
+        fast = self._fast.set_label(transaction_id, is_fraud)
+        if not self._client.hexists(self.prefix + "log", transaction_id):
+            return fast
+        self._client.hset(self.prefix + "lb", transaction_id, "1" if is_fraud else "0")
+        return True
 
     def prune(self, layout: Layout, until_us: int) -> int:
         gone = 0
@@ -243,6 +267,7 @@ class SpecRedisStore:
         return gone
 
     def close(self) -> None:
+        self._fast.close()
         self._client.close()
 
     def __enter__(self) -> SpecRedisStore:
@@ -252,18 +277,25 @@ class SpecRedisStore:
         self.close()
 
     def _logged(self) -> Iterator[tuple[str, str]]:
-        for tid, logged in self._client.hscan_iter(self.prefix + "tx", count=1000):
+        for tid, logged in self._client.hscan_iter(self.prefix + "log", count=1000):
             yield tid.decode(), logged.decode()
 
+    def _log_fast_path(self) -> None:
+        """Add to the log the transactions the fast path's records hold (time order)."""
+        found = []
+        for tid, packed, label in self._fast.records():
+            t_us, amount, customer_id, terminal_id = unpack_record(packed)
+            found.append([tid, str(t_us), customer_id, terminal_id, repr(amount), label])
+        found.sort(key=lambda e: int(e[1]))
+        for start in range(0, len(found), _BACKFILL_CHUNK):
+            chunk = json.dumps(found[start : start + _BACKFILL_CHUNK])
+            self._log(keys=[self._seq], args=[self.prefix, chunk])
 
-def _redis_client(url: str) -> redis.Redis:
-    try:
-        import redis
-    except ImportError:
-        raise ConfigError(
-            "a redis:// state store needs the `redis` package, however it is not installed"
-        ) from None
-    return redis.Redis.from_url(url)
+
+def _event(row: Row) -> Event:
+    c = row.columns
+    amount = float(c[AMOUNT])  # type: ignore[arg-type]
+    return Event(row.transaction_id, row.t_us, str(c[CUSTOMER_ID]), str(c[TERMINAL_ID]), amount)
 
 
 def _columns_json(columns: dict[str, Any]) -> str:

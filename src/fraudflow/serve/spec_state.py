@@ -4,7 +4,8 @@
 ``fraudflow.serve.state`` (the same file, or the same Redis key space):
 
     None or sqlite:///<path>    SpecSQLiteStore: the state file's ``transactions`` log
-    redis://host[:port][/db]    SpecRedisStore: Lua scripts, one round trip per call
+    redis://host[:port][/db]    SpecRedisStore: Lua scripts, one round trip per call (and
+    redis-cluster://...         the fast path's per-transaction records and entity sets)
 
 Both engines record into one log of transactions (SQLite: the ``transactions`` table, whose
 ``extra`` column holds the columns beyond the canonical ones; Redis: the ``tx`` hash), so a
@@ -33,6 +34,7 @@ from fraudflow.features.spec_online import (
     SpecStore,
     Stored,
 )
+from fraudflow.serve.redis_shards import URL_FORMS, is_redis_url
 from fraudflow.serve.spec_redis import SpecRedisStore
 from fraudflow.serve.sqlite import connect_wal
 from fraudflow.serve.state import migrate_state_file, sqlite_file
@@ -50,9 +52,9 @@ def open_spec_store(url: str | None, *, default_path: Path) -> SpecStore:
     if path is not None:
         return SpecSQLiteStore(path)
     assert url is not None  # None names the default file
-    if url.partition("://")[0] in ("redis", "rediss"):
+    if is_redis_url(url):
         return SpecRedisStore(url)
-    raise ConfigError("state store URL must be sqlite:///<path> or redis://<host>[:<port>][/<db>]")
+    raise ConfigError(f"state store URL must be sqlite:///<path> or {URL_FORMS}")
 
 
 class SpecSQLiteStore:

@@ -4,6 +4,8 @@ Both implement ``fraudflow.features.online.StateStore``; ``open_store`` picks on
 
     None or sqlite:///<path>    SQLiteStore: one file on disk, the embedded default
     redis://host[:port][/db]    RedisStore: shared by several service replicas
+    redis-cluster://host:port[,host:port...]    RedisStore on a Redis Cluster, keys spread
+                                by what they belong to (``fraudflow.serve.redis_shards``)
 
 Paths follow the SQLAlchemy convention: ``sqlite:///state.db`` is relative,
 ``sqlite:////var/lib/fraudflow/state.db`` absolute.
@@ -11,20 +13,21 @@ Paths follow the SQLAlchemy convention: ``sqlite:///state.db`` is relative,
 Each store keeps, per entity (customer or terminal), its recent events ordered by (time,
 arrival sequence), and per transaction its time, its two entities and its latest label.
 SQLite keeps the transactions on disk and answers from an in-memory mirror of them; Redis
-keeps per-entity sorted sets and a per-entity fraud set, so that the evaluator's label
-counts are range counts, without a join.
+keeps per-entity sorted sets of packed events and a per-entity fraud set, so that the
+evaluator's label counts are range counts, without a join, and one record per transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import sqlite3
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from fraudflow.errors import ConfigError
 from fraudflow.features.online import (
@@ -35,6 +38,7 @@ from fraudflow.features.online import (
     StateStore,
     Window,
 )
+from fraudflow.serve.redis_shards import URL_FORMS, Command, Shards, is_redis_url, redis_client
 from fraudflow.serve.sqlite import (
     Checkpointer,
     connect_wal,
@@ -43,11 +47,8 @@ from fraudflow.serve.sqlite import (
     multi_row_inserts,
 )
 
-if TYPE_CHECKING:
-    import redis
-
 __all__ = [
-    "LABEL_LUA",
+    "SPEC_DONE",
     "RedisStore",
     "SQLiteStore",
     "migrate_state_file",
@@ -67,19 +68,19 @@ def sqlite_file(url: str | None, *, default_path: Path) -> Path | None:
 
 
 def open_store(url: str | None, *, default_path: Path) -> StateStore:
-    """The store a URL names: None or ``sqlite:///<path>``, or ``redis://``/``rediss://``."""
+    """The store a URL names: None or ``sqlite:///<path>``, ``redis://``/``rediss://``, or
+    ``redis-cluster://``."""
     path = sqlite_file(url, default_path=default_path)
     if path is not None:
         return SQLiteStore(path)
     assert url is not None  # None names the default file
-    scheme, sep, rest = url.partition("://")
-    if scheme in ("redis", "rediss") and sep:
+    scheme, _, rest = url.partition("://")
+    if is_redis_url(url):
         return RedisStore(url)
     # Never echo a URL's credentials.
     shown = f"{scheme}://...@{rest.rpartition('@')[2]}" if "@" in rest else url
     raise ConfigError(
-        "state store URL must be sqlite:///<path> or redis://<host>[:<port>][/<db>], "
-        f"however got {shown!r}"
+        f"state store URL must be sqlite:///<path> or {URL_FORMS}, however got {shown!r}"
     )
 
 
@@ -400,169 +401,249 @@ class SQLiteStore:
 
 # --- Redis -------------------------------------------------------------------------------
 #
-# Keys (all under the prefix, whose hash tag "{fraudflow}" puts them in one cluster slot, as
-# the scripts touch keys they compute):
-#   seq                          INCR counter: the arrival sequence
-#   ev:<entity>:<id>   zset      score t_us, member "<seq, 20 digits>|<t_us>|<repr(amount)>";
-#                                equal scores sort by member, so ties keep arrival order
-#   fr:<entity>:<id>   zset      score t_us, member transaction_id: the events labelled fraud
-#   tx                 hash      transaction_id -> JSON [t_us, customer_id, terminal_id, amount,
-#                                seq]: the log the spec engine (``fraudflow.serve.spec_redis``)
-#                                indexes its key groups from, and writes too
-#   txt                zset      score t_us, member transaction_id: for forgetting old ones
-#   label              hash      transaction_id -> "0" | "1", the latest label
-# Scores are doubles: integer microsecond times are exact up to 2**53 (the year 2255).
+# Keys, each under a hash tag naming what it belongs to, so a Redis Cluster spreads them
+# (``fraudflow.serve.redis_shards``); <p> is the prefix:
+#   <p>{c:<customer_id>}   zset  the customer's events: score t_us, member the 16 bytes
+#   <p>{m:<terminal_id>}   zset  <8-byte hash of transaction_id><amount, float64 LE>; the hash
+#                                makes the member deterministic (re-applying adds nothing),
+#                                the amount is what windows sum
+#   <p>{c:<id>}f, {m:<id>}f zset the entity's events labelled fraud: score t_us, member the
+#                                8-byte hash
+#   <p>{t:<transaction_id>} hash the transaction's record: e = <t_us int64><amount float64>
+#                                <len(customer_id) uint16><customer_id><terminal_id>; d = the
+#                                writes done (bit 1: customer, 2: terminal, 4: the spec
+#                                engine's); l = the latest label
+#   <p>{w}                 string the highest forgetting bound seen: older transactions are
+#                                forgotten, a label for one is refused
+# Entity sets and records expire when no window can reach them any more (a key idle that long
+# holds only forgotten events), so idle keys need no sweep. Scores are doubles: integer
+# microsecond times are exact up to 2**53 (the year 2255); bounds are computed in Python and sent
+# as text: Lua's numbers are doubles, printed with %.14g.
+#
+# apply_many, per group of events: (1) claim each transaction's record (one script per
+# record: created if absent, else its done bits answer); (2) per entity key one script that,
+# event by event in call order, answers the windows and adds the event; (3) mark the records
+# done. An event whose record exists but is not done (a crash or a node error between the
+# phases) is written again by whoever meets it next: the writes are idempotent, and a script
+# that finds the event already in its set answers without it, so the first writer's answers
+# stay those of the events stored before it.
 
-_FORGET_LUA = """
-local function forget_transactions(prefix, until_us)
-  local old = redis.call('ZRANGEBYSCORE', prefix .. 'txt', '-inf', until_us, 'LIMIT', 0, 500)
-  if #old > 0 then
-    redis.call('HDEL', prefix .. 'tx', unpack(old))
-    redis.call('HDEL', prefix .. 'label', unpack(old))
-    redis.call('ZREM', prefix .. 'txt', unpack(old))
-  end
-  return #old
-end
+_CLAIM_LUA = """
+local d = redis.call('HGET', KEYS[1], 'd')
+if d then return tonumber(d) end
+redis.call('HSET', KEYS[1], 'e', ARGV[1], 'd', 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return -1
 """
 
-# Answers queries [[entity, id, after_us, until_us, rows], ...] (numbers as strings: Lua
-# numbers print as %.14g) as {count, frauds, "<member>|<member>|..."}: one bulk string per
-# query parses far faster in Python than nested arrays of members.
-_ANSWER_LUA = """
-local function answer(prefix, queries)
-  local results = {}
-  for i, q in ipairs(queries) do
-    local entity = q[1] .. ':' .. q[2]
-    local after, till = '(' .. q[3], q[4]
-    local events = prefix .. 'ev:' .. entity
-    local rows = ''
-    if q[5] then rows = table.concat(redis.call('ZRANGEBYSCORE', events, after, till), '|') end
-    results[i] = {
-      redis.call('ZCOUNT', events, after, till),
-      redis.call('ZCOUNT', prefix .. 'fr:' .. entity, after, till),
-      rows,
-    }
+# KEYS: events, frauds. ARGV: forget ('' for none), ttl ms, n windows, per window amounts
+# (0|1), then per event t, member, write (0|1) and per window its bounds (after, until]
+# (computed by the caller: Lua's doubles are not exact past 2**53). Returns, per event and
+# window, count, frauds and, for amount windows, the members (one string) and the latest time.
+_ENTITY_LUA = """
+local ev, fr = KEYS[1], KEYS[2]
+local forget, ttl, nw = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local amounts = {}
+for j = 1, nw do amounts[j] = ARGV[3 + j] == '1' end
+local out = {}
+local wrote = false
+local step = 3 + 2 * nw
+for k = 4 + nw, #ARGV, step do
+  local t, m, write = ARGV[k], ARGV[k + 1], ARGV[k + 2] == '1'
+  local own = redis.call('ZSCORE', ev, m)
+  local hash = string.sub(m, 1, 8)
+  local own_fraud = nil
+  if own then
+    -- Stored already (a retry completing it, or another writer did): answer without it.
+    redis.call('ZREM', ev, m)
+    own_fraud = redis.call('ZSCORE', fr, hash)
+    if own_fraud then redis.call('ZREM', fr, hash) end
   end
-  return results
-end
-"""
-
-# ARGV: prefix, queries as JSON. Returns JSON [[count, frauds, rows], ...].
-_READ_LUA = _ANSWER_LUA + "return cjson.encode(answer(ARGV[1], cjson.decode(ARGV[2])))"
-
-# ARGV: prefix, forget_until_us, then the events as JSON [[tx_id, t_us, customer_id,
-# terminal_id, amount, queries], ...] (numbers as strings). Returns JSON with, per event,
-# its query results, or 0 where its transaction_id is already stored.
-_APPLY_MANY_LUA = (
-    _FORGET_LUA
-    + _ANSWER_LUA
-    + """
-local prefix, forget = ARGV[1], ARGV[2]
-local out, touched = {}, {}
-for i, e in ipairs(cjson.decode(ARGV[3])) do
-  local tx, t, customer, terminal, amount = e[1], e[2], e[3], e[4], e[5]
-  if redis.call('HEXISTS', prefix .. 'tx', tx) == 1 then
-    out[i] = 0
-  else
-    out[i] = answer(prefix, e[6])
-    local seq = string.format('%020d', redis.call('INCR', KEYS[1]))
-    local member = seq .. '|' .. t .. '|' .. amount
-    for _, entity in ipairs({'customer:' .. customer, 'terminal:' .. terminal}) do
-      redis.call('ZADD', prefix .. 'ev:' .. entity, t, member)
-      touched[entity] = true
+  for j = 1, nw do
+    local lo, hi = '(' .. ARGV[k + 1 + 2 * j], ARGV[k + 2 + 2 * j]
+    out[#out + 1] = redis.call('ZCOUNT', ev, lo, hi)
+    out[#out + 1] = redis.call('ZCOUNT', fr, lo, hi)
+    if amounts[j] then
+      local got = redis.call('ZRANGEBYSCORE', ev, lo, hi, 'WITHSCORES')
+      local members = {}
+      for i = 1, #got, 2 do members[#members + 1] = got[i] end
+      out[#out + 1] = table.concat(members)
+      out[#out + 1] = got[#got] or '0'
     end
-    redis.call('HSET', prefix .. 'tx', tx, cjson.encode({t, customer, terminal, amount, seq}))
-    redis.call('ZADD', prefix .. 'txt', t, tx)
+  end
+  if own then redis.call('ZADD', ev, own, m) end
+  if own_fraud then redis.call('ZADD', fr, own_fraud, hash) end
+  if write then
+    redis.call('ZADD', ev, t, m)
+    wrote = true
   end
 end
-for entity in pairs(touched) do
-  redis.call('ZREMRANGEBYSCORE', prefix .. 'ev:' .. entity, '-inf', forget)
-  redis.call('ZREMRANGEBYSCORE', prefix .. 'fr:' .. entity, '-inf', forget)
+if forget ~= '' then
+  redis.call('ZREMRANGEBYSCORE', ev, '-inf', forget)
+  redis.call('ZREMRANGEBYSCORE', fr, '-inf', forget)
 end
-forget_transactions(prefix, forget)
-return cjson.encode(out)
-"""
-)
-
-# ARGV: prefix, tx_id, "0" | "1". Returns 1, or 0 when the transaction is not stored.
-LABEL_LUA = """
-local prefix, tx, flag = ARGV[1], ARGV[2], ARGV[3]
-local info = redis.call('HGET', prefix .. 'tx', tx)
-if not info then return 0 end
-local t, customer, terminal = unpack(cjson.decode(info))
-redis.call('HSET', prefix .. 'label', tx, flag)
-for _, entity in ipairs({'customer:' .. customer, 'terminal:' .. terminal}) do
-  if flag == '1' then
-    redis.call('ZADD', prefix .. 'fr:' .. entity, t, tx)
-  else
-    redis.call('ZREM', prefix .. 'fr:' .. entity, tx)
-  end
+if wrote then
+  redis.call('PEXPIRE', ev, ttl)
+  if redis.call('EXISTS', fr) == 1 then redis.call('PEXPIRE', fr, ttl) end
 end
-return 1
+return out
 """
 
-_PRUNE_LUA = _FORGET_LUA + "return forget_transactions(ARGV[1], ARGV[2])"
+# KEYS: the watermark. ARGV: a bound. Keeps the highest; returns it.
+_WATERMARK_LUA = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '-1e300')
+if tonumber(ARGV[1]) > now then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return ARGV[1]
+end
+return redis.call('GET', KEYS[1])
+"""
+
+_CLAIM, _ENTITY, _WATERMARK = 0, 1, 2
+_CUSTOMER_DONE, _TERMINAL_DONE = 1, 2
+SPEC_DONE = 4  # the spec engine's own sets (fraudflow.serve.spec_redis)
+_ENTITY_TAG = {"customer": "c", "terminal": "m"}
+_MIN_TTL_MS = 60_000
+_SCAN_CHUNK = 1_000
 
 
 class RedisStore:
-    """A ``StateStore`` in Redis, shared by service replicas (see the key layout above).
+    """A ``StateStore`` in Redis or a Redis Cluster, shared by service replicas (see the key
+    layout above).
 
-    Each ``apply_many`` and ``set_label`` is one Lua script, so it is atomic and costs one
-    round trip; ``apply_many`` may forget at most 500 old transactions per call (``prune``
-    sweeps the rest). Thread-safe: redis-py's client draws connections from a pool.
+    ``apply_many`` is three pipelined rounds (claim, entity scripts, done marks), each one
+    round trip per node; every entity key's events are answered and added atomically, in call
+    order, by one script. Transactions and entity keys expire once forgotten; ``prune``
+    sweeps the rest (a SCAN: rare). Thread-safe: redis-py's clients draw connections from a
+    pool.
     """
 
-    def __init__(self, url: str, *, prefix: str = "{fraudflow}:") -> None:
+    def __init__(self, url: str, *, prefix: str = "fraudflow:") -> None:
         self.prefix = prefix
-        self._client = _redis_client(url)
-        self._seq = prefix + "seq"  # declared to Redis, so cluster clients route to the slot
-        self._read = self._client.register_script(_READ_LUA)
-        self._apply_many = self._client.register_script(_APPLY_MANY_LUA)
-        self._label = self._client.register_script(LABEL_LUA)
-        self._forget = self._client.register_script(_PRUNE_LUA)
+        self._client = redis_client(url)
+        self._shards = Shards(self._client, _CLAIM_LUA, _ENTITY_LUA, _WATERMARK_LUA)
+        self._watermark = prefix + "{w}"
+
+    # Keys.
+    def entity_key(self, entity: str, entity_id: str) -> str:
+        return f"{self.prefix}{{{_ENTITY_TAG[entity]}:{entity_id}}}"
+
+    def record_key(self, transaction_id: str) -> str:
+        return f"{self.prefix}{{t:{transaction_id}}}"
 
     def read(self, events: Sequence[Event], windows: Sequence[Window]) -> Answers:
-        queries = [q for e in events for q in _queries(e, windows)]
-        reply = json.loads(self._read(keys=[self._seq], args=[self.prefix, json.dumps(queries)]))
         out = AnswerLists(windows, len(events))
-        answers = reply if isinstance(reply, list) else []  # cjson writes [] as {}
         for i in range(len(events)):
             out.fresh[i] = True
-            _aggregate(out, i, windows, answers[i * len(windows) : (i + 1) * len(windows)])
+        self._entities(events, [False] * len(events), windows, out, forget=None, ttl_ms=0)
         return out.done()
 
     def apply_many(
         self, events: Sequence[Event], windows: Sequence[Window], *, forget_until_us: int
     ) -> Answers:
         out = AnswerLists(windows, len(events))
-        if not events:
-            return out.done()
-        payload = [
-            [e.transaction_id, str(e.t_us), e.customer_id, e.terminal_id, repr(e.amount),
-             _queries(e, windows)]
-            for e in events
-        ]  # fmt: skip
-        args: list[str | int] = [self.prefix, forget_until_us, json.dumps(payload)]
-        reply = self._apply_many(keys=[self._seq], args=args)
-        for i, answers in enumerate(json.loads(reply)):
-            if answers != 0:
-                out.fresh[i] = True
-                _aggregate(out, i, windows, answers if isinstance(answers, list) else [])
+        if events:
+            self.apply_claimed(events, windows, out, forget_until_us=forget_until_us)
         return out.done()
 
+    def apply_claimed(
+        self,
+        events: Sequence[Event],
+        windows: Sequence[Window],
+        out: AnswerLists,
+        *,
+        forget_until_us: int,
+        also_done: int = 0,
+    ) -> tuple[list[bool], list[bool]]:
+        """``apply_many`` into ``out``; returns, per event, whether this call stored it
+        (fresh) and whether its record lacked the ``also_done`` bits (a caller's own writes,
+        which it completes and then marks with ``mark_done``)."""
+        ttl_ms = self._ttl_ms(events, forget_until_us)
+        claims = self._claim(events, ttl_ms)
+        fresh = [c == -1 for c in claims]
+        write = [(c != -1 and c & 3 != 3) or c == -1 for c in claims]
+        for i, f in enumerate(fresh):
+            if f:
+                out.fresh[i] = True
+        wanted = [c == -1 or (c & also_done) != also_done for c in claims] if also_done else []
+        self._entities(events, write, windows, out, forget=forget_until_us, ttl_ms=ttl_ms)
+        self._done(events, write, _CUSTOMER_DONE | _TERMINAL_DONE)
+        return fresh, wanted
+
+    def mark_done(self, transaction_ids: Sequence[str], bits: int) -> None:
+        with self._client.pipeline(transaction=False) as pipe:
+            for tid in transaction_ids:
+                key = self.record_key(tid)
+                pipe.hget(key, "d")
+            found = pipe.execute()
+        with self._client.pipeline(transaction=False) as pipe:
+            for tid, d in zip(transaction_ids, found, strict=True):
+                if d is not None:
+                    pipe.hset(self.record_key(tid), "d", int(d) | bits)
+            pipe.execute()
+
+    def records(self) -> Iterator[tuple[str, bytes, str]]:
+        """Every transaction's (id, packed ``e``, label "0" | "1"), in no order (a SCAN)."""
+        head = len(self.prefix) + len("{t:")
+        keys = [k for k in self._scan(_glob_escape(self.prefix + "{t:") + "*") if k[-1:] == b"}"]
+        for start in range(0, len(keys), _SCAN_CHUNK):
+            chunk = keys[start : start + _SCAN_CHUNK]
+            with self._client.pipeline(transaction=False) as pipe:
+                for k in chunk:
+                    pipe.hmget(k, "e", "l")
+                found = pipe.execute()
+            for k, (packed, label) in zip(chunk, found, strict=True):
+                if packed is not None:
+                    yield k[head:-1].decode(), packed, (label or b"0").decode()
+
     def set_label(self, transaction_id: str, is_fraud: bool) -> bool:
-        args = [self.prefix, transaction_id, "1" if is_fraud else "0"]
-        return bool(self._label(keys=[self._seq], args=args))
+        key = self.record_key(transaction_id)
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.hget(key, "e")
+            pipe.get(self._watermark)
+            packed, mark = pipe.execute()
+        if packed is None:
+            return False
+        t_us, _, customer_id, terminal_id = unpack_record(packed)
+        if mark is not None and t_us <= float(mark):
+            return False
+        hashed = tx_hash(transaction_id)
+        with self._client.pipeline(transaction=False) as pipe:
+            for entity, entity_id in (("customer", customer_id), ("terminal", terminal_id)):
+                frauds = self.entity_key(entity, entity_id) + "f"
+                if is_fraud:
+                    pipe.zadd(frauds, {hashed: t_us})
+                    pipe.pexpire(frauds, max(_MIN_TTL_MS, self._client.pttl(key)))
+                else:
+                    pipe.zrem(frauds, hashed)
+            pipe.hset(key, "l", int(is_fraud))
+            pipe.execute()
+        return True
 
     def prune(self, until_us: int) -> int:
-        with self._client.pipeline(transaction=False) as pipe:
-            for kind in ("ev:", "fr:"):
-                for key in self._client.scan_iter(match=_glob_escape(self.prefix + kind) + "*"):
-                    pipe.zremrangebyscore(key, "-inf", until_us)
-            pipe.execute()
+        self._shards.run([self._shards.script(_WATERMARK, [self._watermark], [until_us])])
+        for tag in ("c", "m"):
+            pattern = _glob_escape(self.prefix + "{" + tag + ":") + "*"
+            keys = list(self._scan(pattern))
+            for start in range(0, len(keys), _SCAN_CHUNK):
+                with self._client.pipeline(transaction=False) as pipe:
+                    for k in keys[start : start + _SCAN_CHUNK]:
+                        pipe.zremrangebyscore(k, "-inf", until_us)
+                    pipe.execute()
+        records = [k for k in self._scan(_glob_escape(self.prefix + "{t:") + "*") if k[-1:] == b"}"]
         gone = 0
-        while n := int(self._forget(keys=[self._seq], args=[self.prefix, until_us])):
-            gone += n
+        for start in range(0, len(records), _SCAN_CHUNK):
+            chunk = records[start : start + _SCAN_CHUNK]
+            with self._client.pipeline(transaction=False) as pipe:
+                for k in chunk:
+                    pipe.hget(k, "e")
+                found = pipe.execute()
+            old = [k for k, e in zip(chunk, found, strict=True)
+                   if e is not None and unpack_record(e)[0] <= until_us]  # fmt: skip
+            with self._client.pipeline(transaction=False) as pipe:
+                for k in old:
+                    pipe.delete(k)
+                gone += sum(pipe.execute())
         return gone
 
     def close(self) -> None:
@@ -574,41 +655,144 @@ class RedisStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _scan(self, pattern: str) -> Iterator[bytes]:
+        yield from self._client.scan_iter(match=pattern, count=_SCAN_CHUNK)
 
-def _redis_client(url: str) -> redis.Redis:
-    try:
-        import redis
-    except ImportError:
-        raise ConfigError(
-            "a redis:// state store needs the `redis` package, however it is not installed"
-        ) from None
-    return redis.Redis.from_url(url)
+    def _ttl_ms(self, events: Sequence[Event], forget_until_us: int) -> int:
+        """How long this group's keys must live: until the bound passes its latest event."""
+        newest = max(e.t_us for e in events)
+        return max(_MIN_TTL_MS, (newest - forget_until_us) // 1_000)
+
+    def _claim(self, events: Sequence[Event], ttl_ms: int) -> list[int]:
+        """Per event: -1 if this call created its record; else the record's done bits (-2
+        for a repeat of an earlier event of the call, which it never writes)."""
+        calls: list[Command] = []
+        seen: dict[str, int] = {}
+        positions = []
+        for i, e in enumerate(events):
+            if e.transaction_id in seen:
+                continue
+            seen[e.transaction_id] = i
+            positions.append(i)
+            key = self.record_key(e.transaction_id)
+            calls.append(self._shards.script(_CLAIM, [key], [pack_record(e), ttl_ms]))
+        claims = [3 | 4 | 8] * len(events)  # repeats: done, not written, not fresh
+        claims_of = self._shards.run(calls)
+        for i, c in zip(positions, claims_of, strict=True):
+            claims[i] = int(c)
+        return claims
+
+    def _entities(
+        self,
+        events: Sequence[Event],
+        write: Sequence[bool],
+        windows: Sequence[Window],
+        out: AnswerLists,
+        *,
+        forget: int | None,
+        ttl_ms: int,
+    ) -> None:
+        """Per entity key one script: answers for events that asked (fresh ones, or all when
+        reading) and writes those in ``write``."""
+        by_entity: dict[str, list[int]] = {"customer": [], "terminal": []}
+        for j, w in enumerate(windows):
+            by_entity[w.entity].append(j)
+        reading = forget is None
+        calls: list[Command] = []
+        asked: list[tuple[list[int], list[int]]] = []  # per call: events, windows
+        for entity in ("customer", "terminal"):
+            js = by_entity[entity]
+            groups: dict[str, list[int]] = {}
+            for i, e in enumerate(events):
+                if write[i] or ((reading or out.fresh[i]) and js):
+                    entity_id = e.customer_id if entity == "customer" else e.terminal_id
+                    groups.setdefault(entity_id, []).append(i)
+            head: list[Any] = ["" if forget is None else forget, ttl_ms, len(js)]
+            head += [1 if windows[j].amounts else 0 for j in js]
+            spans = [(windows[j].after_us, windows[j].until_us) for j in js]
+            for entity_id, idx in groups.items():
+                args = list(head)
+                for i in idx:
+                    e = events[i]
+                    t = e.t_us
+                    args += [t, event_member(e), 1 if write[i] else 0]
+                    for after_us, until_us in spans:
+                        args += [t - after_us, t - until_us]
+                key = self.entity_key(entity, entity_id)
+                calls.append(self._shards.script(_ENTITY, [key, key + "f"], args))
+                asked.append((idx, js))
+        if forget is not None and events:
+            calls.append(self._shards.script(_WATERMARK, [self._watermark], [forget]))
+        replies = self._shards.run(calls)
+        for (idx, js), reply in zip(asked, replies, strict=False):
+            _fill(out, windows, idx, js, reply, only_fresh=not reading)
+
+    def _done(self, events: Sequence[Event], write: Sequence[bool], bits: int) -> None:
+        calls: list[Command] = []
+        for e, w in zip(events, write, strict=True):
+            if w:
+                key = self.record_key(e.transaction_id)
+                calls.append((key, ("HSET", key, "d", bits)))
+        self._shards.run(calls)
 
 
-def _queries(event: Event, windows: Sequence[Window]) -> list[list[str | bool]]:
-    """The event's windows as the scripts' queries: [entity, id, after_us, until_us, rows]."""
-    ids = {"customer": event.customer_id, "terminal": event.terminal_id}
-    return [
-        [w.entity, ids[w.entity], str(event.t_us - w.after_us), str(event.t_us - w.until_us),
-         w.amounts]
-        for w in windows
-    ]  # fmt: skip
+def tx_hash(transaction_id: str) -> bytes:
+    """8 bytes naming a transaction within an entity's set (collisions need the same entity)."""
+    return hashlib.blake2b(transaction_id.encode(), digest_size=8).digest()
 
 
-def _aggregate(
-    out: AnswerLists, i: int, windows: Sequence[Window], answers: Sequence[list[Any]]
+def event_member(e: Event) -> bytes:
+    return tx_hash(e.transaction_id) + _AMOUNT.pack(e.amount)
+
+
+def pack_record(e: Event) -> bytes:
+    customer = e.customer_id.encode()
+    return _RECORD.pack(e.t_us, e.amount, len(customer)) + customer + e.terminal_id.encode()
+
+
+def unpack_record(packed: bytes) -> tuple[int, float, str, str]:
+    """(t_us, amount, customer_id, terminal_id) of a record's ``e``."""
+    t_us, amount, n = _RECORD.unpack_from(packed)
+    rest = packed[_RECORD.size :]
+    return t_us, amount, rest[:n].decode(), rest[n:].decode()
+
+
+_AMOUNT = struct.Struct("<d")
+_RECORD = struct.Struct("<qdH")
+
+
+def _fill(
+    out: AnswerLists,
+    windows: Sequence[Window],
+    idx: Sequence[int],
+    js: Sequence[int],
+    reply: list[Any],
+    *,
+    only_fresh: bool,
 ) -> None:
-    """Event ``i``'s script answers ``[count, frauds, rows]`` as window aggregates."""
-    for j, (w, (count, frauds, rows)) in enumerate(zip(windows, answers, strict=True)):
-        out.count[j][i] = count
-        out.frauds[j][i] = frauds
-        if w.amounts and rows:
-            fields = rows.split("|")  # per member: seq, t_us, amount (time order)
-            amounts = [float(a) for a in fields[2::3]]
-            out.amount[j][i] = sum(amounts)
-            out.latest[j][i] = int(fields[-2])
-            if w.below is not None:
-                out.below[j][i] = sum(1 for a in amounts if a < w.below)
+    """One entity script's answers into ``out``, for events ``idx`` and windows ``js``."""
+    k = 0
+    for i in idx:
+        use = not only_fresh or out.fresh[i]
+        for j in js:
+            w = windows[j]
+            count, frauds = reply[k], reply[k + 1]
+            k += 2
+            if use:
+                out.count[j][i] = count
+                out.frauds[j][i] = frauds
+            if w.amounts:
+                members, latest = reply[k], reply[k + 1]
+                k += 2
+                if use and count:
+                    amounts = [a for (a,) in _MEMBER_AMOUNT.iter_unpack(members)]
+                    out.amount[j][i] = sum(amounts)
+                    out.latest[j][i] = int(float(latest))
+                    if w.below is not None:
+                        out.below[j][i] = sum(1 for a in amounts if a < w.below)
+
+
+_MEMBER_AMOUNT = struct.Struct("<8xd")
 
 
 def _glob_escape(text: str) -> str:
