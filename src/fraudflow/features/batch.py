@@ -4,24 +4,25 @@ Aggregates with the same key columns are computed together. Their rows are order
 then by arrival (timestamp order, input order within equal timestamps), and each window of a
 row is a range of positions [lo, hi) in that order:
 
-* a duration w: lo is the key's first position with time > t - w (a binary search), and the
+* a duration w: lo is the key's first position with time > t - w (a search), and the
   range ends with the row itself. Using the row's position for the right end, not a search on
   t, means a row sees earlier rows with the same timestamp and itself, never later ones: the
   answer an online service gives processing one event at a time;
 * delayed (label delay d): [first position with time > t - d - w, first with time > t - d);
 * the last N events: [max(key start, i + 1 - N), i + 1), or the N before the delayed end.
 
-Sums over a range are differences of running sums; float sums restart at each key, so a key's
+Sums over a range are differences of running sums (NumPy arrays: gathers at nearby positions
+cost less there than as Polars expressions); float sums restart at each key, so a key's
 values never depend, not even by rounding, on other keys' rows. ``min``/``max`` read a sparse
 table of range extremes; ``count_distinct`` adds +1 over the positions whose window holds a
 value's earliest occurrence (see ``_distinct``); ``time_since_last`` looks back to the key's
 previous matching row, ``time_since_first`` forward from lo to the next matching row, and
 ``time_since_fraud`` back from hi to the latest matching fraud row.
 
-The binary search runs on one sorted integer key per key block, ``block * stride + (t -
-t_min)``, with ``stride`` wider than the time span plus the longest window, so a search never
-leaves its block. Blocks are processed in chunks small enough that the key fits in 63 bits
-(one chunk for any realistic data set).
+The searches run on one sorted integer key per key block, ``block * stride + (t - t_min)``,
+with ``stride`` wider than the time span plus the longest window, so a search never leaves its
+block (``_search_shifted``). Blocks are processed in chunks small enough that the key fits in
+63 bits (one chunk for any realistic data set).
 """
 
 from __future__ import annotations
@@ -279,16 +280,19 @@ def _per_key(
         )
         .drop(*by)
         .collect()
+        .rechunk()  # gathers on one chunk per column are the fast ones
     )
     longest = max((_reach(j.window, j.aggregate.delayed, delay_us) for j in jobs), default=0)
     t_min, t_max = int(base[_T].min()), int(base[_T].max())  # type: ignore[arg-type]
     stride = t_max - t_min + longest + 1
     per_chunk = max(1, _KEY_LIMIT // stride)
-    chunks = ordered.with_columns((pl.col("__block") // per_chunk).alias("__chunk"))
-    parts = [
-        _Chunk(chunk, stride, per_chunk, t_min, delay_us).features(jobs)
-        for chunk in chunks.partition_by("__chunk", maintain_order=True)
-    ]
+    n_blocks = int(ordered["__block"][-1]) + 1
+    if n_blocks <= per_chunk:  # one chunk: no copy into partitions
+        frames = [ordered]
+    else:
+        chunks = ordered.with_columns((pl.col("__block") // per_chunk).alias("__chunk"))
+        frames = chunks.partition_by("__chunk", maintain_order=True, include_key=False)
+    parts = [_Chunk(frame, stride, per_chunk, t_min, delay_us).features(jobs) for frame in frames]
     return _restore_order(pl.concat(parts))
 
 
@@ -327,7 +331,21 @@ def _restore_order(frame: pl.DataFrame) -> pl.DataFrame:
     row = frame[_ROW].to_numpy()
     inverse = np.empty(row.shape[0], dtype=np.int64)
     inverse[row] = np.arange(row.shape[0])
-    return frame.drop(_ROW)[inverse]
+    # A gather from one chunk per column is several times faster than from many.
+    return frame.drop(_ROW).rechunk()[inverse]
+
+
+def _search_shifted(rows: pl.DataFrame, offset: int) -> np.ndarray:
+    """``np.searchsorted(key, key - offset, side="right")`` for the sorted ``key`` of ``rows``
+    (columns ``k``, the key, and ``p``, its position), as Polars' backward as-of join: the
+    last row at or below each query, found by one linear merge of two sorted columns where
+    NumPy runs a binary search per query. Earns its place in ``benchmarks/features.py``.
+    """
+    queries = pl.DataFrame({"q": rows["k"] - offset}).set_sorted("q")
+    found = queries.join_asof(
+        rows, left_on="q", right_on="k", strategy="backward", check_sortedness=False
+    )
+    return (found["p"].fill_null(-1) + 1).to_numpy()
 
 
 class _Chunk:
@@ -343,6 +361,7 @@ class _Chunk:
         self.t = frame[_T].to_numpy()
         self.key = (block % per_chunk) * stride + (self.t - t_min)
         self.pos = np.arange(self.n, dtype=np.int64)
+        self._rows = pl.DataFrame({"k": self.key, "p": self.pos}).set_sorted("k")
         first = np.ones(self.n, dtype=bool)
         first[1:] = block[1:] != block[:-1]
         self.start = np.maximum.accumulate(np.where(first, self.pos, 0))
@@ -353,11 +372,20 @@ class _Chunk:
         self._searched: dict[int, np.ndarray] = {}
         self._occurrences: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
+    def block_cumsum(self, value: np.ndarray) -> np.ndarray:
+        """Running sums of ``value`` restarting at each key block."""
+        frame = pl.DataFrame({"v": value, "b": self.block})
+        return frame.select(pl.col("v").cum_sum().over("b"))["v"].to_numpy()
+
+    def first_value(self, name: str) -> np.ndarray:
+        """Per row, the first non-null value of column ``name`` in its key block."""
+        first = pl.col(name).drop_nulls().first().over("__block")
+        return self.frame.select(first)[name].to_numpy()
+
     def after(self, offset_us: int) -> np.ndarray:
         """Per row, the block's first position with time > t - offset."""
         if offset_us not in self._searched:
-            found = np.searchsorted(self.key, self.key - offset_us, side="right")
-            self._searched[offset_us] = found.astype(np.int64)
+            self._searched[offset_us] = _search_shifted(self._rows, offset_us)
         return self._searched[offset_us]
 
     def previous_occurrence(self, mask: str, value: str) -> tuple[np.ndarray, np.ndarray]:
@@ -385,8 +413,8 @@ class _Chunk:
         return lo, hi
 
     def search_all(self, offsets: set[int]) -> None:
-        """Run the binary searches of ``offsets`` at once: NumPy's searchsorted releases the
-        GIL, so they overlap in threads."""
+        """Run the searches of ``offsets`` at once: Polars releases the GIL, so they overlap
+        in threads."""
         todo = sorted(offsets - self._searched.keys())
         with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
             for offset in todo:
@@ -401,118 +429,104 @@ class _Chunk:
             if job.window.seconds is not None:
                 offsets.add(reach + (self.delay_us if delayed else 0))
         self.search_all(offsets)
-        columns: dict[str, pl.Series] = {}
-        sums = _RunningSums()
-        exprs: list[pl.Expr] = []
+        sums = _RunningSums(self)  # each running sum once, however many windows read it
+        columns = [self.frame[_ROW]]
         for job in jobs:
             lo, hi = self.bounds(job.window, job.aggregate.delayed)
-            # Windows of equal bounds (count and mean over 1d, say) share their columns.
-            key = f"{job.window.label}:{int(job.aggregate.delayed)}"
-            columns[f"@lo{key}"] = pl.Series(lo)
-            if hi is not None:
-                columns[f"@hi{key}"] = pl.Series(hi)
             compute = _NUMPY.get(job.aggregate.fn)
-            if compute is not None:
-                values = compute(self, job, lo, hi)
-                columns[job.name] = pl.Series(job.name, values, nan_to_null=True)
-            else:
-                window = _Range(key, own_end=hi is None)
-                exprs.append(_prefix_feature(job, window, sums).alias(job.name))
-        frame = self.frame.with_columns(
-            pl.int_range(pl.len(), dtype=pl.Int64).alias("__pos"),
-            *[series.alias(name) for name, series in columns.items()],
-        ).lazy()
-        # Each running sum once, however many windows read it.
-        frame = frame.with_columns(*sums.quantities()).with_columns(*sums.inclusive())
-        return frame.with_columns(*exprs).select(_ROW, *[j.name for j in jobs]).collect()
+            with np.errstate(divide="ignore", invalid="ignore"):  # empty windows: see fns
+                values = (
+                    _prefix_feature(job, sums, lo, hi)
+                    if compute is None
+                    else compute(self, job, lo, hi)
+                )
+            columns.append(pl.Series(job.name, values, nan_to_null=True))
+        return pl.DataFrame(columns)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.frame[name].to_numpy()
 
 
 # ---------------------------------------------------------------- prefix-sum functions
 
 
-@dataclass(frozen=True)
-class _Range:
-    """A job's window [lo, hi) as columns: ``@lo{key}``, and ``@hi{key}`` or the row."""
-
-    key: str
-    own_end: bool
-
-
 class _RunningSums:
-    """The running sums the features read, each materialised once per chunk.
+    """The running sums the features read, each computed once per chunk; a window's sum is a
+    difference of two of them.
 
     ``exact`` sums restart at each key block, so a key's float sums never depend, not even by
     rounding, on other keys' rows; integer sums are exact either way.
     """
 
-    def __init__(self) -> None:
-        self._quantities: dict[str, tuple[pl.Expr, bool]] = {}
+    def __init__(self, chunk: _Chunk) -> None:
+        self.chunk = chunk
+        self._sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def over(self, name: str, quantity: pl.Expr, window: _Range, *, exact: bool) -> pl.Expr:
-        """Sum of ``quantity`` (registered as ``name``) over ``window``."""
-        self._quantities.setdefault(name, (quantity, exact))
-        inclusive, value = pl.col(f"__inc{name}"), pl.col(f"__q{name}")
-        exclusive = inclusive - value
-        top = inclusive if window.own_end else exclusive.gather(pl.col(f"@hi{window.key}"))
-        return top - exclusive.gather(pl.col(f"@lo{window.key}"))
+    def over(
+        self,
+        name: str,
+        quantity: Callable[[], np.ndarray],
+        lo: np.ndarray,
+        hi: np.ndarray | None,
+        *,
+        exact: bool,
+    ) -> np.ndarray:
+        """Sum over [lo, hi) (hi None: up to the row itself) of ``quantity`` (``name``), as
+        floats (integer quantities are summed exactly first)."""
+        if name not in self._sums:
+            value = quantity()
+            inclusive = self.chunk.block_cumsum(value) if exact else np.cumsum(value)
+            self._sums[name] = (inclusive, inclusive - value)
+        inclusive, exclusive = self._sums[name]
+        top = inclusive if hi is None else exclusive[hi]
+        return np.subtract(top, exclusive[lo], dtype=np.float64)
 
-    def quantities(self) -> list[pl.Expr]:
-        return [q.alias(f"__q{name}") for name, (q, _) in self._quantities.items()]
 
-    def inclusive(self) -> list[pl.Expr]:
-        out = []
-        for name, (_, exact) in self._quantities.items():
-            value = pl.col(f"__q{name}")
-            running = value.cum_sum().over("__block") if exact else value.cum_sum()
-            out.append(running.alias(f"__inc{name}"))
-        return out
-
-
-def _range_count(job: _Job, window: _Range, sums: _RunningSums) -> pl.Expr:
+def _range_count(
+    job: _Job, sums: _RunningSums, lo: np.ndarray, hi: np.ndarray | None
+) -> np.ndarray:
     if job.every:
-        top = pl.col("__pos") + 1 if window.own_end else pl.col(f"@hi{window.key}")
-        return (top - pl.col(f"@lo{window.key}")).cast(pl.Float64)
-    mask = pl.col(job.mask).cast(pl.Int64)
-    return sums.over(f"{job.mask}n", mask, window, exact=False).cast(pl.Float64)
+        top = sums.chunk.pos + 1 if hi is None else hi
+        return np.subtract(top, lo, dtype=np.float64)
+    mask = lambda: sums.chunk.column(job.mask).astype(np.int64)  # noqa: E731
+    return sums.over(f"{job.mask}n", mask, lo, hi, exact=False)
 
 
-def _prefix_feature(job: _Job, window: _Range, sums: _RunningSums) -> pl.Expr:
-    a = job.aggregate
-    count = _range_count(job, window, sums)
+def _prefix_feature(
+    job: _Job, sums: _RunningSums, lo: np.ndarray, hi: np.ndarray | None
+) -> np.ndarray:
+    a, chunk = job.aggregate, sums.chunk
+    count = _range_count(job, sums, lo, hi)
     if a.fn == "count":
         return count
+
+    def masked(values: np.ndarray, otherwise: float) -> np.ndarray:
+        return values if job.every else np.where(chunk.column(job.mask), values, otherwise)
+
     if a.fn in ("fraud_count", "fraud_rate"):
-        fraud = (
-            pl.col(IS_FRAUD)
-            if job.every
-            else pl.when(pl.col(job.mask)).then(pl.col(IS_FRAUD)).otherwise(0)
-        )
-        frauds = sums.over(f"{job.mask}f", fraud, window, exact=False).cast(pl.Float64)
+        fraud = lambda: masked(chunk.column(IS_FRAUD), 0)  # noqa: E731
+        frauds = sums.over(f"{job.mask}f", fraud, lo, hi, exact=False)
         return frauds if a.fn == "fraud_count" else _or_default(count, frauds / count, a)
-    value = pl.col(str(job.value))
-    if not job.every:
-        value = pl.when(pl.col(job.mask)).then(value).otherwise(0.0)
+    value = lambda: masked(chunk.column(str(job.value)), 0.0)  # noqa: E731
     if a.fn in ("sum", "mean"):
-        total = sums.over(f"{job.mask}v", value, window, exact=True)
+        total = sums.over(f"{job.mask}v", value, lo, hi, exact=True)
         return total if a.fn == "sum" else _or_default(count, total / count, a)
     # std: population, from sums of squares about the block's first value (less cancellation).
-    reference = pl.col(str(job.value)).drop_nulls().first().over("__block")
-    shifted = pl.col(str(job.value)) - reference
-    if not job.every:
-        shifted = pl.when(pl.col(job.mask)).then(shifted).otherwise(0.0)
-    s1 = sums.over(f"{job.mask}s", shifted, window, exact=True)
-    s2 = sums.over(f"{job.mask}s2", shifted * shifted, window, exact=True)
+    shifted = lambda: masked(chunk.column(str(job.value)) - chunk.first_value(str(job.value)), 0.0)  # noqa: E731
+    square = lambda: np.square(shifted())  # noqa: E731
+    s1 = sums.over(f"{job.mask}s", shifted, lo, hi, exact=True)
+    s2 = sums.over(f"{job.mask}s2", square, lo, hi, exact=True)
     variance = (s2 - s1 * s1 / count) / count
     # Differences of running sums carry rounding of the order of eps times the squares: a
     # variance below that is zero (a window of one value, or of equal values, has std 0).
     noise = 1e-12 * s2 / count
-    variance = pl.when(variance > noise).then(variance).otherwise(0.0)
-    return _or_default(count, variance.sqrt(), a)
+    variance = np.where(variance > noise, variance, 0.0)
+    return _or_default(count, np.sqrt(variance), a)
 
 
-def _or_default(count: pl.Expr, value: pl.Expr, a: Aggregate) -> pl.Expr:
-    """``value`` where the window holds rows, else the aggregate's default (null if none)."""
-    return pl.when(count > 0).then(value).otherwise(pl.lit(a.default, dtype=pl.Float64))
+def _or_default(count: np.ndarray, value: np.ndarray, a: Aggregate) -> np.ndarray:
+    """``value`` where the window holds rows, else the aggregate's default (NaN: null)."""
+    return np.where(count > 0, value, np.nan if a.default is None else a.default)
 
 
 # ---------------------------------------------------------------- NumPy functions
