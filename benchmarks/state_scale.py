@@ -12,9 +12,9 @@ store's and the audit log's footprint measured from what the replay left:
   ``tracemalloc`` (bytes per retained transaction).
 * audit (after every store's replay, on the sqlite replay's log): the audit log's bytes per
   decision as the service wrote it (SQLite shards, WAL included), then after
-  ``compact_audit`` turned its closed shards into Parquet; the median time to look one
-  transaction up (the idempotency replay) in each form over ``--lookups`` random ids, and
-  their ratio.
+  ``compact_audit`` turned its shards (closed: the server stopped) into Parquet, and the
+  seconds that took; the median time to look one transaction up (a duplicate's replay,
+  ``lookup_decision``) in each form over the same ``--lookups`` random ids, and their ratio.
 
 Each store is a section function (``SECTIONS``: name -> function(args, run, frame, scratch)
 returning its figures), chosen with ``--stores sqlite[,redis,...]``; a section reports under
@@ -57,7 +57,7 @@ import polars as pl
 
 from fraudflow.artifacts import feature_spec_of, load_bundle
 from fraudflow.features.spec_online import extra_columns
-from fraudflow.serve.audit import AuditLog, shard_files
+from fraudflow.serve.audit import compact_audit, lookup_decision, shard_files
 from fraudflow.serve.state import SQLiteStore
 from serve import (
     API_KEY,
@@ -202,16 +202,30 @@ SECTIONS: dict[str, Section] = {"sqlite": sqlite_section}
 
 def audit_section(audit_path: Path, *, lookups: int, seed: int) -> dict[str, Any]:
     """The audit log's bytes per decision and lookup time, as written and once compacted."""
-    files = shard_files(audit_path)
-    before = sum(file_bytes(f) for f in files)
-    ids = _recorded_ids(files)
+    ids = _recorded_ids(shard_files(audit_path))
     picked = random.Random(seed).sample(ids, min(lookups, len(ids)))
-    sqlite_ms = _lookup_ms(audit_path, picked)
+    before, (sqlite_ms, answers) = log_bytes(audit_path), _lookups(audit_path, picked)
+    started = time.perf_counter()
+    compact_audit(audit_path)
+    seconds = time.perf_counter() - started
+    after, (compacted_ms, compacted_answers) = log_bytes(audit_path), _lookups(audit_path, picked)
+    if compacted_answers != answers:
+        raise RuntimeError("a lookup answered otherwise once its shard was compacted")
     return {
         "decisions": len(ids),
-        "bytes_per_decision": round(before / len(ids), 1),
-        "lookup_ms_p50": sqlite_ms,
+        "sqlite_bytes_per_decision": round(before / len(ids), 1),
+        "compacted_bytes_per_decision": round(after / len(ids), 1),
+        "compaction_seconds": round(seconds, 2),
+        "lookup_ms_p50_sqlite": sqlite_ms,
+        "lookup_ms_p50_compacted": compacted_ms,
+        "lookup_compacted_over_sqlite": round(compacted_ms / sqlite_ms, 1),
     }
+
+
+def log_bytes(audit_path: Path) -> int:
+    """Every file of the log on disk: shards, WALs, compacted files (not the lock files)."""
+    files = audit_path.parent.glob(f"{audit_path.stem}.*")
+    return sum(f.stat().st_size for f in files if f.is_file() and f.suffix != ".lock")
 
 
 def _recorded_ids(files: list[Path]) -> list[str]:
@@ -222,21 +236,17 @@ def _recorded_ids(files: list[Path]) -> list[str]:
     return ids
 
 
-def _lookup_ms(audit_path: Path, ids: list[str]) -> float:
-    """Median milliseconds of ``AuditLog.lookup`` for ``ids`` (a writer on a fresh shard, as a
-    restarted service has it, looking up decisions recorded before)."""
-    audit = AuditLog(audit_path)
-    try:
-        times = []
-        for tid in ids:
-            started = time.perf_counter()
-            found = audit.lookup(tid)
-            times.append(time.perf_counter() - started)
-            if found is None:
-                raise RuntimeError(f"transaction {tid} was recorded but its lookup found nothing")
-    finally:
-        audit.close()
-    return round(statistics.median(times) * 1e3, 3)
+def _lookups(audit_path: Path, ids: list[str]) -> tuple[float, list[bytes | None]]:
+    """Median milliseconds of looking each of ``ids`` up in the log (a duplicate's replay),
+    and the answers."""
+    times, answers = [], []
+    for tid in ids:
+        started = time.perf_counter()
+        answers.append(lookup_decision(audit_path, tid))
+        times.append(time.perf_counter() - started)
+    if None in answers:
+        raise RuntimeError("a recorded transaction's lookup found nothing")
+    return round(statistics.median(times) * 1e3, 3), answers
 
 
 # --- the benchmark ---------------------------------------------------------------------------

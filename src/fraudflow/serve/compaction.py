@@ -57,7 +57,7 @@ FORMAT_VERSION = 1
 _META_KEY = b"fraudflow.audit"
 # Small row groups keep a lookup's read (one group's responses, decompressed) short; the
 # footer's per-group statistics they add cost about a byte per decision.
-ROW_GROUP_ROWS = 2048
+ROW_GROUP_ROWS = 1024
 # Written once per shard and kept for years, so above zstd's default (3) for smaller files;
 # higher levels cost much more CPU in the service's background for little less size
 # (decompression speed does not depend on it). Measured by benchmarks/state_scale.py.
@@ -137,12 +137,12 @@ class CompactedShard:
         group = bisect.bisect_left(highs, transaction_id)
         if group == len(highs) or lows[group] > transaction_id:
             return None
-        with self._lock, _readable(self.path):
-            ids = self._file.read_row_group(group, columns=["transaction_id"]).column(0)
+        with self._lock, _readable(self.path):  # one small read: no thread pool
+            ids = self._file.read_row_group(group, ["transaction_id"], use_threads=False)[0]
             at = pc.index(ids, transaction_id).as_py()
             if at < 0:
                 return None
-            responses = self._file.read_row_group(group, columns=["response"]).column(0)
+            responses = self._file.read_row_group(group, ["response"], use_threads=False)[0]
         return bytes(responses[at].as_py())
 
     def rows(self) -> int:
