@@ -161,7 +161,10 @@ class RedisProbe:
         try:
             if self._client is None:
                 self._client = redis_client(self._url, **self._options)
-            self._client.ping()
+            if is_cluster(self._client):  # every master must answer
+                self._client.ping(target_nodes=self._client.PRIMARIES)
+            else:
+                self._client.ping()
             if is_cluster(self._client):
                 # Every slot served: CLUSTERDOWN (a master lost, its replica not yet
                 # promoted) fails the decisions, so it fails readiness too.
