@@ -12,12 +12,14 @@ from typing import Any
 
 import orjson
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from fraudflow.cli.main import app
 from fraudflow.errors import ConfigError
 from fraudflow.serve import audit as audit_module
+from fraudflow.serve import compaction
 from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import (
     AuditLog,
@@ -121,6 +123,35 @@ def test_compaction_keeps_every_read_the_same(known: tuple[Path, list[str], Snap
     assert compact_audit(path) == []  # nothing left to do
 
 
+def test_compaction_in_several_passes_and_row_groups_reads_the_same(
+    known: tuple[Path, list[str], Snapshot], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large shard is rewritten a range of ids at a time, into many row groups."""
+    path, ids, before = known
+    monkeypatch.setattr(audit_module, "_ROWS_PER_PASS", 2)
+    monkeypatch.setattr(compaction, "ROW_GROUP_ROWS", 2)
+    compact_audit(path)
+    Snapshot(path, ids).assert_equal(before)
+    for shard in ("audit.0.parquet", "audit.1.parquet"):
+        file = pq.ParquetFile(path.with_name(shard))
+        stored = file.read(columns=["transaction_id"])["transaction_id"].to_pylist()
+        assert stored == sorted(stored)
+        assert file.metadata.num_row_groups == -(-len(stored) // 2)
+
+
+def test_a_shard_of_labels_only_compacts(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    first, second = AuditLog(path, compact_closed=False), AuditLog(path, compact_closed=False)
+    first.submit([decision(1)]).result(timeout=10)
+    second.submit([LabelRecord("tx-001", True, None, T0, True)]).result(timeout=10)
+    first.close()
+    second.close()
+    before = Snapshot(path, ["tx-001"])
+    assert len(compact_audit(path)) == 2
+    Snapshot(path, ["tx-001"]).assert_equal(before)
+    assert read_labels(path)["is_fraud"].to_list() == [1]
+
+
 def test_a_writer_after_compaction_takes_a_new_shard(
     known: tuple[Path, list[str], Snapshot],
 ) -> None:
@@ -179,16 +210,42 @@ def test_a_crash_at_any_step_loses_nothing_and_shows_nothing_twice(
     ]
 
 
+def test_a_starting_writer_finishes_an_interrupted_compaction(
+    known: tuple[Path, list[str], Snapshot], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, ids, before = known
+
+    def crash(name: str) -> None:
+        if name == "decisions-renamed":
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(audit_module, "_compaction_step", crash)
+    with pytest.raises(RuntimeError):
+        compact_audit(path)
+    monkeypatch.undo()
+    log = AuditLog(path)  # compacts in the background from the start
+    try:
+        wait_until_gone(path)
+    finally:
+        log.close()
+    assert log.file == path.with_name("audit.1.db")  # not full: the writer took it back
+    Snapshot(path, ids).assert_equal(before)
+
+
+def wait_until_gone(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while path.exists():  # the compaction runs beside the writer
+        assert time.monotonic() < deadline, f"{path} was not compacted"
+        time.sleep(0.02)
+
+
 def test_closing_a_full_shard_compacts_it_in_the_background(tmp_path: Path) -> None:
     path = tmp_path / "audit.db"
     log = AuditLog(path, max_shard_decisions=5)
     try:
         log.submit([decision(i) for i in range(6)]).result(timeout=10)  # full: the writer moves on
         log.submit([decision(i) for i in range(6, 8)]).result(timeout=10)
-        deadline = time.monotonic() + 30
-        while path.exists():  # the compaction runs beside the writer
-            assert time.monotonic() < deadline, "the closed shard was not compacted"
-            time.sleep(0.02)
+        wait_until_gone(path)
     finally:
         log.close()
     assert files_of(tmp_path) == [

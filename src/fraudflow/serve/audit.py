@@ -361,7 +361,9 @@ class AuditLog:
         self._max_group = max_group
         self._max_shard = max_shard_decisions
         self._compact_closed = compact_closed
-        self._compactor: threading.Thread | None = None
+        self._compactor: threading.Thread | None = None  # while one runs
+        self._compaction_lock = threading.Lock()  # the two below
+        self._compaction_wanted = False
         self._stop_compacting = threading.Event()
         self._read_lock = threading.Lock()  # the reader, and which file it reads
         self._open_shard()
@@ -370,6 +372,7 @@ class AuditLog:
         self.commits = 0  # groups committed so far (each one fsync)
         self._thread = threading.Thread(target=self._run, name="fraudflow-audit", daemon=True)
         self._thread.start()
+        self._request_compaction()  # what an earlier run left: full shards, an interruption
 
     def submit(self, records: Sequence[Record]) -> Future[None]:
         """Queue ``records``; the future resolves once they are committed (durable).
@@ -408,8 +411,10 @@ class AuditLog:
         self._thread.join()
         self._close_shard(self._checkpointer, self._reader, self._shard_lock)
         self._stop_compacting.set()  # a stopped compaction leaves its shard as it was
-        if self._compactor is not None:
-            self._compactor.join()
+        with self._compaction_lock:
+            compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
 
     def _open_shard(self) -> None:
         """Claim a shard with room and open it: at start, and when the last one is full."""
@@ -446,21 +451,35 @@ class AuditLog:
             return
         old[0].close()
         self._close_shard(*old[1:])
-        if self._compact_closed and (self._compactor is None or not self._compactor.is_alive()):
-            self._compactor = threading.Thread(
-                target=self._compact, name="fraudflow-audit-compaction", daemon=True
-            )
-            self._compactor.start()
+        self._request_compaction()
+
+    def _request_compaction(self) -> None:
+        """Compact the full shards no writer holds in a background thread; one that is
+        running already makes one more pass (it may have listed the shards before)."""
+        if not self._compact_closed:
+            return
+        with self._compaction_lock:
+            self._compaction_wanted = True
+            if self._compactor is None:
+                self._compactor = threading.Thread(
+                    target=self._compact, name="fraudflow-audit-compaction", daemon=True
+                )
+                self._compactor.start()
 
     def _compact(self) -> None:
-        """Compact the full shards no writer holds (this one's last among them)."""
-        try:
-            compact_audit(
-                self.path, full_only=True, max_shard_decisions=self._max_shard,
-                stop=self._stop_compacting,
-            )  # fmt: skip
-        except Exception:  # the shards stay readable as they are; the next rotation retries
-            log.exception("audit log %s: compacting closed shards failed", self.path)
+        while True:
+            with self._compaction_lock:
+                if not self._compaction_wanted or self._stop_compacting.is_set():
+                    self._compactor = None
+                    return
+                self._compaction_wanted = False
+            try:
+                compact_audit(
+                    self.path, full_only=True, max_shard_decisions=self._max_shard,
+                    stop=self._stop_compacting,
+                )  # fmt: skip
+            except Exception:  # the shards stay readable as they are; the next pass retries
+                log.exception("audit log %s: compacting closed shards failed", self.path)
 
     def _close_shard(
         self, checkpointer: Checkpointer, reader: sqlite3.Connection, shard_lock: int | None
@@ -728,6 +747,8 @@ def _decision_rows(db: sqlite3.Connection, version: int) -> list[tuple[Any, ...]
 def _compacted_decision_rows(shard: CompactedShard) -> list[tuple[Any, ...]]:
     """A compacted shard's decisions as ``_decision_rows`` gives them (schema 3)."""
     table = shard.decisions()
+    if table.num_rows == 0:  # a shard of labels only: no fields recorded
+        return []
     json_fields = set(shard.metadata["json_fields"])
     columns = {
         name: [None if v is None else orjson.loads(v) for v in table[name].to_pylist()]
@@ -899,6 +920,14 @@ def compact_audit(
             break
         if not shard.file.exists():  # compacted before: what an interruption may have left
             _remove_leftovers(shard)
+            continue
+        version, decisions = _shard_state(shard.file)
+        unfinished = shard.compacted.exists()
+        # Checked before locking too: a writer starting meanwhile finds only shards it
+        # would skip anyway locked, not one it could take.
+        if version != _SCHEMA_VERSION or (
+            full_only and decisions < max_shard_decisions and not unfinished
+        ):
             continue
         fd = _try_lock(shard.file)
         if fd is None:  # a writer holds it
