@@ -36,6 +36,13 @@ Transactions are the test period of the run's feature table, in time order, with
 and timestamps shifted past the previous pass, so every transaction_id is new and time keeps
 moving forward, as in production.
 
+* shadow (``--shadow RUN[,RUN...]``, instead of the phases above): the open loop at
+  ``--rate`` for ``--rate-seconds``, against a server of the run alone and then against one
+  that also scores the challengers in shadow (``fraudflow serve --shadow``), each on fresh
+  state with the same transactions. Reported: each one's p50/p95/p99 of the champion's
+  answers, and ``shadow_p99_ratio``, with / without (target: at most 1.2 with two
+  challengers). The challengers must read features the run's online engine computes.
+
 Without ``--run`` a small run is built first in a temporary folder: simulate -> features ->
 LightGBM (about a minute). Timings are wall-clock and noisy on a shared machine. It prints a
 summary, whether the targets are met, and a JSON object as its last line.
@@ -45,6 +52,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/serve.py [--run RUN_DIR] [--seconds 20] [--concurrency 32]
         [--workers 2] [--rate 1500] [--rate-seconds 15] [--rate-connections 64]
         [--batch-size 1000] [--batch-seconds 10] [--batch-concurrency 4]
+        [--shadow RUN[,RUN...]]
 """
 
 from __future__ import annotations
@@ -175,11 +183,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(run: Path, port: int, workers: int, scratch: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    run: Path, port: int, workers: int, scratch: Path, *, shadow: str | None = None
+) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "fraudflow", "serve", "--run", str(run), "--port", str(port),
         "--workers", str(workers), "--state", f"sqlite:///{scratch / 'state.db'}",
     ]  # fmt: skip
+    if shadow:
+        command += ["--shadow", shadow]
     # The audit log and any other service files go to the scratch folder, not into the run.
     env = os.environ | {"FRAUDFLOW_API_KEYS": API_KEY, "FRAUDFLOW_DATA_DIR": str(scratch)}
     log = (scratch / "server.log").open("wb")
@@ -517,6 +529,33 @@ async def serve_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame)
     }
 
 
+async def shadow_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame) -> dict[str, Any]:
+    """The champion's latency at ``--rate`` alone, then with the ``--shadow`` challengers."""
+    out: dict[str, Any] = {"shadow": args.shadow, "rate": args.rate}
+    for label, shadow in (("alone", None), ("with_shadow", args.shadow)):
+        with tempfile.TemporaryDirectory(prefix="fraudflow-bench-shadow-") as tmp:
+            scratch, port = Path(tmp), args.port or free_port()
+            proc = start_server(run, port, args.workers, scratch, shadow=shadow)
+            try:
+                await wait_ready(proc, port, scratch / "server.log")
+                stream = transaction_stream(frame)  # the same transactions for both
+                await _warm_up(port, stream)
+                at_rate = await drive_rate(
+                    port, single_bodies(stream), "/v1/decisions",
+                    rate=args.rate, seconds=args.rate_seconds, connections=args.rate_connections,
+                )  # fmt: skip
+            finally:
+                stop_server(proc)
+        out[label] = {
+            "p50_ms": at_rate.percentile(50), "p95_ms": at_rate.percentile(95),
+            "p99_ms": at_rate.percentile(99), "errors": dict(at_rate.errors),
+            "decisions": at_rate.decisions,
+        }  # fmt: skip
+    alone, with_shadow = out["alone"]["p99_ms"], out["with_shadow"]["p99_ms"]
+    out["shadow_p99_ratio"] = with_shadow / alone if alone and with_shadow else None
+    return out
+
+
 def _cpu_since(pid: int, before: float | None) -> float | None:
     after = tree_cpu_seconds(pid)
     return None if before is None or after is None else after - before
@@ -566,7 +605,11 @@ def _serve_results(single: Load, at_rate: Load, batch: Load) -> dict[str, Any]:
 
 def targets(result: dict[str, Any]) -> dict[str, bool]:
     """Single: the capacity reaches the target rate, and at that rate (open loop, all of it
-    served, nothing failed) the p99 is within the target."""
+    served, nothing failed) the p99 is within the target. Shadow: the p99 with the
+    challengers within 20 % of the p99 without."""
+    if "shadow" in result:
+        ratio = result.get("shadow_p99_ratio")
+        return {"shadow_p99_within_20_percent": ratio is not None and ratio <= 1.2}
     p99 = result.get("p99_ms")
     served = (result.get("rate_decisions_per_second") or 0) >= 0.98 * TARGET_SINGLE_PER_SECOND
     return {
@@ -587,6 +630,18 @@ def report(result: dict[str, Any]) -> None:
 
     path = result.get("online_path")
     print(f"online path: {path} ({'default spec' if path == 'fast' else 'a custom spec'})")
+    if "shadow" in result:
+        for label in ("alone", "with_shadow"):
+            phase = result.get(label) or {}
+            ms = [phase.get(k) for k in ("p50_ms", "p95_ms", "p99_ms")]
+            shown = ", ".join("n/a" if v is None else f"{v:.2f}" for v in ms)
+            print(
+                f"champion {label} at {result.get('rate'):,.0f}/s: p50, p95, p99 {shown} ms "
+                f"({phase.get('decisions', 0):,} decisions, errors {phase.get('errors')})"
+            )
+        print(f"p99 with / without challengers: {fmt('shadow_p99_ratio', '.3f')}")
+        print(f"targets met: {result.get('targets_met')}")
+        return
     print(f"floor (features + model, in process): {fmt('floor_ms', '.3f')} ms / decision")
     print(
         f"single, capacity (closed loop): {fmt('decisions_per_second', ',.0f')} decisions/s "
@@ -640,6 +695,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-concurrency", type=int, default=4)
     parser.add_argument("--floor-transactions", type=int, default=2_000)
     parser.add_argument("--warm-transactions", type=int, default=20_000)
+    parser.add_argument(
+        "--shadow",
+        default=None,
+        help="RUN[,RUN...]: instead of the phases above, the champion's latency at --rate "
+        "without and with these challengers scored in shadow.",
+    )
     return parser.parse_args()
 
 
@@ -664,8 +725,9 @@ def main() -> int:
                 bundle, frame, warm=args.warm_transactions, measured=args.floor_transactions
             ),
         }
+        phases = shadow_phases if args.shadow else serve_phases
         try:
-            result |= asyncio.run(serve_phases(args, run, frame))
+            result |= asyncio.run(phases(args, run, frame))
         except (RuntimeError, OSError, asyncio.IncompleteReadError) as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
     result["targets_met"] = targets(result)

@@ -361,7 +361,7 @@ def test_reload_swaps_the_model(client: httpx.Client, run_dir: Path, tmp_path: P
     same = client.post("/v1/admin/reload", headers=ADMIN)
     assert same.status_code == 200
     assert same.json() == {"model_version": before, "previous_model_version": before,
-                           "run": str(run_dir)}  # fmt: skip
+                           "run": str(run_dir), "shadow": []}  # fmt: skip
     newer = copy_of_run(run_dir, tmp_path / "newer")
     response = client.post("/v1/admin/reload", json={"run": str(newer)}, headers=ADMIN)
     assert response.status_code == 200, response.text

@@ -12,6 +12,7 @@ from fraudflow.cli.evaluate import evaluate
 from fraudflow.cli.policy import policy_app
 from fraudflow.cli.runs import runs_app
 from fraudflow.cli.serve import serve
+from fraudflow.cli.shadow import shadow_app
 from fraudflow.cli.train import train
 from fraudflow.cli.users import users_app
 
@@ -35,6 +36,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(decisions_app, name="decisions")
 app.add_typer(users_app, name="users")
 app.add_typer(cases_app, name="cases")
+app.add_typer(shadow_app, name="shadow")
 
 
 def main() -> None:

@@ -46,6 +46,23 @@ def serve(
         help="Seconds a transaction may be dated ahead of the server's clock (default 86400, "
         "one day); 422 beyond. Env: FRAUDFLOW_MAX_CLOCK_SKEW_SECONDS.",
     ),
+    shadow: str = typer.Option(
+        None,
+        "--shadow",
+        help="Challenger runs scored in shadow on every decision, RUN[,RUN...]: recorded in "
+        "the audit log, only the --run model decides.",
+    ),
+    split: str = typer.Option(
+        None,
+        "--split",
+        help="RUN=5%[,RUN=2%]: that challenger decides a stable, hash-chosen share of cards.",
+    ),
+    shadow_budget: float = typer.Option(
+        None,
+        "--shadow-budget",
+        help="Seconds a decision waits for the challengers past the champion's own scoring "
+        "(default 0.01); later ones are recorded as timed out.",
+    ),
 ) -> None:
     """Serve fraud decisions over HTTP.
 
@@ -70,5 +87,8 @@ def serve(
         insecure_no_auth=insecure_no_auth or None,  # unset: the environment may still say so
         max_amount=max_amount,
         max_clock_skew_seconds=max_clock_skew,
+        shadow=shadow,
+        split=split,
+        shadow_budget_seconds=shadow_budget,
     )
     run_server(settings)

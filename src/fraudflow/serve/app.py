@@ -40,6 +40,7 @@ from fraudflow.serve.routes import DECISION_ROUTES, ROUTES, build_router, publis
 from fraudflow.serve.runcheck import verify_run
 from fraudflow.serve.service import ACTIVE_MODEL_FILE, DecisionService, EngineLoader
 from fraudflow.serve.settings import ServeSettings, load_settings, settings_environment
+from fraudflow.serve.shadow import check_challenger
 
 __all__ = ["app_from_environment", "create_app", "run_server", "tune_process"]
 
@@ -241,6 +242,9 @@ def run_server(settings: ServeSettings) -> None:
     if settings.console and settings.cases is not None:
         open_database(settings.cases).close()
     verify_run(settings.run, timeout_seconds=settings.model_check_timeout_seconds)
+    for challenger in settings.challenger_runs:  # verified as the champion, and fed by it
+        verify_run(challenger, timeout_seconds=settings.model_check_timeout_seconds)
+        check_challenger(settings.run, challenger)
     if settings.workers == 1:
         if settings.prometheus_multiproc_dir is not None:  # set: the client writes files there
             _multiprocess_dir(settings.prometheus_multiproc_dir)

@@ -32,7 +32,9 @@ Tables (schema 3; ``labels`` keeps every report, the latest wins when read):
 
     decision_groups  seq, decisions (how many), fields (JSON object: per field, transaction_id
                      t_us customer_id terminal_id amount score raw_score decision
-                     model_version decided_at_us, the list of its values), features (each
+                     model_version decided_at_us, the list of its values; ``extra`` and
+                     ``shadow``, the challengers' verdicts, only when a decision has
+                     them), features (each
                      decision's values, float64 little-endian, in the order its model's
                      feature set names, concatenated), responses (each decision's exact body,
                      replayed for duplicates; it holds the reasons), offsets (int64
@@ -206,6 +208,8 @@ class DecisionRecord(NamedTuple):
     feature_names: Sequence[str]  # the model's, shared by its records
     # The columns beyond the canonical ones that the model's feature spec reads; None: none.
     extra: Mapping[str, Any] | None = None
+    # The challengers' verdicts on it (``fraudflow.serve.shadow``); None: none served.
+    shadow: Mapping[str, Any] | None = None
 
 
 def pack_features(values: Sequence[float]) -> bytes:
@@ -550,9 +554,11 @@ class AuditLog:
             return []
         seq, columns = self._next_group, list(zip(*decisions, strict=True))
         named = dict(zip(_GROUP_FIELDS, columns[:_N_GROUP_FIELDS], strict=True))
-        extra = columns[_N_GROUP_FIELDS + 3]
+        extra, shadow = columns[_N_GROUP_FIELDS + 3], columns[_N_GROUP_FIELDS + 4]
         if any(x is not None for x in extra):  # a spec's extra columns: kept for replays
             named["extra"] = extra
+        if any(x is not None for x in shadow):  # challengers' verdicts: a key, not a column
+            named["shadow"] = shadow
         fields = orjson.dumps(named)
         features, responses = columns[_N_GROUP_FIELDS], columns[_N_GROUP_FIELDS + 1]
         offsets = np.concatenate([_offsets(responses), _offsets(features)]).astype("<i8")
@@ -693,16 +699,21 @@ def read_decisions(path: Path) -> pl.DataFrame:
     """Every recorded decision of every shard, one row each, in recording order (by decision
     time; one shard's order for equal times), one column per feature."""
     rows = _read_all(path, _decision_rows, _compacted_decision_rows, time_column=9)
-    base = pl.DataFrame([r[:-2] for r in rows], schema=_DECISION_SCHEMA, orient="row")
+    base = pl.DataFrame([r[:-3] for r in rows], schema=_DECISION_SCHEMA, orient="row")
     # Every row's keys: models of different versions may compute different features.
-    parsed = [r[-2] for r in rows]
+    parsed = [r[-3] for r in rows]
     features = pl.DataFrame(parsed, infer_schema_length=None) if rows else pl.DataFrame()
     # The columns a model's feature spec read beyond the canonical ones, as sent.
-    extra = [r[-1] for r in rows]
+    extra = [r[-2] for r in rows]
     parts = [base, features.cast(pl.Float64)]
     if any(extra):
         extras = pl.from_dicts(extra, infer_schema_length=None, strict=False)
         parts.append(extras.select(c for c in extras.columns if c not in features.columns))
+    # The challengers' verdicts (fraudflow.serve.shadow), as JSON text; only when any.
+    shadow = [r[-1] for r in rows]
+    if any(x is not None for x in shadow):
+        texts = [None if x is None else orjson.dumps(x).decode() for x in shadow]
+        parts.append(pl.DataFrame({"shadow": texts}, schema={"shadow": pl.String}))
     frame = pl.concat(parts, how="horizontal")
     return frame.with_columns(
         _utc("t_us").alias("timestamp"), _utc("decided_at_us").alias("decided_at")
@@ -717,15 +728,16 @@ _DECISION_FIELDS = (
 
 def _decision_rows(db: sqlite3.Connection, version: int) -> list[tuple[Any, ...]]:
     """One shard's decisions: the ``_DECISION_SCHEMA`` fields, then a dict of features, then
-    a dict of the extra columns the model's feature spec read (schema 3)."""
+    a dict of the extra columns the model's feature spec read and the challengers' verdicts
+    (schema 3; None where none)."""
     if version == 1:  # features as a JSON object, reasons in a column of their own
         sql = f"SELECT {_DECISION_FIELDS}, reasons, features FROM decisions ORDER BY seq"
-        return [(*r[:-1], orjson.loads(r[-1]), {}) for r in db.execute(sql)]
+        return [(*r[:-1], orjson.loads(r[-1]), {}, None) for r in db.execute(sql)]
     names = {v: orjson.loads(n) for v, n in db.execute("SELECT * FROM feature_sets")}
     if version == 2:  # a row per decision
         sql = f"SELECT {_DECISION_FIELDS}, response, features FROM decisions ORDER BY seq"
         return [
-            (*_decision_row(fields, response, values, names), {})
+            (*_decision_row(fields, response, values, names), {}, None)
             for *fields, response, values in db.execute(sql)
         ]
     out = []
@@ -772,12 +784,14 @@ def _rows_of_columns(
     columns), each id's first one only (``recorded``: the ids seen before)."""
     n = len(responses)
     extra = columns.get("extra") or [None] * n
+    shadow = columns.get("shadow") or [None] * n
     out = []
     for k, row in enumerate(zip(*(columns[f] for f in _GROUP_FIELDS), strict=True)):
         if row[0] in recorded:
             continue
         recorded.add(row[0])
-        out.append((*_decision_row(row, responses[k], features[k], names), extra[k] or {}))
+        decision = _decision_row(row, responses[k], features[k], names)
+        out.append((*decision, extra[k] or {}, shadow[k]))
     return out
 
 

@@ -254,4 +254,5 @@ def _label(service: DecisionService, label: Any) -> Awaitable[bytes]:
 
 async def _reload(service: DecisionService, body: Any) -> bytes:
     run = None if body.run is None else Path(body.run)
-    return orjson.dumps(await service.reload(run))
+    shadow = None if body.shadow is None else [Path(r) for r in body.shadow]
+    return orjson.dumps(await service.reload(run, shadow=shadow))

@@ -13,6 +13,11 @@ label ever holds an id or a key:
     fraudflow_model_info{model_version}            gauge = 1 for the loaded model
     fraudflow_model_loaded                         gauge 0/1
     fraudflow_score_psi                            gauge, see ``ScoreDrift``
+    fraudflow_shadow_score{model_version}          histogram of each challenger's scores
+    fraudflow_shadow_decisions_total{model_version, agreement}  counter: agree | disagree,
+        a challenger's decision against the champion's on the same transaction
+    fraudflow_shadow_errors_total{model_version, kind}  counter: error | timed_out | busy,
+        a challenger that raised, was late, or was still stuck on an earlier group
     fraudflow_case_verdicts_total{outcome}         counter: fraud | not_fraud (the console)
     fraudflow_case_time_to_verdict_seconds         histogram: a case's opening to its verdict
     fraudflow_cases_open                           gauge: open or escalated cases
@@ -35,8 +40,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import (
@@ -52,6 +58,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fraudflow.eval.drift import population_stability_index
+
+if TYPE_CHECKING:  # the service's types, for signatures only: no import at run time
+    from fraudflow.serve.scoring import Judgements
+    from fraudflow.serve.shadow import Lineup, ShadowResult
 
 __all__ = [
     "CASE_GAUGES",
@@ -84,6 +94,7 @@ _VERDICT_BUCKETS = tuple(
     60.0 * m for m in (1, 5, 15, 30, 60, 120, 240, 480, 720, 1_440, 2_880, 4_320, 10_080)
 )
 OUTCOMES = ("fraud", "not_fraud")
+SHADOW_ERROR_KINDS = ("error", "timed_out", "busy")  # fraudflow.serve.shadow.STATUSES less ok
 # The gauges read from the case store at each scrape: name -> help.
 CASE_GAUGES = {
     "fraudflow_cases_open": "Review cases waiting for a verdict (open or escalated).",
@@ -176,8 +187,24 @@ class ServiceMetrics:
             "Time from a review case's opening to its verdict.",
             buckets=_VERDICT_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.shadow_score = Histogram(
+            "fraudflow_shadow_score", "Fraud scores of the challengers scored in shadow.",
+            ["model_version"], buckets=_SCORE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.shadow_decisions = Counter(
+            "fraudflow_shadow_decisions",
+            "Challengers' decisions, by whether they agree with the champion's.",
+            ["model_version", "agreement"], registry=registry,
+        )  # fmt: skip
+        self.shadow_errors = Counter(
+            "fraudflow_shadow_errors",
+            "Challenger verdicts missing: it raised (error), was late (timed_out), or was still "
+            "stuck on an earlier group (busy). The champion answered either way.",
+            ["model_version", "kind"], registry=registry,
+        )  # fmt: skip
         self._scrape_collectors: list[Collector] = []
         self._version: str | None = None
+        self._challengers: list[str] = []
 
     def add_scrape_collector(self, collector: Collector) -> None:
         """A collector read at each scrape, in every mode (``CaseGaugeCollector``)."""
@@ -195,6 +222,40 @@ class ServiceMetrics:
         if version is not None:
             self.model_info.labels(model_version=version).set(1)
         self.model_loaded.set(0 if version is None else 1)
+
+    def challengers_changed(self, versions: Sequence[str]) -> None:
+        """The challengers served now: their series exist from the start (for rate()), and
+        those of challengers gone are removed (single process; in multiprocess mode they stay
+        and stop moving)."""
+        if self.multiprocess_dir is None:
+            for gone in set(self._challengers) - set(versions):
+                for metric in (self.shadow_score, self.shadow_decisions, self.shadow_errors):
+                    _remove_version(metric, gone)
+        for version in versions:
+            for kind in SHADOW_ERROR_KINDS:
+                self.shadow_errors.labels(model_version=version, kind=kind)
+            for agreement in ("agree", "disagree"):
+                self.shadow_decisions.labels(model_version=version, agreement=agreement)
+        self._challengers = list(versions)
+
+    def observe_shadow(
+        self, lineup: Lineup, champion: Judgements, results: Sequence[ShadowResult]
+    ) -> None:
+        """A group's challenger verdicts: scores, agreement with the champion, failures."""
+        for challenger, result in zip(lineup.challengers, results, strict=True):
+            version = challenger.model_version
+            if result.judged is None:  # counted per decision, as the agreement
+                errors = self.shadow_errors.labels(model_version=version, kind=result.status)
+                errors.inc(len(champion.actions))
+                continue
+            observe_many(self.shadow_score.labels(model_version=version), result.judged.scores)
+            agree = sum(map(str.__eq__, result.judged.actions, champion.actions))
+            disagree = len(champion.actions) - agree
+            decisions = self.shadow_decisions
+            if agree:
+                decisions.labels(model_version=version, agreement="agree").inc(agree)
+            if disagree:
+                decisions.labels(model_version=version, agreement="disagree").inc(disagree)
 
     def render(self) -> bytes:
         """The text exposition format; in multiprocess mode, of all workers together."""
@@ -291,3 +352,12 @@ class ScoreDrift:
         if recent.size == 0 or self.reference.size == 0:
             return float("nan")
         return population_stability_index(self.reference, recent, bins=self._bins)
+
+
+def _remove_version(metric: Histogram | Counter, version: str) -> None:
+    """Remove every series of ``metric`` whose model_version is ``version``."""
+    at = metric._labelnames.index("model_version")
+    with metric._lock:
+        keys = [key for key in metric._metrics if key[at] == version]
+    for key in keys:
+        metric.remove(*key)

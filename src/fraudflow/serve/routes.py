@@ -3,7 +3,8 @@
     POST /v1/decisions         one transaction -> DecisionOut              client key
     POST /v1/decisions/batch   {"transactions": [...]} (<= 10,000)         client key
     POST /v1/labels            a fraud label -> LabelOut                   client key
-    POST /v1/admin/reload      {"run": path} (optional) -> ReloadOut       admin key
+    POST /v1/admin/reload      {"run": path, "shadow": [path, ...]} (both optional)
+                               -> ReloadOut                                admin key
     GET  /healthz              the process is alive
     GET  /readyz               200 once a model, the state store and the audit log are ready;
                                503 while loading, or naming each failing part and its cause

@@ -48,6 +48,7 @@ __all__ = [
     "LATEST_TIMESTAMP",
     "MAX_BATCH",
     "MAX_ID_LENGTH",
+    "ChallengerOut",
     "DecisionBatchIn",
     "DecisionBatchOut",
     "DecisionOut",
@@ -289,12 +290,25 @@ class LabelOut(BaseModel):
 
 class ReloadIn(BaseModel):
     run: str | None = Field(None, description="run folder; default: the one being served")
+    shadow: list[str] | None = Field(
+        None,
+        max_length=16,
+        description="challenger run folders scored in shadow beside it; [] for none; "
+        "default: the challengers served now, less the new champion",
+    )
+
+
+class ChallengerOut(BaseModel):
+    run: str
+    model_version: str
+    split: float | None = Field(description="the share of cards it decides; null: none")
 
 
 class ReloadOut(BaseModel):
     model_version: str
     previous_model_version: str | None
     run: str
+    shadow: list[ChallengerOut] = Field(description="the challengers scored in shadow now")
 
 
 class HealthOut(BaseModel):

@@ -76,6 +76,7 @@ __all__ = [
     "TreePathAttribution",
     "fast_path_serves",
     "load_engine",
+    "load_policy_for",
     "model_version",
     "reference_scores",
 ]
@@ -558,7 +559,7 @@ def load_engine(
             f"the model in {run_dir} expects features {list(scorer.features)}, however the "
             f"online evaluator computes {online.names} for its feature spec"
         )
-    policy, source = _policy_for(run_dir, policy_path)
+    policy, source = load_policy_for(run_dir, policy_path)
     check_rule_features(policy, online.names, source=source)
     return Engine(run_dir, scorer, online, policy, source, reference_scores(run_dir))
 
@@ -600,7 +601,9 @@ def model_version(run_dir: Path, bundle: Bundle) -> str:
     return f"{bundle.meta['model']}-{digest.hexdigest()[:12]}"
 
 
-def _policy_for(run_dir: Path, explicit: Path | None) -> tuple[Policy, str]:
+def load_policy_for(run_dir: Path, explicit: Path | None) -> tuple[Policy, str]:
+    """The policy a run decides with and where it came from: ``explicit`` if given, else
+    ``policy.yaml`` beside the run, else the default policy."""
     if explicit is not None:
         return load_policy(explicit), str(explicit)
     beside = Path(run_dir) / POLICY_FILE

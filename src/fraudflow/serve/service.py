@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from fraudflow.errors import DataError, RunCheckError, ServeError
+from fraudflow.errors import ConfigError, DataError, RunCheckError, ServeError
 from fraudflow.features.online import (
     Answers,
     Event,
@@ -67,7 +67,17 @@ from fraudflow.serve.redis_shards import is_redis_url
 from fraudflow.serve.runcheck import refusal, verify_run
 from fraudflow.serve.schemas import LabelIn, TransactionIn
 from fraudflow.serve.scoring import Engine, Judgements, load_engine
-from fraudflow.serve.settings import ServeSettings
+from fraudflow.serve.settings import ServeSettings, parse_splits
+from fraudflow.serve.shadow import (
+    Challenger,
+    Lineup,
+    ShadowResult,
+    describe,
+    load_challenger,
+    shadow_entries,
+    shares,
+    split_rows,
+)
 from fraudflow.serve.spec_state import open_spec_store
 from fraudflow.serve.state import open_store, sqlite_file
 
@@ -90,6 +100,10 @@ EngineLoader = Callable[[Path, StateStore], Engine]
 CaseOpener = Callable[[Sequence[CaseIn]], int]
 
 
+# The reload's answer when a challenger cannot be fed by the champion's online features.
+CHALLENGER_REFUSED = (
+    "reload refused: a challenger reads features the champion's online engine does not compute"
+)
 # How long a request waits for a worker that is still loading its model before a 503.
 READY_WAIT_SECONDS = 10.0
 
@@ -228,6 +242,8 @@ class DecisionService:
         self.metrics = metrics
         self.keys = keys
         self.engine: Engine | None = None  # swapped whole on reload; read once per request
+        # The challengers scored beside ``engine`` (fraudflow.serve.shadow); swapped with it.
+        self.lineup: Lineup | None = None
         self.failed = False  # the start-up load failed: /readyz says so
         self._loader = loader or default_loader(settings)
         self._resources: _Resources | None = None
@@ -267,8 +283,12 @@ class DecisionService:
             if resources is None:  # closed meanwhile
                 return
             self._resources = resources
-            run = await asyncio.to_thread(self._announced_run) or self.settings.run
-            self._swap(await asyncio.to_thread(self._load, run))
+            announced = await asyncio.to_thread(self._announced_run)
+            run, challengers = announced or (self.settings.run, self.settings.challenger_runs)
+            engine = await asyncio.to_thread(self._load, run)
+            # Verified by run_server before the workers start, as the champion.
+            lineup = await asyncio.to_thread(self._load_lineup, engine, challengers, verify=False)
+            self._swap(engine, lineup)
         except Exception:
             self.failed = True
             self.metrics.errors.labels(kind="reload").inc()
@@ -320,6 +340,8 @@ class DecisionService:
     def close(self) -> None:
         self._closing = True
         self.metrics.model_changed(None)
+        if self.lineup is not None:
+            self.lineup.close()
         self.health.close()
         if self._resources is not None:
             self._resources.audit.close()  # commits what is queued first
@@ -366,9 +388,32 @@ class DecisionService:
         assert self._resources is not None
         return self._loader(Path(run_dir), self._resources.store)
 
-    def _swap(self, engine: Engine) -> None:
-        self.engine = engine  # one reference assignment: atomic for every reader
+    def _load_lineup(
+        self, champion: Engine, runs: Sequence[Path], *, verify: bool = True
+    ) -> Lineup | None:
+        """The challengers of ``runs``, each verified as the champion is (``verify``), then
+        loaded to score beside ``champion``; None without any."""
+        if not runs:
+            return None
+        splits = parse_splits(self.settings.split)
+        challengers: list[Challenger] = []
+        for run, share in zip(runs, shares(runs, splits), strict=True):
+            if verify:
+                self._verify(run)
+            policy = self.settings.policy
+            challengers.append(load_challenger(run, champion, policy_path=policy, share=share))
+        s = self.settings
+        return Lineup(champion, tuple(challengers), s.shadow_budget_seconds, s.split_salt)
+
+    def _swap(self, engine: Engine, lineup: Lineup | None = None) -> None:
+        # Two reference assignments with no await between: no request sees one without the
+        # other; a request still on the old engine finds no lineup of its own (``_lineup_of``).
+        self.engine = engine
+        old, self.lineup = self.lineup, lineup
+        if old is not None:
+            old.close()
         self.metrics.model_changed(engine.model_version)
+        self.metrics.challengers_changed([c["model_version"] for c in describe(lineup)])
         s = self.settings
         self._drift = None
         if engine.reference is not None:  # scores of the old model are not this one's drift
@@ -376,6 +421,9 @@ class DecisionService:
             self._drift = ScoreDrift(engine.reference, window=window, interval_seconds=every)
         log.info("serving %s from %s (policy: %s)", engine.model_version, engine.run_dir,
                  engine.policy_source)  # fmt: skip
+        for c in describe(lineup):
+            log.info("challenger %s from %s (split share: %s)", c["model_version"], c["run"],
+                     c["split"])  # fmt: skip
 
     # --- decisions ------------------------------------------------------------------------
 
@@ -506,10 +554,18 @@ class DecisionService:
         if pending is None:
             pending = self._pending.add(tids)
         try:
-            judged = engine.judge(batch.values, [e.amount for e in batch.events])
+            amounts = [e.amount for e in batch.events]
+            lineup = self._lineup_of(engine)
+            if lineup is None:
+                judged = engine.judge(batch.values, amounts)
+                shadow = None
+            else:
+                judged, shadow = await self._judge_with_challengers(lineup, batch, amounts)
             # One clock read for the group, decided together.
             decided_at_us = now_us()
             records = _records(engine, batch, judged, decided_at_us=decided_at_us)
+            if lineup is not None and shadow is not None:
+                records = _with_shadow(records, batch, shadow, lineup)
             await self._commit(resources, records)
         except BaseException as exc:
             self._pending.fail(pending, tids, exc)
@@ -520,6 +576,26 @@ class DecisionService:
         for i, body in zip(batch.indices, bodies, strict=True):
             answers[i] = body
         self._observe(judged)
+
+    def _lineup_of(self, engine: Engine) -> Lineup | None:
+        lineup = self.lineup
+        return lineup if lineup is not None and lineup.champion is engine else None
+
+    async def _judge_with_challengers(
+        self, lineup: Lineup, batch: _Fresh, amounts: list[float]
+    ) -> tuple[Judgements, list[dict[str, Any]]]:
+        """The champion's judgements, with the rows a challenger's split share holds decided
+        by that challenger, and each decision's shadow entry. The challengers start first,
+        in their lanes, and are waited for at most the budget after the champion is done."""
+        deciders = lineup.deciders([e.customer_id for e in batch.events])
+        futures = lineup.submit(batch.values, amounts, deciders)
+        judged = engine_judged = lineup.champion.judge(batch.values, amounts)
+        results = await lineup.collect(futures)
+        entries = shadow_entries(lineup, engine_judged, results, deciders)
+        for k, rows in split_rows(deciders, results).items():
+            judged = _replace_rows(judged, results[k], rows)
+        self.metrics.observe_shadow(lineup, engine_judged, results)
+        return judged, entries
 
     async def _open_review_cases(self, batch: _Fresh, judged: Judgements, at_us: int) -> None:
         """Open the review console's cases of the group's review and block decisions: one
@@ -688,39 +764,52 @@ class DecisionService:
 
     # --- reload ---------------------------------------------------------------------------
 
-    async def reload(self, run: Path | None, *, announce: bool = True) -> dict[str, Any]:
+    async def reload(
+        self, run: Path | None, *, shadow: Sequence[Path] | None = None, announce: bool = True
+    ) -> dict[str, Any]:
         """Verify ``run`` (default: the one served; ``fraudflow.serve.runcheck``), build its
-        engine fully, then swap it in; on any failure the old engine keeps serving.
+        engine fully, then the challengers' (``shadow``; None: the ones served now, less the
+        new champion), then swap them in; on any failure the old ones keep serving.
 
         In-flight requests finish on the engine they started with; new ones get the new one.
+        Promoting a challenger is a reload naming it as ``run``.
         """
         async with self._reload_lock:
             current = self.engine
             target = Path(run) if run is not None else self.settings.run
             if current is None or self._resources is None:
                 raise _not_ready()
+            if shadow is None:
+                shadow = [Path(c["run"]) for c in describe(self.lineup)]
+                shadow = [r for r in shadow if r.resolve() != target.resolve()]
             try:
                 # Verified first (DONE, hashes, features; the model in a child process): a
                 # model that would crash a library takes the child down, not this server.
                 await asyncio.to_thread(self._verify, target)
                 engine = await asyncio.to_thread(self._load, target)
+                lineup = await asyncio.to_thread(self._load_lineup, engine, shadow)
             except RunCheckError as exc:
                 log.error("reload of %s refused: %s", target, exc)
                 raise ServeError(400, refusal(exc.check), "reload") from None
+            except ConfigError as exc:  # a challenger the champion's features cannot feed
+                log.error("reload of %s refused: %s", target, exc)
+                raise ServeError(400, CHALLENGER_REFUSED, "reload") from None
             except Exception:
                 log.exception("reload of %s failed", target)
                 raise ServeError(400, refusal(""), "reload") from None
-            self._swap(engine)
+            self._swap(engine, lineup)
             if announce:
-                await asyncio.to_thread(self._announce, engine)
+                await asyncio.to_thread(self._announce, engine, lineup)
         return {
             "model_version": engine.model_version,
             "previous_model_version": current.model_version,
             "run": str(engine.run_dir),
+            "shadow": describe(lineup),
         }
 
-    def _announced_run(self) -> Path | None:
-        """A worker (re)started after a reload serves what the other workers serve.
+    def _announced_run(self) -> tuple[Path, list[Path]] | None:
+        """A worker (re)started after a reload serves what the other workers serve: the run
+        and its challengers.
 
         ``run_server`` deletes the file before the workers start, so it only ever names a run
         reloaded during this server's life.
@@ -729,14 +818,20 @@ class DecisionService:
             return None
         self._control_seen = _mtime(self._control)
         try:
-            return Path(orjson.loads(self._control.read_bytes())["run"])
+            wanted = orjson.loads(self._control.read_bytes())
+            return Path(wanted["run"]), [Path(r) for r in wanted.get("shadow", [])]
         except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
             return None
 
-    def _announce(self, engine: Engine) -> None:
-        """Tell the other workers (``watch_reloads``) which run to serve now."""
+    def _announce(self, engine: Engine, lineup: Lineup | None) -> None:
+        """Tell the other workers (``watch_reloads``) which runs to serve now."""
         if self.settings.workers > 1:
-            body = {"run": str(engine.run_dir), "model_version": engine.model_version}
+            challengers = describe(lineup)
+            body = {
+                "run": str(engine.run_dir), "model_version": engine.model_version,
+                "shadow": [c["run"] for c in challengers],
+                "shadow_versions": [c["model_version"] for c in challengers],
+            }  # fmt: skip
             write_json_atomic(self._control, body)
             self._control_seen = _mtime(self._control)
 
@@ -752,9 +847,13 @@ class DecisionService:
                 wanted = orjson.loads(await asyncio.to_thread(self._control.read_bytes))
             except (OSError, orjson.JSONDecodeError):
                 continue
-            if wanted.get("model_version") != self.engine.model_version:
+            served = [c["model_version"] for c in describe(self.lineup)]
+            if (wanted.get("model_version"), wanted.get("shadow_versions", [])) != (
+                self.engine.model_version, served
+            ):  # fmt: skip
+                shadow = [Path(r) for r in wanted.get("shadow", [])]
                 with contextlib.suppress(ServeError):  # logged by reload
-                    await self.reload(Path(wanted["run"]), announce=False)
+                    await self.reload(Path(wanted["run"]), shadow=shadow, announce=False)
 
 
 def _mtime(path: Path) -> int | None:
@@ -780,6 +879,46 @@ class _Fresh:
     events: list[Event]
     txs: list[TransactionIn]
     values: np.ndarray  # (N, F) feature values, in the model's feature order
+
+
+def _replace_rows(judged: Judgements, result: ShadowResult, rows: list[int]) -> Judgements:
+    """``judged`` with ``rows`` taken from a challenger's judgements (its split share)."""
+    theirs = result.judged
+    assert theirs is not None  # split_rows keeps the challengers that scored
+    scores, raw = judged.scores.copy(), judged.raw_scores.copy()
+    scores[rows], raw[rows] = theirs.scores[rows], theirs.raw_scores[rows]
+    actions, reasons = list(judged.actions), list(judged.reasons)
+    for i in rows:
+        actions[i], reasons[i] = theirs.actions[i], theirs.reasons[i]
+    return Judgements(scores, raw, actions, reasons)
+
+
+def _with_shadow(
+    records: list[DecisionRecord],
+    batch: _Fresh,
+    entries: list[dict[str, Any]],
+    lineup: Lineup,
+) -> list[DecisionRecord]:
+    """The records with their shadow entries; a decision a challenger made (its split share)
+    is recorded as that model's: its version, its features (a subset of the champion's, in its
+    order, so the log's feature sets stay per version) and its answer."""
+    by_version = {c.model_version: c for c in lineup.challengers}
+    out = []
+    for k, (record, entry) in enumerate(zip(records, entries, strict=True)):
+        decider = by_version.get(entry["decided_by"])
+        if decider is None:
+            out.append(record._replace(shadow=entry))
+            continue
+        version = decider.model_version
+        body = orjson.loads(record.response) | {"model_version": version}
+        values = batch.values[k, decider.columns].astype("<f8").tobytes()
+        out.append(
+            record._replace(
+                model_version=version, packed_features=values, response=orjson.dumps(body),
+                feature_names=tuple(decider.engine.scorer.features), shadow=entry,
+            )
+        )  # fmt: skip
+    return out
 
 
 def _records(
@@ -817,7 +956,7 @@ def _records(
                 [e.amount for e in events], scores, judged.raw_scores.tolist(), judged.actions,
                 itertools.repeat(version, n), itertools.repeat(decided_at_us, n),
                 [packed[k * width : (k + 1) * width] for k in range(n)], responses,
-                itertools.repeat(names, n), extra, strict=True,
+                itertools.repeat(names, n), extra, itertools.repeat(None, n), strict=True,
             ),
         )
     )  # fmt: skip

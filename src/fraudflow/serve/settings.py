@@ -35,16 +35,20 @@ from fraudflow.serve.database import POSTGRES_URL_FORM, is_postgres_url, redact_
 from fraudflow.serve.redis_shards import CLUSTER_SCHEME, REDIS_SCHEMES, URL_FORMS, cluster_nodes
 
 __all__ = [
+    "DEFAULT_SPLIT_SALT",
     "ENV_PREFIX",
     "ServeSettings",
     "audit_path_for",
     "load_settings",
+    "parse_splits",
     "settings_environment",
 ]
 
 ENV_PREFIX = "FRAUDFLOW_"
 MIB = 1024 * 1024
 _STATE_SCHEMES = ("sqlite", *REDIS_SCHEMES)
+# Changing it draws new split shares (fraudflow.serve.shadow.split_buckets).
+DEFAULT_SPLIT_SALT = "fraudflow-split-1"
 
 
 class ServeSettings(BaseSettings):
@@ -90,6 +94,14 @@ class ServeSettings(BaseSettings):
     health_probe_seconds: float = Field(1.0, gt=0)
     health_stall_seconds: float = Field(2.0, gt=0)
     torch_threads: int = Field(1, ge=1)
+    # Champion and challengers (fraudflow.serve.shadow): challenger runs scored in shadow
+    # (comma-separated), the shares of cards some of them decide (RUN=5%[,RUN=2%]), how long a
+    # group's answer waits for the challengers past the champion's own scoring, and the salt
+    # of the split's hash.
+    shadow: str | None = None
+    split: str | None = None
+    shadow_budget_seconds: float = Field(0.01, gt=0, le=10, allow_inf_nan=False)
+    split_salt: str = Field(DEFAULT_SPLIT_SALT, min_length=1)
     # run_server tunes its processes for serving (GC thresholds and freeze, GIL switch
     # interval: fraudflow.serve.app.tune_process); off, the interpreter's defaults stay.
     process_tuning: bool = True
@@ -112,11 +124,24 @@ class ServeSettings(BaseSettings):
     @field_validator("run")
     @classmethod
     def _run_is_a_bundle(cls, run: Path) -> Path:
-        if not run.is_dir():
-            raise ValueError(f"run folder {run} does not exist")
-        if not (run / "model" / "meta.json").is_file():
-            raise ValueError(f"{run} holds no model bundle (model/meta.json): is it a run?")
-        return run.resolve()
+        return _run_is_a_bundle(run)
+
+    @field_validator("shadow")
+    @classmethod
+    def _shadow_runs(cls, runs: str | None) -> str | None:
+        for run in _run_list(runs):
+            _run_is_a_bundle(run)
+        return runs
+
+    @field_validator("split")
+    @classmethod
+    def _split_shares(cls, text: str | None) -> str | None:
+        try:
+            for run in parse_splits(text):
+                _run_is_a_bundle(run)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return text
 
     @field_validator("state")
     @classmethod
@@ -181,6 +206,45 @@ class ServeSettings(BaseSettings):
     def state_default_path(self) -> Path:
         return self.data_folder / "state.db"
 
+    @property
+    def challenger_runs(self) -> list[Path]:
+        """The challengers: the --shadow runs, then the --split runs not among them."""
+        runs = [run.resolve() for run in _run_list(self.shadow)]
+        return runs + [run for run in parse_splits(self.split) if run not in runs]
+
+
+def _run_list(runs: str | None) -> list[Path]:
+    return [Path(r.strip()) for r in (runs or "").split(",") if r.strip()]
+
+
+def _run_is_a_bundle(run: Path) -> Path:
+    if not run.is_dir():
+        raise ValueError(f"run folder {run} does not exist")
+    if not (run / "model" / "meta.json").is_file():
+        raise ValueError(f"{run} holds no model bundle (model/meta.json): is it a run?")
+    return run.resolve()
+
+
+def parse_splits(text: str | None) -> dict[Path, float]:
+    """``RUN=5%[,RUN=2.5%...]`` -> {resolved run folder: share in (0, 1]}; ``ConfigError``
+    naming the entry otherwise. The shares together may not exceed 100 %."""
+    out: dict[Path, float] = {}
+    for entry in [e.strip() for e in (text or "").split(",") if e.strip()]:
+        run, sep, share = entry.rpartition("=")
+        number = share.strip().removesuffix("%")
+        try:
+            percent = float(number) if sep and run and share.strip().endswith("%") else -1.0
+        except ValueError:
+            percent = -1.0
+        if not 0 < percent <= 100:
+            raise ConfigError(
+                f"must be RUN=<percent>% with 0 < percent <= 100, however got {entry!r}"
+            )
+        out[Path(run.strip()).resolve()] = percent / 100
+    if sum(out.values()) > 1 + 1e-9:
+        raise ConfigError(f"the split shares add up to {100 * sum(out.values()):g}% > 100%")
+    return out
+
 
 def load_settings(**flags: Any) -> ServeSettings:
     """Settings from the given flags (None: not given) over the environment.
@@ -195,7 +259,10 @@ def load_settings(**flags: Any) -> ServeSettings:
 
 
 # Flags whose name leaves out the field's unit (the help text gives it).
-_FLAG_OF_FIELD = {"max_clock_skew_seconds": "--max-clock-skew"}
+_FLAG_OF_FIELD = {
+    "max_clock_skew_seconds": "--max-clock-skew",
+    "shadow_budget_seconds": "--shadow-budget",
+}
 
 
 def _describe(exc: ValidationError) -> str:

@@ -1,0 +1,377 @@
+"""Champion and challengers: models scored in shadow on live traffic, beside the one that decides.
+
+The champion's engine computes each decision's feature vector from the state once; every
+challenger scores the same vector (its own features picked from it by name) with its own
+calibration (its bundle's, through ``BundleScorer``) and its own policy (``policy.yaml`` beside
+its run, else the service's ``--policy``, else the default). Only the champion decides, except
+for the cards a traffic split hands to a challenger (``--split RUN=5%``): a stable share of
+customers, chosen by a salted hash of ``customer_id`` (``split_buckets``), the same in every
+process, replica and restart.
+
+A challenger is accepted only if the champion's online engine computes what it reads
+(``feature_problem``): every feature it names, defined identically; otherwise start-up or the
+reload is refused with one line saying which feature.
+
+Isolation. Each challenger scores in a thread of its own (``_Lane``), started before the
+champion scores so the two overlap, and the group waits for the challengers at most
+``shadow_budget_seconds`` past the champion's own judgement. A challenger that raises is
+recorded as ``error``, one that is late as ``timed_out``; one whose lane still holds an
+earlier group that has not finished (a hung model) is not given the new one and is recorded
+as ``busy`` at once, so a hang costs the champion at most one budget, then nothing.
+
+Recording. The challengers' verdicts go into the decision's own audit record (``ShadowEntry``
+as a JSON object: ``DecisionRecord.shadow``), written in the same group commit as the decision,
+not by a second write after the answer: the log never holds a decision whose challengers were
+lost by a crash between two commits, nor shadow rows of a decision that was never answered,
+and no second durability path exists to fail. The price is that the champion's answer may
+wait for the challengers, which the budget bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from fraudflow.artifacts import check_run, feature_spec_of, load_bundle
+from fraudflow.errors import ConfigError
+from fraudflow.features.spec import FeatureSpec
+from fraudflow.serve.policy import AMOUNT_FEATURE, check_rule_features, decide_many
+from fraudflow.serve.scoring import (
+    POLICY_FILE,
+    BundleScorer,
+    Engine,
+    Judgements,
+    load_policy_for,
+    model_version,
+)
+
+__all__ = [
+    "STATUSES",
+    "Challenger",
+    "Lineup",
+    "ShadowResult",
+    "check_challenger",
+    "describe",
+    "feature_problem",
+    "load_challenger",
+    "shadow_entries",
+    "shares",
+    "split_buckets",
+    "split_rows",
+]
+
+log = logging.getLogger(__name__)
+
+# What a challenger's verdict on a decision can be: scored, raised, late, or not asked because
+# its lane still holds an unfinished earlier group.
+STATUSES = ("ok", "error", "timed_out", "busy")
+# Groups a lane may hold at once (one scoring, one waiting): more means it is stuck.
+_MAX_IN_FLIGHT = 2
+
+
+# --- the split ----------------------------------------------------------------------------
+
+
+def split_buckets(customer_ids: Iterable[str], *, salt: str) -> np.ndarray:
+    """Each customer's place in [0, 1): the first 8 bytes of BLAKE2b(salt, customer_id) as a
+    fraction. A keyed cryptographic hash, not Python's ``hash`` (randomised per process): the
+    same card lands in the same place in every worker, replica and restart, and a new salt
+    draws new shares. Shape: N ids -> (N,) float64."""
+    key = salt.encode()[:64]
+    values = [
+        int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8, key=key).digest(), "big")
+        for c in customer_ids
+    ]
+    return np.asarray(values, dtype=np.float64) / 2.0**64
+
+
+# --- challengers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """A challenger's engine (its scorer and policy; ``engine.online`` is the champion's and
+    unused) and where its features sit in the champion's feature vector."""
+
+    engine: Engine
+    columns: np.ndarray  # (F_c,) positions in the champion's features, in the challenger's order
+    # The split buckets [low, high) of customers this challenger decides; None: shadow only.
+    share: tuple[float, float] | None = None
+
+    @property
+    def model_version(self) -> str:
+        return self.engine.model_version
+
+
+def feature_problem(champion: FeatureSpec, challenger: FeatureSpec, names: Sequence[str]) -> str:
+    """Why the champion's online engine cannot feed a challenger of spec ``challenger`` reading
+    features ``names`` (one line), or "" when it can: it must compute each of them, defined
+    identically (same spec, or every definition the challenger's spec holds is the champion's
+    too, label delay included)."""
+    if challenger.hash == champion.hash:
+        return ""
+    theirs, ours = challenger.to_dict(), champion.to_dict()
+    if theirs["label_delay"] != ours["label_delay"]:
+        return (
+            f"its feature spec's label delay is {theirs['label_delay']}, however the champion's "
+            f"is {ours['label_delay']}"
+        )
+    for section in ("column", "aggregate", "derive"):
+        for entry in theirs[section]:
+            if entry not in ours[section]:
+                return (
+                    f"its feature spec's {section} {entry['name']!r} is not defined so by the "
+                    "champion's spec, whose online engine computes the features"
+                )
+    missing = [n for n in names if n not in champion.feature_names]
+    if missing:
+        return f"it reads features {missing} that the champion's online engine does not output"
+    return ""
+
+
+def check_challenger(champion_run: Path, run: Path) -> None:
+    """Raise ``ConfigError`` (one line) if the champion's online engine cannot feed the
+    challenger ``run`` (``feature_problem``; categorical features only with the champion's own
+    spec and codes). Reads the bundles' meta; run ``verify_run`` on both first."""
+    meta, champion_meta = check_run(run), check_run(champion_run)
+    spec, champion_spec = feature_spec_of(meta), feature_spec_of(champion_meta)
+    problem = feature_problem(champion_spec, spec, list(meta["features"]))
+    if not problem and spec.categorical and spec.hash != champion_spec.hash:
+        problem = f"its categorical features {spec.categorical} are coded by another spec"
+    if not problem and spec.categorical:
+        codes = load_bundle(run, completed=True).codes
+        if codes != load_bundle(champion_run, completed=True).codes:
+            problem = "its categorical features' codes differ from the champion's"
+    if problem:
+        raise ConfigError(f"challenger {run} cannot be scored beside the champion: {problem}")
+
+
+def load_challenger(
+    run_dir: Path,
+    champion: Engine,
+    *,
+    policy_path: Path | None,
+    share: tuple[float, float] | None = None,
+) -> Challenger:
+    """Load a challenger fully, to be scored beside ``champion`` (``check_challenger`` first;
+    verify the run before, with ``fraudflow.serve.runcheck.verify_run``, as the champion's).
+    Its policy: ``policy.yaml`` beside it, else ``policy_path``, else the default."""
+    run_dir = Path(run_dir)
+    check_challenger(champion.run_dir, run_dir)
+    bundle = load_bundle(run_dir, completed=True)
+    names = list(bundle.features)
+    scorer = BundleScorer(bundle, version=model_version(run_dir, bundle))
+    beside = run_dir / POLICY_FILE
+    policy, source = load_policy_for(run_dir, None if beside.is_file() else policy_path)
+    check_rule_features(policy, names, source=source)
+    online_names = list(champion.scorer.features)
+    columns = np.asarray([online_names.index(n) for n in names], dtype=np.int64)
+    engine = Engine(run_dir, scorer, champion.online, policy, source, None)
+    return Challenger(engine, columns, share)
+
+
+class ShadowResult(NamedTuple):
+    """A challenger's verdicts on one group: ``status`` in ``STATUSES``; ``judged`` when ok."""
+
+    status: str
+    judged: Judgements | None = None
+
+
+def _judge(
+    challenger: Challenger, x: np.ndarray, amounts: Sequence[float], full: bool
+) -> Judgements:
+    """The challenger's scores and actions on the champion's rows x (N, F); with ``full``,
+    also the reasons (it decides some of them: the split), else none (shadow only)."""
+    xs = x[:, challenger.columns]  # (N, F) -> (N, F_c)
+    engine = challenger.engine
+    if full:
+        return engine.judge(xs, amounts)
+    scores = engine.scorer.score(xs.astype(np.float32))  # float32, as Engine.judge
+    amount = np.asarray(amounts, dtype=np.float64)
+    names = list(engine.scorer.features)
+
+    def column(name: str) -> np.ndarray:
+        return amount if name == AMOUNT_FEATURE else xs[:, names.index(name)]
+
+    decisions = decide_many(engine.policy, scores=scores.score, column=column)
+    return Judgements(scores.score, scores.raw, [d.action for d in decisions], [])
+
+
+class _Lane:
+    """One challenger's scoring thread: a daemon, so a hung model never holds up the
+    process's exit, and its own, so one challenger's hang leaves the others' lanes free."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._in_flight: list[Future[Judgements]] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], Judgements]) -> Future[Judgements] | None:
+        """Queue ``job``; None (not queued) while the lane holds too many unfinished jobs.
+        Called from the event loop only."""
+        self._in_flight = [f for f in self._in_flight if not f.done()]
+        if len(self._in_flight) >= _MAX_IN_FLIGHT:
+            return None
+        future: Future[Judgements] = Future()
+        self._in_flight.append(future)
+        self._jobs.put((job, future))
+        return future
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # recorded as the challenger's error
+                future.set_exception(exc)
+
+
+@dataclass
+class Lineup:
+    """The champion with its challengers and their lanes: swapped whole on reload."""
+
+    champion: Engine
+    challengers: tuple[Challenger, ...]
+    budget_seconds: float
+    salt: str
+    _lanes: list[_Lane] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._lanes = [_Lane(f"fraudflow-shadow-{k}") for k, _ in enumerate(self.challengers)]
+
+    def close(self) -> None:
+        for lane in self._lanes:
+            lane.close()
+
+    def deciders(self, customer_ids: Sequence[str]) -> list[int | None]:
+        """Per row, the challenger (its index) whose split share holds the card, or None: the
+        champion decides."""
+        splits = [(k, c.share) for k, c in enumerate(self.challengers) if c.share is not None]
+        if not splits:
+            return [None] * len(customer_ids)
+        out: list[int | None] = []
+        for bucket in split_buckets(customer_ids, salt=self.salt).tolist():
+            out.append(next((k for k, (lo, hi) in splits if lo <= bucket < hi), None))
+        return out
+
+    def submit(
+        self, x: np.ndarray, amounts: Sequence[float], deciders: Sequence[int | None]
+    ) -> list[Future[Judgements] | None]:
+        """Start every challenger on the group (rows x (N, F) of the champion's features)."""
+        return [
+            lane.submit(
+                lambda c=challenger, full=k in deciders: _judge(c, x, amounts, full)  # type: ignore[misc]
+            )
+            for k, (challenger, lane) in enumerate(zip(self.challengers, self._lanes, strict=True))
+        ]
+
+    async def collect(self, futures: Sequence[Future[Judgements] | None]) -> list[ShadowResult]:
+        """Each challenger's result, waiting at most ``budget_seconds`` for all of them."""
+        waiting = {asyncio.wrap_future(f): k for k, f in enumerate(futures) if f is not None}
+        if waiting:
+            await asyncio.wait(waiting, timeout=self.budget_seconds)
+        out = [ShadowResult("busy")] * len(futures)
+        for wrapped, k in waiting.items():
+            if not wrapped.done():
+                # Not cancelled: the job stays in its lane's count until it ends, so a hung
+                # model's lane fills up and later groups skip it (busy) instead of waiting.
+                out[k] = ShadowResult("timed_out")
+            elif wrapped.exception() is not None:
+                log.error("challenger %s failed", self.challengers[k].model_version,
+                          exc_info=wrapped.exception())  # fmt: skip
+                out[k] = ShadowResult("error")
+            else:
+                out[k] = ShadowResult("ok", wrapped.result())
+        return out
+
+
+def shadow_entries(
+    lineup: Lineup,
+    champion: Judgements,
+    results: Sequence[ShadowResult],
+    deciders: Sequence[int | None],
+) -> list[dict[str, Any]]:
+    """Each decision's ``DecisionRecord.shadow`` object: the champion's verdict, each
+    challenger's (``model_version``, ``status``, and when ok ``score``, ``raw_score``,
+    ``decision``), and ``decided_by``, the model version whose verdict was answered."""
+    version = lineup.champion.model_version
+    scores, actions = champion.scores.tolist(), champion.actions
+    columns = [
+        (c.model_version, r.status, None if r.judged is None else r.judged)
+        for c, r in zip(lineup.challengers, results, strict=True)
+    ]
+    lists = [
+        (j.scores.tolist(), j.raw_scores.tolist(), j.actions) if j is not None else None
+        for _, _, j in columns
+    ]
+    out = []
+    for i, decider in enumerate(deciders):
+        challengers = []
+        for (v, status, _), values in zip(columns, lists, strict=True):
+            entry: dict[str, Any] = {"model_version": v, "status": status}
+            if values is not None:
+                score, raw, decision = values[0][i], values[1][i], values[2][i]
+                entry |= {"score": score, "raw_score": raw, "decision": decision}
+            challengers.append(entry)
+        decided_by = version
+        if decider is not None and results[decider].status == "ok":
+            decided_by = lineup.challengers[decider].model_version
+        out.append({
+            "champion": {"model_version": version, "score": scores[i], "decision": actions[i]},
+            "challengers": challengers, "decided_by": decided_by,
+        })  # fmt: skip
+    return out
+
+
+def split_rows(
+    deciders: Sequence[int | None], results: Sequence[ShadowResult]
+) -> dict[int, list[int]]:
+    """Per challenger that decides some rows of the group (and scored them): those rows. A
+    challenger that failed or was late leaves its rows to the champion."""
+    out: dict[int, list[int]] = {}
+    for i, k in enumerate(deciders):
+        if k is not None and results[k].status == "ok":
+            out.setdefault(k, []).append(i)
+    return out
+
+
+def describe(lineup: Lineup | None) -> list[dict[str, Any]]:
+    """The challengers for the reload answer and the log: run, model version, split share."""
+    if lineup is None:
+        return []
+    return [
+        {"run": str(c.engine.run_dir), "model_version": c.model_version,
+         "split": None if c.share is None else round(c.share[1] - c.share[0], 6)}
+        for c in lineup.challengers
+    ]  # fmt: skip
+
+
+def shares(runs: Sequence[Path], splits: Mapping[Path, float]) -> list[tuple[float, float] | None]:
+    """Each run's split buckets [low, high): consecutive ranges from 0 in the order given, so
+    adding a challenger after the others moves no card of theirs."""
+    out: list[tuple[float, float] | None] = []
+    at = 0.0
+    for run in runs:
+        share = splits.get(Path(run).resolve())
+        if share is None:
+            out.append(None)
+            continue
+        out.append((at, at + share))
+        at += share
+    return out
