@@ -45,6 +45,10 @@ from tests.helpers.service import (
     wait_ready,
 )
 
+# A reload verifies each run in a child process that imports the model libraries: slow on a
+# busy machine.
+RELOAD_SECONDS = 300
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -242,23 +246,38 @@ def test_split_hands_a_stable_share_of_cards_to_the_challenger(
 
 def test_reload_names_challengers_and_promotes_one(runs: dict[str, Path], tmp_path: Path) -> None:
     with _serve(settings_for(runs["champion"], tmp_path / "data")) as (_, client):
-        reload = client.post("/v1/admin/reload", json={"shadow": [str(runs["mlp"])]}, headers=ADMIN)
+        reload = client.post(
+            "/v1/admin/reload",
+            json={"shadow": [str(runs["mlp"])]},
+            headers=ADMIN,
+            timeout=RELOAD_SECONDS,
+        )
         assert reload.status_code == 200, reload.text
         (challenger,) = reload.json()["shadow"]
         assert challenger["run"] == str(runs["mlp"]) and challenger["split"] is None
         client.post("/v1/decisions", json=transaction(1))
         promote = {"run": str(runs["mlp"]), "shadow": [str(runs["champion"])]}
-        promoted = client.post("/v1/admin/reload", json=promote, headers=ADMIN).json()
+        promoted = client.post(
+            "/v1/admin/reload", json=promote, headers=ADMIN, timeout=RELOAD_SECONDS
+        ).json()
         assert promoted["model_version"] == challenger["model_version"]
         assert promoted["shadow"][0]["model_version"] == reload.json()["model_version"]
         body = client.post("/v1/decisions", json=transaction(2)).json()
         assert body["model_version"] == challenger["model_version"]
         refused = client.post(
-            "/v1/admin/reload", json={"shadow": [str(tmp_path / "nope")]}, headers=ADMIN
+            "/v1/admin/reload",
+            json={"shadow": [str(tmp_path / "nope")]},
+            headers=ADMIN,
+            timeout=RELOAD_SECONDS,
         )
         assert refused.status_code == 400
         assert refused.json() == {"detail": "run refused: the run folder does not exist"}
-        kept = client.post("/v1/admin/reload", json={"run": str(runs["mlp"])}, headers=ADMIN)
+        kept = client.post(
+            "/v1/admin/reload",
+            json={"run": str(runs["mlp"])},
+            headers=ADMIN,
+            timeout=RELOAD_SECONDS,
+        )
         assert [c["run"] for c in kept.json()["shadow"]] == [str(runs["champion"])]
     entries = _shadow(read_decisions(tmp_path / "data" / "audit.db"))
     versions = [[c["model_version"] for c in e["challengers"]] for e in entries]
