@@ -211,7 +211,148 @@ def sqlite_section(
     }
 
 
-SECTIONS: dict[str, Section] = {"sqlite": sqlite_section}
+# --- Redis (one server, and a 3-master cluster with a replica each) ----------------------
+#
+# The same replay on a redis-server without persistence, then on a Redis Cluster on loopback
+# (tests/helpers/redis_cluster.py: three masters, one replica each) with 1 and 2 service
+# workers. Footprint from the server itself: MEMORY USAGE of every key of a kind (the
+# customers' and terminals' event sets, the transactions' records, the replay records) over
+# what they hold, and INFO's used_memory over the retained transactions.
+
+# The issue's bank: cards, transactions per card per 30 days; each Redis node holds up to
+# this much state (a 64 GiB machine, room left for forks and fragmentation).
+BANK_CARDS, BANK_TX_PER_CARD_30D = 10_000_000, 60
+NODE_STATE_GIB = 40
+
+
+@contextlib.contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """A redis-server without persistence on a free port; yields its URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly",
+         "no"],
+        cwd=folder, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(host=HOST, port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not answer on port {port}") from None
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://{HOST}:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def redis_footprint(nodes: list[Any]) -> dict[str, Any]:
+    """Bytes per retained event (per entity key) and per remembered decision, summed over the
+    (master) ``nodes``: MEMORY USAGE of each key by kind, and INFO's used_memory."""
+    kinds = {"customer": b"{c:", "terminal": b"{m:", "record": b"{t:"}
+    usage = dict.fromkeys(["customer", "terminal", "fraud", "record", "decision"], 0)
+    counts = dict.fromkeys(usage, 0)
+    used = 0
+    for node in nodes:
+        used += int(node.info("memory")["used_memory"])
+        for key in node.scan_iter(match=b"fraudflow:*", count=1000):
+            kind = next((k for k, tag in kinds.items() if tag in key), None)
+            if kind is None:
+                continue
+            if kind in ("customer", "terminal") and key.endswith(b"}f"):
+                kind = "fraud"
+            elif kind == "record" and key.endswith(b"}r"):
+                kind = "decision"
+            usage[kind] += int(node.memory_usage(key, samples=0) or 0)
+            if kind in ("customer", "terminal"):
+                counts[kind] += int(node.zcard(key))
+            else:
+                counts[kind] += 1
+    out: dict[str, Any] = {"used_memory_bytes": used}
+    for kind in ("customer", "terminal"):
+        out[f"{kind}_events"] = counts[kind]
+        out[f"bytes_per_event_{kind}"] = round(usage[kind] / max(counts[kind], 1), 1)
+    out["records"] = counts["record"]
+    out["bytes_per_record"] = round(usage["record"] / max(counts["record"], 1), 1)
+    out["decisions"] = counts["decision"]
+    out["bytes_per_decision"] = round(usage["decision"] / max(counts["decision"], 1), 1)
+    out["fraud_set_bytes"] = usage["fraud"]
+    out["used_memory_per_transaction"] = round(used / max(counts["record"], 1), 1)
+    return out
+
+
+def bank_projection(
+    figures: dict[str, Any], *, retention_days: float = 37, idempotency_days: float = 7
+) -> dict[str, Any]:
+    """Memory for ``BANK_CARDS`` cards at ``BANK_TX_PER_CARD_30D``: every transaction kept
+    for the retention (its events in its card's and its terminal's sets, its record) and its
+    replay record for the idempotency window; masters of ``NODE_STATE_GIB``."""
+    per_day = BANK_CARDS * BANK_TX_PER_CARD_30D / 30
+    retained = per_day * retention_days
+    per_tx = (figures["bytes_per_event_customer"] + figures["bytes_per_event_terminal"]
+              + figures["bytes_per_record"])  # fmt: skip
+    total = retained * per_tx + per_day * idempotency_days * figures["bytes_per_decision"]
+    gib = total / 2**30
+    return {
+        "cards": BANK_CARDS,
+        "transactions_per_day": round(per_day),
+        "retained_transactions": round(retained),
+        "state_gib": round(gib, 1),
+        "masters": max(1, -(-int(gib) // NODE_STATE_GIB)),
+    }
+
+
+def redis_section(
+    args: argparse.Namespace, run: Path, frame: pl.DataFrame, scratch: Path
+) -> dict[str, Any]:
+    import redis
+
+    folder = scratch / "redis"
+    with redis_server(folder / "server") as url:
+        result = replay(args, run, frame, state=url, scratch=folder)
+        client = redis.Redis.from_url(url)
+        figures = redis_footprint([client])
+        client.close()
+    return result | figures | {"bank": bank_projection(figures)}
+
+
+def redis_cluster_section(
+    args: argparse.Namespace, run: Path, frame: pl.DataFrame, scratch: Path
+) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' cluster helper
+    from tests.helpers.redis_cluster import redis_cluster
+
+    out: dict[str, Any] = {}
+    for workers in (1, 2):
+        folder = scratch / f"redis-cluster-{workers}"
+        with redis_cluster(folder / "nodes") as cluster:
+            result = replay(
+                argparse.Namespace(**(vars(args) | {"workers": workers})), run, frame,
+                state=cluster.url, scratch=folder,
+            )  # fmt: skip
+            masters = [cluster.node(port) for port in cluster.masters()]
+            figures = redis_footprint(masters)
+            figures["keys_per_master"] = [int(m.dbsize()) for m in masters]
+            for m in masters:
+                m.close()
+        out[f"workers_{workers}"] = result | figures
+    return out
+
+
+SECTIONS: dict[str, Section] = {
+    "sqlite": sqlite_section,
+    "redis": redis_section,
+    "redis-cluster": redis_cluster_section,
+}
 
 
 def audit_section(audit_path: Path, *, lookups: int, seed: int) -> dict[str, Any]:

@@ -100,14 +100,21 @@ class RedisLedger:
 # What responses are made of (DecisionOut's keys and usual values), as a preset dictionary:
 # a response then compresses to its numbers and names. Changing it needs a new format byte.
 _RESPONSE_WORDS = (
-    b'"model_version":"","kind":"feature","kind":"rule","kind":"threshold","detail":"'
-    b"customer__count__terminal__fraud_rate__mean_amount__small_count__hours_since_prev"
-    b'__1h__1d__7d__30d__tx__log_amount","value":null,"contribution":null},{"name":"'
-    b'score above the review threshold","decision":"approve","decision":"review",'
-    b'"decision":"block","reasons":[],"reasons":[{"kind":"feature","name":"'
-    b'{"transaction_id":"tx-","score":0.'
+    b'"model_version":"","kind":"rule","kind":"threshold","detail":"score above the review '
+    b'threshold","decision":"review","decision":"block","reasons":[],'
+    b'terminal__fraud_rate__1d","terminal__fraud_rate__7d","terminal__fraud_rate__30d",'
+    b'"customer__small_count__1d","customer__mean_amount__1h","customer__count__1h",'
+    b'"customer__count__7d","customer__mean_amount__7d","customer__count__1d",'
+    b'"customer__hours_since_prev","customer__amount_ratio__30d","tx__log_amount","tx__hour",'
+    b' lowered the fraud log-odds by 0.","value":1.0,"contribution":-0.'
+    b'},{"kind":"feature","name":"customer__mean_amount__1d","detail":"customer__mean_amount__'
+    b' raised the fraud log-odds by 1.","value":3.0,"contribution":1.'
+    b'},{"kind":"feature","name":"customer__count__30d","detail":"customer__count__30d = '
+    b'"decision":"approve","reasons":[{"kind":"feature","name":"customer__mean_amount__30d",'
+    b'"detail":"customer__mean_amount__30d = '
+    b'{"transaction_id":"","score":0.00'
 )
-_FORMAT = b"\x01"  # raw DEFLATE with _RESPONSE_WORDS
+_FORMAT = b"\x02"  # raw DEFLATE with _RESPONSE_WORDS
 
 
 def pack_response(body: bytes) -> bytes:

@@ -24,6 +24,7 @@ import hashlib
 import sqlite3
 import struct
 import threading
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -403,10 +404,11 @@ class SQLiteStore:
 #
 # Keys, each under a hash tag naming what it belongs to, so a Redis Cluster spreads them
 # (``fraudflow.serve.redis_shards``); <p> is the prefix:
-#   <p>{c:<customer_id>}   zset  the customer's events: score t_us, member the 16 bytes
-#   <p>{m:<terminal_id>}   zset  <8-byte hash of transaction_id><amount, float64 LE>; the hash
-#                                makes the member deterministic (re-applying adds nothing),
-#                                the amount is what windows sum
+#   <p>{c:<customer_id>}   zset  the customer's events: score t_us, member the 24 bytes
+#   <p>{m:<terminal_id>}   zset  <8-byte hash of transaction_id><amount float64><t_us int64>
+#                                (little-endian); the hash makes the member deterministic
+#                                (re-applying adds nothing), amount and time are what amount
+#                                windows sum and take the latest of
 #   <p>{c:<id>}f, {m:<id>}f zset the entity's events labelled fraud: score t_us, member the
 #                                8-byte hash
 #   <p>{t:<transaction_id>} hash the transaction's record: e = <t_us int64><amount float64>
@@ -437,9 +439,11 @@ return -1
 """
 
 # KEYS: events, frauds. ARGV: forget ('' for none), ttl ms, n windows, per window amounts
-# (0|1), then per event t, member, write (0|1) and per window its bounds (after, until]
-# (computed by the caller: Lua's doubles are not exact past 2**53). Returns, per event and
-# window, count, frauds and, for amount windows, the members (one string) and the latest time.
+# (0|1), then per event t, member, write (0|1), the range (lo, hi] spanning its amount windows
+# ('' '' if none) and per window its bounds (lo, hi] (all computed by the caller: Lua's
+# doubles are not exact past 2**53). Returns per event, per window its count (0 for amount
+# windows: the caller counts their members) and frauds, then the members in the span (one
+# string, time order).
 _ENTITY_LUA = """
 local ev, fr = KEYS[1], KEYS[2]
 local forget, ttl, nw = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -447,7 +451,7 @@ local amounts = {}
 for j = 1, nw do amounts[j] = ARGV[3 + j] == '1' end
 local out = {}
 local wrote = false
-local step = 3 + 2 * nw
+local step = 5 + 2 * nw
 for k = 4 + nw, #ARGV, step do
   local t, m, write = ARGV[k], ARGV[k + 1], ARGV[k + 2] == '1'
   local own = redis.call('ZSCORE', ev, m)
@@ -460,16 +464,14 @@ for k = 4 + nw, #ARGV, step do
     if own_fraud then redis.call('ZREM', fr, hash) end
   end
   for j = 1, nw do
-    local lo, hi = '(' .. ARGV[k + 1 + 2 * j], ARGV[k + 2 + 2 * j]
-    out[#out + 1] = redis.call('ZCOUNT', ev, lo, hi)
+    local lo, hi = '(' .. ARGV[k + 3 + 2 * j], ARGV[k + 4 + 2 * j]
+    if amounts[j] then out[#out + 1] = 0 else out[#out + 1] = redis.call('ZCOUNT', ev, lo, hi) end
     out[#out + 1] = redis.call('ZCOUNT', fr, lo, hi)
-    if amounts[j] then
-      local got = redis.call('ZRANGEBYSCORE', ev, lo, hi, 'WITHSCORES')
-      local members = {}
-      for i = 1, #got, 2 do members[#members + 1] = got[i] end
-      out[#out + 1] = table.concat(members)
-      out[#out + 1] = got[#got] or '0'
-    end
+  end
+  if ARGV[k + 3] ~= '' then
+    out[#out + 1] = table.concat(redis.call('ZRANGEBYSCORE', ev, '(' .. ARGV[k + 3], ARGV[k + 4]))
+  else
+    out[#out + 1] = ''
   end
   if own then redis.call('ZADD', ev, own, m) end
   if own_fraud then redis.call('ZADD', fr, own_fraud, hash) end
@@ -710,12 +712,16 @@ class RedisStore:
             head: list[Any] = ["" if forget is None else forget, ttl_ms, len(js)]
             head += [1 if windows[j].amounts else 0 for j in js]
             spans = [(windows[j].after_us, windows[j].until_us) for j in js]
+            asked_amounts = [spans[k] for k, j in enumerate(js) if windows[j].amounts]
+            reach = max((a for a, _ in asked_amounts), default=0)
+            near = min((u for _, u in asked_amounts), default=0)
             for entity_id, idx in groups.items():
                 args = list(head)
                 for i in idx:
                     e = events[i]
                     t = e.t_us
                     args += [t, event_member(e), 1 if write[i] else 0]
+                    args += [t - reach, t - near] if asked_amounts else ["", ""]
                     for after_us, until_us in spans:
                         args += [t - after_us, t - until_us]
                 key = self.entity_key(entity, entity_id)
@@ -725,7 +731,7 @@ class RedisStore:
             calls.append(self._shards.script(_WATERMARK, [self._watermark], [forget]))
         replies = self._shards.run(calls)
         for (idx, js), reply in zip(asked, replies, strict=False):
-            _fill(out, windows, idx, js, reply, only_fresh=not reading)
+            _fill(out, windows, events, idx, js, reply, only_fresh=not reading)
 
     def _done(self, events: Sequence[Event], write: Sequence[bool], bits: int) -> None:
         calls: list[Command] = []
@@ -742,7 +748,8 @@ def tx_hash(transaction_id: str) -> bytes:
 
 
 def event_member(e: Event) -> bytes:
-    return tx_hash(e.transaction_id) + _AMOUNT.pack(e.amount)
+    """A transaction's member in its entities' sets: hash, amount (float64), time (int64)."""
+    return tx_hash(e.transaction_id) + _AMOUNT_TIME.pack(e.amount, e.t_us)
 
 
 def pack_record(e: Event) -> bytes:
@@ -757,42 +764,56 @@ def unpack_record(packed: bytes) -> tuple[int, float, str, str]:
     return t_us, amount, rest[:n].decode(), rest[n:].decode()
 
 
-_AMOUNT = struct.Struct("<d")
+_AMOUNT_TIME = struct.Struct("<dq")
 _RECORD = struct.Struct("<qdH")
 
 
 def _fill(
     out: AnswerLists,
     windows: Sequence[Window],
+    events: Sequence[Event],
     idx: Sequence[int],
     js: Sequence[int],
     reply: list[Any],
     *,
     only_fresh: bool,
 ) -> None:
-    """One entity script's answers into ``out``, for events ``idx`` and windows ``js``."""
+    """One entity script's answers into ``out``, for events ``idx`` and windows ``js``: the
+    counts it made, and the amount windows counted here from the members it sent (one range
+    per event, searched per window)."""
     k = 0
     for i in idx:
         use = not only_fresh or out.fresh[i]
-        for j in js:
+        counts = reply[k : k + 2 * len(js) : 2]
+        frauds = reply[k + 1 : k + 2 * len(js) : 2]
+        members = reply[k + 2 * len(js)]
+        k += 2 * len(js) + 1
+        if not use:
+            continue
+        times: list[int] = []
+        amounts: list[float] = []
+        if members:
+            for amount, t_us in _MEMBER_TAIL.iter_unpack(members):
+                amounts.append(amount)
+                times.append(t_us)
+        t = events[i].t_us
+        for j, count, fraud in zip(js, counts, frauds, strict=True):
             w = windows[j]
-            count, frauds = reply[k], reply[k + 1]
-            k += 2
-            if use:
+            out.frauds[j][i] = fraud
+            if not w.amounts:
                 out.count[j][i] = count
-                out.frauds[j][i] = frauds
-            if w.amounts:
-                members, latest = reply[k], reply[k + 1]
-                k += 2
-                if use and count:
-                    amounts = [a for (a,) in _MEMBER_AMOUNT.iter_unpack(members)]
-                    out.amount[j][i] = sum(amounts)
-                    out.latest[j][i] = int(float(latest))
-                    if w.below is not None:
-                        out.below[j][i] = sum(1 for a in amounts if a < w.below)
+                continue
+            lo = bisect_right(times, t - w.after_us)
+            hi = bisect_right(times, t - w.until_us)
+            out.count[j][i] = hi - lo
+            if hi > lo:
+                out.amount[j][i] = sum(amounts[lo:hi])
+                out.latest[j][i] = times[hi - 1]
+                if w.below is not None:
+                    out.below[j][i] = sum(1 for a in amounts[lo:hi] if a < w.below)
 
 
-_MEMBER_AMOUNT = struct.Struct("<8xd")
+_MEMBER_TAIL = struct.Struct("<8xdq")  # a member's amount and time, past its hash
 
 
 def _glob_escape(text: str) -> str:
