@@ -257,13 +257,15 @@ def redis_server(folder: Path) -> Iterator[str]:
 
 def redis_footprint(nodes: list[Any]) -> dict[str, Any]:
     """Bytes per retained event (per entity key) and per remembered decision, summed over the
-    (master) ``nodes``: MEMORY USAGE of each key by kind, and INFO's used_memory."""
+    (master) ``nodes``: MEMORY USAGE of each key by kind, and INFO's used_memory beyond
+    used_memory_startup."""
     kinds = {"customer": b"{c:", "terminal": b"{m:", "record": b"{t:"}
     usage = dict.fromkeys(["customer", "terminal", "fraud", "record", "decision"], 0)
     counts = dict.fromkeys(usage, 0)
     used = 0
     for node in nodes:
-        used += int(node.info("memory")["used_memory"])
+        memory = node.info("memory")  # what the keys added since the server started
+        used += int(memory["used_memory"]) - int(memory["used_memory_startup"])
         for key in node.scan_iter(match=b"fraudflow:*", count=1000):
             kind = next((k for k, tag in kinds.items() if tag in key), None)
             if kind is None:
@@ -291,21 +293,25 @@ def redis_footprint(nodes: list[Any]) -> dict[str, Any]:
 
 
 def bank_projection(
-    figures: dict[str, Any], *, retention_days: float = 37, idempotency_days: float = 7
+    figures: dict[str, Any],
+    *,
+    cards: int = BANK_CARDS,
+    retention_days: float = 37,
+    idempotency_days: float = 7,
 ) -> dict[str, Any]:
-    """Memory for ``BANK_CARDS`` cards at ``BANK_TX_PER_CARD_30D``: every transaction kept
-    for the retention (its events in its card's and its terminal's sets, its record) and its
-    replay record for the idempotency window; masters of ``NODE_STATE_GIB``."""
-    per_day = BANK_CARDS * BANK_TX_PER_CARD_30D / 30
-    retained = per_day * retention_days
-    per_tx = (figures["bytes_per_event_customer"] + figures["bytes_per_event_terminal"]
-              + figures["bytes_per_record"])  # fmt: skip
-    total = retained * per_tx + per_day * idempotency_days * figures["bytes_per_decision"]
+    """Memory for ``cards`` cards at ``BANK_TX_PER_CARD_30D`` transactions: each transaction
+    kept for the retention (its events in its card's and its terminal's sets, its record,
+    Redis's own overhead per key: used_memory per transaction less its replay record), its
+    replay record for the idempotency window; masters of ``NODE_STATE_GIB`` each."""
+    per_day = cards * BANK_TX_PER_CARD_30D / 30
+    decision = figures["bytes_per_decision"]
+    per_tx = figures["used_memory_per_transaction"] - decision
+    total = per_day * retention_days * per_tx + per_day * idempotency_days * decision
     gib = total / 2**30
     return {
-        "cards": BANK_CARDS,
+        "cards": cards,
         "transactions_per_day": round(per_day),
-        "retained_transactions": round(retained),
+        "retained_transactions": round(per_day * retention_days),
         "state_gib": round(gib, 1),
         "masters": max(1, -(-int(gib) // NODE_STATE_GIB)),
     }
