@@ -29,10 +29,11 @@ any step leaves every decision readable exactly once.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _META_KEY = b"fraudflow.audit"
-# Small row groups keep a lookup's read (one group's responses, decompressed) short; the
-# footer's per-group statistics they add cost about a byte per decision.
+# Small row groups keep a lookup's read (one group's responses, decompressed) short; each
+# group adds its statistics to the footer, a small cost per decision (benchmarks/state_scale.py
+# measures both).
 ROW_GROUP_ROWS = 1024
 # Written once per shard and kept for years, so above zstd's default (3) for smaller files;
 # higher levels cost much more CPU in the service's background for little less size
@@ -186,20 +188,15 @@ def _id_bounds(file: pq.ParquetFile) -> tuple[list[str], list[str]]:
     return lows, highs
 
 
-class _readable:
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
     """Turns a damaged or truncated file into a one-line ConfigError naming it."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
-        if isinstance(exc, (pa.ArrowException, OSError, ValueError)) and not isinstance(
-            exc, ConfigError
-        ):
-            raise ConfigError(
-                f"compacted audit shard {self._path} cannot be read: {exc}; restore it from a "
-                "backup (its SQLite shard was dropped once it had been written)"
-            ) from None
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ConfigError(
+            f"compacted audit shard {path} cannot be read: {exc}; restore it from a backup "
+            "(its SQLite shard was dropped once it had been written)"
+        ) from None
