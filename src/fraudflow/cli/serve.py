@@ -18,7 +18,10 @@ def serve(
     port: int = typer.Option(None, "--port", help="Port to listen on (default 8000)."),
     workers: int = typer.Option(None, "--workers", help="Worker processes (default 1)."),
     state: str = typer.Option(
-        None, "--state", help="Feature state: sqlite:///<path> or redis://host:port/db."
+        None,
+        "--state",
+        help="Feature state: sqlite:///<path>, redis://host:port/db or "
+        "redis-cluster://host:port[,host:port...].",
     ),
     policy: Path = typer.Option(
         None, "--policy", help="Decision policy YAML (default RUN/policy.yaml, else built-in)."
