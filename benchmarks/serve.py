@@ -39,9 +39,10 @@ moving forward, as in production.
 * shadow (``--shadow RUN[,RUN...]``, instead of the phases above): the open loop at
   ``--rate`` for ``--rate-seconds``, against a server of the run alone and then against one
   that also scores the challengers in shadow (``fraudflow serve --shadow``), each on fresh
-  state with the same transactions. Reported: each one's p50/p95/p99 of the champion's
-  answers, and ``shadow_p99_ratio``, with / without (target: at most 1.2 with two
-  challengers). The challengers must read features the run's online engine computes.
+  state with the same transactions, ``--shadow-rounds`` times in turn. Reported: each
+  one's p50/p95/p99 of the champion's answers (pooled over the rounds), and
+  ``shadow_p99_ratio``, with / without (target: at most 1.2 with two challengers). The
+  challengers must read features the run's online engine computes.
 
 Without ``--run`` a small run is built first in a temporary folder: simulate -> features ->
 LightGBM (about a minute). Timings are wall-clock and noisy on a shared machine. It prints a
@@ -52,7 +53,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/serve.py [--run RUN_DIR] [--seconds 20] [--concurrency 32]
         [--workers 2] [--rate 1500] [--rate-seconds 15] [--rate-connections 64]
         [--batch-size 1000] [--batch-seconds 10] [--batch-concurrency 4]
-        [--shadow RUN[,RUN...]]
+        [--shadow RUN[,RUN...] [--shadow-rounds 2]]
 """
 
 from __future__ import annotations
@@ -530,30 +531,46 @@ async def serve_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame)
 
 
 async def shadow_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame) -> dict[str, Any]:
-    """The champion's latency at ``--rate`` alone, then with the ``--shadow`` challengers."""
-    out: dict[str, Any] = {"shadow": args.shadow, "rate": args.rate}
-    for label, shadow in (("alone", None), ("with_shadow", args.shadow)):
-        with tempfile.TemporaryDirectory(prefix="fraudflow-bench-shadow-") as tmp:
-            scratch, port = Path(tmp), args.port or free_port()
-            proc = start_server(run, port, args.workers, scratch, shadow=shadow)
-            try:
-                await wait_ready(proc, port, scratch / "server.log")
-                stream = transaction_stream(frame)  # the same transactions for both
-                await _warm_up(port, stream)
-                at_rate = await drive_rate(
-                    port, single_bodies(stream), "/v1/decisions",
-                    rate=args.rate, seconds=args.rate_seconds, connections=args.rate_connections,
-                )  # fmt: skip
-            finally:
-                stop_server(proc)
+    """The champion's latency at ``--rate`` alone, then with the ``--shadow`` challengers,
+    ``--shadow-rounds`` times in turn (a shared machine's load drifts: alternating spreads it
+    over both); each configuration's latencies pooled over its rounds."""
+    out: dict[str, Any] = {"shadow": args.shadow, "rate": args.rate, "rounds": args.shadow_rounds}
+    pooled = {"alone": Load(), "with_shadow": Load()}
+    for _ in range(args.shadow_rounds):
+        for label, shadow in (("alone", None), ("with_shadow", args.shadow)):
+            at_rate = await _rate_phase(args, run, frame, shadow)
+            pooled[label].latencies_ms += at_rate.latencies_ms
+            pooled[label].decisions += at_rate.decisions
+            pooled[label].errors += at_rate.errors
+            pooled[label].statuses += at_rate.statuses
+    for label, load in pooled.items():
         out[label] = {
-            "p50_ms": at_rate.percentile(50), "p95_ms": at_rate.percentile(95),
-            "p99_ms": at_rate.percentile(99), "errors": dict(at_rate.errors),
-            "decisions": at_rate.decisions,
+            "p50_ms": load.percentile(50), "p95_ms": load.percentile(95),
+            "p99_ms": load.percentile(99), "errors": dict(load.errors),
+            "statuses": dict(load.statuses), "decisions": load.decisions,
         }  # fmt: skip
     alone, with_shadow = out["alone"]["p99_ms"], out["with_shadow"]["p99_ms"]
     out["shadow_p99_ratio"] = with_shadow / alone if alone and with_shadow else None
     return out
+
+
+async def _rate_phase(
+    args: argparse.Namespace, run: Path, frame: pl.DataFrame, shadow: str | None
+) -> Load:
+    """A fresh server (with ``shadow`` challengers, if any), warmed up, then the open loop."""
+    with tempfile.TemporaryDirectory(prefix="fraudflow-bench-shadow-") as tmp:
+        scratch, port = Path(tmp), args.port or free_port()
+        proc = start_server(run, port, args.workers, scratch, shadow=shadow)
+        try:
+            await wait_ready(proc, port, scratch / "server.log")
+            stream = transaction_stream(frame)  # the same transactions for every server
+            await _warm_up(port, stream)
+            return await drive_rate(
+                port, single_bodies(stream), "/v1/decisions",
+                rate=args.rate, seconds=args.rate_seconds, connections=args.rate_connections,
+            )  # fmt: skip
+        finally:
+            stop_server(proc)
 
 
 def _cpu_since(pid: int, before: float | None) -> float | None:
@@ -701,6 +718,7 @@ def parse_args() -> argparse.Namespace:
         help="RUN[,RUN...]: instead of the phases above, the champion's latency at --rate "
         "without and with these challengers scored in shadow.",
     )
+    parser.add_argument("--shadow-rounds", type=int, default=2)
     return parser.parse_args()
 
 

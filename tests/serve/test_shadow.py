@@ -29,9 +29,8 @@ from fraudflow.features.default_spec import default_spec
 from fraudflow.features.spec import parse_spec
 from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import read_decisions
-from fraudflow.serve.scoring import Scores
 from fraudflow.serve.settings import load_settings, parse_splits
-from fraudflow.serve.shadow import Challenger, Lineup, feature_problem, split_buckets
+from fraudflow.serve.shadow import Lineup, ShadowPredict, feature_problem, split_buckets
 from tests.helpers.service import (
     ADMIN,
     AUTH,
@@ -124,32 +123,27 @@ def test_challengers_score_what_their_bundles_score_offline(
     assert [c["decision"] for c in copy] == [b["decision"] for b in bodies]
 
 
-class _Raising:
-    def __init__(self, inner: Any) -> None:
-        self.model_version, self.features = inner.model_version, inner.features
-
-    def score(self, x: np.ndarray) -> Scores:
-        raise RuntimeError("challenger model is broken")
+def _raising(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    raise RuntimeError("challenger model is broken")
 
 
-class _Hanging:
-    def __init__(self, inner: Any, release: threading.Event) -> None:
-        self.model_version, self.features = inner.model_version, inner.features
-        self._inner, self._release = inner, release
+def _hanging(release: threading.Event, inner: ShadowPredict) -> ShadowPredict:
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        release.wait()
+        return inner(x)
 
-    def score(self, x: np.ndarray) -> Scores:
-        self._release.wait()
-        return self._inner.score(x)
+    return predict
 
 
 def _faulty_lineup(lineup: Lineup, release: threading.Event) -> Lineup:
     """The lineup with its first challenger raising and its second hanging until ``release``."""
     first, second = lineup.challengers
-    raising = dataclasses.replace(first.engine, scorer=_Raising(first.engine.scorer))
-    hanging = dataclasses.replace(second.engine, scorer=_Hanging(second.engine.scorer, release))
     return Lineup(
         lineup.champion,
-        (Challenger(raising, first.columns), Challenger(hanging, second.columns)),
+        (
+            dataclasses.replace(first, predict=_raising),
+            dataclasses.replace(second, predict=_hanging(release, second.predict)),
+        ),
         budget_seconds=0.05,
         salt=lineup.salt,
     )

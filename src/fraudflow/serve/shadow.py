@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from fraudflow.artifacts import check_run, feature_spec_of, load_bundle
+from fraudflow.artifacts import Bundle, check_run, feature_spec_of, load_bundle
 from fraudflow.errors import ConfigError
 from fraudflow.features.spec import FeatureSpec
 from fraudflow.serve.policy import AMOUNT_FEATURE, check_rule_features, decide_many
@@ -59,7 +59,9 @@ __all__ = [
     "STATUSES",
     "Challenger",
     "Lineup",
+    "ShadowPredict",
     "ShadowResult",
+    "bundle_predict",
     "check_challenger",
     "describe",
     "feature_problem",
@@ -98,12 +100,32 @@ def split_buckets(customer_ids: Iterable[str], *, salt: str) -> np.ndarray:
 # --- challengers --------------------------------------------------------------------------
 
 
+# A challenger's scores of rows x (N, F_c) float32 in its feature order: (score the policy
+# sees, the model's probability), each (N,).
+ShadowPredict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def bundle_predict(bundle: Bundle) -> ShadowPredict:
+    """``Bundle.predict_calibrated`` keeping the probability too: the model's forward pass
+    alone, without the attributions a decision's reasons need (``BundleScorer``), which cost
+    the neural models a backward pass: a shadow verdict has no reasons."""
+    calibrator = bundle.calibrator  # parsed once: the property re-reads meta
+
+    def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raw = bundle.predict(x)
+        return np.asarray(calibrator.apply(raw), dtype=np.float64), raw
+
+    return predict
+
+
 @dataclass(frozen=True)
 class Challenger:
-    """A challenger's engine (its scorer and policy; ``engine.online`` is the champion's and
-    unused) and where its features sit in the champion's feature vector."""
+    """A challenger's engine (its scorer and policy, for the cards it decides;
+    ``engine.online`` is the champion's and unused), how it scores in shadow, and where its
+    features sit in the champion's feature vector."""
 
     engine: Engine
+    predict: ShadowPredict
     columns: np.ndarray  # (F_c,) positions in the champion's features, in the challenger's order
     # The split buckets [low, high) of customers this challenger decides; None: shadow only.
     share: tuple[float, float] | None = None
@@ -177,7 +199,7 @@ def load_challenger(
     online_names = list(champion.scorer.features)
     columns = np.asarray([online_names.index(n) for n in names], dtype=np.int64)
     engine = Engine(run_dir, scorer, champion.online, policy, source, None)
-    return Challenger(engine, columns, share)
+    return Challenger(engine, bundle_predict(bundle), columns, share)
 
 
 class ShadowResult(NamedTuple):
@@ -196,15 +218,15 @@ def _judge(
     engine = challenger.engine
     if full:
         return engine.judge(xs, amounts)
-    scores = engine.scorer.score(xs.astype(np.float32))  # float32, as Engine.judge
+    score, raw = challenger.predict(xs.astype(np.float32))  # float32, as Engine.judge
     amount = np.asarray(amounts, dtype=np.float64)
     names = list(engine.scorer.features)
 
     def column(name: str) -> np.ndarray:
         return amount if name == AMOUNT_FEATURE else xs[:, names.index(name)]
 
-    decisions = decide_many(engine.policy, scores=scores.score, column=column)
-    return Judgements(scores.score, scores.raw, [d.action for d in decisions], [])
+    decisions = decide_many(engine.policy, scores=score, column=column)
+    return Judgements(score, raw, [d.action for d in decisions], [])
 
 
 class _Lane:
