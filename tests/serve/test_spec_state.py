@@ -32,6 +32,7 @@ from tests.helpers.random_specs import (
     random_spec,
     random_stream,
 )
+from tests.helpers.redis_cluster import REDIS_CLI, redis_cluster
 from tests.helpers.redis_server import REDIS_SERVER, needs_redis, redis_server
 
 
@@ -83,12 +84,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
         yield url
 
 
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """A Redis Cluster on loopback (three masters, one replica each); None without the
+    binaries."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        yield None
+        return
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster.url
+
+
 def _redis(url: str) -> SpecRedisStore:
     """A store in its own key space, so tests sharing the server do not meet."""
     return SpecRedisStore(url, prefix=f"{{test-{uuid.uuid4().hex}}}:")
 
 
-def _stores(tmp_path: Path, rng: random.Random, redis_url: str | None) -> dict[str, SpecStore]:
+def _stores(
+    tmp_path: Path, rng: random.Random, redis_url: str | None, cluster_url: str | None = None
+) -> dict[str, SpecStore]:
     """The durable stores, each as two replicas sharing one state."""
     path = tmp_path / "state.db"
     stores: dict[str, SpecStore] = {
@@ -98,19 +112,23 @@ def _stores(tmp_path: Path, rng: random.Random, redis_url: str | None) -> dict[s
         prefix = f"{{test-{uuid.uuid4().hex}}}:"
         a, b = (SpecRedisStore(redis_url, prefix=prefix) for _ in range(2))
         stores["redis"] = _Replicas(a, b, rng)
+    if cluster_url is not None:  # no hash tag in the prefix: keys spread over the masters
+        prefix = f"test-{uuid.uuid4().hex}:"
+        a, b = (SpecRedisStore(cluster_url, prefix=prefix) for _ in range(2))
+        stores["redis-cluster"] = _Replicas(a, b, rng)
     return stores
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_each_store_gives_the_batch_features_of_the_log_as_it_stood(
-    seed: int, tmp_path: Path, redis_url: str | None
+    seed: int, tmp_path: Path, redis_url: str | None, cluster_url: str | None
 ) -> None:
     """Random specs, random streams (ties, late events, labels arriving and retracted), the
     events sent one to three per call: every feature of every event equals the batch feature
     of the log as it stood, in each store."""
     rng = random.Random(seed)
     log, spec = random_log(rng, 30), parse_spec(random_spec(rng))
-    stores = _stores(tmp_path, rng, redis_url)
+    stores = _stores(tmp_path, rng, redis_url, cluster_url)
     engines = {name: SpecOnline(spec, store=s, watermark=_pinned()) for name, s in stores.items()}
     labels: dict[int, int] = {}
     arrived: list[dict] = []

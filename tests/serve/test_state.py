@@ -34,6 +34,7 @@ from fraudflow.features.online import (
 from fraudflow.features.specs import Entity
 from fraudflow.serve.state import RedisStore, SQLiteStore, open_store
 from tests.features.test_online import SIM_CFG, assert_matches_batch, replay, simulated
+from tests.helpers.redis_cluster import needs_redis_cluster, redis_cluster
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="the redis-server binary is absent")
@@ -111,13 +112,31 @@ class _Replicas:
             store.close()
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=needs_redis)])
+@pytest.fixture(scope="module")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster on loopback: three masters, one replica each."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("redis", marks=needs_redis),
+        pytest.param("redis-cluster", marks=needs_redis_cluster),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
     kind = request.param
     if kind == "memory":
         made: StateStore = MemoryStore()
     elif kind == "sqlite":
         made = SQLiteStore(tmp_path / "state.db")
+    elif kind == "redis-cluster":  # no hash tag in the prefix: keys spread over the masters
+        made = RedisStore(
+            request.getfixturevalue("cluster_url"), prefix=f"test-{uuid.uuid4().hex}:"
+        )
     else:
         made = _redis(request.getfixturevalue("redis_url"))
     yield made
