@@ -21,6 +21,7 @@ from fraudflow.features import (
     spec_to_toml,
 )
 from fraudflow.features.expressions import parse_expression, referenced_names
+from fraudflow.features.spec_online import reference_engine
 from tests.helpers.random_specs import SECONDS, WHERE, random_log, random_spec
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)  # a Monday, noon
@@ -201,6 +202,18 @@ def test_features_command_with_a_spec_over_an_extra_column(tmp_path: Path) -> No
          "column 'category': max_categories must be an integer >= 1, however got 0"),
         ({"features": ["nope"]}, "features: 'nope' is not defined by any entry of the spec"),
         ({"label_delay": "soon"}, "label_delay: bad duration 'soon'"),
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "count_above", "of": "amount",
+                         "typical": "30d", "windows": ["1d"]}]},
+         "aggregate 'a': count_above needs `k`, a number >= 0, however got None"),
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "count_above", "of": "amount",
+                         "k": 3, "typical": "last 5", "windows": ["1d"]}]},
+         "aggregate 'a': count_above needs `typical`, the duration window of the typical value"),
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "count_above", "of": "amount",
+                         "k": 3, "typical": "7d", "windows": ["last 3"]}]},
+         "aggregate 'a': count_above takes duration windows only, never delayed"),
+        ({"aggregate": [{"name": "a", "by": ["customer_id"], "fn": "mean", "of": "amount",
+                         "k": 3, "windows": ["1d"]}]},
+         "aggregate 'a': `k` and `typical` are for fn count_above only"),
     ],
 )  # fmt: skip
 def test_a_bad_spec_names_the_entry_and_the_problem(change: dict, message: str) -> None:
@@ -307,6 +320,8 @@ def _oracle(entry: dict, window: str, rows: list[dict], i: int, delay_s: int) ->
         return float(len(set(values)))
     if fn == "fraud_count":
         return float(sum(r["is_fraud"] for r in inside))
+    if fn == "count_above":
+        return float(sum(_above(entry, rows, r) for r in inside))
     unit = {"s": 1, "h": 3_600}[entry.get("unit", "s")]
     if fn == "time_since_last":
         before = [r for r in inside if r["pos"] < rows[i]["pos"]]
@@ -328,6 +343,19 @@ def _oracle(entry: dict, window: str, rows: list[dict], i: int, delay_s: int) ->
         return max(values)
     mean = sum(values) / len(values)  # std, population
     return math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def _above(entry: dict, rows: list[dict], row: dict) -> bool:
+    """The row's value against k times the mean over the key's matching rows before it in
+    the typical window."""
+    passes, of = WHERE[entry.get("where")], entry["of"]
+    start = row["t"] - SECONDS[entry["typical"]]
+    before = [
+        r[of]
+        for r in rows
+        if r["pos"] < row["pos"] and r["t"] > start and passes(r) and r[of] is not None
+    ]
+    return bool(before) and row[of] > entry["k"] * (sum(before) / len(before))
 
 
 @pytest.mark.parametrize("seed", range(25))
@@ -359,7 +387,7 @@ def test_random_specs_match_a_brute_force_oracle(seed: int) -> None:
                         assert got == pytest.approx(want, rel=1e-9, abs=tolerance), where
 
 
-def test_the_v2_block_adds_eight_features_computed_point_in_time() -> None:
+def test_the_v2_block_adds_ten_features_computed_point_in_time() -> None:
     spec = default_spec(FeatureConfig(), v2=True)
     added = spec.feature_names[25:]
     assert spec.feature_names[:25] == default_spec(FeatureConfig()).feature_names
@@ -367,9 +395,12 @@ def test_the_v2_block_adds_eight_features_computed_point_in_time() -> None:
         "customer__amount_zscore__30d", "customer__amount_ratio__last10",
         "customer__terminals__1d", "customer__terminals__7d", "terminal__cards__1d",
         "terminal__known_fraud_count__1d", "customer__days_since_first__30d",
-        "terminal__days_since_fraud__30d",
+        "terminal__days_since_fraud__30d", "customer__count_above_typical__1d",
+        "customer__count_above_typical__7d",
     ]  # fmt: skip
     out = build_features(LOG, spec)
+    # Card A's amounts 10, 20, 30, 40, 50: none is 3 times the mean before it.
+    assert out["customer__count_above_typical__7d"].to_list() == [0.0] * 6
     # Card A first seen at minute 0; card B's first row is its own (age 0). No label is known
     # within the 7-day delay: the terminal's days since fraud is the 37-day far end.
     age = dict(zip(out["transaction_id"], out["customer__days_since_first__30d"], strict=True))
@@ -381,6 +412,35 @@ def test_the_v2_block_adds_eight_features_computed_point_in_time() -> None:
     row3 = out.filter(pl.col("transaction_id") == 3)
     assert row3["customer__amount_zscore__30d"].item() == pytest.approx(10 / math.sqrt(200 / 3))
     assert row3["customer__amount_ratio__last10"].item() == pytest.approx(1.5)
+
+
+def test_count_above_by_hand_in_batch_and_online() -> None:
+    spec = parse_spec(
+        {
+            "label_delay": "1h",
+            "aggregate": [
+                {"name": "big", "by": ["customer_id"], "fn": "count_above", "of": "amount",
+                 "k": 1.5, "typical": "1h", "windows": ["1h", "2h"]},
+                {"name": "tie", "by": ["customer_id"], "fn": "count_above", "of": "amount",
+                 "k": 1, "typical": "2h", "where": "amount >= 20", "windows": ["2h"]},
+            ],
+        }
+    )  # fmt: skip
+    # Card A (minute, amount): 1 (0, 10), 2 (10, 20), 3 (10, 30), 4 (70, 40), 6 (130, 50).
+    # k 1.5 over the hour before: row 2: 20 > 1.5 * 10; row 3: 30 > 1.5 * 15 (rows 1 and 2);
+    # row 4: nothing in (10, 70] before it; row 6: nothing in (70, 130] (row 4 is at 70).
+    # Amounts >= 20, k 1 over two hours: row 3: 30 > 20; row 4: 40 > 25; row 6: 50 > 40.
+    want = {
+        1: (0.0, 0.0, 0.0), 2: (1.0, 1.0, 0.0), 3: (2.0, 2.0, 1.0), 5: (0.0, 0.0, 0.0),
+        4: (0.0, 2.0, 2.0), 6: (0.0, 0.0, 2.0),
+    }  # fmt: skip
+    names = ["big__1h", "big__2h", "tie__2h"]
+    out = build_features(LOG, spec)
+    assert {row["transaction_id"]: tuple(row[n] for n in names) for row in out.to_dicts()} == want
+    online = reference_engine(spec)
+    for row in LOG.to_dicts():  # row 5 arrives before row 4, of another card
+        got = online.features(row)
+        assert tuple(got[n] for n in names) == want[row["transaction_id"]]
 
 
 def test_time_since_first_and_time_since_fraud_by_hand() -> None:

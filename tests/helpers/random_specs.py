@@ -48,16 +48,21 @@ def random_spec(rng: random.Random) -> dict:
     for index in range(rng.randint(3, 7)):
         fn = rng.choice(FUNCTIONS)
         durations = [w for w in WINDOWS if not w.startswith("last")]
-        windows = rng.sample(durations if fn == "time_since_fraud" else WINDOWS, rng.randint(1, 2))
+        only_durations = fn in ("time_since_fraud", "count_above")
+        windows = rng.sample(durations if only_durations else WINDOWS, rng.randint(1, 2))
         entry = {"name": f"f{index}", "by": rng.choice(KEYS), "fn": fn, "windows": windows}
         if fn in ("sum", "mean", "min", "max", "std"):
             entry["of"] = rng.choice(["amount", "score"])
         if fn == "count_distinct":
             entry["of"] = rng.choice(["category", "terminal_id"])
+        if fn == "count_above":
+            # k = 1 on whole amounts: many values exactly at k times the mean, the tie case.
+            entry |= {"of": rng.choice(["amount", "score"]), "k": rng.choice([1, 1.5, 2.0])}
+            entry["typical"] = rng.choice(["2h", "1d"])
         where = rng.choice(list(WHERE))
         if where is not None:
             entry["where"] = where
-        delayable = fn not in ("time_since_last", "time_since_first") and not (
+        delayable = fn not in ("time_since_last", "time_since_first", "count_above") and not (
             fn == "count_distinct" and any(w.startswith("last") for w in windows)
         )
         if fn in ("fraud_count", "fraud_rate", "time_since_fraud") or (

@@ -282,7 +282,7 @@ def _per_key(
         .collect()
         .rechunk()  # gathers on one chunk per column are the fast ones
     )
-    longest = max((_reach(j.window, j.aggregate.delayed, delay_us) for j in jobs), default=0)
+    longest = max((_reach(j, delay_us) for j in jobs), default=0)
     t_min, t_max = int(base[_T].min()), int(base[_T].max())  # type: ignore[arg-type]
     stride = t_max - t_min + longest + 1
     per_chunk = max(1, _KEY_LIMIT // stride)
@@ -321,9 +321,11 @@ def _inputs(aggregates: list[Aggregate], complete: set[str]) -> tuple[list[pl.Ex
     return [expr.alias(name) for name, expr in columns.items()], jobs
 
 
-def _reach(window: Window, delayed: bool, delay_us: int) -> int:
-    """How far back, in microseconds, a search for this window may go."""
-    return (window.seconds or 0) * _US + (delay_us if delayed else 0)
+def _reach(job: _Job, delay_us: int) -> int:
+    """How far back, in microseconds, a search for this job may go."""
+    a = job.aggregate
+    typical = (a.typical.seconds or 0) * _US if a.typical is not None else 0
+    return max((job.window.seconds or 0) * _US + (delay_us if a.delayed else 0), typical)
 
 
 def _restore_order(frame: pl.DataFrame) -> pl.DataFrame:
@@ -428,6 +430,8 @@ class _Chunk:
                 offsets.add(self.delay_us)
             if job.window.seconds is not None:
                 offsets.add(reach + (self.delay_us if delayed else 0))
+            if job.aggregate.typical is not None:
+                offsets.add((job.aggregate.typical.seconds or 0) * _US)
         self.search_all(offsets)
         sums = _RunningSums(self)  # each running sum once, however many windows read it
         columns = [self.frame[_ROW]]
@@ -496,12 +500,15 @@ def _prefix_feature(
     job: _Job, sums: _RunningSums, lo: np.ndarray, hi: np.ndarray | None
 ) -> np.ndarray:
     a, chunk = job.aggregate, sums.chunk
+    if a.fn == "count_above":
+        above = lambda: _above(job, sums)  # noqa: E731
+        return sums.over(f"{job.mask}a", above, lo, hi, exact=False)
     count = _range_count(job, sums, lo, hi)
     if a.fn == "count":
         return count
 
     def masked(values: np.ndarray, otherwise: float) -> np.ndarray:
-        return values if job.every else np.where(chunk.column(job.mask), values, otherwise)
+        return _masked(job, chunk, values, otherwise)
 
     if a.fn in ("fraud_count", "fraud_rate"):
         fraud = lambda: masked(chunk.column(IS_FRAUD), 0)  # noqa: E731
@@ -522,6 +529,25 @@ def _prefix_feature(
     noise = 1e-12 * s2 / count
     variance = np.where(variance > noise, variance, 0.0)
     return _or_default(count, np.sqrt(variance), a)
+
+
+def _masked(job: _Job, chunk: _Chunk, values: np.ndarray, otherwise: float) -> np.ndarray:
+    """``values`` on the rows that pass the aggregate's filter, ``otherwise`` elsewhere."""
+    return values if job.every else np.where(chunk.column(job.mask), values, otherwise)
+
+
+def _above(job: _Job, sums: _RunningSums) -> np.ndarray:
+    """count_above's verdict per row (1 or 0): the row passes and its value is above k times
+    the mean over the typical window before it, [first row with time > t - typical, row)."""
+    a, chunk = job.aggregate, sums.chunk
+    assert a.k is not None and a.typical is not None, "count_above has both (spec checks)"
+    lo = chunk.after((a.typical.seconds or 0) * _US)
+    count = _range_count(job, sums, lo, chunk.pos)
+    values = chunk.column(str(job.value))
+    masked = lambda: _masked(job, chunk, values, 0.0)  # noqa: E731  # as mean's sums
+    total = sums.over(f"{job.mask}v", masked, lo, chunk.pos, exact=True)
+    above = (count > 0) & (values > a.k * (total / count))
+    return _masked(job, chunk, above, False).astype(np.int64)
 
 
 def _or_default(count: np.ndarray, value: np.ndarray, a: Aggregate) -> np.ndarray:

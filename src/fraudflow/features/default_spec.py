@@ -91,6 +91,10 @@ def _add_v2(raw: dict[str, Any], *, delay_days: int) -> None:
          "windows": ["last 10"]},
         {"name": "customer__terminals", "by": card, "fn": "count_distinct", "of": "terminal_id",
          "windows": ["1d", "7d"]},
+        # Transactions above 3 times the card's typical amount (its 30-day mean before each):
+        # a takeover spends big, more than once. 3x: well outside a card's usual spread.
+        {"name": "customer__count_above_typical", "by": card, "fn": "count_above",
+         "of": "amount", "k": 3.0, "typical": "30d", "windows": ["1d", "7d"]},
         {"name": "terminal__cards", "by": terminal, "fn": "count_distinct", "of": "customer_id",
          "windows": ["1d"]},
         # Known frauds in the terminal's latest labelled day: (t - delay - 1d, t - delay].
@@ -117,5 +121,6 @@ def _add_v2(raw: dict[str, Any], *, delay_days: int) -> None:
         "customer__amount_zscore__30d", "customer__amount_ratio__last10",
         "customer__terminals__1d", "customer__terminals__7d", "terminal__cards__1d",
         "terminal__known_fraud_count__1d", "customer__days_since_first__30d",
-        "terminal__days_since_fraud__30d",
+        "terminal__days_since_fraud__30d", "customer__count_above_typical__1d",
+        "customer__count_above_typical__7d",
     ]  # fmt: skip

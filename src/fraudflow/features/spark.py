@@ -81,6 +81,12 @@ def features_with_row(transactions: DataFrame, spec: FeatureSpec) -> DataFrame:
         inputs |= _inputs(index, a)
     frame = frame.select("*", *[expr.alias(name) for name, expr in inputs.items()])
     delay_us = spec.label_delay_seconds * _US
+    above = {
+        f"__a{index}": _above(index, a, delay_us)
+        for index, a in enumerate(spec.aggregates)
+        if a.fn == "count_above"
+    }
+    frame = frame.select("*", *[expr.alias(name) for name, expr in above.items()])
     features: dict[str, Column] = {}
     joined = []
     for index, a in enumerate(spec.aggregates):
@@ -97,6 +103,29 @@ def features_with_row(transactions: DataFrame, spec: FeatureSpec) -> DataFrame:
         frame = frame.withColumn(derive.name, _numeric(_column(derive.tree)))
     kept = [name for name in spec.feature_names if name not in columns]
     return frame.select(ROW, _T, *columns, *kept)
+
+
+def _above(index: int, a: Aggregate, delay_us: int) -> Column:
+    """count_above's verdict per row (1 or 0): the row passes and its value is above k times
+    the mean over the rows of the typical window before it (the frames without the row)."""
+    from pyspark.sql import functions as F
+
+    assert a.k is not None and a.typical is not None, "count_above has both (spec checks)"
+    mask, value = F.col(f"__m{index}"), F.col(f"__v{index}")
+    before = _Frames(a, a.typical, delay_us).before
+    count = _sum_frames([F.sum(mask.cast("long")).over(frame) for frame in before])
+    total = _sum_frames([F.sum(F.when(mask, value).otherwise(0.0)).over(f) for f in before])
+    above = mask & (count > 0) & (value > F.lit(float(a.k)) * (total / count.cast("double")))
+    return F.coalesce(above, F.lit(False)).cast("long")
+
+
+def _sum_frames(parts: list[Column]) -> Column:
+    """The sum of the frames' sums, an empty frame's (null) as 0."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    return reduce(lambda x, y: x + y, [F.coalesce(p, F.lit(0)) for p in parts])
 
 
 def _inputs(index: int, a: Aggregate) -> dict[str, Column]:
@@ -201,6 +230,8 @@ def _feature(index: int, a: Aggregate, frames: _Frames | _Joined) -> Column:
     default = F.lit(a.default).cast("double")
     if a.fn == "count":
         return count
+    if a.fn == "count_above":
+        return frames.total(F.col(f"__a{index}")).cast("double")
     if a.fn in ("fraud_count", "fraud_rate"):
         frauds = frames.total(F.when(mask, F.col(IS_FRAUD).cast("long")).otherwise(0))
         frauds = frauds.cast("double")

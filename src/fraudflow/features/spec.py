@@ -15,6 +15,8 @@ A spec is a TOML file (``load_spec``) or the shipped default (``fraudflow.featur
     delayed = false                    # true: the window ends label_delay before the row
     default = 0.0                      # optional: the value of an empty window, where it is null
     unit = "h"                         # time_since_* only: s (default), m, h or d
+    k = 3.0                            # count_above only: the factor (below)
+    typical = "30d"                    # count_above only: the window of the typical value
 
     [[derive]]                         # an expression over features and the row (expressions.py)
     name = "customer__amount_ratio__30d"
@@ -39,6 +41,15 @@ previous matching row (not the row itself) inside the window; ``time_since_first
 since the window's earliest matching row (the row itself included: a key's first row gives 0,
 so over a long window it is the card's age); ``time_since_fraud`` reads labels (delayed
 duration windows): the time since the latest matching row of the window known to be fraud.
+
+``count_above`` counts the window's rows whose value is above ``k`` times the key's typical
+value as of that row: the mean of ``of`` over the key's matching rows in the ``typical``
+window ending just before the row (time in (t - typical, t], arrived before it, the row itself
+left out). A row with no such earlier rows has no typical value and is not counted. Each row's
+verdict is fixed by the rows before it, so every engine computes it from the same rows, as
+``value > k * (sum / count)``; windows and ``typical`` are durations, never delayed. (Sums of
+non-integer values round differently in each engine: a value within rounding of k times the
+mean may be judged differently; whole amounts, or cents as integers, are summed exactly.)
 
 A categorical column is output as the row's own value; the trainer maps its values to integer
 codes learned on the training rows (``fraudflow.features.categories``), stored in the bundle.
@@ -72,17 +83,19 @@ __all__ = [
 
 FUNCTIONS = (
     "count", "sum", "mean", "min", "max", "std", "count_distinct", "time_since_last",
-    "time_since_first", "fraud_count", "fraud_rate", "time_since_fraud",
+    "time_since_first", "fraud_count", "fraud_rate", "time_since_fraud", "count_above",
 )  # fmt: skip
-NEEDS_VALUE = frozenset({"sum", "mean", "min", "max", "std", "count_distinct"})
+NEEDS_VALUE = frozenset({"sum", "mean", "min", "max", "std", "count_distinct", "count_above"})
 READS_LABELS = frozenset({"fraud_count", "fraud_rate", "time_since_fraud"})
 TIME_FUNCTIONS = frozenset({"time_since_last", "time_since_first", "time_since_fraud"})
-ZERO_WHEN_EMPTY = frozenset({"count", "sum", "count_distinct", "fraud_count"})
+ZERO_WHEN_EMPTY = frozenset({"count", "sum", "count_distinct", "fraud_count", "count_above"})
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400, "w": 604_800}
 _DURATION = re.compile(r"^([1-9][0-9]*)([smhdw])$")
 _LAST = re.compile(r"^last\s*([1-9][0-9]*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_AGGREGATE_KEYS = {"name", "by", "fn", "of", "where", "windows", "delayed", "default", "unit"}
+_AGGREGATE_KEYS = {
+    "name", "by", "fn", "of", "where", "windows", "delayed", "default", "unit", "k", "typical",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,8 @@ class Aggregate:
     delayed: bool = False
     default: float | None = None
     unit: str = "s"
+    k: float | None = None  # count_above: the factor
+    typical: Window | None = None  # count_above: the window of the typical value
 
     def feature_name(self, window: Window) -> str:
         return f"{self.name}__{window.label}"
@@ -260,7 +275,8 @@ def _aggregate(entry: dict[str, Any]) -> Aggregate:
     aggregate = Aggregate(
         name=name, by=by, fn=fn, windows=windows, of=entry.get("of"), where=entry.get("where"),
         delayed=bool(entry.get("delayed", fn in READS_LABELS)), default=entry.get("default"),
-        unit=entry.get("unit", "s"),
+        unit=entry.get("unit", "s"), k=entry.get("k"),
+        typical=_window(entry["typical"], where) if isinstance(entry.get("typical"), str) else None,
     )  # fmt: skip
     _check_aggregate(aggregate, entry, where)
     return aggregate
@@ -285,10 +301,28 @@ def _check_aggregate(a: Aggregate, entry: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: time_since_fraud takes duration windows only")
     if a.delayed and a.fn == "count_distinct" and any(w.events for w in a.windows):
         raise ConfigError(f"{where}: delayed count_distinct takes duration windows only")
+    _check_count_above(a, entry, where)
     if a.where is not None:
         if not isinstance(a.where, str):
             raise ConfigError(f"{where}: `where` must be an expression string")
         _parse(a.where, where)
+
+
+def _check_count_above(a: Aggregate, entry: dict[str, Any], where: str) -> None:
+    if a.fn != "count_above":
+        if "k" in entry or "typical" in entry:
+            raise ConfigError(f"{where}: `k` and `typical` are for fn count_above only")
+        return
+    k = entry.get("k")
+    if isinstance(k, bool) or not isinstance(k, int | float) or not k >= 0:
+        raise ConfigError(f"{where}: count_above needs `k`, a number >= 0, however got {k!r}")
+    if not isinstance(entry.get("typical"), str) or a.typical is None or a.typical.events:
+        raise ConfigError(
+            f"{where}: count_above needs `typical`, the duration window of the typical value "
+            f'(e.g. "30d"), however got {entry.get("typical")!r}'
+        )
+    if a.delayed or any(w.events for w in a.windows):
+        raise ConfigError(f"{where}: count_above takes duration windows only, never delayed")
 
 
 def _derive(entry: dict[str, Any]) -> Derive:
@@ -404,6 +438,10 @@ def _aggregate_dict(a: Aggregate) -> dict[str, Any]:
         out["default"] = a.default
     if a.fn in TIME_FUNCTIONS and a.unit != "s":
         out["unit"] = a.unit
+    if a.k is not None:
+        out["k"] = float(a.k)
+    if a.typical is not None:
+        out["typical"] = a.typical.label
     return out
 
 

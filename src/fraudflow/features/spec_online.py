@@ -155,9 +155,11 @@ def layout_of(spec: FeatureSpec) -> Layout:
         reach, last = 0, set()
         for a in aggregates:
             offset = delay_us if a.delayed else 0
+            # count_above: a row of the window reads the typical window before it.
+            typical = (a.typical.seconds or 0) * _US if a.typical is not None else 0
             for w in a.windows:
                 if w.events is None:
-                    reach = max(reach, offset + (w.seconds or 0) * _US)
+                    reach = max(reach, offset + (w.seconds or 0) * _US + typical)
                 elif a.delayed:
                     last.add((offset, w.events))
                 elif w.events > 1:  # the row itself and the n - 1 before it
@@ -603,6 +605,8 @@ class SpecOnline:
             if self._prepared(index, aggregate, e)[0]
         ]
         fn, default = aggregate.fn, aggregate.default
+        if fn == "count_above":
+            return self._count_above(index, aggregate, chosen, members, me)
         if fn == "count":
             return float(len(chosen))
         if fn in ("fraud_count", "fraud_rate"):
@@ -635,6 +639,32 @@ class SpecOnline:
             return float(max(values))
         mean = math.fsum(values) / len(values)  # std: population
         return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+
+    def _count_above(
+        self,
+        index: int,
+        aggregate: Aggregate,
+        chosen: list[Stored],
+        members: list[Stored],
+        me: Stored,
+    ) -> float:
+        """count_above over the window's matching rows ``chosen``: those whose value is above
+        k times the mean over the key's matching rows in the typical window before them."""
+        assert aggregate.k is not None and aggregate.typical is not None
+        ordered = [*members[: bisect_right([m.t_us for m in members], me.t_us)], me]
+        position = {id(e): i for i, e in enumerate(ordered)}
+        typical_us = (aggregate.typical.seconds or 0) * _US
+        count = 0
+        for row in chosen:
+            values = [
+                self._prepared(index, aggregate, e)[1]
+                for e in ordered[: position[id(row)]]
+                if e.t_us > row.t_us - typical_us and self._prepared(index, aggregate, e)[0]
+            ]
+            value = self._prepared(index, aggregate, row)[1]
+            if values and value > aggregate.k * (math.fsum(values) / len(values)):
+                count += 1
+        return float(count)
 
 
 def reference_engine(spec: FeatureSpec) -> SpecOnline:
