@@ -61,7 +61,8 @@ def decision(i: int, *, version: str = "m1", extra: dict[str, Any] | None = None
 
 def write_known_log(path: Path) -> list[str]:
     """Two shards of two writers: two model versions with other features, an extra column on
-    some decisions, labels, a duplicate id the first shard does not key. Returns the ids."""
+    some decisions and a challenger's verdict on one, labels, a duplicate id the first shard
+    does not key. Returns the ids."""
     first, second = AuditLog(path, compact_closed=False), AuditLog(path, compact_closed=False)
     try:
         first.submit([decision(i) for i in range(0, 6)]).result(timeout=10)
@@ -69,6 +70,8 @@ def write_known_log(path: Path) -> list[str]:
         first.submit([LabelRecord("tx-001", True, T0, T0 + 50, True)]).result(timeout=10)
         second.submit([decision(i, version="m2") for i in range(6, 9)]).result(timeout=10)
         with_extra = [decision(i, extra={"channel": "web", "mcc": i}) for i in range(9, 12)]
+        verdict = {"gbdt-y": {"score": 0.5, "decision": "review"}}  # a challenger's
+        with_extra[1] = with_extra[1]._replace(shadow=verdict)
         second.submit(with_extra).result(timeout=10)
         labels = [LabelRecord("tx-007", False, None, T0 + 60, True)]
         second.submit([*labels, LabelRecord("tx-007", True, T0, T0 + 70, False)]).result(10)
@@ -120,6 +123,7 @@ def test_compaction_keeps_every_read_the_same(known: tuple[Path, list[str], Snap
     Snapshot(path, ids).assert_equal(before)
     extra = read_decisions(path).filter(pl.col("transaction_id") == "tx-010")
     assert extra.select("channel", "mcc").row(0) == ("web", 10)
+    assert orjson.loads(extra["shadow"][0]) == {"gbdt-y": {"score": 0.5, "decision": "review"}}
     assert compact_audit(path) == []  # nothing left to do
 
 
