@@ -8,9 +8,13 @@
         model.txt      LightGBM: the booster
         manifest.json  the SHA-256 of each file above; written last
 
-``load_bundle`` rebuilds the model through the same registry the trainer used. Feature rows
-reach the model through ``Bundle.model_matrix``: raw categorical values become the codes the
-model learned (``fraudflow.features.categories``), so callers pass the values as logged.
+``load_bundle`` rebuilds the model through the same registry the trainer used, from the
+recorded config (``train_config``, ``model_config``); meta.json also records what the model
+declares it consumes (``inputs``). Feature rows reach a model whose rows stand alone through
+``Bundle.model_matrix``: raw categorical values become the codes the model learned
+(``fraudflow.features.categories``), so callers pass the values as logged. A model that reads
+each card's earlier rows scores a frame of feature rows in arrival order
+(``Bundle.predict_frame``), whose inputs ``fraudflow.inputs`` builds as in training.
 
 A bundle is verified whenever it is read: every file against its recorded SHA-256, the model
 built from the very bytes that were checked (a file swapped in between cannot slip in), and
@@ -37,9 +41,10 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+import polars as pl
 import torch
 
-from fraudflow.config import FeatureConfig, GBDTConfig, TrainConfig
+from fraudflow.config import FeatureConfig, run_config_from_dict
 from fraudflow.errors import ArtifactError, FraudflowError, RunCheckError
 from fraudflow.eval.calibration import Calibrator
 from fraudflow.features.categories import CategoryCodes, matrix_from_rows
@@ -48,15 +53,21 @@ from fraudflow.features.spec import FeatureSpec, parse_spec
 from fraudflow.features.spec_online import online_problem
 from fraudflow.features.specs import FEATURE_VERSION
 from fraudflow.files import atomic_path, write_bytes_atomic, write_json_atomic
+from fraudflow.inputs import FeatureInputs, build_arrays, stands_alone
 from fraudflow.models import (
-    GBDT,
     NEURAL_MODELS,
     Categorical,
+    Estimator,
+    FeatureLayout,
+    InputSpec,
+    NeuralModel,
     Standardizer,
+    VectorInputs,
     build_model,
+    input_spec_from_dict,
     neural_inputs,
+    predict_batch_rows,
 )
-from fraudflow.models.interface import Estimator, NeuralModel
 
 __all__ = [
     "BUNDLE_DIR",
@@ -101,6 +112,11 @@ class Bundle:
         """Where the categorical features sit in the model matrix, and their cardinalities."""
         return _categorical_of(self.meta)
 
+    @cached_property
+    def inputs(self) -> InputSpec:
+        """What the model consumes; bundles from before declarations held vector models."""
+        return _inputs_of(self.meta)
+
     def model_matrix(self, rows: Any) -> np.ndarray:
         """The model matrix (N, F) float64 of raw feature rows (N, F) in ``features`` order:
         numbers (None or NaN: missing) and, in the categorical columns, the raw values (a
@@ -136,10 +152,38 @@ class Bundle:
 
         Class weighting distorts them as probabilities: see ``predict_calibrated``.
         """
+        if not stands_alone(self.inputs):
+            raise ArtifactError(
+                f"model {self.meta['model']!r} reads each card's earlier events "
+                f"({self.inputs.kind} inputs), not feature rows alone: score a frame of the "
+                "table's rows with Bundle.predict_frame"
+            )
         matrix = self.model_matrix(x)
         if isinstance(self.model, lgb.Booster):
             return np.asarray(self.model.predict(matrix), dtype=np.float64)
         return self._predict_neural(torch.as_tensor(matrix, dtype=torch.float32))
+
+    def predict_frame(self, frame: pl.DataFrame) -> np.ndarray:
+        """Raw model scores (N,) of every row of ``frame``: feature rows in arrival order, as a
+        feature table holds them (categorical columns with their raw values). For a model that
+        reads each card's earlier events the frame also needs ``customer_id`` and
+        ``timestamp``, and a row's inputs come from the rows before it in the frame."""
+        inputs = FeatureInputs(self.features, self.codes)
+        if isinstance(self.model, lgb.Booster):
+            return np.asarray(self.model.predict(inputs.matrix(frame)), dtype=np.float64)
+        assert self.standardizer is not None
+        arrays = build_arrays(self.inputs, frame, inputs, self.standardizer)
+        module: Any = self.model
+        module.eval()
+        parts = []
+        step = predict_batch_rows(module)
+        with torch.no_grad():
+            for start in range(0, frame.height, step):
+                rows = torch.arange(start, min(start + step, frame.height))
+                batch = arrays.take(rows)
+                logits = module(batch.rows | batch.shared)  # (B, 2)
+                parts.append(torch.softmax(logits.float(), dim=1)[:, 1])
+        return torch.cat(parts).double().numpy() if parts else np.zeros(0)
 
     @torch.no_grad()
     def _predict_neural(self, x: torch.Tensor) -> np.ndarray:
@@ -165,11 +209,11 @@ def save_bundle(
     folder = Path(run_dir) / BUNDLE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     written = [_META]
-    if isinstance(model, GBDT):
+    if isinstance(model, Estimator):
         with atomic_path(folder / _BOOSTER) as tmp:
             model.save(tmp)
         written.append(_BOOSTER)
-    elif isinstance(model, NeuralModel):
+    else:
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
         write_bytes_atomic(folder / _WEIGHTS, buffer.getvalue())
@@ -229,13 +273,18 @@ def load_bundle(run_dir: Path, *, completed: bool = False) -> Bundle:
     _check_features(meta, folder, serving=completed)
     if meta["model"] not in NEURAL_MODELS:
         return Bundle(meta=meta, model=_booster(files, folder), standardizer=None)
-    train_cfg = TrainConfig(**_tuples(meta["train_config"]))
-    model = build_model(
-        meta["model"], n_features=len(meta["features"]), train=train_cfg, gbdt=GBDTConfig(),
-        categorical=_categorical_of(meta),
-    )  # fmt: skip
+    cfg = run_config_from_dict(
+        {"train": meta["train_config"], "model": meta.get("model_config") or {}}
+    )
+    layout = FeatureLayout(len(meta["features"]), _categorical_of(meta))
+    model = build_model(meta["model"], layout=layout, cfg=cfg)
     if not isinstance(model, NeuralModel):
         raise ArtifactError(f"model {meta['model']!r} in {folder} is not a neural model")
+    if model.inputs != _inputs_of(meta):
+        raise ArtifactError(
+            f"model {meta['model']!r} in {folder} records the inputs {meta.get('inputs')!r}, "
+            f"however its config builds a model that declares {model.inputs.to_dict()!r}"
+        )
     weights = _recorded(files, _WEIGHTS, folder)
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
@@ -337,6 +386,15 @@ def _codes_of(meta: dict[str, Any]) -> CategoryCodes | None:
         raise ArtifactError(f"the bundle's category codes are unreadable: {exc}") from None
 
 
+def _inputs_of(meta: dict[str, Any]) -> InputSpec:
+    raw = meta.get("inputs")
+    if raw is None:
+        return VectorInputs()
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"the bundle's inputs must be an object, however got {raw!r}")
+    return input_spec_from_dict(raw)
+
+
 def _categorical_of(meta: dict[str, Any]) -> tuple[Categorical, ...]:
     codes = _codes_of(meta)
     if codes is None:
@@ -398,6 +456,23 @@ def _check_features(meta: dict[str, Any], folder: Path, *, serving: bool) -> Non
     if problem is not None:  # refused at start and at reload, before anything is loaded
         raise RunCheckError(
             "feature_spec", f"model bundle {folder} cannot be served: its feature spec's {problem}"
+        )
+    if serving:
+        _check_served_inputs(meta, folder)
+
+
+def _check_served_inputs(meta: dict[str, Any], folder: Path) -> None:
+    """The service builds each request's own feature vector, not yet a card's last events."""
+    try:
+        declared = _inputs_of(meta)
+    except ArtifactError as exc:
+        raise RunCheckError("meta", f"model bundle {folder}: {exc}") from None
+    if not stands_alone(declared):
+        raise RunCheckError(
+            "model_kind",
+            f"model bundle {folder} cannot be served: model kind {meta['model']!r} needs each "
+            f"card's earlier events ({declared.kind} inputs), which the service does not serve "
+            "yet; serve an mlp or gbdt run",
         )
 
 

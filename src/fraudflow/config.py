@@ -21,12 +21,15 @@ from fraudflow.errors import ConfigError
 __all__ = [
     "FeatureConfig",
     "GBDTConfig",
+    "ModelConfig",
     "RunConfig",
     "SimulationConfig",
     "SplitConfig",
     "TrainConfig",
+    "TransformerConfig",
     "apply_overrides",
     "load_run_config",
+    "run_config_from_dict",
     "to_dict",
 ]
 
@@ -175,10 +178,44 @@ class GBDTConfig:
 
 
 @dataclass(frozen=True)
+class TransformerConfig:
+    """``--model transformer`` (fraudflow.models.sequence): small enough to train on CPU."""
+
+    # Events per row: the card's previous sequence_length - 1 and the current one.
+    sequence_length: int = 32
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    feedforward_dim: int = 128
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.sequence_length >= 1, "sequence_length must be >= 1", self.sequence_length)
+        _require(self.n_layers >= 1, "n_layers must be >= 1", self.n_layers)
+        _require(self.n_heads >= 1, "n_heads must be >= 1", self.n_heads)
+        _require(
+            self.d_model >= 1 and self.d_model % self.n_heads == 0,
+            f"d_model must be a positive multiple of n_heads ({self.n_heads})",
+            self.d_model,
+        )
+        _require(self.feedforward_dim >= 1, "feedforward_dim must be >= 1", self.feedforward_dim)
+        _require(0 <= self.dropout < 1, "dropout must be in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Settings of one model each (``[model.transformer]`` in a preset); the MLP's are in
+    ``train`` and LightGBM's in ``gbdt``, where they were before this section existed."""
+
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gbdt: GBDTConfig = field(default_factory=GBDTConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -200,13 +237,22 @@ def load_run_config(path: Path | None = None, overrides: list[str] | None = None
     return apply_overrides(cfg, overrides or [])
 
 
+def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """A RunConfig from ``to_dict``'s output (or part of it: missing sections keep defaults)."""
+    merged: RunConfig = _merge(RunConfig(), raw, prefix="")
+    return merged
+
+
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``section.field=value``; nested sections too (``model.transformer.d_model=32``)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
             raise ConfigError(f"--set expects section.field=value, however got {item!r}")
-        section, _, name = key.strip().partition(".")
-        cfg = _merge(cfg, {section: {name: _parse_scalar(value.strip())}}, prefix="")
+        nested: Any = _parse_scalar(value.strip())
+        for part in reversed(key.strip().split(".")):
+            nested = {part: nested}
+        cfg = _merge(cfg, nested, prefix="")
     return cfg
 
 

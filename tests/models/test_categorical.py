@@ -7,9 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fraudflow.config import GBDTConfig, TrainConfig
+from fraudflow.config import GBDTConfig, RunConfig, TrainConfig
 from fraudflow.eval.metrics import average_precision
-from fraudflow.models import GBDT, MLP, Categorical, Standardizer, build_model, neural_inputs
+from fraudflow.models import (
+    GBDT,
+    MLP,
+    Categorical,
+    FeatureLayout,
+    Standardizer,
+    build_model,
+    neural_inputs,
+)
 
 N_CATEGORIES = 30
 FRAUD_CODES = (4, 11, 27)  # the only categories whose transactions are fraud
@@ -30,10 +38,8 @@ CATEGORY = Categorical(position=1, cardinality=N_CATEGORIES + 1)
 def test_lightgbm_learns_a_fraud_pattern_carried_by_the_category_alone() -> None:
     x, y = _table(8_000, seed=0)
     x_test, y_test = _table(2_000, seed=1)
-    model = build_model(
-        "gbdt", n_features=3, train=TrainConfig(seed=0), categorical=(CATEGORY,),
-        gbdt=GBDTConfig(n_estimators=50, num_threads=1),
-    )  # fmt: skip
+    cfg = RunConfig(train=TrainConfig(seed=0), gbdt=GBDTConfig(n_estimators=50, num_threads=1))
+    model = build_model("gbdt", layout=FeatureLayout(3, (CATEGORY,)), cfg=cfg)
     assert isinstance(model, GBDT)
     model.fit(x[:6_000], y[:6_000], x[6_000:], y[6_000:])
     assert average_precision(y_test, model.predict_proba(x_test)) > 0.99
@@ -46,8 +52,7 @@ def test_the_mlp_learns_it_through_an_embedding() -> None:
     x, y = _table(2_000, seed=0)
     x_test, y_test = _table(1_000, seed=1)
     train = TrainConfig(seed=0, hidden_sizes=(8,), dropout=0.0)
-    gbdt = GBDTConfig()
-    model = build_model("mlp", n_features=3, train=train, gbdt=gbdt, categorical=(CATEGORY,))
+    model = build_model("mlp", layout=FeatureLayout(3, (CATEGORY,)), cfg=RunConfig(train=train))
     assert isinstance(model, MLP) and len(model.embeddings) == 1
     matrix = torch.from_numpy(x)
     standardizer = Standardizer.fit(matrix[:, [0, 2]])
@@ -88,10 +93,8 @@ GOLDEN_MLP = [
 
 def test_lightgbm_without_categorical_columns_is_unchanged() -> None:
     x, y = _golden_data()
-    model = build_model(
-        "gbdt", n_features=6, train=TrainConfig(seed=3),
-        gbdt=GBDTConfig(n_estimators=30, num_threads=1),
-    )  # fmt: skip
+    cfg = RunConfig(train=TrainConfig(seed=3), gbdt=GBDTConfig(n_estimators=30, num_threads=1))
+    model = build_model("gbdt", layout=FeatureLayout(6), cfg=cfg)
     assert isinstance(model, GBDT)
     model.fit(x[:2000], y[:2000], x[2000:], y[2000:])
     np.testing.assert_allclose(model.predict_proba(x[2000:2010]), GOLDEN_GBDT, rtol=1e-9)
@@ -100,7 +103,7 @@ def test_lightgbm_without_categorical_columns_is_unchanged() -> None:
 def test_the_mlp_without_categorical_columns_is_unchanged() -> None:
     x, _ = _golden_data()
     train = TrainConfig(seed=3, hidden_sizes=(8, 4))
-    model = build_model("mlp", n_features=6, train=train, gbdt=GBDTConfig())
+    model = build_model("mlp", layout=FeatureLayout(6), cfg=RunConfig(train=train))
     assert isinstance(model, MLP)
     assert not any(name.startswith("embeddings") for name in model.state_dict())
     model.eval()

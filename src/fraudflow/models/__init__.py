@@ -1,10 +1,22 @@
-"""Models behind one interface: the MLP and the LightGBM baseline (tensors, not frames)."""
+"""Models behind one interface: the MLP, the sequence Transformer and the LightGBM baseline
+(tensors, not frames). Each declares its inputs (``interface``)."""
 
 from fraudflow.models.gbdt import GBDT
-from fraudflow.models.interface import Categorical, Estimator, NeuralModel
+from fraudflow.models.interface import (
+    Categorical,
+    Estimator,
+    FeatureLayout,
+    InputSpec,
+    NeuralModel,
+    SequenceInputs,
+    VectorInputs,
+    input_spec_from_dict,
+    predict_batch_rows,
+)
 from fraudflow.models.mlp import MLP
 from fraudflow.models.preprocessing import Standardizer, neural_inputs, numeric_columns
 from fraudflow.models.registry import MODEL_NAMES, NEURAL_MODELS, build_model
+from fraudflow.models.sequence import SequenceTransformer
 
 __all__ = [
     "GBDT",
@@ -13,9 +25,16 @@ __all__ = [
     "NEURAL_MODELS",
     "Categorical",
     "Estimator",
+    "FeatureLayout",
+    "InputSpec",
     "NeuralModel",
+    "SequenceInputs",
+    "SequenceTransformer",
     "Standardizer",
+    "VectorInputs",
     "build_model",
+    "input_spec_from_dict",
     "neural_inputs",
     "numeric_columns",
+    "predict_batch_rows",
 ]

@@ -15,11 +15,15 @@ from typing import Literal
 import lightgbm as lgb
 import numpy as np
 
+from fraudflow.models.interface import VectorInputs
+
 __all__ = ["GBDT"]
 
 
 class GBDT:
     """LightGBM binary classifier with early stopping on validation average precision."""
+
+    inputs = VectorInputs()
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fraudflow.models.dropout import ReLUDropout
+from fraudflow.models.interface import VectorInputs
 
 __all__ = ["MLP", "embedding_dim"]
 
@@ -30,6 +31,7 @@ class MLP(nn.Module):
     # Shapes follow the batch's and nothing syncs with the host: the trainer may replay its
     # step as a CUDA graph (fraudflow.train.graphs).
     cuda_graph_safe = True
+    inputs = VectorInputs()
 
     def __init__(
         self,

@@ -40,6 +40,7 @@ REFUSALS = {
     "meta": "run refused: its bundle's meta.json is unreadable",
     "feature_version": "run refused: its feature version is not the one this build computes",
     "feature_spec": "run refused: its features are not the ones this build computes",
+    "model_kind": "run refused: its model's kind of inputs is not served yet",
     "model_check_crashed": "run refused: loading its model crashed the checking process",
     "model_check_timeout": "run refused: loading and scoring its model timed out",
     "model_check_failed": "run refused: its model could not be loaded or could not score",

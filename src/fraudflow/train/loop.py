@@ -10,7 +10,8 @@ batch of ``batch_size`` rows is split across the ranks, and DDP averages their g
 the loss scaled as below, N ranks compute the same update as one process with the same global
 batch. Only rank 0 writes checkpoints and reports progress.
 
-Shape: data.inputs[k] is (N, ...), data.labels is (N,); the model maps a batch dict to (B, 2).
+Shape: data.inputs[k] is (N, ...), data.labels is (N,), data.shared[k] is (M, ...) and goes
+whole with every batch; the model maps a batch dict to (B, 2).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fraudflow.config import TrainConfig
 from fraudflow.errors import ConfigError, TrainingError
 from fraudflow.eval.metrics import average_precision
-from fraudflow.models.interface import NeuralModel
+from fraudflow.models.interface import NeuralModel, predict_batch_rows
 from fraudflow.train.backoff import (
     activation_bytes_per_sample,
     check_batch_memory,
@@ -54,23 +55,27 @@ __all__ = [
     "predict_scores",
 ]
 
-PREDICT_BATCH = 65_536
-
 
 @dataclass(frozen=True)
 class TensorData:
+    """Rows of a model's declared inputs: ``inputs`` are sliced by row, ``shared`` tables (that
+    per-row indices point into) go whole with every batch."""
+
     inputs: dict[str, Tensor]  # each (N, ...)
     labels: Tensor  # (N,) int64
+    shared: dict[str, Tensor] = field(default_factory=dict)  # each (M, ...)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device: torch.device) -> TensorData:
         inputs = {k: v.to(device, non_blocking=True) for k, v in self.inputs.items()}
-        return TensorData(inputs=inputs, labels=self.labels.to(device, non_blocking=True))
+        shared = {k: v.to(device, non_blocking=True) for k, v in self.shared.items()}
+        labels = self.labels.to(device, non_blocking=True)
+        return TensorData(inputs=inputs, labels=labels, shared=shared)
 
     def batch(self, idx: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        return {k: v[idx] for k, v in self.inputs.items()}, self.labels[idx]
+        return {k: v[idx] for k, v in self.inputs.items()} | self.shared, self.labels[idx]
 
     # TrainingRows: in memory, the whole table is one segment.
     def positives(self) -> int:
@@ -442,8 +447,9 @@ def predict_scores(model: Any, data: TensorData, *, amp: str, device: torch.devi
     """Fraud probabilities, (N,) float64, in data order."""
     model.eval()
     parts = []
-    for start in range(0, len(data), PREDICT_BATCH):
-        idx = torch.arange(start, min(start + PREDICT_BATCH, len(data)), device=device)
+    step = predict_batch_rows(model)
+    for start in range(0, len(data), step):
+        idx = torch.arange(start, min(start + step, len(data)), device=device)
         inputs, _ = data.batch(idx)
         with autocast(amp, device):
             logits = model(inputs)  # (B, 2)

@@ -19,6 +19,10 @@ Categorical features get integer codes learned on the fit rows only
 (``fraudflow.features.categories``), stored in the bundle; the model is told their positions
 and cardinalities.
 
+The model declares its inputs (``fraudflow.models.interface``) and ``fraudflow.inputs`` builds
+them: from each period's rows for a model whose rows stand alone, from the whole table (each
+card's earlier rows) otherwise, then taken at the period's row positions.
+
 Scores: ``score`` in both prediction tables is the calibrated fraud probability, Platt scaling
 fitted on the validation period (``fraudflow.eval.calibration``, stored in the bundle);
 ``raw_score`` is the model's own output.
@@ -54,15 +58,15 @@ from fraudflow.eval.report import write_report
 from fraudflow.eval.scenarios import scenario_metrics
 from fraudflow.eval.thresholds import VALIDATION_PREDICTIONS
 from fraudflow.features import FeatureSource, open_feature_source, parse_spec, spec_to_toml
-from fraudflow.features.categories import CategoryCodes, matrix_from_frame
+from fraudflow.features.categories import CategoryCodes
 from fraudflow.files import write_json_atomic, write_text_atomic
+from fraudflow.inputs import FeatureInputs, ModelArrays, build_arrays, stands_alone
 from fraudflow.models import (
-    Categorical,
     Estimator,
+    InputSpec,
     NeuralModel,
     Standardizer,
     build_model,
-    neural_inputs,
     numeric_columns,
 )
 from fraudflow.tracking import FEATURE_SPEC_FILE
@@ -74,6 +78,7 @@ from fraudflow.train.shards import ShardRows, fit_standardizer
 __all__ = ["DONE", "RunOutcome", "train_run"]
 
 CHECKPOINTS = "checkpoints"
+_ROW = "__row"  # a row's position in a one-file feature table
 
 
 @dataclass(frozen=True)
@@ -82,41 +87,11 @@ class RunOutcome:
     metrics: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class _Inputs:
-    """How feature rows become the model's inputs: the features in order, the codes of the
-    categorical ones (None: all numeric) and where they sit in the model matrix."""
-
-    features: list[str]
-    codes: CategoryCodes | None = None
-
-    @property
-    def categorical(self) -> tuple[Categorical, ...]:
-        if self.codes is None:
-            return ()
-        return tuple(
-            Categorical(self.features.index(c), self.codes.cardinality(c))
-            for c in self.codes.columns
-        )
-
-    @property
-    def numeric(self) -> list[str]:
-        return [f for f in self.features if self.codes is None or f not in self.codes.values]
-
-    def matrix(self, frame: pl.DataFrame) -> np.ndarray:
-        return matrix_from_frame(frame, self.features, self.codes)  # (N, F)
-
-    def tensors(self, frame: pl.DataFrame, standardizer: Standardizer) -> TensorData:
-        matrix = torch.from_numpy(self.matrix(frame))
-        inputs = neural_inputs(matrix, self.categorical, standardizer)
-        return TensorData(inputs=inputs, labels=torch.from_numpy(_labels(frame)))
-
-
-def _inputs(table: FeatureSource, split: LazySplit) -> _Inputs:
+def _inputs(table: FeatureSource, split: LazySplit) -> FeatureInputs:
     """Codes learned on the fit rows only: validation and test values count as unseen."""
     caps = table.categorical
     codes = CategoryCodes.fit(split.fit, caps) if caps else None
-    return _Inputs(features=table.feature_names, codes=codes)
+    return FeatureInputs(features=table.feature_names, codes=codes)
 
 
 @dataclass(frozen=True)
@@ -143,7 +118,7 @@ def train_run(
     _check_run_dir(run_dir, resume)
     table = open_feature_source(features_path)
     _check_no_label_features(table.feature_names)
-    split = split_lazy(table.scan(), cfg.split, label_delay_days=table.label_delay_days)
+    split = split_lazy(_scan(table), cfg.split, label_delay_days=table.label_delay_days)
     if resume:
         _check_same_config(run_dir, cfg)
     dist_ctx.barrier()  # every rank has checked the folder before rank 0 writes into it
@@ -152,10 +127,8 @@ def train_run(
         write_json_atomic(run_dir / "config.json", config | {"world_size": dist_ctx.world_size})
         _write_spec(run_dir, table)
     inputs = _inputs(table, split)
-    model = build_model(
-        cfg.train.model, n_features=len(inputs.features), train=cfg.train, gbdt=cfg.gbdt,
-        categorical=inputs.categorical,
-    )  # fmt: skip
+    model = build_model(cfg.train.model, layout=inputs.layout, cfg=cfg)
+    _check_buildable(model.inputs, cfg.train.model, table)
     started = time.perf_counter()
     if isinstance(model, Estimator):
         if dist_ctx.enabled:
@@ -170,13 +143,28 @@ def train_run(
     # Fitted on validation, never test: the test metrics stay those of unseen data.
     calibrator = fit_calibrator(scores.valid, _labels(split.valid))
     categories = {} if inputs.codes is None else {"categories": inputs.codes.to_dict()}
+    meta = _bundle_meta(cfg, table) | categories | {"calibration": calibrator.to_dict()}
     save_bundle(
         run_dir,
         model=model,
-        meta=_bundle_meta(cfg, table) | categories | {"calibration": calibrator.to_dict()},
+        meta=meta | {"inputs": model.inputs.to_dict()},
         standardizer=stats.pop("standardizer", None),
     )
     return _finish(run_dir, cfg, split, scores, stats, calibrator)
+
+
+def _scan(table: FeatureSource) -> pl.LazyFrame:
+    """The table with, for one file, each row's position in it: where a model that reads a
+    card's earlier rows finds a period's rows (``_period_arrays``)."""
+    return table.scan() if table.sharded else table.scan().with_row_index(_ROW)
+
+
+def _check_buildable(declared: InputSpec, model: str, table: FeatureSource) -> None:
+    if table.sharded and not stands_alone(declared):
+        raise ConfigError(
+            f"--model {model} reads each card's earlier rows ({declared.kind} inputs), which a "
+            "folder of shards streamed one at a time cannot give; pass the table as one file"
+        )
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -194,8 +182,10 @@ def _check_same_config(run_dir: Path, cfg: RunConfig) -> None:
         return
     stored = json.loads(path.read_text())
     wanted = to_dict(cfg)
-    for section in ("split", "train", "gbdt"):
-        old = {k: v for k, v in stored.get(section, {}).items() if k != "epochs"}
+    for section in ("split", "train", "gbdt", "model"):
+        if section not in stored:  # a run from before the section existed
+            continue
+        old = {k: v for k, v in stored[section].items() if k != "epochs"}
         new = {k: v for k, v in wanted[section].items() if k != "epochs"}
         changed = sorted(k for k in new if old.get(k) != new[k])
         if changed:
@@ -221,7 +211,7 @@ def _labels(frame: pl.DataFrame) -> np.ndarray:
 
 
 def _fit_estimator(
-    model: Estimator, fit_rows: pl.DataFrame, split: LazySplit, inputs: _Inputs
+    model: Estimator, fit_rows: pl.DataFrame, split: LazySplit, inputs: FeatureInputs
 ) -> tuple[_Scores, dict[str, Any]]:
     started = time.perf_counter()
     model.fit(
@@ -246,7 +236,7 @@ def _fit_estimator(
 class _NeuralJob:
     split: LazySplit
     table: FeatureSource
-    inputs: _Inputs
+    inputs: FeatureInputs
     cfg: RunConfig
     run_dir: Path
     resume: bool
@@ -255,11 +245,10 @@ class _NeuralJob:
 
 
 def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[_Scores, dict[str, Any]]:
-    cfg, split, device = job.cfg, job.split, job.dist_ctx.device
+    cfg, device = job.cfg, job.dist_ctx.device
     check_amp(cfg.train.amp, device)
     features = job.table.feature_names
-    train, standardizer = _training_rows(job)
-    valid, test = (job.inputs.tensors(f, standardizer) for f in (split.valid, split.test))
+    train, valid, test, standardizer = _neural_data(model.inputs, job)
     if cfg.train.compile:
         # Module.compile keeps the module and its state_dict keys: checkpoints stay portable.
         cast(Any, model).compile()
@@ -289,19 +278,47 @@ def _fit_neural(model: NeuralModel, job: _NeuralJob) -> tuple[_Scores, dict[str,
     return _Scores(test=test_scores, valid=valid_scores), stats
 
 
-def _training_rows(job: _NeuralJob) -> tuple[TrainingRows, Standardizer]:
-    """In memory for one file; streamed shard by shard for a folder of shards."""
-    inputs, periods = job.inputs, job.split.periods
+def _neural_data(
+    declared: InputSpec, job: _NeuralJob
+) -> tuple[TrainingRows, TensorData, TensorData, Standardizer]:
+    """Fit, validation and test rows of what the model declares, and the standardiser fitted
+    on the fit rows. Fit rows stream shard by shard for a folder of shards."""
+    inputs, split = job.inputs, job.split
     if job.table.sharded:
-        period = in_period(periods.train_start, periods.valid_start)
+        period = in_period(split.periods.train_start, split.periods.valid_start)
         shards = [pl.scan_parquet(f).filter(period) for f in job.table.files]
         standardizer = fit_standardizer(shards, inputs.numeric)
-        rows = ShardRows(shards, inputs.features, standardizer, inputs.matrix, inputs.categorical)
-        return rows, standardizer
-    fit_rows = job.split.fit.collect()
+        train: TrainingRows = ShardRows(shards, inputs, standardizer, declared)
+        valid, test = (
+            _own_arrays(declared, f, inputs, standardizer) for f in (split.valid, split.test)
+        )
+        return train, valid, test, standardizer
+    fit_rows = split.fit.collect()
     matrix = torch.from_numpy(inputs.matrix(fit_rows))
-    standardizer = Standardizer.fit(numeric_columns(matrix, inputs.categorical))
-    return inputs.tensors(fit_rows, standardizer), standardizer
+    standardizer = Standardizer.fit(numeric_columns(matrix, inputs.layout.categorical))
+    if stands_alone(declared):
+        fit, valid, test = (
+            _own_arrays(declared, f, inputs, standardizer)
+            for f in (fit_rows, split.valid, split.test)
+        )
+        return fit, valid, test, standardizer
+    whole = build_arrays(declared, job.table.scan().collect(), inputs, standardizer)
+    fit, valid, test = (_period_arrays(whole, f) for f in (fit_rows, split.valid, split.test))
+    return fit, valid, test, standardizer
+
+
+def _own_arrays(
+    declared: InputSpec, frame: pl.DataFrame, inputs: FeatureInputs, standardizer: Standardizer
+) -> TensorData:
+    """A period's inputs from its own rows (a model whose rows stand alone)."""
+    arrays = build_arrays(declared, frame, inputs, standardizer)
+    return TensorData(inputs=arrays.rows, labels=torch.from_numpy(_labels(frame)))
+
+
+def _period_arrays(whole: ModelArrays, frame: pl.DataFrame) -> TensorData:
+    """A period's rows of the inputs built over the whole table, at their positions in it."""
+    taken = whole.take(torch.from_numpy(frame[_ROW].to_numpy().astype(np.int64)))
+    return TensorData(taken.rows, torch.from_numpy(_labels(frame)), shared=taken.shared)
 
 
 def _predictions(
@@ -367,6 +384,7 @@ def _bundle_meta(cfg: RunConfig, table: FeatureSource) -> dict[str, Any]:
         "feature_spec": table.meta.get("feature_spec"),
         "feature_spec_hash": table.meta.get("feature_spec_hash"),
         "train_config": to_dict(cfg.train),
+        "model_config": to_dict(cfg.model),
     }
 
 

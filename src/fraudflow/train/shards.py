@@ -8,7 +8,6 @@ so fitting it never needs the whole table either.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +15,8 @@ import polars as pl
 import torch
 
 from fraudflow.data.schema import IS_FRAUD
-from fraudflow.models import Categorical, Standardizer, neural_inputs
+from fraudflow.inputs import FeatureInputs, build_arrays, stands_alone
+from fraudflow.models import InputSpec, Standardizer
 from fraudflow.train.loop import TensorData
 
 __all__ = ["ShardRows", "fit_standardizer"]
@@ -29,17 +29,16 @@ def _counts(fit: pl.LazyFrame) -> tuple[int, int]:
 
 @dataclass
 class ShardRows:
-    """TrainingRows over lazy per-shard scans, already filtered to the fit period."""
+    """TrainingRows over lazy per-shard scans, already filtered to the fit period: each shard's
+    rows become the inputs ``declared`` names, a kind whose rows stand alone."""
 
     shards: list[pl.LazyFrame]
-    features: list[str]
+    inputs: FeatureInputs
     standardizer: Standardizer
-    # Feature rows -> the model matrix (N, F) (categorical columns as codes); None: the
-    # features as they are, all numeric.
-    to_matrix: Callable[[pl.DataFrame], np.ndarray] | None = None
-    categorical: tuple[Categorical, ...] = ()
+    declared: InputSpec
 
     def __post_init__(self) -> None:
+        assert stands_alone(self.declared), "a row that reads other rows needs the whole table"
         counts = [_counts(s) for s in self.shards]
         self._sizes = [c[0] for c in counts]
         self._positives = sum(c[1] for c in counts)
@@ -57,19 +56,22 @@ class ShardRows:
         return self  # streamed: each shard reaches the device when its segment comes
 
     def segment(self, index: int, device: torch.device) -> TensorData:
-        frame = self.shards[index].select(*self.features, IS_FRAUD).collect()
-        matrix = (
-            self.to_matrix(frame)
-            if self.to_matrix is not None
-            else frame.select(self.features).to_numpy().astype(np.float32)
-        )
-        x = torch.from_numpy(matrix)  # (n, F)
+        frame = self.shards[index].select(*self.inputs.features, IS_FRAUD).collect()
+        arrays = build_arrays(self.declared, frame, self.inputs, self.standardizer)
         y = torch.from_numpy(frame[IS_FRAUD].to_numpy().astype(np.int64))  # (n,)
+        data = TensorData(inputs=arrays.rows, labels=y, shared=arrays.shared)
         if device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        x = x.to(device, non_blocking=True)
-        inputs = neural_inputs(x, self.categorical, self.standardizer)
-        return TensorData(inputs=inputs, labels=y.to(device))
+            data = _pinned(data)
+        return data.to(device)
+
+
+def _pinned(data: TensorData) -> TensorData:
+    """Page-locked host copies, so that the transfer to the device runs asynchronously."""
+    return TensorData(
+        inputs={k: v.pin_memory() for k, v in data.inputs.items()},
+        labels=data.labels.pin_memory(),
+        shared={k: v.pin_memory() for k, v in data.shared.items()},
+    )
 
 
 def fit_standardizer(shards: list[pl.LazyFrame], features: list[str]) -> Standardizer:
