@@ -21,6 +21,7 @@ from fraudflow.errors import ConfigError
 __all__ = [
     "FeatureConfig",
     "GBDTConfig",
+    "GNNConfig",
     "ModelConfig",
     "RunConfig",
     "SimulationConfig",
@@ -203,11 +204,31 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True)
+class GNNConfig:
+    """``--model gnn`` (fraudflow.models.gnn): GraphSAGE over the customer-terminal graph."""
+
+    # Edges sampled per node, most recent first: the card's and the terminal's last
+    # fanout_hop1 transactions, then each of those neighbours' last fanout_hop2.
+    fanout_hop1: int = 8
+    fanout_hop2: int = 4
+    embedding_size: int = 32  # of the card and terminal embeddings
+    hidden_sizes: tuple[int, ...] = (128, 64)  # the head over [features, embeddings]
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.fanout_hop1 >= 1, "fanout_hop1 must be >= 1", self.fanout_hop1)
+        _require(self.fanout_hop2 >= 1, "fanout_hop2 must be >= 1", self.fanout_hop2)
+        _require(self.embedding_size >= 1, "embedding_size must be >= 1", self.embedding_size)
+        _require(0 <= self.dropout < 1, "dropout must be in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Settings of one model each (``[model.transformer]`` in a preset); the MLP's are in
     ``train`` and LightGBM's in ``gbdt``, where they were before this section existed."""
 
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    gnn: GNNConfig = field(default_factory=GNNConfig)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ a frame of feature rows, in arrival order, into the tensors of the model's ``Inp
 shared tables. The trainer, the bundle and any later scorer call this one function, so a new
 kind of input is built in one place.
 
-A vector row stands alone; a sequence row reads the card's earlier rows, so its frame must
-hold them (``stands_alone``): the whole feature table, in the order it was written.
+A vector row stands alone; a sequence row reads the card's earlier rows, and a graph row its
+card's and terminal's earlier rows and their neighbours' (``fraudflow.features.graph``), so
+their frame must hold them (``stands_alone``): the whole feature table, in the order it was
+written.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from fraudflow.data.schema import CUSTOMER_ID, TIMESTAMP
+from fraudflow.data.schema import CUSTOMER_ID, TERMINAL_ID, TIMESTAMP
 from fraudflow.errors import ConfigError
 from fraudflow.features.categories import CategoryCodes, matrix_from_frame
+from fraudflow.features.graph import Fanout, TransactionGraph, slot_gaps
 from fraudflow.features.sequences import card_histories
 from fraudflow.models import (
     Categorical,
     FeatureLayout,
+    GraphInputs,
     InputSpec,
     SequenceInputs,
     Standardizer,
@@ -91,6 +95,8 @@ def build_arrays(
             return ModelArrays(rows=vector, shared={})
         case SequenceInputs(length=length):
             return _sequence_arrays(frame, vector, length)
+        case GraphInputs(hop1=hop1, hop2=hop2):
+            return _graph_arrays(frame, vector, Fanout(hop1=hop1, hop2=hop2))
     raise ConfigError(f"no inputs are built for the kind {declared.kind!r}")
 
 
@@ -108,3 +114,20 @@ def _sequence_arrays(frame: pl.DataFrame, vector: dict[str, Tensor], length: int
         shared["event_codes"] = vector["codes"]  # (N, C)
     rows = {"history": torch.from_numpy(history), "gaps": torch.from_numpy(gaps)}
     return ModelArrays(rows=rows, shared=shared)
+
+
+def _graph_arrays(frame: pl.DataFrame, vector: dict[str, Tensor], fanout: Fanout) -> ModelArrays:
+    missing = [c for c in (CUSTOMER_ID, TERMINAL_ID, TIMESTAMP) if c not in frame.columns]
+    if missing:
+        raise ConfigError(
+            "a graph model reads each card's and terminal's earlier transactions, however the "
+            f"feature rows have no {', '.join(missing)} column"
+        )
+    times_us = frame[TIMESTAMP].dt.epoch("us").to_numpy()  # (N,)
+    graph = TransactionGraph(frame[CUSTOMER_ID].to_numpy(), frame[TERMINAL_ID].to_numpy(), times_us)
+    rows = dict(vector)  # the row's own "x" (and "codes")
+    for name, slots in graph.sample(np.arange(frame.height), fanout).parts().items():
+        rows[name] = torch.from_numpy(slots)  # (N, K1) or (N, K1, K2)
+        rows[f"{name}_gap"] = torch.from_numpy(slot_gaps(slots, times_us, times_us))
+    # The edges' vectors: every row's standardised numeric features (N, F - C).
+    return ModelArrays(rows=rows, shared={"events": vector["x"]})

@@ -26,7 +26,7 @@ def train(
         help="Feature table from `fraudflow features`: a file, or a folder of Parquet shards "
         "(streamed shard by shard).",
     ),
-    model: str = typer.Option(..., "--model", help="mlp, gbdt or transformer."),
+    model: str = typer.Option(..., "--model", help="mlp, gbdt, transformer or gnn."),
     out: Path = typer.Option(
         ..., "--out", help="Run folder to create (or continue with --resume)."
     ),
@@ -51,7 +51,9 @@ def train(
     amp: str = typer.Option(None, "--amp", help="Mixed precision: bf16, fp16 (CUDA) or off [off]."),
     seed: int = typer.Option(None, "--seed", help="Random seed [0]."),
     config: Path = typer.Option(
-        None, "--config", help="TOML preset (sections split, train, gbdt, model.transformer)."
+        None,
+        "--config",
+        help="TOML preset (sections split, train, gbdt, model.transformer, model.gnn).",
     ),
     set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.dropout=0.1."),
     resume: bool = typer.Option(

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.nn import HeteroConv, SAGEConv
 
+from fraudflow.models.interface import GraphInputs
 from fraudflow.models.mlp import MLP
 
 __all__ = ["GNN", "GRAPH_INPUTS"]
@@ -52,12 +53,15 @@ class GNN(nn.Module):
         self,
         *,
         n_features: int,
+        hop1: int,
+        hop2: int,
         embedding_size: int,
         hidden_sizes: tuple[int, ...],
         dropout: float,
         cardinalities: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
+        self.inputs = GraphInputs(hop1=hop1, hop2=hop2)
         d, node_features = embedding_size, n_features + 2
         self.encode = nn.ModuleDict(
             {CARD: nn.Linear(node_features, d), TERMINAL: nn.Linear(node_features, d)}

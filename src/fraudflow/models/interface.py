@@ -15,6 +15,13 @@ batch, that per-row indices point into. The kinds:
   and from the card's previous event to it (0 where padded). Shared: "events" (M, F - C) the
   standardised numeric columns of every event, and with C > 0 "event_codes" (M, C) int64.
   Built point-in-time by ``fraudflow.features.sequences``.
+* ``GraphInputs``: a sampled neighbourhood of the customer-terminal graph, the card's and the
+  terminal's last ``hop1`` transactions and each neighbour's last ``hop2`` (K1, K2), all
+  before the row. Per row: the vector kind's "x" (and "codes"); "card_hop1",
+  "terminal_hop1" (B, K1) and "card_hop2", "terminal_hop2" (B, K1, K2) int64, positions in
+  the shared event table, -1 in an empty slot; each with "<name>_gap" of its shape, float32
+  log1p of the days from the edge to the row (0 where empty). Shared: "events" (M, F - C).
+  Sampled point-in-time by ``fraudflow.features.graph``.
 
 Two kinds of model share one data path and one metrics path:
 
@@ -52,6 +59,7 @@ __all__ = [
     "Categorical",
     "Estimator",
     "FeatureLayout",
+    "GraphInputs",
     "InputSpec",
     "NeuralModel",
     "SequenceInputs",
@@ -112,10 +120,33 @@ class SequenceInputs:
         return {"kind": self.kind, "length": self.length}
 
 
-# A new kind (e.g. a graph neighbourhood) is a frozen dataclass with ``kind`` and ``to_dict``,
+@dataclass(frozen=True)
+class GraphInputs:
+    """A sampled customer-terminal neighbourhood, ``hop1`` then ``hop2`` edges per node (see
+    the module docstring)."""
+
+    hop1: int
+    hop2: int
+    kind: ClassVar[str] = "graph"
+
+    def __post_init__(self) -> None:
+        for name in ("hop1", "hop2"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ArtifactError(f"a graph's {name} fan-out must be >= 1, however got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "hop1": self.hop1, "hop2": self.hop2}
+
+
+# A new kind is a frozen dataclass with ``kind`` and ``to_dict``,
 # added here and to ``_KINDS``; ``fraudflow.inputs`` builds its arrays.
-InputSpec = VectorInputs | SequenceInputs
-_KINDS: dict[str, type[InputSpec]] = {"vector": VectorInputs, "sequence": SequenceInputs}
+InputSpec = VectorInputs | SequenceInputs | GraphInputs
+_KINDS: dict[str, type[InputSpec]] = {
+    "vector": VectorInputs,
+    "sequence": SequenceInputs,
+    "graph": GraphInputs,
+}
 
 
 def input_spec_from_dict(raw: dict[str, Any]) -> InputSpec:

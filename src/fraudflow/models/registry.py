@@ -2,7 +2,7 @@
 
 A model gets the layout of the model matrix and the run's config, and takes its settings from
 its own section (the MLP: ``train``, LightGBM: ``gbdt``, the transformer:
-``model.transformer``). What it consumes it declares itself (``inputs``).
+``model.transformer``, the GNN: ``model.gnn``). What it consumes it declares itself (``inputs``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from fraudflow.models.sequence import SequenceTransformer
 
 __all__ = ["MODEL_NAMES", "NEURAL_MODELS", "build_model"]
 
-NEURAL_MODELS = ("mlp", "transformer")
-MODEL_NAMES = ("mlp", "gbdt", "transformer")
+NEURAL_MODELS = ("mlp", "transformer", "gnn")
+MODEL_NAMES = ("mlp", "gbdt", "transformer", "gnn")
 
 
 def build_model(name: str, *, layout: FeatureLayout, cfg: RunConfig) -> NeuralModel | Estimator:
@@ -38,6 +38,8 @@ def build_model(name: str, *, layout: FeatureLayout, cfg: RunConfig) -> NeuralMo
             length=t.sequence_length, d_model=t.d_model, n_layers=t.n_layers,
             n_heads=t.n_heads, feedforward_dim=t.feedforward_dim, dropout=t.dropout,
         )  # fmt: skip
+    if name == "gnn":
+        return _gnn(layout, cfg)
     if name == "gbdt":
         gbdt = cfg.gbdt
         return GBDT(
@@ -53,3 +55,16 @@ def build_model(name: str, *, layout: FeatureLayout, cfg: RunConfig) -> NeuralMo
             categorical_features=tuple(c.position for c in layout.categorical),
         )
     raise ConfigError(f"--model must be one of {', '.join(MODEL_NAMES)}, however got {name!r}")
+
+
+def _gnn(layout: FeatureLayout, cfg: RunConfig) -> NeuralModel:
+    # Imported here: PyTorch Geometric takes seconds to import, which every command and the
+    # service would otherwise pay at start-up without ever building a GNN.
+    from fraudflow.models.gnn import GNN
+
+    g = cfg.model.gnn
+    return GNN(
+        n_features=layout.n_numeric, cardinalities=layout.cardinalities, hop1=g.fanout_hop1,
+        hop2=g.fanout_hop2, embedding_size=g.embedding_size, hidden_sizes=g.hidden_sizes,
+        dropout=g.dropout,
+    )  # fmt: skip
