@@ -259,8 +259,8 @@ def redis_footprint(nodes: list[Any]) -> dict[str, Any]:
     """Bytes per retained event (per entity key) and per remembered decision, summed over the
     (master) ``nodes``: MEMORY USAGE of each key by kind, and INFO's used_memory beyond
     used_memory_startup."""
-    kinds = {"customer": b"{c:", "terminal": b"{m:", "record": b"{t:"}
-    usage = dict.fromkeys(["customer", "terminal", "fraud", "record", "decision"], 0)
+    kinds = {"customer": b"{c:", "terminal": b"{m:", "record": b"{t:", "vocabulary": b"{v:"}
+    usage = dict.fromkeys(["customer", "terminal", "fraud", "record", "decision", "vocabulary"], 0)
     counts = dict.fromkeys(usage, 0)
     used = 0
     for node in nodes:
@@ -287,6 +287,9 @@ def redis_footprint(nodes: list[Any]) -> dict[str, Any]:
     out["bytes_per_record"] = round(usage["record"] / max(counts["record"], 1), 1)
     out["decisions"] = counts["decision"]
     out["bytes_per_decision"] = round(usage["decision"] / max(counts["decision"], 1), 1)
+    # What the replay records of one model share (fraudflow.serve.replay_record), once.
+    out["vocabularies"] = counts["vocabulary"]
+    out["vocabulary_bytes"] = usage["vocabulary"]
     out["fraud_set_bytes"] = usage["fraud"]
     out["used_memory_per_transaction"] = round(used / max(counts["record"], 1), 1)
     return out

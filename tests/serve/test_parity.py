@@ -18,12 +18,14 @@ import httpx
 import numpy as np
 import polars as pl
 import pytest
+import redis
 
 from fraudflow.config import FeatureConfig, SimulationConfig
 from fraudflow.data.schema import IS_FRAUD, TIMESTAMP, TRANSACTION_ID
 from fraudflow.features import build_features, feature_names
 from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import read_decisions
+from fraudflow.serve.replay_record import COMPACT
 from tests.helpers.service import AUTH, LiveServer, settings_for, simulate_and_train, wait_ready
 from tests.serve.test_state import needs_redis, redis_url  # noqa: F401 (a fixture)
 
@@ -147,3 +149,6 @@ def test_redis_replicas_share_idempotency(
     assert answers[0].content == answers[1].content
     assert read_decisions(tmp_path / "a" / "audit.db").height == 1
     assert read_decisions(tmp_path / "b" / "audit.db").height == 0  # b only replayed a's answer
+    with redis.Redis.from_url(redis_url) as client:
+        stored = client.get("fraudflow:{t:replica-1}r")
+    assert stored is not None and stored[0] & COMPACT  # the small form, rebuilt exactly

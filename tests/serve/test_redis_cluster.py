@@ -146,17 +146,25 @@ def test_a_label_reaches_both_entities_on_other_masters(cluster: RedisCluster) -
         assert store.read(probe, windows).frauds.tolist() == [[0], [0]]
 
 
-def test_the_ledger_keeps_a_small_compressed_response(cluster: RedisCluster) -> None:
+def test_the_ledger_keeps_a_small_response_and_its_vocabulary_on_the_cluster(
+    cluster: RedisCluster,
+) -> None:
     from fraudflow.serve.audit import DecisionRecord
 
-    ledger = RedisLedger(cluster.url, ttl_seconds=3_600, prefix=_prefix())
-    body = (b'{"transaction_id":"tx-1","score":0.0123,"decision":"approve","reasons":[],'
-            b'"model_version":"gbdt-20260301"}')  # fmt: skip
-    record = DecisionRecord("tx-1", 0, "c", "t", 1.0, 0.0123, 0.0123, "approve", "gbdt-1", 0,
-                            b"", body, ())  # fmt: skip
-    ledger.put([record])
-    assert ledger.get("tx-1") == body and ledger.get("tx-2") is None
+    prefix = _prefix()
+    ledger = RedisLedger(cluster.url, ttl_seconds=3_600, prefix=prefix)
+    bodies = []
+    for i, version in enumerate(["gbdt-20260301", "gbdt-1"]):  # compact; kept whole
+        body = (b'{"transaction_id":"tx-%d","score":0.0123,"decision":"approve","reasons":[],'
+                b'"model_version":"gbdt-20260301"}' % i)  # fmt: skip
+        record = DecisionRecord(f"tx-{i}", 0, "c", "t", 1.0, 0.0123, 0.0123, "approve",
+                                version, 0, b"", body, ())  # fmt: skip
+        ledger.put([record])
+        bodies.append(body)
     ledger.close()
+    again = RedisLedger(cluster.url, ttl_seconds=3_600, prefix=prefix)
+    assert [again.get("tx-0"), again.get("tx-1"), again.get("tx-2")] == [*bodies, None]
+    again.close()
 
 
 @pytest.fixture(scope="module")

@@ -26,23 +26,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
-import zlib
 from collections.abc import Sequence
 from typing import Protocol
 
 from fraudflow.serve.audit import AuditLog, DecisionRecord
 from fraudflow.serve.redis_shards import Command, Shards, redis_client
+from fraudflow.serve.replay_record import COMPACT, Vocabulary, pack_response, unpack_response
 
 __all__ = [
     "AuditLedger",
     "DecisionLedger",
     "PendingDecisions",
     "RedisLedger",
-    "pack_response",
     "resolve_duplicate",
-    "unpack_response",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class DecisionLedger(Protocol):
@@ -63,12 +64,14 @@ class AuditLedger:
 
 class RedisLedger:
     """Responses in Redis or a Redis Cluster, shared by replicas: ``<prefix>{t:<id>}r``, in the
-    slot of the transaction's state record (``fraudflow.serve.state``), compressed
-    (``pack_response``).
+    slot of the transaction's state record (``fraudflow.serve.state``), packed small
+    (``fraudflow.serve.replay_record``: the numbers of the response in binary; what every
+    response of a model shares, once per model in ``<prefix>{v:<reference>}``).
 
     Written with SET NX (the first answer stays) and kept ``ttl_seconds``, the idempotency
     window; a repeat after it finds the state's record (while the state keeps it) but no
-    response, and is decided again from the state (``resolve_duplicate``).
+    response, and is decided again from the state (``resolve_duplicate``). A vocabulary is
+    kept a day longer than the last record written with it.
     """
 
     def __init__(self, url: str, *, ttl_seconds: int, prefix: str = "fraudflow:") -> None:
@@ -76,58 +79,77 @@ class RedisLedger:
         self._shards = Shards(self._client)
         self._prefix = prefix
         self._ttl = ttl_seconds
+        self._read: dict[bytes, Vocabulary] = {}  # by reference: those met reading
+        # By model: this process's vocabularies; None where another vocabulary holds the
+        # reference (its responses are stored whole then).
+        self._written: dict[tuple[str, tuple[str, ...]], Vocabulary | None] = {}
 
     def key(self, transaction_id: str) -> str:
         return f"{self._prefix}{{t:{transaction_id}}}r"
 
+    def vocabulary_key(self, ref: bytes) -> str:
+        return f"{self._prefix}{{v:{ref.hex()}}}"
+
     def get(self, transaction_id: str) -> bytes | None:
         found = self._client.get(self.key(transaction_id))
-        return None if found is None else unpack_response(bytes(found))  # type: ignore[arg-type]
+        if found is None:
+            return None
+        body = unpack_response(transaction_id, bytes(found), self._vocabulary)  # type: ignore[arg-type]
+        if body is None:
+            log.error("the replay record of %r names a vocabulary Redis no longer holds",
+                      transaction_id)  # fmt: skip
+        return body
 
     def put(self, records: Sequence[DecisionRecord]) -> None:
         """Record the responses; the audit writer calls it after each commit (one round trip
         per node)."""
         calls: list[Command] = []
+        used: dict[bytes, Vocabulary] = {}
         for r in records:
+            vocabulary = self._vocabulary_of(r.model_version, r.feature_names)
+            packed = pack_response(r.transaction_id, r.response, vocabulary)
+            if vocabulary is not None and packed[0] & COMPACT:
+                used[vocabulary.ref] = vocabulary
             key = self.key(r.transaction_id)
-            calls.append((key, ("SET", key, pack_response(r.response), "NX", "EX", self._ttl)))
+            calls.append((key, ("SET", key, packed, "NX", "EX", self._ttl)))
+        for ref, vocabulary in used.items():  # outlives the records just written
+            key = self.vocabulary_key(ref)
+            calls.append((key, ("SET", key, vocabulary.content, "EX", self._ttl + _DAY)))
         self._shards.run(calls)
 
     def close(self) -> None:
         self._client.close()
 
+    def _vocabulary(self, ref: bytes) -> Vocabulary | None:
+        found = self._read.get(ref)
+        if found is None:
+            content = self._client.get(self.vocabulary_key(ref))
+            if content is None:
+                return None
+            found = Vocabulary.parse(bytes(content))  # type: ignore[arg-type]
+            if found.ref != ref:
+                raise ValueError(f"vocabulary {ref.hex()} in Redis holds another one")
+            self._read[ref] = found
+        return found
 
-# What responses are made of (DecisionOut's keys and usual values), as a preset dictionary:
-# a response then compresses to its numbers and names. Changing it needs a new format byte.
-_RESPONSE_WORDS = (
-    b'"model_version":"","kind":"rule","kind":"threshold","detail":"score above the review '
-    b'threshold","decision":"review","decision":"block","reasons":[],'
-    b'terminal__fraud_rate__1d","terminal__fraud_rate__7d","terminal__fraud_rate__30d",'
-    b'"customer__small_count__1d","customer__mean_amount__1h","customer__count__1h",'
-    b'"customer__count__7d","customer__mean_amount__7d","customer__count__1d",'
-    b'"customer__hours_since_prev","customer__amount_ratio__30d","tx__log_amount","tx__hour",'
-    b' lowered the fraud log-odds by 0.","value":1.0,"contribution":-0.'
-    b'},{"kind":"feature","name":"customer__mean_amount__1d","detail":"customer__mean_amount__'
-    b' raised the fraud log-odds by 1.","value":3.0,"contribution":1.'
-    b'},{"kind":"feature","name":"customer__count__30d","detail":"customer__count__30d = '
-    b'"decision":"approve","reasons":[{"kind":"feature","name":"customer__mean_amount__30d",'
-    b'"detail":"customer__mean_amount__30d = '
-    b'{"transaction_id":"","score":0.00'
-)
-_FORMAT = b"\x02"  # raw DEFLATE with _RESPONSE_WORDS
+    def _vocabulary_of(self, model_version: str, names: Sequence[str]) -> Vocabulary | None:
+        """This model's vocabulary, stored in Redis the first time (SET NX; None if another
+        one holds its reference: a hash collision)."""
+        model = (model_version, tuple(names))
+        if model in self._written:
+            return self._written[model]
+        vocabulary = Vocabulary(*model)
+        key = self.vocabulary_key(vocabulary.ref)
+        self._client.set(key, vocabulary.content, nx=True, ex=self._ttl + _DAY)
+        kept = vocabulary if self._client.get(key) == vocabulary.content else None
+        if kept is None:
+            log.warning("vocabulary %s of model %r: the reference is taken; its responses are "
+                        "kept whole", key, model_version)  # fmt: skip
+        self._written[model] = kept
+        return kept
 
 
-def pack_response(body: bytes) -> bytes:
-    """A response body, compressed for Redis."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zdict=_RESPONSE_WORDS)
-    return _FORMAT + packer.compress(body) + packer.flush()
-
-
-def unpack_response(packed: bytes) -> bytes:
-    if packed[:1] != _FORMAT:  # written by another version: not a response this one reads
-        raise ValueError(f"unknown response format {packed[:1]!r} in Redis")
-    unpacker = zlib.decompressobj(-15, zdict=_RESPONSE_WORDS)
-    return unpacker.decompress(packed[1:]) + unpacker.flush()
+_DAY = 86_400
 
 
 class PendingDecisions:

@@ -38,6 +38,7 @@ __all__ = [
     "ACTIONS",
     "AMOUNT_FEATURE",
     "DEFAULT_POLICY",
+    "FEATURE_DETAIL",
     "Action",
     "Condition",
     "Decision",
@@ -57,6 +58,10 @@ __all__ = [
 Action = Literal["approve", "review", "block"]
 ReasonKind = Literal["threshold", "rule", "feature"]
 ACTIONS: tuple[Action, ...] = ("approve", "review", "block")  # in order of severity
+# A feature reason's detail after its name, %-formatted with the feature's value, "raised" or
+# "lowered" and the absolute contribution; replay records store it with the feature names
+# (fraudflow.serve.replay_record), so rewording it leaves earlier answers as they were sent.
+FEATURE_DETAIL = " = %g %s the fraud log-odds by %.3f"
 _SEVERITY = {action: rank for rank, action in enumerate(ACTIONS)}
 AMOUNT_FEATURE = "amount"  # a rule on the raw amount, not on a model feature
 _VERSION = 1

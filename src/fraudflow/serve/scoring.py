@@ -55,6 +55,7 @@ from fraudflow.models import neural_inputs
 from fraudflow.serve.policy import (
     AMOUNT_FEATURE,
     DEFAULT_POLICY,
+    FEATURE_DETAIL,
     Action,
     Policy,
     check_rule_features,
@@ -529,7 +530,7 @@ def _feature_details(names: tuple[str, ...]) -> list[str]:
     """Per feature, the %-template of its reason's detail: value, "raised" / "lowered", and
     the absolute contribution, e.g. "customer__count__1h = 7 raised the fraud log-odds by
     1.234". %-formatting a prepared template costs less than an f-string per reason."""
-    return [name.replace("%", "%%") + " = %g %s the fraud log-odds by %.3f" for name in names]
+    return [name.replace("%", "%%") + FEATURE_DETAIL for name in names]
 
 
 # --- loading ------------------------------------------------------------------------------
