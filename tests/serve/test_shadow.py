@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,15 @@ from fraudflow.errors import ConfigError
 from fraudflow.features.default_spec import default_spec
 from fraudflow.features.spec import parse_spec
 from fraudflow.serve.app import create_app
-from fraudflow.serve.audit import read_decisions
+from fraudflow.serve.audit import read_decisions, read_shadow_verdicts
 from fraudflow.serve.settings import load_settings, parse_splits
-from fraudflow.serve.shadow import Lineup, ShadowPredict, feature_problem, split_buckets
+from fraudflow.serve.shadow import (
+    Lineup,
+    ShadowPredict,
+    bundle_predict,
+    feature_problem,
+    split_buckets,
+)
 from tests.helpers.service import (
     ADMIN,
     AUTH,
@@ -59,11 +67,33 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def _serve(settings: Any) -> Iterator[tuple[FastAPI, httpx.Client]]:
+def _serve(settings: Any, **lineup: Any) -> Iterator[tuple[FastAPI, httpx.Client]]:
+    """The real app on loopback; ``lineup``: fields of the served ``Lineup`` to replace
+    (its challengers' predict functions by position: ``predicts``), before any request."""
     app = create_app(settings)
     with LiveServer(app) as live, live.client(headers=AUTH) as client:
         wait_ready(client, timeout=120)  # three models to load, on a busy machine
+        if lineup:
+            service = app.state.service
+            service.lineup = _replaced(service.lineup, **lineup)
         yield app, client
+
+
+def _replaced(
+    lineup: Lineup, *, predicts: Sequence[ShadowPredict | None] = (), **fields: Any
+) -> Lineup:
+    """``lineup`` with new fields and challengers' predict functions (None: kept); its lanes
+    are new (``Lineup.__post_init__``), the old ones closed."""
+    challengers = tuple(
+        c if p is None else dataclasses.replace(c, predict=p)
+        for c, p in itertools.zip_longest(lineup.challengers, predicts[: len(lineup.challengers)])
+    )
+    lineup.close()
+    return dataclasses.replace(lineup, challengers=challengers, **fields)
+
+
+def _reload(client: httpx.Client, **body: Any) -> httpx.Response:
+    return client.post("/v1/admin/reload", json=body, headers=ADMIN, timeout=RELOAD_SECONDS)
 
 
 def _transactions(n: int, cards: int = 20) -> list[dict[str, Any]]:
@@ -84,43 +114,65 @@ def _offline(run: Path, audit: pl.DataFrame) -> np.ndarray:
     return bundle.predict_calibrated(x)
 
 
+def _metrics_when(client: httpx.Client, done: Callable[[str], bool], timeout: float = 60) -> str:
+    """The metrics text once ``done`` holds of it: shadow verdicts are counted when scored,
+    after the answers."""
+    deadline = time.monotonic() + timeout
+    while not done(text := client.get("/metrics").text):
+        assert time.monotonic() < deadline, "the shadow verdicts were never all counted"
+        time.sleep(0.05)
+    return text
+
+
+def _scored(text: str, version: str) -> float:
+    return metric_value(text, "fraudflow_shadow_score_count", model_version=version)
+
+
+def _errors(text: str, version: str, kind: str) -> float:
+    return metric_value(text, "fraudflow_shadow_errors_total", model_version=version, kind=kind)
+
+
 def test_challengers_score_what_their_bundles_score_offline(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
     shadow = f"{runs['mlp']},{runs['copy']}"
-    settings = settings_for(
-        runs["champion"], tmp_path / "data", shadow=shadow, shadow_budget_seconds=5.0
-    )
     bodies = []
-    with _serve(settings) as (_, client):
+    with _serve(settings_for(runs["champion"], tmp_path / "data", shadow=shadow)) as (app, client):
+        versions = [c.model_version for c in app.state.service.lineup.challengers]
         for tx in _transactions(40):
             response = client.post("/v1/decisions", json=tx)
             assert response.status_code == 200, response.text
             bodies.append(response.json())
-        text = client.get("/metrics").text
-    audit = read_decisions(tmp_path / "data" / "audit.db")
+        text = _metrics_when(client, lambda t: all(_scored(t, v) == 40 for v in versions))
+    path = tmp_path / "data" / "audit.db"
+    audit = read_decisions(path)
     entries = _shadow(audit)
     champion = bodies[0]["model_version"]
     assert {b["model_version"] for b in bodies} == {champion}  # only the champion decides
     assert [e["decided_by"] for e in entries] == [champion] * 40
     assert [e["champion"]["score"] for e in entries] == [b["score"] for b in bodies]
+    # Recorded apart from the decisions, in later commits of the same log, joined on reading.
+    assert len(read_shadow_verdicts(path)) == 80
     for k, run in enumerate((runs["mlp"], runs["copy"])):
         verdicts = [e["challengers"][k] for e in entries]
         assert {v["status"] for v in verdicts} == {"ok"}
+        assert {v["model_version"] for v in verdicts} == {versions[k]}
         scores = np.array([v["score"] for v in verdicts])
         np.testing.assert_allclose(scores, _offline(run, audit), rtol=1e-6, atol=1e-9)
         # Its own (default) policy on its own score.
         expected = np.where(scores >= 0.9, "block", np.where(scores >= 0.5, "review", "approve"))
         assert [v["decision"] for v in verdicts] == expected.tolist()
-        version = verdicts[0]["model_version"]
         agree = sum(v["decision"] == b["decision"] for v, b in zip(verdicts, bodies, strict=True))
-        counted = metric_value(text, "fraudflow_shadow_decisions_total", model_version=version,
-                               agreement="agree")  # fmt: skip
+        counted = metric_value(text, "fraudflow_shadow_decisions_total",
+                               model_version=versions[k], agreement="agree")  # fmt: skip
         assert counted == agree
-        assert metric_value(text, "fraudflow_shadow_score_count", model_version=version) == 40
     # The copy is the champion's model under another version: it agrees on everything.
     copy = [e["challengers"][1] for e in entries]
     assert [c["decision"] for c in copy] == [b["decision"] for b in bodies]
+
+
+def load_challenger_predict(run: Path) -> ShadowPredict:
+    return bundle_predict(load_bundle(run, completed=True))
 
 
 def _raising(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,56 +187,76 @@ def _hanging(release: threading.Event, inner: ShadowPredict) -> ShadowPredict:
     return predict
 
 
-def _faulty_lineup(lineup: Lineup, release: threading.Event) -> Lineup:
-    """The lineup with its first challenger raising and its second hanging until ``release``."""
-    first, second = lineup.challengers
-    return Lineup(
-        lineup.champion,
-        (
-            dataclasses.replace(first, predict=_raising),
-            dataclasses.replace(second, predict=_hanging(release, second.predict)),
-        ),
-        budget_seconds=0.05,
-        salt=lineup.salt,
-    )
-
-
-def test_a_raising_or_hung_challenger_leaves_every_answer_intact(
+def test_a_raising_or_hung_challenger_leaves_every_answer_intact_and_prompt(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
     txs = _transactions(12)
-    alone = []
     with _serve(settings_for(runs["champion"], tmp_path / "alone")) as (_, client):
         alone = [client.post("/v1/decisions", json=tx).content for tx in txs]
     shadow = f"{runs['mlp']},{runs['copy']}"
-    release = threading.Event()
     settings = settings_for(runs["champion"], tmp_path / "data", shadow=shadow)
+    release = threading.Event()
+    hung = _hanging(release, load_challenger_predict(runs["copy"]))
+    # A budget far beyond the test: an answer that waited for a challenger would show it. A
+    # lane of 4 queued rows, never counted as stuck: what the hung one takes is deterministic.
+    lineup = {"predicts": [_raising, hung], "budget_seconds": 120.0, "max_queued_rows": 4,
+              "max_lag_seconds": 600.0}  # fmt: skip
+    answers, seconds = [], []
     try:
-        with _serve(settings) as (app, client):
-            service = app.state.service
-            service.lineup = _faulty_lineup(service.lineup, release)
-            answers = [client.post("/v1/decisions", json=tx) for tx in txs]
-            text = client.get("/metrics").text
+        with _serve(settings, **lineup) as (app, client):
+            versions = [c.model_version for c in app.state.service.lineup.challengers]
+            for tx in txs:
+                started = time.monotonic()
+                answers.append(client.post("/v1/decisions", json=tx))
+                seconds.append(time.monotonic() - started)
+            assert not release.is_set()  # every answer came back while the model hung
+            release.set()
+            text = _metrics_when(
+                client, lambda t: _scored(t, versions[1]) + _errors(t, versions[1], "busy") == 12
+            )
     finally:
         release.set()
+    assert max(seconds) < 30  # far below the budget: nobody waited for the challengers
     assert [a.status_code for a in answers] == [200] * len(txs)
     assert [a.content for a in answers] == alone  # byte for byte what the champion alone says
-    entries = _shadow(read_decisions(tmp_path / "data" / "audit.db"))
+    audit = read_decisions(tmp_path / "data" / "audit.db")
+    entries = _shadow(audit)
     assert [e["challengers"][0]["status"] for e in entries] == ["error"] * len(txs)
-    hung = [e["challengers"][1]["status"] for e in entries]
-    # Late twice (the group it hangs on, and the one queued behind it), then not asked.
-    assert hung == ["timed_out", "timed_out"] + ["busy"] * (len(txs) - 2)
-    version = entries[0]["challengers"][0]["model_version"]
-    errors = metric_value(
-        text, "fraudflow_shadow_errors_total", model_version=version, kind="error"
+    assert _errors(text, versions[0], "error") == len(txs)
+    # The hung model's lane took the first group (or the first few, if it woke late), queued
+    # 4 rows behind it, and recorded the rest as busy; once released it scored what it held.
+    statuses = [e["challengers"][1]["status"] for e in entries]
+    scored = statuses.count("ok")
+    assert 5 <= scored < len(txs)
+    assert statuses == ["ok"] * scored + ["busy"] * (len(txs) - scored)
+    assert _errors(text, versions[1], "busy") == len(txs) - scored
+    scores = [e["challengers"][1]["score"] for e in entries[:scored]]
+    np.testing.assert_allclose(scores, _offline(runs["copy"], audit[:scored]), rtol=1e-6)
+
+
+def test_a_graceful_stop_records_every_queued_verdict_scored_in_batches(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    calls: list[int] = []
+    inner = load_challenger_predict(runs["copy"])
+
+    def slow(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(x))
+        time.sleep(0.2)
+        return inner(x)
+
+    settings = settings_for(runs["champion"], tmp_path / "data", shadow=str(runs["copy"]))
+    with _serve(settings, predicts=[slow]) as (_, client):
+        for tx in _transactions(20):
+            assert client.post("/v1/decisions", json=tx).status_code == 200
+        # Stopped at once: most verdicts are still queued.
+    audit = read_decisions(tmp_path / "data" / "audit.db")
+    verdicts = [e["challengers"][0] for e in _shadow(audit)]
+    assert [v["status"] for v in verdicts] == ["ok"] * 20  # none lost, none missing
+    np.testing.assert_allclose(
+        [v["score"] for v in verdicts], _offline(runs["copy"], audit), rtol=1e-6
     )
-    assert errors == len(txs)
-    other = entries[0]["challengers"][1]["model_version"]
-    late = [
-        metric_value(text, "fraudflow_shadow_errors_total", model_version=other, kind=kind)
-        for kind in ("timed_out", "busy")
-    ]
-    assert late == [2, len(txs) - 2]
+    assert sum(calls) == 20 and len(calls) < 20  # what queued meanwhile, scored as one batch
 
 
 def test_split_is_stable_per_card_and_holds_its_share() -> None:
@@ -205,17 +277,22 @@ def test_split_is_stable_per_card_and_holds_its_share() -> None:
     assert orjson.loads(out.stdout) == buckets[:1000].tolist()
 
 
+@pytest.mark.parametrize("via", ["serve", "reload"])
 def test_split_hands_a_stable_share_of_cards_to_the_challenger(
-    runs: dict[str, Path], tmp_path: Path
+    runs: dict[str, Path], tmp_path: Path, via: str
 ) -> None:
     # A budget no loaded test machine misses: a late split challenger leaves its cards to the
-    # champion (tested with the faulty challengers above).
-    split = f"{runs['copy']}=50%"
-    settings = settings_for(
-        runs["champion"], tmp_path / "data", split=split, shadow_budget_seconds=5.0
-    )
+    # champion.
+    split = {"split": f"{runs['copy']}=50%"} if via == "serve" else {}
+    settings = settings_for(runs["champion"], tmp_path / "data", shadow_budget_seconds=5.0, **split)
     bodies = []
     with _serve(settings) as (_, client):
+        if via == "reload":  # the same share, set by a reload
+            reload = _reload(client, split={str(runs["copy"]): "50%"})
+            assert reload.status_code == 200, reload.text
+            assert [(c["run"], c["split"]) for c in reload.json()["shadow"]] == [
+                (str(runs["copy"].resolve()), 0.5)
+            ]
         for tx in _transactions(80, cards=16):
             bodies.append(client.post("/v1/decisions", json=tx).json())
     audit = read_decisions(tmp_path / "data" / "audit.db")
@@ -240,42 +317,34 @@ def test_split_hands_a_stable_share_of_cards_to_the_challenger(
 
 def test_reload_names_challengers_and_promotes_one(runs: dict[str, Path], tmp_path: Path) -> None:
     with _serve(settings_for(runs["champion"], tmp_path / "data")) as (_, client):
-        reload = client.post(
-            "/v1/admin/reload",
-            json={"shadow": [str(runs["mlp"])]},
-            headers=ADMIN,
-            timeout=RELOAD_SECONDS,
-        )
+        reload = _reload(client, shadow=[str(runs["mlp"])])
         assert reload.status_code == 200, reload.text
         (challenger,) = reload.json()["shadow"]
         assert challenger["run"] == str(runs["mlp"]) and challenger["split"] is None
         client.post("/v1/decisions", json=transaction(1))
-        promote = {"run": str(runs["mlp"]), "shadow": [str(runs["champion"])]}
-        promoted = client.post(
-            "/v1/admin/reload", json=promote, headers=ADMIN, timeout=RELOAD_SECONDS
-        ).json()
+        promoted = _reload(client, run=str(runs["mlp"]), shadow=[str(runs["champion"])]).json()
         assert promoted["model_version"] == challenger["model_version"]
         assert promoted["shadow"][0]["model_version"] == reload.json()["model_version"]
         body = client.post("/v1/decisions", json=transaction(2)).json()
         assert body["model_version"] == challenger["model_version"]
-        refused = client.post(
-            "/v1/admin/reload",
-            json={"shadow": [str(tmp_path / "nope")]},
-            headers=ADMIN,
-            timeout=RELOAD_SECONDS,
-        )
+        refused = _reload(client, shadow=[str(tmp_path / "nope")])
         assert refused.status_code == 400
         assert refused.json() == {"detail": "run refused: the run folder does not exist"}
-        kept = client.post(
-            "/v1/admin/reload",
-            json={"run": str(runs["mlp"])},
-            headers=ADMIN,
-            timeout=RELOAD_SECONDS,
-        )
+        kept = _reload(client, run=str(runs["mlp"]))
         assert [c["run"] for c in kept.json()["shadow"]] == [str(runs["champion"])]
+        # A split is refused as --split refuses it, and nothing changes.
+        bad = _reload(client, split={str(runs["champion"]): "5"})
+        assert bad.status_code == 422
+        (issue,) = bad.json()["detail"]
+        assert issue["loc"] == ["body", "split"]
+        assert issue["msg"] == (
+            "Value error, must be RUN=<percent>% with 0 < percent <= 100, however got "
+            f"'{runs['champion']}=5'"
+        )
     entries = _shadow(read_decisions(tmp_path / "data" / "audit.db"))
     versions = [[c["model_version"] for c in e["challengers"]] for e in entries]
     assert versions == [[challenger["model_version"]], [reload.json()["model_version"]]]
+    assert [e["challengers"][0]["status"] for e in entries] == ["ok", "ok"]
 
 
 def test_challenger_features_must_be_computed_by_the_champion() -> None:

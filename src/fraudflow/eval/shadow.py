@@ -160,6 +160,11 @@ def render_shadow_html(report: dict[str, Any], *, title: str = "Champion and cha
         parts.append("<p>No challenger scored any of them.</p>")
     for pair in report["pairs"]:
         parts += _pair_html(pair)
+    # Per challenger, the labelled decisions it did not score, by status (missing: its verdict
+    # was never recorded); present when fraudflow.serve builds the report.
+    for version, counts in report.get("unscored", {}).items():
+        listed = ", ".join(f"{escape(status)} {n:,}" for status, n in counts.items()) or "none"
+        parts.append(f"<p>Not scored by {escape(version)}: {listed}.</p>")
     return "".join([*parts, "</body></html>"])
 
 

@@ -44,6 +44,11 @@ Tables (schema 3; ``labels`` keeps every report, the latest wins when read):
                      first decision is
     feature_sets     model_version, features (JSON list of names)
     labels           seq, transaction_id, is_fraud, reported_at_us, received_at_us, applied
+    shadow_groups    seq, verdicts (how many), fields (JSON object: per field of
+                     ``ShadowRecord``, the list of its values): the verdicts of challengers
+                     scored off the answer path, committed in a later group than their
+                     decisions (``fraudflow.serve.shadow``); added within schema 3, so older
+                     shards lack the table and read as holding none
 
 One row per group commit, in columns, and a narrow key per decision: a row per decision (schema
 2) cost SQLite a record of 12 values and its B-tree cell each, much more CPU than a group
@@ -66,6 +71,14 @@ and its Parquet files once it is gone; the SQLite file is dropped only after bot
 files are durable (temporary file, fsync, rename, the decisions file last), so a crash at any
 step leaves each decision readable exactly once, and the next pass finishes the job. A
 duplicate of an id that its shard did not key (see above) is not carried: no reader sees it.
+
+Shadow verdicts. A decision records, in its ``shadow`` object, each challenger scored off the
+answer path as ``pending``; its verdict arrives later as a ``ShadowRecord`` (keyed by
+transaction_id and model_version; the first one of a key counts), possibly in another shard
+(the writer may have moved on meanwhile). Readers (``read_decisions``, hence the export, the
+shadow report) join the two over all shards: the object they return holds the verdict, as if
+it had been recorded with the decision, or ``missing`` where none was recorded (the process
+died between the answer and the shadow commit).
 """
 
 from __future__ import annotations
@@ -103,6 +116,7 @@ from fraudflow.serve.compaction import (
     CompactedShard,
     compacted_paths,
     open_compacted,
+    shadow_path,
     write_compacted,
 )
 from fraudflow.serve.sqlite import (
@@ -119,10 +133,14 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "MISSING",
+    "PENDING",
+    "SHADOW_FIELDS",
     "AfterCommit",
     "AuditLog",
     "DecisionRecord",
     "LabelRecord",
+    "ShadowRecord",
     "Shard",
     "compact_audit",
     "export_audit",
@@ -132,6 +150,7 @@ __all__ = [
     "pack_features",
     "read_decisions",
     "read_labels",
+    "read_shadow_verdicts",
     "shard_files",
 ]
 
@@ -166,6 +185,11 @@ CREATE TABLE IF NOT EXISTS labels (
     applied        INTEGER NOT NULL        -- 1 if the feature state held the transaction
 );
 CREATE INDEX IF NOT EXISTS labels_by_transaction ON labels (transaction_id);
+CREATE TABLE IF NOT EXISTS shadow_groups (
+    seq            INTEGER PRIMARY KEY,    -- commit order
+    verdicts       INTEGER NOT NULL,
+    fields         BLOB NOT NULL           -- JSON: {field: [value per verdict]}, SHADOW_FIELDS
+);
 """
 # DecisionRecord's leading fields, stored per group as JSON lists; their times (epoch
 # microseconds, UTC): t_us the transaction's, decided_at_us the decision's. ``score`` is what
@@ -237,7 +261,26 @@ class LabelRecord:
         return (self.transaction_id, *flags)
 
 
-Record = DecisionRecord | LabelRecord
+class ShadowRecord(NamedTuple):
+    """A challenger's verdict on a decision, recorded after it (``fraudflow.serve.shadow``):
+    ``status`` ok (then ``score``, ``raw_score``, ``decision``), error, timed_out or busy."""
+
+    transaction_id: str
+    model_version: str
+    status: str
+    score: float | None
+    raw_score: float | None
+    decision: str | None
+    scored_at_us: int
+
+
+SHADOW_FIELDS = ShadowRecord._fields
+# A challenger's status in a decision's ``shadow`` object while its verdict is to come in a
+# ``ShadowRecord``; readers show ``MISSING`` where none came.
+PENDING = "pending"
+MISSING = "missing"
+
+Record = DecisionRecord | LabelRecord | ShadowRecord
 AfterCommit = Callable[[Sequence[DecisionRecord]], None]
 
 
@@ -392,7 +435,8 @@ class AuditLog:
             return future
         decisions = [r for r in records if isinstance(r, DecisionRecord)]
         labels = [r.row() for r in records if isinstance(r, LabelRecord)]
-        self._queue.put(_Pending(decisions, labels, future))
+        shadow = [r for r in records if isinstance(r, ShadowRecord)]
+        self._queue.put(_Pending(decisions, labels, shadow, future))
         return future
 
     async def append(self, records: Sequence[Record]) -> None:
@@ -531,7 +575,7 @@ class AuditLog:
             [(version, orjson.dumps(names).decode()) for version, names in new_sets.items()],
         ) + self._group_statements(decisions) + multi_row_inserts(
             "INSERT INTO labels", _LABEL_COLUMNS, [row for p in group for row in p.label_rows]
-        )  # fmt: skip
+        ) + _shadow_statements([r for p in group for r in p.shadow])  # fmt: skip
         try:
             if len(statements) == 1:
                 execute_waiting(self._writer, *statements[0], _LOCK_TIMEOUT_SECONDS)
@@ -593,10 +637,22 @@ class AuditLog:
             raise
 
 
+def _shadow_statements(verdicts: list[ShadowRecord]) -> list[tuple[str, list[Any]]]:
+    """The group row of ``verdicts``, in columns as the decisions' (one record per group)."""
+    if not verdicts:
+        return []
+    fields = orjson.dumps(dict(zip(SHADOW_FIELDS, zip(*verdicts, strict=True), strict=True)))
+    return [(_INSERT_SHADOW, [len(verdicts), fields])]
+
+
+_INSERT_SHADOW = "INSERT INTO shadow_groups (verdicts, fields) VALUES (?, ?)"
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     decisions: list[DecisionRecord]
     label_rows: list[tuple[Any, ...]]
+    shadow: list[ShadowRecord]
     future: Future[None]
 
 
@@ -718,12 +774,80 @@ def read_decisions(path: Path) -> pl.DataFrame:
     # The challengers' verdicts (fraudflow.serve.shadow), as JSON text; only when any.
     shadow = [r[-1] for r in rows]
     if any(x is not None for x in shadow):
+        shadow = _join_verdicts(path, [r[0] for r in rows], shadow)
         texts = [None if x is None else orjson.dumps(x).decode() for x in shadow]
         parts.append(pl.DataFrame({"shadow": texts}, schema={"shadow": pl.String}))
     frame = pl.concat(parts, how="horizontal")
     return frame.with_columns(
         _utc("t_us").alias("timestamp"), _utc("decided_at_us").alias("decided_at")
     ).drop("t_us", "decided_at_us")
+
+
+def _join_verdicts(path: Path, ids: Sequence[str], entries: list[Any]) -> list[Any]:
+    """The decisions' ``shadow`` objects with each ``pending`` challenger replaced by its
+    verdict recorded later (``read_shadow_verdicts``), or by ``missing`` where none was."""
+    if not any(_pending(e) for e in entries):
+        return entries
+    verdicts = read_shadow_verdicts(path)
+    out: list[Any] = []
+    for tid, entry in zip(ids, entries, strict=True):
+        if _pending(entry):
+            challengers = [
+                c if c["status"] != PENDING
+                else verdicts.get((tid, c["model_version"]))
+                or {"model_version": c["model_version"], "status": MISSING}
+                for c in entry["challengers"]
+            ]  # fmt: skip
+            entry = {**entry, "challengers": challengers}
+        out.append(entry)
+    return out
+
+
+def _pending(entry: Any) -> bool:
+    """Whether a decision's ``shadow`` object awaits a verdict recorded apart."""
+    if not isinstance(entry, dict):
+        return False
+    return any(c.get("status") == PENDING for c in entry.get("challengers", ()))
+
+
+def read_shadow_verdicts(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every challenger verdict recorded apart from its decision, in any shard of the log
+    named ``path``: (transaction_id, model_version) -> the verdict as a decision's ``shadow``
+    object holds it (``model_version``, ``status``, and when ok ``score``, ``raw_score``,
+    ``decision``). The first one recorded of a key counts."""
+    rows = _read_all(path, _shadow_rows, _compacted_shadow_rows, time_column=6)
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for tid, version, status, score, raw, decision, _ in rows:
+        if (tid, version) in out:
+            continue
+        verdict: dict[str, Any] = {"model_version": version, "status": status}
+        if status == "ok":
+            verdict |= {"score": score, "raw_score": raw, "decision": decision}
+        out[tid, version] = verdict
+    return out
+
+
+def _shadow_rows(db: sqlite3.Connection, version: int) -> list[tuple[Any, ...]]:
+    """One shard's shadow verdicts (``ShadowRecord`` fields), in recording order."""
+    if version != _SCHEMA_VERSION or not _has_shadow_table(db):
+        return []
+    out: list[tuple[Any, ...]] = []
+    for (fields,) in db.execute("SELECT fields FROM shadow_groups ORDER BY seq"):
+        columns = orjson.loads(fields)
+        out += zip(*(columns[f] for f in SHADOW_FIELDS), strict=True)
+    return out
+
+
+def _has_shadow_table(db: sqlite3.Connection) -> bool:
+    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'shadow_groups'"
+    return db.execute(sql).fetchone() is not None
+
+
+def _compacted_shadow_rows(shard: CompactedShard) -> list[tuple[Any, ...]]:
+    table = shard.shadow()
+    if table is None:
+        return []
+    return list(zip(*(table[f].to_pylist() for f in SHADOW_FIELDS), strict=True))
 
 
 _DECISION_FIELDS = (
@@ -979,7 +1103,8 @@ def _compact_shard(
         db.execute("BEGIN")  # one snapshot of the shard
         (labels,) = db.execute("SELECT COUNT(*) FROM labels").fetchone()
         resumed = shard.compacted.exists()  # an interrupted compaction: finish it
-        if not resumed and (decisions + labels == 0 or (full_only and decisions < max_decisions)):
+        empty = decisions + labels + _shadow_count(db) == 0
+        if not resumed and (empty or (full_only and decisions < max_decisions)):
             return False
         schema, json_fields = _decisions_schema(db)
         write_compacted(
@@ -989,6 +1114,7 @@ def _compact_shard(
             metadata=_compacted_metadata(db, shard, json_fields),
             paths=(shard.compacted, shard.compacted_labels),
             step=lambda name: _compaction_step(name),
+            shadow=_shadow_table(db),
         )
     _check_compacted(shard)
     shard.file.unlink()  # from here on readers read the compacted files
@@ -1003,7 +1129,7 @@ def _remove_leftovers(shard: Shard) -> None:
     temporary files of an interrupted write."""
     for suffix in ("-wal", "-shm", ".lock"):
         Path(f"{shard.file}{suffix}").unlink(missing_ok=True)
-    for target in (shard.compacted, shard.compacted_labels):
+    for target in (shard.compacted, shard.compacted_labels, shadow_path(shard.compacted)):
         for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
             tmp.unlink(missing_ok=True)
 
@@ -1022,12 +1148,15 @@ def _check_compacted(shard: Shard) -> None:
     with contextlib.closing(_read_only(shard.file)) as db:
         (decisions,) = db.execute("SELECT COUNT(*) FROM decision_ids").fetchone()
         (labels,) = db.execute("SELECT COUNT(*) FROM labels").fetchone()
+        verdicts = _shadow_count(db)
     compacted = open_compacted(shard.compacted)
-    found = (compacted.rows(), compacted.labels().num_rows)
-    if found != (decisions, labels):
+    shadow = compacted.shadow()
+    found = (compacted.rows(), compacted.labels().num_rows, 0 if shadow is None else len(shadow))
+    if found != (decisions, labels, verdicts):
         raise ConfigError(
-            f"compacting {shard.file}: expected {decisions} decisions and {labels} labels in "
-            f"{shard.compacted}, however found {found[0]} and {found[1]}"
+            f"compacting {shard.file}: expected {decisions} decisions, {labels} labels and "
+            f"{verdicts} shadow verdicts in {shard.compacted}, however found {found[0]}, "
+            f"{found[1]} and {found[2]}"
         )
 
 
@@ -1042,8 +1171,29 @@ def _compacted_metadata(
     return {
         "json_fields": json_fields, "feature_sets": sets, "decisions": decisions,
         "labels": labels, "max_group_seq": max_group, "max_label_seq": max_label,
-        "source": source,
+        "shadow_verdicts": _shadow_count(db), "source": source,
     }  # fmt: skip
+
+
+def _shadow_count(db: sqlite3.Connection) -> int:
+    if not _has_shadow_table(db):
+        return 0
+    (count,) = db.execute("SELECT COALESCE(SUM(verdicts), 0) FROM shadow_groups").fetchone()
+    return int(count)
+
+
+_SHADOW_TYPES = (pa.string(), pa.string(), pa.string(), pa.float64(), pa.float64(), pa.string(),
+                 pa.int64())  # fmt: skip
+
+
+def _shadow_table(db: sqlite3.Connection) -> pa.Table:
+    """The shard's shadow verdicts, a row each in recording order (``SHADOW_FIELDS``)."""
+    rows = _shadow_rows(db, _SCHEMA_VERSION)
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in SHADOW_FIELDS]
+    return pa.table({
+        name: pa.array(list(values), type=kind)
+        for name, values, kind in zip(SHADOW_FIELDS, columns, _SHADOW_TYPES, strict=True)
+    })  # fmt: skip
 
 
 def _decisions_schema(db: sqlite3.Connection) -> tuple[pa.Schema, list[str]]:

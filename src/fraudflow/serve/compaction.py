@@ -9,6 +9,9 @@ this module is the file format, written and read. Shard N of the log ``audit.db`
                              reads the footer once (cached), then one row group's ids and
                              responses
     audit.N.labels.parquet   the shard's labels table, row for row
+    audit.N.shadow.parquet   the shard's challenger verdicts recorded after their decisions
+                             (``ShadowRecord``: one row each, in recording order); only when
+                             it holds any
 
 The decisions file's columns: ``transaction_id``, every field the shard's groups recorded (the
 JSON lists of ``decision_groups.fields``, whatever their names: a field whose values are
@@ -17,13 +20,14 @@ and ``position`` (where the decision was in the shard: its recording order), ``f
 (the packed float64 values, as the shard held them) and ``response`` (the exact body sent).
 The metadata key ``fraudflow.audit`` holds a JSON object: ``format``, ``json_fields``,
 ``feature_sets`` (model version -> feature names), ``decisions``, ``labels``,
-``max_group_seq``, ``max_label_seq`` and ``source`` (the SQLite file's path and inode: the
-review console's history follower keeps its cursor under them).
+``max_group_seq``, ``max_label_seq``, ``shadow_verdicts`` (how many; absent in files
+written before shadow verdicts were recorded apart) and ``source`` (the SQLite file's path
+and inode: the review console's history follower keeps its cursor under them).
 
-Atomic by renames: the labels file is written (temporary file, fsync, rename) before the
-decisions file, and the decisions file is the commit point. Readers take a shard's SQLite
-file while it exists and its Parquet files only once it is gone, so a compaction stopped at
-any step leaves every decision readable exactly once.
+Atomic by renames: the labels file (and the shadow file) is written (temporary file, fsync,
+rename) before the decisions file, and the decisions file is the commit point. Readers take a
+shard's SQLite file while it exists and its Parquet files only once it is gone, so a
+compaction stopped at any step leaves every decision readable exactly once.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ __all__ = [
     "CompactedShard",
     "compacted_paths",
     "open_compacted",
+    "shadow_path",
     "write_compacted",
 ]
 
@@ -75,6 +80,13 @@ def compacted_paths(log: Path, number: int) -> tuple[Path, Path]:
     )
 
 
+def shadow_path(decisions_path: Path) -> Path:
+    """The compacted shadow verdicts file beside a compacted decisions file."""
+    return decisions_path.with_name(
+        decisions_path.name.removesuffix(".parquet") + ".shadow.parquet"
+    )
+
+
 def write_compacted(
     decisions: Iterable[pa.Table],
     labels: pa.Table,
@@ -83,14 +95,19 @@ def write_compacted(
     metadata: Mapping[str, Any],
     paths: tuple[Path, Path],
     step: Callable[[str], None],
+    shadow: pa.Table | None = None,
 ) -> None:
-    """Write a shard's labels, then its decisions (``decisions``: tables of ``schema``, each
-    sorted by transaction_id and each after the one before), each atomically. ``step`` is
-    called after each rename (a test stops there)."""
+    """Write a shard's labels, its shadow verdicts (if any), then its decisions
+    (``decisions``: tables of ``schema``, each sorted by transaction_id and each after the one
+    before), each atomically. ``step`` is called after each rename (a test stops there)."""
     decisions_path, labels_path = paths
     with atomic_path(labels_path) as tmp:
         pq.write_table(labels, tmp, compression="zstd", compression_level=_ZSTD_LEVEL)
     step("labels-renamed")
+    if shadow is not None and shadow.num_rows:
+        with atomic_path(shadow_path(decisions_path)) as tmp:
+            pq.write_table(shadow, tmp, compression="zstd", compression_level=_ZSTD_LEVEL)
+        step("shadow-renamed")
     raw = {_META_KEY: orjson.dumps({"format": FORMAT_VERSION, **metadata})}
     with (
         atomic_path(decisions_path) as tmp,
@@ -161,6 +178,19 @@ class CompactedShard:
         self._check_labels()
         with _readable(self.labels_path):
             return pq.read_table(self.labels_path)
+
+    def shadow(self) -> pa.Table | None:
+        """The shadow verdicts recorded in the shard after their decisions; None: none."""
+        if not self.metadata.get("shadow_verdicts"):
+            return None
+        path = shadow_path(self.path)
+        if not path.is_file():  # written before the decisions file: lost since
+            raise ConfigError(
+                f"compacted audit shard {self.path} is incomplete: {path} is missing; "
+                "restore it from a backup"
+            )
+        with _readable(path):
+            return pq.read_table(path)
 
     def _check_labels(self) -> None:
         if not self.labels_path.is_file():  # written before the decisions file: lost since

@@ -44,7 +44,7 @@ from fraudflow.serve.schemas import (
     transaction_model,
 )
 from fraudflow.serve.service import DecisionService
-from fraudflow.serve.settings import ServeSettings
+from fraudflow.serve.settings import ServeSettings, parse_splits, split_text
 
 __all__ = [
     "ADMIN_ONLY",
@@ -255,4 +255,5 @@ def _label(service: DecisionService, label: Any) -> Awaitable[bytes]:
 async def _reload(service: DecisionService, body: Any) -> bytes:
     run = None if body.run is None else Path(body.run)
     shadow = None if body.shadow is None else [Path(r) for r in body.shadow]
-    return orjson.dumps(await service.reload(run, shadow=shadow))
+    split = None if body.split is None else parse_splits(split_text(body.split))
+    return orjson.dumps(await service.reload(run, shadow=shadow, split=split))

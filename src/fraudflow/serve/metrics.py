@@ -17,7 +17,8 @@ label ever holds an id or a key:
     fraudflow_shadow_decisions_total{model_version, agreement}  counter: agree | disagree,
         a challenger's decision against the champion's on the same transaction
     fraudflow_shadow_errors_total{model_version, kind}  counter: error | timed_out | busy,
-        a challenger that raised, was late, or was still stuck on an earlier group
+        a challenger that raised, was late, or whose lane was full or stuck (its verdicts
+        skipped); shadow-only challengers are counted when scored, after the answer
     fraudflow_case_verdicts_total{outcome}         counter: fraud | not_fraud (the console)
     fraudflow_case_time_to_verdict_seconds         histogram: a case's opening to its verdict
     fraudflow_cases_open                           gauge: open or escalated cases
@@ -241,21 +242,29 @@ class ServiceMetrics:
     def observe_shadow(
         self, lineup: Lineup, champion: Judgements, results: Sequence[ShadowResult]
     ) -> None:
-        """A group's challenger verdicts: scores, agreement with the champion, failures."""
+        """A group's challenger verdicts given with its answer (``pending`` ones are observed
+        when scored, by ``observe_challenger``)."""
         for challenger, result in zip(lineup.challengers, results, strict=True):
-            version = challenger.model_version
-            if result.judged is None:  # counted per decision, as the agreement
-                errors = self.shadow_errors.labels(model_version=version, kind=result.status)
-                errors.inc(len(champion.actions))
-                continue
-            observe_many(self.shadow_score.labels(model_version=version), result.judged.scores)
-            agree = sum(map(str.__eq__, result.judged.actions, champion.actions))
-            disagree = len(champion.actions) - agree
-            decisions = self.shadow_decisions
-            if agree:
-                decisions.labels(model_version=version, agreement="agree").inc(agree)
-            if disagree:
-                decisions.labels(model_version=version, agreement="disagree").inc(disagree)
+            if result.status != "pending":
+                self.observe_challenger(challenger.model_version, result, champion.actions)
+
+    def observe_challenger(
+        self, version: str, result: ShadowResult, champion: Sequence[str]
+    ) -> None:
+        """One challenger's verdicts on a group: scores, agreement with the champion's actions
+        ``champion``, failures. Thread-safe (a shadow lane's thread calls it)."""
+        if result.judged is None:  # counted per decision, as the agreement
+            errors = self.shadow_errors.labels(model_version=version, kind=result.status)
+            errors.inc(len(champion))
+            return
+        observe_many(self.shadow_score.labels(model_version=version), result.judged.scores)
+        agree = sum(map(str.__eq__, result.judged.actions, champion))
+        disagree = len(champion) - agree
+        decisions = self.shadow_decisions
+        if agree:
+            decisions.labels(model_version=version, agreement="agree").inc(agree)
+        if disagree:
+            decisions.labels(model_version=version, agreement="disagree").inc(disagree)
 
     def render(self) -> bytes:
         """The text exposition format; in multiprocess mode, of all workers together."""

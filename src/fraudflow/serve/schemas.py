@@ -38,9 +38,12 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     create_model,
+    field_validator,
 )
 
+from fraudflow.errors import ConfigError
 from fraudflow.features.online import Event, epoch_us
+from fraudflow.serve.settings import parse_splits, split_text
 
 __all__ = [
     "DEFAULT_MAX_AMOUNT",
@@ -296,6 +299,22 @@ class ReloadIn(BaseModel):
         description="challenger run folders scored in shadow beside it; [] for none; "
         "default: the challengers served now, less the new champion",
     )
+    split: dict[str, str] | None = Field(
+        None,
+        max_length=16,
+        description='the share of cards a challenger decides, {"RUN": "5%"} as --split (its '
+        "runs join the challengers); {} for none; default: the shares served now",
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _split_shares(cls, split: dict[str, str] | None) -> dict[str, str] | None:
+        if split is not None:
+            try:
+                parse_splits(split_text(split))
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return split
 
 
 class ChallengerOut(BaseModel):

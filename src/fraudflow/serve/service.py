@@ -30,7 +30,8 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from fraudflow.features.online import (
 )
 from fraudflow.features.spec_online import Answer, Layout, Row, SpecStore
 from fraudflow.files import write_json_atomic
-from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, now_us
+from fraudflow.serve.audit import AuditLog, DecisionRecord, LabelRecord, ShadowRecord, now_us
 from fraudflow.serve.auth import ApiKeys
 from fraudflow.serve.cases import CaseIn
 from fraudflow.serve.coalesce import Coalescer
@@ -69,9 +70,11 @@ from fraudflow.serve.schemas import LabelIn, TransactionIn
 from fraudflow.serve.scoring import Engine, Judgements, load_engine
 from fraudflow.serve.settings import ServeSettings, parse_splits
 from fraudflow.serve.shadow import (
+    DRAIN_SECONDS,
     Challenger,
     Lineup,
     ShadowResult,
+    ShadowSink,
     describe,
     load_challenger,
     shadow_entries,
@@ -244,6 +247,10 @@ class DecisionService:
         self.engine: Engine | None = None  # swapped whole on reload; read once per request
         # The challengers scored beside ``engine`` (fraudflow.serve.shadow); swapped with it.
         self.lineup: Lineup | None = None
+        # Lineups swapped out whose shadow lanes may still be recording: drained on close.
+        self._retired: list[Lineup] = []
+        # The split shares served (run -> share of cards): --split, then as a reload sets it.
+        self._splits = parse_splits(settings.split)
         self.failed = False  # the start-up load failed: /readyz says so
         self._loader = loader or default_loader(settings)
         self._resources: _Resources | None = None
@@ -284,11 +291,14 @@ class DecisionService:
                 return
             self._resources = resources
             announced = await asyncio.to_thread(self._announced_run)
-            run, challengers = announced or (self.settings.run, self.settings.challenger_runs)
+            s = self.settings
+            run, challengers, splits = announced or (s.run, s.challenger_runs, self._splits)
             engine = await asyncio.to_thread(self._load, run)
             # Verified by run_server before the workers start, as the champion.
-            lineup = await asyncio.to_thread(self._load_lineup, engine, challengers, verify=False)
-            self._swap(engine, lineup)
+            lineup = await asyncio.to_thread(
+                self._load_lineup, engine, challengers, splits, verify=False
+            )
+            self._swap(engine, lineup, splits)
         except Exception:
             self.failed = True
             self.metrics.errors.labels(kind="reload").inc()
@@ -340,8 +350,9 @@ class DecisionService:
     def close(self) -> None:
         self._closing = True
         self.metrics.model_changed(None)
-        if self.lineup is not None:
-            self.lineup.close()
+        for lineup in [*self._retired, self.lineup]:  # their verdicts, before the audit closes
+            if lineup is not None:
+                lineup.close(DRAIN_SECONDS)
         self.health.close()
         if self._resources is not None:
             self._resources.audit.close()  # commits what is queued first
@@ -389,13 +400,18 @@ class DecisionService:
         return self._loader(Path(run_dir), self._resources.store)
 
     def _load_lineup(
-        self, champion: Engine, runs: Sequence[Path], *, verify: bool = True
+        self,
+        champion: Engine,
+        runs: Sequence[Path],
+        splits: Mapping[Path, float],
+        *,
+        verify: bool = True,
     ) -> Lineup | None:
-        """The challengers of ``runs``, each verified as the champion is (``verify``), then
-        loaded to score beside ``champion``; None without any."""
+        """The challengers of ``runs`` (those in ``splits`` deciding that share of cards),
+        each verified as the champion is (``verify``), then loaded to score beside
+        ``champion``; None without any."""
         if not runs:
             return None
-        splits = parse_splits(self.settings.split)
         challengers: list[Challenger] = []
         for run, share in zip(runs, shares(runs, splits), strict=True):
             if verify:
@@ -403,15 +419,26 @@ class DecisionService:
             policy = self.settings.policy
             challengers.append(load_challenger(run, champion, policy_path=policy, share=share))
         s = self.settings
-        return Lineup(champion, tuple(challengers), s.shadow_budget_seconds, s.split_salt)
+        sink = ShadowSink(self._record_shadow, self.metrics.observe_challenger)
+        return Lineup(champion, tuple(challengers), s.shadow_budget_seconds, s.split_salt, sink)
 
-    def _swap(self, engine: Engine, lineup: Lineup | None = None) -> None:
+    def _record_shadow(self, records: Sequence[ShadowRecord]) -> None:
+        """A shadow lane's verdicts to the audit writer, not waited for (a lane's thread or the
+        event loop calls it); a failed commit leaves them ``missing`` and is logged."""
+        resources = self._resources
+        if resources is None or not records:
+            return
+        future = resources.audit.submit(records)
+        future.add_done_callback(_log_shadow_failure)
+
+    def _swap(self, engine: Engine, lineup: Lineup | None, splits: Mapping[Path, float]) -> None:
         # Two reference assignments with no await between: no request sees one without the
         # other; a request still on the old engine finds no lineup of its own (``_lineup_of``).
         self.engine = engine
-        old, self.lineup = self.lineup, lineup
+        old, self.lineup, self._splits = self.lineup, lineup, dict(splits)
         if old is not None:
-            old.close()
+            old.close()  # its shadow lanes record what they hold, in the background
+            self._retired = [r for r in self._retired if r.busy()] + [old]
         self.metrics.model_changed(engine.model_version)
         self.metrics.challengers_changed([c["model_version"] for c in describe(lineup)])
         s = self.settings
@@ -557,10 +584,12 @@ class DecisionService:
             amounts = [e.amount for e in batch.events]
             lineup = self._lineup_of(engine)
             if lineup is None:
-                judged = engine.judge(batch.values, amounts)
+                judged = engine_judged = engine.judge(batch.values, amounts)
                 shadow = None
             else:
-                judged, shadow = await self._judge_with_challengers(lineup, batch, amounts)
+                judged, engine_judged, shadow = await self._judge_with_challengers(
+                    lineup, batch, amounts
+                )
             # One clock read for the group, decided together.
             decided_at_us = now_us()
             records = _records(engine, batch, judged, decided_at_us=decided_at_us)
@@ -572,6 +601,8 @@ class DecisionService:
             raise
         bodies = [record.response for record in records]
         self._pending.resolve(pending, tids, bodies)
+        if lineup is not None:  # committed: the shadow verdicts come in a later commit
+            lineup.score_in_shadow(batch.values, amounts, tids, engine_judged.actions)
         await self._open_review_cases(batch, judged, decided_at_us)
         for i, body in zip(batch.indices, bodies, strict=True):
             answers[i] = body
@@ -583,10 +614,11 @@ class DecisionService:
 
     async def _judge_with_challengers(
         self, lineup: Lineup, batch: _Fresh, amounts: list[float]
-    ) -> tuple[Judgements, list[dict[str, Any]]]:
-        """The champion's judgements, with the rows a challenger's split share holds decided
-        by that challenger, and each decision's shadow entry. The challengers start first,
-        in their lanes, and are waited for at most the budget after the champion is done."""
+    ) -> tuple[Judgements, Judgements, list[dict[str, Any]]]:
+        """The judgements answered (the champion's, with the rows a challenger's split share
+        holds decided by that challenger), the champion's own, and each decision's shadow
+        entry. The split challengers start first, in their lanes, and are waited for at most
+        the budget after the champion is done; the others score after the commit."""
         deciders = lineup.deciders([e.customer_id for e in batch.events])
         futures = lineup.submit(batch.values, amounts, deciders)
         judged = engine_judged = lineup.champion.judge(batch.values, amounts)
@@ -595,7 +627,7 @@ class DecisionService:
         for k, rows in split_rows(deciders, results).items():
             judged = _replace_rows(judged, results[k], rows)
         self.metrics.observe_shadow(lineup, engine_judged, results)
-        return judged, entries
+        return judged, engine_judged, entries
 
     async def _open_review_cases(self, batch: _Fresh, judged: Judgements, at_us: int) -> None:
         """Open the review console's cases of the group's review and block decisions: one
@@ -765,11 +797,18 @@ class DecisionService:
     # --- reload ---------------------------------------------------------------------------
 
     async def reload(
-        self, run: Path | None, *, shadow: Sequence[Path] | None = None, announce: bool = True
+        self,
+        run: Path | None,
+        *,
+        shadow: Sequence[Path] | None = None,
+        split: Mapping[Path, float] | None = None,
+        announce: bool = True,
     ) -> dict[str, Any]:
         """Verify ``run`` (default: the one served; ``fraudflow.serve.runcheck``), build its
         engine fully, then the challengers' (``shadow``; None: the ones served now, less the
-        new champion), then swap them in; on any failure the old ones keep serving.
+        new champion; the runs of ``split`` join them), then swap them in; on any failure the
+        old ones keep serving. ``split``: the share of cards each challenger it names decides
+        (``parse_splits``'s form); None: the shares served now.
 
         In-flight requests finish on the engine they started with; new ones get the new one.
         Promoting a challenger is a reload naming it as ``run``.
@@ -782,12 +821,15 @@ class DecisionService:
             if shadow is None:
                 shadow = [Path(c["run"]) for c in describe(self.lineup)]
                 shadow = [r for r in shadow if r.resolve() != target.resolve()]
+            splits = dict(self._splits if split is None else split)
+            named = {Path(r).resolve() for r in shadow}
+            shadow = [*shadow, *(r for r in splits if r not in named)]
             try:
                 # Verified first (DONE, hashes, features; the model in a child process): a
                 # model that would crash a library takes the child down, not this server.
                 await asyncio.to_thread(self._verify, target)
                 engine = await asyncio.to_thread(self._load, target)
-                lineup = await asyncio.to_thread(self._load_lineup, engine, shadow)
+                lineup = await asyncio.to_thread(self._load_lineup, engine, shadow, splits)
             except RunCheckError as exc:
                 log.error("reload of %s refused: %s", target, exc)
                 raise ServeError(400, refusal(exc.check), "reload") from None
@@ -797,7 +839,7 @@ class DecisionService:
             except Exception:
                 log.exception("reload of %s failed", target)
                 raise ServeError(400, refusal(""), "reload") from None
-            self._swap(engine, lineup)
+            self._swap(engine, lineup, splits)
             if announce:
                 await asyncio.to_thread(self._announce, engine, lineup)
         return {
@@ -807,7 +849,7 @@ class DecisionService:
             "shadow": describe(lineup),
         }
 
-    def _announced_run(self) -> tuple[Path, list[Path]] | None:
+    def _announced_run(self) -> tuple[Path, list[Path], dict[Path, float]] | None:
         """A worker (re)started after a reload serves what the other workers serve: the run
         and its challengers.
 
@@ -819,8 +861,9 @@ class DecisionService:
         self._control_seen = _mtime(self._control)
         try:
             wanted = orjson.loads(self._control.read_bytes())
-            return Path(wanted["run"]), [Path(r) for r in wanted.get("shadow", [])]
-        except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+            splits = {Path(r): float(v) for r, v in wanted.get("split", {}).items()}
+            return Path(wanted["run"]), [Path(r) for r in wanted.get("shadow", [])], splits
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
     def _announce(self, engine: Engine, lineup: Lineup | None) -> None:
@@ -831,6 +874,7 @@ class DecisionService:
                 "run": str(engine.run_dir), "model_version": engine.model_version,
                 "shadow": [c["run"] for c in challengers],
                 "shadow_versions": [c["model_version"] for c in challengers],
+                "split": {str(r): share for r, share in self._splits.items()},
             }  # fmt: skip
             write_json_atomic(self._control, body)
             self._control_seen = _mtime(self._control)
@@ -848,12 +892,21 @@ class DecisionService:
             except (OSError, orjson.JSONDecodeError):
                 continue
             served = [c["model_version"] for c in describe(self.lineup)]
-            if (wanted.get("model_version"), wanted.get("shadow_versions", [])) != (
-                self.engine.model_version, served
-            ):  # fmt: skip
+            split = {str(r): share for r, share in self._splits.items()}
+            wants = (wanted.get("model_version"), wanted.get("shadow_versions", []))
+            if (*wants, wanted.get("split", {})) != (self.engine.model_version, served, split):
                 shadow = [Path(r) for r in wanted.get("shadow", [])]
+                splits = {Path(r): float(v) for r, v in wanted.get("split", {}).items()}
                 with contextlib.suppress(ServeError):  # logged by reload
-                    await self.reload(Path(wanted["run"]), shadow=shadow, announce=False)
+                    await self.reload(
+                        Path(wanted["run"]), shadow=shadow, split=splits, announce=False
+                    )
+
+
+def _log_shadow_failure(future: Future[None]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("recording shadow verdicts failed: they show as missing", exc_info=exc)
 
 
 def _mtime(path: Path) -> int | None:

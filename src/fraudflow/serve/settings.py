@@ -17,6 +17,7 @@ With ``--workers > 1`` the settings travel to the worker processes through the e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "load_settings",
     "parse_splits",
     "settings_environment",
+    "split_text",
 ]
 
 ENV_PREFIX = "FRAUDFLOW_"
@@ -223,6 +225,11 @@ def _run_is_a_bundle(run: Path) -> Path:
     if not (run / "model" / "meta.json").is_file():
         raise ValueError(f"{run} holds no model bundle (model/meta.json): is it a run?")
     return run.resolve()
+
+
+def split_text(split: Mapping[str, str]) -> str:
+    """A reload's ``{"RUN": "5%"}`` in ``--split``'s form, for ``parse_splits``."""
+    return ",".join(f"{run}={share}" for run, share in split.items())
 
 
 def parse_splits(text: str | None) -> dict[Path, float]:

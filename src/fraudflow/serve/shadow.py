@@ -12,19 +12,37 @@ A challenger is accepted only if the champion's online engine computes what it r
 (``feature_problem``): every feature it names, defined identically; otherwise start-up or the
 reload is refused with one line saying which feature.
 
-Isolation. Each challenger scores in a thread of its own (``_Lane``), started before the
-champion scores so the two overlap, and the group waits for the challengers at most
-``shadow_budget_seconds`` past the champion's own judgement. A challenger that raises is
-recorded as ``error``, one that is late as ``timed_out``; one whose lane still holds an
-earlier group that has not finished (a hung model) is not given the new one and is recorded
-as ``busy`` at once, so a hang costs the champion at most one budget, then nothing.
+Off the answer path. A challenger that only scores in shadow never holds up the champion's
+answer: the champion decides, its group is committed and answered, and only then is the group
+offered to each challenger's lane (``_ShadowLane``: a thread of its own, so one challenger's
+hang leaves the others free). A lane takes everything queued at once and scores it as one
+batch (the rows concatenated: one model call, one policy pass), then hands the verdicts to the
+service's audit writer as ``ShadowRecord``s, committed in a later group of the same durable
+log (same shard file, same fsync), keyed by transaction_id and model_version. A lane is
+bounded: a group offered to one whose queue holds ``max_queued_rows`` rows, or that has been
+scoring one batch for longer than ``max_lag_seconds`` (a hung model), is not queued but
+recorded as ``busy`` at once (and counted in the metrics). A challenger that raises is
+recorded as ``error``. Closing the service drains the lanes (graceful stop: every queued group
+is scored and recorded); what a hung model still holds after ``DRAIN_SECONDS`` is recorded as
+``timed_out``.
 
-Recording. The challengers' verdicts go into the decision's own audit record (``ShadowEntry``
-as a JSON object: ``DecisionRecord.shadow``), written in the same group commit as the decision,
-not by a second write after the answer: the log never holds a decision whose challengers were
-lost by a crash between two commits, nor shadow rows of a decision that was never answered,
-and no second durability path exists to fail. The price is that the champion's answer may
-wait for the challengers, which the budget bounds.
+The trade-off: a decision and its challengers' verdicts are two commits. The decision records
+each such challenger as ``pending`` in its ``shadow`` object; readers of the log join the
+verdicts to it (``fraudflow.serve.audit.read_decisions``), and a decision whose verdicts were
+lost (the process died between the answer and the shadow commit) shows those challengers as
+``missing``, which the shadow report counts. Recording them with the decision, in one commit,
+would make the champion's answer wait for the slowest challenger (bounded by a budget, but
+paid on every group, and the lanes compete with the champion for the CPU while it waits);
+losing a few verdicts in a crash costs the comparison nothing that matters, a late answer
+costs the caller.
+
+Challengers that decide a split share stay on the answer path: their verdict is the answer for
+their cards. They start in their lanes (``_Lane``) before the champion scores, so the two
+overlap, and the group waits for them at most ``shadow_budget_seconds`` past the champion's
+own judgement. One that raises is recorded as ``error`` and one that is late as
+``timed_out``, and the champion decides their cards; one whose lane still holds an earlier
+group that has not finished is not given the new one (``busy``), so a hang costs the champion
+at most one budget, then nothing. Their verdicts are recorded with the decision.
 """
 
 from __future__ import annotations
@@ -34,17 +52,20 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import lightgbm as lgb
 import numpy as np
 
 from fraudflow.artifacts import Bundle, check_run, feature_spec_of, load_bundle
 from fraudflow.errors import ConfigError
 from fraudflow.features.spec import FeatureSpec
+from fraudflow.serve.audit import PENDING, ShadowRecord, now_us
 from fraudflow.serve.policy import AMOUNT_FEATURE, check_rule_features, decide_many
 from fraudflow.serve.scoring import (
     POLICY_FILE,
@@ -56,11 +77,13 @@ from fraudflow.serve.scoring import (
 )
 
 __all__ = [
+    "DRAIN_SECONDS",
     "STATUSES",
     "Challenger",
     "Lineup",
     "ShadowPredict",
     "ShadowResult",
+    "ShadowSink",
     "bundle_predict",
     "check_challenger",
     "describe",
@@ -75,10 +98,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # What a challenger's verdict on a decision can be: scored, raised, late, or not asked because
-# its lane still holds an unfinished earlier group.
-STATUSES = ("ok", "error", "timed_out", "busy")
-# Groups a lane may hold at once (one scoring, one waiting): more means it is stuck.
+# its lane was full or stuck; ``pending`` while it is to come in a later commit (shadow only).
+STATUSES = ("ok", "error", "timed_out", "busy", PENDING)
+# Groups a split challenger's lane may hold at once (one scoring, one waiting): more means it
+# is stuck.
 _MAX_IN_FLIGHT = 2
+# A shadow lane's bounds (see the module docstring): rows queued, and how long one batch may
+# score before the lane counts as stuck.
+MAX_QUEUED_ROWS = 8192
+MAX_LAG_SECONDS = 2.0
+# How long closing waits for the shadow lanes to score what they hold.
+DRAIN_SECONDS = 10.0
 
 
 # --- the split ----------------------------------------------------------------------------
@@ -110,9 +140,16 @@ def bundle_predict(bundle: Bundle) -> ShadowPredict:
     alone, without the attributions a decision's reasons need (``BundleScorer``), which cost
     the neural models a backward pass: a shadow verdict has no reasons."""
     calibrator = bundle.calibrator  # parsed once: the property re-reads meta
+    booster = bundle.model if isinstance(bundle.model, lgb.Booster) else None
 
     def predict(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raw = bundle.predict(x)
+        if booster is not None:
+            # One thread: LightGBM's default (every core) spins its OpenMP threads on each
+            # call, CPU taken from the champion's answers in this and the other workers.
+            matrix = bundle.model_matrix(x)
+            raw = np.asarray(booster.predict(matrix, num_threads=1), dtype=np.float64)
+        else:
+            raw = bundle.predict(x)
         return np.asarray(calibrator.apply(raw), dtype=np.float64), raw
 
     return predict
@@ -215,11 +252,15 @@ def _judge(
     """The challenger's scores and actions on the champion's rows x (N, F); with ``full``,
     also the reasons (it decides some of them: the split), else none (shadow only)."""
     xs = x[:, challenger.columns]  # (N, F) -> (N, F_c)
-    engine = challenger.engine
     if full:
-        return engine.judge(xs, amounts)
+        return challenger.engine.judge(xs, amounts)
+    return _judge_rows(challenger, xs, np.asarray(amounts, dtype=np.float64))
+
+
+def _judge_rows(challenger: Challenger, xs: np.ndarray, amount: np.ndarray) -> Judgements:
+    """Scores and actions, no reasons, of rows xs (N, F_c) in the challenger's feature order."""
+    engine = challenger.engine
     score, raw = challenger.predict(xs.astype(np.float32))  # float32, as Engine.judge
-    amount = np.asarray(amounts, dtype=np.float64)
     names = list(engine.scorer.features)
 
     def column(name: str) -> np.ndarray:
@@ -227,6 +268,145 @@ def _judge(
 
     decisions = decide_many(engine.policy, scores=score, column=column)
     return Judgements(score, raw, [d.action for d in decisions], [])
+
+
+class ShadowSink(NamedTuple):
+    """Where a shadow lane's verdicts go: ``record`` queues them for the audit writer (without
+    waiting for the commit); ``observe`` counts a group's verdicts in the metrics, given the
+    challenger's version, its result and the champion's actions on the same rows."""
+
+    record: Callable[[Sequence[ShadowRecord]], object]
+    observe: Callable[[str, ShadowResult, Sequence[str]], None]
+
+
+def _no_sink() -> ShadowSink:
+    return ShadowSink(lambda records: None, lambda version, result, actions: None)
+
+
+class _Group(NamedTuple):
+    """One answered group, offered to a shadow lane."""
+
+    xs: np.ndarray  # (N, F_c) float64, the challenger's features
+    amounts: np.ndarray  # (N,)
+    ids: list[str]  # transaction ids
+    champion: Sequence[str]  # the champion's actions, for the agreement metric
+
+
+def _records(version: str, group: _Group, result: ShadowResult, at_us: int) -> list[ShadowRecord]:
+    n = len(group.ids)
+    if result.judged is None:
+        return [ShadowRecord(t, version, result.status, None, None, None, at_us) for t in group.ids]
+    j = result.judged
+    return list(
+        map(ShadowRecord._make, zip(
+            group.ids, [version] * n, ["ok"] * n, j.scores.tolist(), j.raw_scores.tolist(),
+            j.actions, [at_us] * n, strict=True,
+        ))
+    )  # fmt: skip
+
+
+class _ShadowLane:
+    """A shadow-only challenger's scoring thread and its bounded queue of answered groups.
+
+    A daemon thread, so a hung model never holds up the process's exit. Groups are claimed
+    under one lock, by the thread (to score them) or by ``close`` (a hung model's, recorded as
+    timed out): each is recorded exactly once.
+    """
+
+    def __init__(
+        self, challenger: Challenger, sink: ShadowSink, *, max_rows: int, max_lag_seconds: float
+    ) -> None:
+        self._challenger, self._sink = challenger, sink
+        self._max_rows, self._max_lag = max_rows, max_lag_seconds
+        self._cond = threading.Condition()
+        self._queued: list[_Group] = []
+        self._rows = 0
+        self._scoring: list[_Group] = []  # the batch being scored
+        self._since = 0.0  # when it started (time.monotonic)
+        self._closing = self._abandoned = False
+        name = f"fraudflow-shadow-{challenger.model_version}"
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def offer(self, group: _Group) -> bool:
+        """Queue ``group``; False (not queued) if the lane is full, stuck or closing."""
+        with self._cond:
+            stuck = bool(self._scoring) and time.monotonic() - self._since > self._max_lag
+            if self._closing or stuck or self._rows + len(group.ids) > self._max_rows:
+                return False
+            self._queued.append(group)
+            self._rows += len(group.ids)
+            self._cond.notify()
+        return True
+
+    def close(self, wait_seconds: float | None) -> None:
+        """Score what is queued, then stop; with ``wait_seconds``, wait for that, and record
+        what a hung model still holds then as ``timed_out``."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if wait_seconds is None:
+            return
+        self._thread.join(wait_seconds)
+        with self._cond:
+            left, self._abandoned = self._scoring + self._queued, True
+            self._scoring, self._queued = [], []
+        if left:
+            log.error("challenger %s did not finish %d groups on closing: recorded as timed "
+                      "out", self._challenger.model_version, len(left))  # fmt: skip
+            self._record(left, ShadowResult("timed_out"))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queued and not self._closing:
+                    self._cond.wait()
+                if not self._queued or self._abandoned:
+                    return
+                batch, self._queued, self._rows = self._queued, [], 0
+                self._scoring, self._since = batch, time.monotonic()
+            result = self._score(batch)
+            with self._cond:
+                if self._abandoned:  # close recorded the batch already
+                    return
+                self._scoring = []
+            try:
+                self._record(batch, result)
+            except Exception:  # a sink's own bug: the lane goes on
+                log.exception("recording challenger %s's verdicts failed",
+                              self._challenger.model_version)  # fmt: skip
+
+    def _score(self, batch: list[_Group]) -> ShadowResult:
+        """The batch's rows scored in one call: fewer, larger calls cost less per row."""
+        xs = batch[0].xs if len(batch) == 1 else np.concatenate([g.xs for g in batch])
+        amounts = (
+            batch[0].amounts if len(batch) == 1 else np.concatenate([g.amounts for g in batch])
+        )
+        try:
+            return ShadowResult("ok", _judge_rows(self._challenger, xs, amounts))
+        except Exception:
+            log.exception("challenger %s failed", self._challenger.model_version)
+            return ShadowResult("error")
+
+    def _record(self, batch: list[_Group], result: ShadowResult) -> None:
+        """Each group's verdicts: to the audit writer, and counted."""
+        version, at_us, start = self._challenger.model_version, now_us(), 0
+        records: list[ShadowRecord] = []
+        for group in batch:
+            part = result
+            if result.judged is not None:  # the group's rows of the batch's judgements
+                j, end = result.judged, start + len(group.ids)
+                part = ShadowResult("ok", Judgements(
+                    j.scores[start:end], j.raw_scores[start:end], j.actions[start:end], [],
+                ))  # fmt: skip
+                start = end
+            records += _records(version, group, part, at_us)
+            self._sink.observe(version, part, group.champion)
+        self._sink.record(records)
 
 
 class _Lane:
@@ -266,20 +446,46 @@ class _Lane:
 
 @dataclass
 class Lineup:
-    """The champion with its challengers and their lanes: swapped whole on reload."""
+    """The champion with its challengers and their lanes: swapped whole on reload.
+
+    A challenger with a split share scores on the answer path (``submit``, ``collect``); the
+    others score in shadow lanes after the answer (``score_in_shadow``), their verdicts going
+    to ``sink``.
+    """
 
     champion: Engine
     challengers: tuple[Challenger, ...]
     budget_seconds: float
     salt: str
-    _lanes: list[_Lane] = field(init=False)
+    sink: ShadowSink = field(default_factory=_no_sink)
+    max_queued_rows: int = MAX_QUEUED_ROWS
+    max_lag_seconds: float = MAX_LAG_SECONDS
+    # Per challenger, its lane: a _Lane (split: on the answer path) or a _ShadowLane.
+    _lanes: list[_Lane | _ShadowLane] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._lanes = [_Lane(f"fraudflow-shadow-{k}") for k, _ in enumerate(self.challengers)]
+        self._lanes = [
+            _Lane(f"fraudflow-shadow-{k}") if c.share is not None
+            else _ShadowLane(c, self.sink, max_rows=self.max_queued_rows,
+                             max_lag_seconds=self.max_lag_seconds)
+            for k, c in enumerate(self.challengers)
+        ]  # fmt: skip
 
-    def close(self) -> None:
+    def close(self, wait_seconds: float | None = None) -> None:
+        """Stop the lanes; the shadow lanes score and record what they hold first (waited
+        for with ``wait_seconds``; None: in the background)."""
         for lane in self._lanes:
-            lane.close()
+            if isinstance(lane, _ShadowLane):
+                lane.close(None)  # every lane starts draining at once
+        for lane in self._lanes:
+            if isinstance(lane, _ShadowLane):
+                lane.close(wait_seconds)
+            else:
+                lane.close()
+
+    def busy(self) -> bool:
+        """Whether a shadow lane is still scoring or recording (after ``close``: draining)."""
+        return any(isinstance(lane, _ShadowLane) and lane.alive for lane in self._lanes)
 
     def deciders(self, customer_ids: Sequence[str]) -> list[int | None]:
         """Per row, the challenger (its index) whose split share holds the card, or None: the
@@ -295,20 +501,24 @@ class Lineup:
     def submit(
         self, x: np.ndarray, amounts: Sequence[float], deciders: Sequence[int | None]
     ) -> list[Future[Judgements] | None]:
-        """Start every challenger on the group (rows x (N, F) of the champion's features)."""
-        return [
-            lane.submit(
-                lambda c=challenger, full=k in deciders: _judge(c, x, amounts, full)  # type: ignore[misc]
-            )
-            for k, (challenger, lane) in enumerate(zip(self.challengers, self._lanes, strict=True))
-        ]
+        """Start the split challengers on the group (rows x (N, F) of the champion's
+        features); None for the others (and for a stuck one)."""
+        out: list[Future[Judgements] | None] = []
+        for k, (challenger, lane) in enumerate(zip(self.challengers, self._lanes, strict=True)):
+            if not isinstance(lane, _Lane):
+                out.append(None)
+                continue
+            full = k in deciders
+            out.append(lane.submit(lambda c=challenger, f=full: _judge(c, x, amounts, f)))  # type: ignore[misc]
+        return out
 
     async def collect(self, futures: Sequence[Future[Judgements] | None]) -> list[ShadowResult]:
-        """Each challenger's result, waiting at most ``budget_seconds`` for all of them."""
+        """Each challenger's result: the split ones', waiting at most ``budget_seconds`` for
+        all of them; ``pending`` for the others (scored after the answer)."""
         waiting = {asyncio.wrap_future(f): k for k, f in enumerate(futures) if f is not None}
         if waiting:
             await asyncio.wait(waiting, timeout=self.budget_seconds)
-        out = [ShadowResult("busy")] * len(futures)
+        out = [ShadowResult("busy" if isinstance(lane, _Lane) else PENDING) for lane in self._lanes]
         for wrapped, k in waiting.items():
             if not wrapped.done():
                 # Not cancelled: the job stays in its lane's count until it ends, so a hung
@@ -322,6 +532,21 @@ class Lineup:
                 out[k] = ShadowResult("ok", wrapped.result())
         return out
 
+    def score_in_shadow(
+        self, x: np.ndarray, amounts: Sequence[float], ids: list[str], champion: Sequence[str]
+    ) -> None:
+        """Offer an answered group (rows x (N, F) of the champion's features, the champion's
+        actions) to each shadow lane; a lane that cannot take it records it as ``busy``."""
+        amount = np.asarray(amounts, dtype=np.float64)
+        for challenger, lane in zip(self.challengers, self._lanes, strict=True):
+            if not isinstance(lane, _ShadowLane):
+                continue
+            group = _Group(x[:, challenger.columns], amount, ids, champion)
+            if not lane.offer(group):
+                busy = ShadowResult("busy")
+                self.sink.observe(challenger.model_version, busy, champion)
+                self.sink.record(_records(challenger.model_version, group, busy, now_us()))
+
 
 def shadow_entries(
     lineup: Lineup,
@@ -331,7 +556,8 @@ def shadow_entries(
 ) -> list[dict[str, Any]]:
     """Each decision's ``DecisionRecord.shadow`` object: the champion's verdict, each
     challenger's (``model_version``, ``status``, and when ok ``score``, ``raw_score``,
-    ``decision``), and ``decided_by``, the model version whose verdict was answered."""
+    ``decision``; ``pending`` for one scored after the answer, whose verdict is recorded
+    apart), and ``decided_by``, the model version whose verdict was answered."""
     version = lineup.champion.model_version
     scores, actions = champion.scores.tolist(), champion.actions
     columns = [

@@ -16,15 +16,28 @@ from fraudflow.eval.shadow import compare_shadow, render_shadow_html
 from fraudflow.files import write_bytes_atomic, write_text_atomic
 from fraudflow.serve.audit import read_decisions, read_labels
 
-__all__ = ["shadow_verdicts", "write_shadow_report"]
+__all__ = ["shadow_verdicts", "unscored", "write_shadow_report"]
 
 _DECISION = ("transaction_id", "customer_id", "amount", "decided_at")
+# A labelled decision's fields (``_DECISION`` and ``is_fraud``) and its ``shadow`` object.
+_Labelled = list[tuple[dict[str, Any], dict[str, Any]]]
 
 
 def shadow_verdicts(audit: Path, *, since: date | None = None) -> pl.DataFrame:
     """One row per (labelled decision, model that scored it) of the audit log ``audit``
     (``fraudflow.eval.shadow.VERDICT_COLUMNS``), decided on or after ``since`` (UTC)."""
-    decisions = read_decisions(audit)
+    return _verdicts(_labelled(audit, since))
+
+
+def unscored(audit: Path, *, since: date | None = None) -> dict[str, dict[str, int]]:
+    """Per challenger version, how many of the labelled decisions (as ``shadow_verdicts``) it
+    did not score, by status: ``error``, ``timed_out``, ``busy``, or ``missing`` (its verdict
+    was never recorded: the process died between the answer and the shadow commit)."""
+    return _unscored(_labelled(audit, since))
+
+
+def _labelled(audit: Path, since: date | None) -> _Labelled:
+    decisions = read_decisions(audit)  # the verdicts recorded apart joined to their decisions
     if "shadow" not in decisions.columns:
         raise ConfigError(
             f"audit log {audit} records no challenger verdicts: serve with --shadow RUN first"
@@ -38,10 +51,15 @@ def shadow_verdicts(audit: Path, *, since: date | None = None) -> pl.DataFrame:
     labelled = decisions.join(
         labels.select("transaction_id", "is_fraud"), on="transaction_id", maintain_order="left"
     )
+    return [
+        (dict(zip(_DECISION, fields, strict=True)) | {"is_fraud": is_fraud}, orjson.loads(text))
+        for *fields, is_fraud, text in labelled.select(*_DECISION, "is_fraud", "shadow").rows()
+    ]
+
+
+def _verdicts(labelled: _Labelled) -> pl.DataFrame:
     rows: list[dict[str, Any]] = []
-    for *fields, is_fraud, text in labelled.select(*_DECISION, "is_fraud", "shadow").rows():
-        base = dict(zip(_DECISION, fields, strict=True)) | {"is_fraud": is_fraud}
-        entry = orjson.loads(text)
+    for base, entry in labelled:
         rows.append(base | {"role": "champion", **_verdict(entry["champion"])})
         for challenger in entry["challengers"]:
             if challenger["status"] == "ok":
@@ -54,6 +72,16 @@ def shadow_verdicts(audit: Path, *, since: date | None = None) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
+def _unscored(labelled: _Labelled) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for _, entry in labelled:
+        for challenger in entry["challengers"]:
+            counts = out.setdefault(challenger["model_version"], {})
+            if challenger["status"] != "ok":
+                counts[challenger["status"]] = counts.get(challenger["status"], 0) + 1
+    return {version: dict(sorted(counts.items())) for version, counts in out.items()}
+
+
 def _verdict(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in ("model_version", "score", "decision")}
 
@@ -62,11 +90,12 @@ def write_shadow_report(
     audit: Path, out: Path, *, since: date | None = None, json_out: Path | None = None
 ) -> dict[str, Any]:
     """Write the report to ``out`` (HTML) and ``json_out`` (default: ``out`` with ``.json``);
-    return its figures."""
+    return its figures: ``compare_shadow``'s, and ``unscored``."""
     if Path(out).suffix.lower() not in (".html", ".htm"):
         raise ConfigError(f"--out must be an .html file, however got {out}")
     json_path = Path(json_out) if json_out is not None else Path(out).with_suffix(".json")
-    report = compare_shadow(shadow_verdicts(audit, since=since))
+    labelled = _labelled(audit, since)
+    report = compare_shadow(_verdicts(labelled)) | {"unscored": _unscored(labelled)}
     report = {"audit": str(audit), "since": None if since is None else since.isoformat()} | report
     write_bytes_atomic(json_path, orjson.dumps(report, option=orjson.OPT_INDENT_2))
     write_text_atomic(out, render_shadow_html(report))
