@@ -45,12 +45,14 @@ moving forward, as in production.
   challengers must read features the run's online engine computes.
 
 Without ``--run`` a small run is built first in a temporary folder: simulate -> features ->
-LightGBM (about a minute). Timings are wall-clock and noisy on a shared machine. It prints a
-summary, whether the targets are met, and a JSON object as its last line.
+LightGBM (about a minute), on the default spec, or with ``--v2`` the default spec plus its v2
+block (served by the spec engine, ``SpecOnline``, not the fast path: ``online_path``).
+Timings are wall-clock and noisy on a shared machine. It prints a summary, whether the targets
+are met, and a JSON object as its last line.
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/serve.py [--run RUN_DIR] [--seconds 20] [--concurrency 32]
+    .venv/bin/python benchmarks/serve.py [--run RUN_DIR | --v2] [--seconds 20] [--concurrency 32]
         [--workers 2] [--rate 1500] [--rate-seconds 15] [--rate-connections 64]
         [--batch-size 1000] [--batch-seconds 10] [--batch-concurrency 4]
         [--shadow RUN[,RUN...] [--shadow-rounds 2]]
@@ -86,7 +88,12 @@ from fraudflow.artifacts import Bundle, feature_config_of, feature_spec_of, load
 from fraudflow.config import FeatureConfig, RunConfig, SimulationConfig, TrainConfig
 from fraudflow.data.simulator import simulate
 from fraudflow.errors import FraudflowError
-from fraudflow.features import build_features, open_feature_source, write_feature_table
+from fraudflow.features import (
+    build_features,
+    default_spec,
+    open_feature_source,
+    write_feature_table,
+)
 from fraudflow.features.online import MemoryStore, OnlineFeatures
 from fraudflow.features.spec_online import MemorySpecStore, SpecOnline, extra_columns
 from fraudflow.serve.scoring import fast_path_serves
@@ -109,13 +116,15 @@ ENCODED_AHEAD_PER_SECOND = 40_000
 # --- the run and its transactions -----------------------------------------------------------
 
 
-def build_run(folder: Path) -> Path:
-    """A small LightGBM run: 1,500 cards, 3,000 terminals, 60 days (about 150k transactions)."""
+def build_run(folder: Path, *, v2: bool = False) -> Path:
+    """A small LightGBM run: 1,500 cards, 3,000 terminals, 60 days (about 150k transactions),
+    on the default spec (``v2``: with the v2 block, ``default_spec(cfg, v2=True)``)."""
     sim = SimulationConfig(n_customers=1_500, n_terminals=3_000, n_days=60, seed=0)
     cfg = FeatureConfig()
+    spec = default_spec(cfg, v2=v2)
     features = folder / "features.parquet"
     print(f"building a run in {folder} (simulate -> features -> gbdt)", flush=True)
-    write_feature_table(build_features(simulate(sim), cfg), features, cfg)
+    write_feature_table(build_features(simulate(sim), spec), features, cfg, spec=spec)
     run = folder / "run"
     train_run(features, run, RunConfig(train=TrainConfig(model="gbdt")))
     return run
@@ -693,6 +702,9 @@ def report(result: dict[str, Any]) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=None, help="Run folder; built if omitted.")
+    parser.add_argument(
+        "--v2", action="store_true", help="Build the run on the default spec with the v2 block."
+    )
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
@@ -725,7 +737,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="fraudflow-bench-run-") as tmp:
-        run = args.run or build_run(Path(tmp))
+        run = args.run or build_run(Path(tmp), v2=args.v2)
         bundle = load_bundle(run)
         spec = feature_spec_of(bundle.meta)
         frame = load_transactions(run, extra_columns(spec))

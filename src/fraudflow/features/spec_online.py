@@ -26,7 +26,7 @@ transaction once no key group holds it; a label for a forgotten transaction is r
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -86,6 +86,7 @@ __all__ = [
 _US = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NEVER = -(2**62)  # before any event
+_UNFILTERED = (None, None, False)  # an aggregate reading no column: every row, no value
 
 Value = float | str | bool | None
 # The row columns that are not free-form: ids become strings (as the service's events), the
@@ -454,6 +455,8 @@ class SpecOnline:
         self._delay_us = spec.label_delay_seconds * _US
         self._group_of = [[g.by for g in self.layout.groups].index(a.by) for a in spec.aggregates]
         self._wheres = [a.where_expr for a in spec.aggregates]
+        # What a row's filter and value are cached under (``Stored.prepared``).
+        self._keys = [(a.where, a.of, a.fn == "count_distinct") for a in spec.aggregates]
         self._calendar_wheres = [
             w is not None and bool(referenced_names(w) & set(CALENDAR)) for w in self._wheres
         ]
@@ -538,12 +541,20 @@ class SpecOnline:
             **_calendar(row.t_us),
         }
         me = Stored(row.t_us, 2**62, row.transaction_id, row.columns)
+        # Per key group, shared by its aggregates: the stored events up to this one's time,
+        # then itself (the order its windows see), and their times.
+        ordered: list[tuple[list[Stored], list[int]] | None] = [None] * len(answer)
         for index, aggregate in enumerate(self.spec.aggregates):
-            members = answer[self._group_of[index]]
-            for window in aggregate.windows:
-                env[aggregate.feature_name(window)] = self._aggregate(
-                    index, aggregate, window, members, me
-                )
+            group = self._group_of[index]
+            events = ordered[group]
+            if events is None:
+                members = answer[group]
+                times = [m.t_us for m in members]
+                hi = bisect_right(times, row.t_us)
+                events = ordered[group] = ([*members[:hi], me], [*times[:hi], row.t_us])
+            values = self._aggregate(index, aggregate, *events)
+            for window, value in zip(aggregate.windows, values, strict=True):
+                env[aggregate.feature_name(window)] = value
         for name, tree in self._derives:
             env[name] = _as_float(evaluate(tree, env))
         out = []
@@ -554,7 +565,7 @@ class SpecOnline:
 
     def _prepared(self, index: int, aggregate: Aggregate, stored: Stored) -> tuple[bool, Any]:
         """The aggregate's filter (and a present value) and value for one row, once."""
-        key = (aggregate.where, aggregate.of, aggregate.fn == "count_distinct")
+        key = self._keys[index]
         done = stored.prepared.get(key)
         if done is not None:
             return done
@@ -574,57 +585,77 @@ class SpecOnline:
         done = stored.prepared[key] = (passes, value)
         return done
 
-    def _members(
-        self, aggregate: Aggregate, window: Window, members: list[Stored], me: Stored
-    ) -> list[Stored]:
-        """The window's events, the asking one included where the window ends at it.
-
-        ``members``: the key's stored events in (time, arrival) order that the group's
-        windows may reach (``Group``), all recorded before the event asking.
-        """
-        t = me.t_us
-        times = [m.t_us for m in members]
-        if aggregate.delayed:
-            known = members[: bisect_right(times, t - self._delay_us)]
+    def _range(self, aggregate: Aggregate, window: Window, times: list[int]) -> tuple[int, int]:
+        """The window as positions [lo, hi) of the asking event's ``ordered`` (its ``times``,
+        the asking event last): live windows end at it, delayed ones at t - delay."""
+        n, t = len(times), times[-1]
+        if aggregate.delayed:  # the asking event (at t > t - delay) is never in it
+            hi = bisect_right(times, t - self._delay_us, 0, n - 1)
             if window.events is not None:
-                return known[-window.events :]
+                return max(0, hi - window.events), hi
             start = t - self._delay_us - (window.seconds or 0) * _US
-            return [e for e in known if e.t_us > start]
-        before = members[: bisect_right(times, t)]
+            return bisect_right(times, start, 0, hi), hi
         if window.events is not None:
-            return [*before[max(0, len(before) - (window.events - 1)) :], me]
-        start = t - (window.seconds or 0) * _US
-        return [*(e for e in before if e.t_us > start), me]
+            return max(0, n - window.events), n
+        return bisect_right(times, t - (window.seconds or 0) * _US, 0, n - 1), n
 
     def _aggregate(
-        self, index: int, aggregate: Aggregate, window: Window, members: list[Stored], me: Stored
+        self, index: int, aggregate: Aggregate, ordered: list[Stored], times: list[int]
+    ) -> list[float | None]:
+        """The aggregate over each of its windows of the asking event, the last of
+        ``ordered``: the key's events up to it in (time, arrival) order, all recorded before
+        it, and ``times`` theirs. Each window is a range of them (``_range``); the rows
+        passing the filter are prepared once for all windows."""
+        if self._keys[index] == _UNFILTERED:
+            prepared: list[tuple[bool, Any]] = [(True, None)] * len(ordered)
+            passing = list(range(len(ordered)))
+        else:
+            prepared = [self._prepared(index, aggregate, e) for e in ordered]
+            passing = [i for i, (passes, _) in enumerate(prepared) if passes]
+        above = None  # count_above: its rows' verdicts, shared by the windows
+        if aggregate.fn == "count_above":
+            above = _Above(
+                aggregate, [times[i] for i in passing], [prepared[i][1] for i in passing]
+            )
+        out: list[float | None] = []
+        for window in aggregate.windows:
+            lo, hi = self._range(aggregate, window, times)
+            first, last = bisect_left(passing, lo), bisect_left(passing, hi)
+            if above is not None:
+                out.append(float(sum(above.verdict(rank) for rank in range(first, last))))
+            else:
+                out.append(self._value(aggregate, passing[first:last], ordered, prepared))
+        return out
+
+    def _value(
+        self,
+        aggregate: Aggregate,
+        chosen: list[int],
+        ordered: list[Stored],
+        prepared: list[tuple[bool, Any]],
     ) -> float | None:
-        chosen = [
-            e
-            for e in self._members(aggregate, window, members, me)
-            if self._prepared(index, aggregate, e)[0]
-        ]
+        """One window's value: ``chosen``, the positions in ``ordered`` of its rows."""
         fn, default = aggregate.fn, aggregate.default
-        if fn == "count_above":
-            return self._count_above(index, aggregate, chosen, members, me)
         if fn == "count":
             return float(len(chosen))
         if fn in ("fraud_count", "fraud_rate"):
-            frauds = sum(e.label for e in chosen)
+            frauds = sum(ordered[i].label for i in chosen)
             if fn == "fraud_count":
                 return float(frauds)
             return frauds / len(chosen) if chosen else default
         if fn in ("time_since_last", "time_since_first", "time_since_fraud"):
+            me = len(ordered) - 1
             if fn == "time_since_last":
-                found = [e for e in chosen if e is not me][-1:]
+                found = [i for i in chosen if i != me][-1:]
             elif fn == "time_since_first":
                 found = chosen[:1]
             else:
-                found = [e for e in chosen if e.label][-1:]
+                found = [i for i in chosen if ordered[i].label][-1:]
             if not found:
                 return default
-            return (me.t_us - found[0].t_us) / (UNIT_SECONDS[aggregate.unit] * _US)
-        values = [self._prepared(index, aggregate, e)[1] for e in chosen]
+            elapsed = ordered[me].t_us - ordered[found[0]].t_us
+            return elapsed / (UNIT_SECONDS[aggregate.unit] * _US)
+        values = [prepared[i][1] for i in chosen]
         if fn == "count_distinct":
             return float(len(set(values)))
         if fn == "sum":
@@ -640,31 +671,32 @@ class SpecOnline:
         mean = math.fsum(values) / len(values)  # std: population
         return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
 
-    def _count_above(
-        self,
-        index: int,
-        aggregate: Aggregate,
-        chosen: list[Stored],
-        members: list[Stored],
-        me: Stored,
-    ) -> float:
-        """count_above over the window's matching rows ``chosen``: those whose value is above
-        k times the mean over the key's matching rows in the typical window before them."""
-        assert aggregate.k is not None and aggregate.typical is not None
-        ordered = [*members[: bisect_right([m.t_us for m in members], me.t_us)], me]
-        position = {id(e): i for i, e in enumerate(ordered)}
-        typical_us = (aggregate.typical.seconds or 0) * _US
-        count = 0
-        for row in chosen:
-            values = [
-                self._prepared(index, aggregate, e)[1]
-                for e in ordered[: position[id(row)]]
-                if e.t_us > row.t_us - typical_us and self._prepared(index, aggregate, e)[0]
-            ]
-            value = self._prepared(index, aggregate, row)[1]
-            if values and value > aggregate.k * (math.fsum(values) / len(values)):
-                count += 1
-        return float(count)
+
+class _Above:
+    """count_above's verdicts for one asking event: whether each matching row's value is above
+    k times the mean over the key's matching rows before it in the typical window. Matching
+    rows are in (time, arrival) order, so a row's typical rows are the ranks just before its
+    own, found by bisection and summed exactly (fsum); each verdict is worked out once."""
+
+    __slots__ = ("_k", "_known", "_times", "_typical_us", "_values")
+
+    def __init__(self, aggregate: Aggregate, times: list[int], values: list[Any]) -> None:
+        assert aggregate.k is not None and aggregate.typical is not None  # the spec checks
+        self._k = aggregate.k
+        self._typical_us = (aggregate.typical.seconds or 0) * _US
+        self._times, self._values = times, values
+        self._known: dict[int, bool] = {}
+
+    def verdict(self, rank: int) -> bool:
+        known = self._known.get(rank)
+        if known is None:
+            times, values = self._times, self._values
+            lo = bisect_right(times, times[rank] - self._typical_us, 0, rank)
+            typical = values[lo:rank]
+            known = self._known[rank] = bool(typical) and values[rank] > self._k * (
+                math.fsum(typical) / len(typical)
+            )
+        return known
 
 
 def reference_engine(spec: FeatureSpec) -> SpecOnline:
