@@ -54,8 +54,11 @@ def card_histories(
 def _gaps(history: np.ndarray, previous: np.ndarray, seconds: np.ndarray) -> np.ndarray:
     valid = history != PADDING
     events = np.where(valid, history, 0)  # (M, T)
-    to_current = seconds[:, None] - seconds[events]  # (M, T)
-    before = previous[events]  # (M, T)
-    since_previous = np.where(before != PADDING, seconds[events] - seconds[before], 0.0)
+    to_current = np.log1p(np.maximum(seconds[:, None] - seconds[events], 0.0))  # (M, T)
+    # An event's gap since the card's event before it is the event's own: computed once per
+    # row and gathered, rather than looked up again in every history that holds the event.
+    has_previous = previous != PADDING
+    own = np.where(has_previous, seconds - seconds[np.where(has_previous, previous, 0)], 0.0)
+    since_previous = np.log1p(np.maximum(own, 0.0))[events]  # (M, T)
     gaps = np.stack([to_current, since_previous], axis=-1)  # (M, T, 2)
-    return np.where(valid[..., None], np.log1p(np.maximum(gaps, 0.0)), 0.0).astype(np.float32)
+    return np.where(valid[..., None], gaps, 0.0).astype(np.float32)

@@ -44,7 +44,6 @@ class _Block(nn.Module):
     def __init__(self, *, d_model: int, n_heads: int, feedforward_dim: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
-        self.dropout = dropout
         self.norm1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -56,15 +55,35 @@ class _Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, h: Tensor, mask: Tensor, *, last_only: bool = False) -> Tensor:
+        """(B, T, d) -> (B, T, d), or (B, 1, d) for the last position alone (``last_only``)."""
         b, t, d = h.shape
-        qkv = self.qkv(self.norm1(h)).view(b, t, 3, self.n_heads, d // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, d / H)
-        p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        a = a.transpose(1, 2).reshape(b, t, d)  # (B, T, d)
+        dh = d // self.n_heads
+        normed = self.norm1(h)
+        if last_only:
+            q, k, v = _last_query(self.qkv, normed, self.n_heads)
+            h, mask = h[:, -1:], mask[:, :, -1:]  # (B, 1, d), (B, 1, 1, T)
+        else:
+            qkv = self.qkv(normed).view(b, t, 3, self.n_heads, dh)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, d / H)
+        # No dropout on the attention weights: residual dropout regularises, and on the CPU
+        # a dropout mask over (B, H, T, T) weights costs more than the attention itself
+        # (benchmarks/sequence_train.py).
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T or 1, d / H)
+        a = a.transpose(1, 2).reshape(b, -1, d)  # (B, T or 1, d)
         h = h + self.drop(self.out(a))
-        return h + self.drop(self.ff(self.norm2(h)))  # (B, T, d)
+        return h + self.drop(self.ff(self.norm2(h)))
+
+
+def _last_query(qkv: nn.Linear, normed: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries of the last position only, keys and values of all: what the last block needs
+    when only the current event's output is classified (benchmarks/sequence_train.py)."""
+    b, t, d = normed.shape
+    dh = d // n_heads
+    q = F.linear(normed[:, -1:], qkv.weight[:d], qkv.bias[:d])  # (B, 1, d)
+    kv = F.linear(normed, qkv.weight[d:], qkv.bias[d:]).view(b, t, 2, n_heads, dh)
+    k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, H, T, d / H)
+    return q.view(b, 1, n_heads, dh).transpose(1, 2), k, v  # q (B, H, 1, d / H)
 
 
 class SequenceTransformer(nn.Module):
@@ -111,6 +130,9 @@ class SequenceTransformer(nn.Module):
         x = x * valid[..., None]
         h = self.event(x) + self.gaps(inputs["gaps"]) + self.position  # (B, T, d)
         mask = attention_mask(valid)
-        for block in self.blocks:
+        *early, last = self.blocks
+        for block in early:
             h = block(h, mask)
+        # Only the current event is classified: the last block computes its position alone.
+        h = last(h, mask, last_only=True)  # (B, 1, d)
         return self.head(self.norm(h[:, -1]))  # (B, 2)
