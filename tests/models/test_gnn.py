@@ -14,7 +14,8 @@ from fraudflow.models import GraphInputs, gnn, input_spec_from_dict
 from fraudflow.models.gnn import GNN
 from fraudflow.train.checkpointing import LAST, load_checkpoint
 from fraudflow.train.distributed import single_process
-from fraudflow.train.loop import EpochLog, TensorData, fit
+from fraudflow.train.loop import TensorData, fit
+from tests.helpers.crash import Crash, CrashMidEpoch
 
 CPU = single_process(torch.device("cpu"))
 FANOUT = Fanout(hop1=3, hop2=2)
@@ -148,29 +149,13 @@ def test_learns_what_only_the_graph_shows(tmp_path: Path) -> None:
     assert result.best_valid_average_precision > 0.5
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashMidEpoch:
-    def on_batch(self, epoch: int, done: int, total: int) -> None:
-        if epoch == 1 and done >= total // 2:
-            raise _Crash
-
-    def on_epoch(self, log: EpochLog) -> None:
-        pass
-
-    def on_backoff(self, old_batch_size: int, new_batch_size: int) -> None:
-        pass
-
-
 def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     train, valid = _train_valid(480)
     whole = _model(CFG.seed)
     fit(whole, train, valid, CFG, dist_ctx=CPU, checkpoint_dir=tmp_path / "whole")
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         fit(_model(CFG.seed), train, valid, CFG, dist_ctx=CPU,
-            checkpoint_dir=tmp_path / "split", observer=_CrashMidEpoch())  # fmt: skip
+            checkpoint_dir=tmp_path / "split", observer=CrashMidEpoch())  # fmt: skip
     state = load_checkpoint(tmp_path / "split" / LAST)["loop"]
     assert state["next_epoch"] == 1 and 0 < state["epoch_offset"] < len(train)
     resumed = _model(CFG.seed)

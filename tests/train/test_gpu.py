@@ -18,7 +18,8 @@ from fraudflow.models import MLP
 from fraudflow.train import DONE
 from fraudflow.train.backoff import activation_bytes_per_sample
 from fraudflow.train.distributed import DistContext, single_process
-from fraudflow.train.loop import EpochLog, FitResult, TensorData, fit
+from fraudflow.train.loop import FitResult, TensorData, fit
+from tests.helpers.crash import Crash, CrashMidEpoch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,27 +76,11 @@ def test_cuda_graph_steps_give_the_eager_results(tmp_path: Path, amp: str) -> No
     assert graphed.best_valid_average_precision > 0.6
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashMidEpoch:
-    def on_batch(self, epoch: int, done: int, total: int) -> None:
-        if epoch == 1 and done >= total // 2:
-            raise _Crash
-
-    def on_epoch(self, log: EpochLog) -> None:
-        pass
-
-    def on_backoff(self, old_batch_size: int, new_batch_size: int) -> None:
-        pass
-
-
 def test_cuda_graph_run_resumes_exactly(tmp_path: Path) -> None:
     cfg = dataclasses.replace(GRAPH_CFG, amp="bf16", cuda_graphs="on", checkpoint_every_steps=4)
     whole, _ = _fit_model(tmp_path / "whole", cfg, GRAPH_TRAIN, GRAPH_VALID)
-    with pytest.raises(_Crash):
-        _fit_model(tmp_path / "split", cfg, GRAPH_TRAIN, GRAPH_VALID, observer=_CrashMidEpoch())
+    with pytest.raises(Crash):
+        _fit_model(tmp_path / "split", cfg, GRAPH_TRAIN, GRAPH_VALID, observer=CrashMidEpoch())
     resumed, result = _fit_model(tmp_path / "split", cfg, GRAPH_TRAIN, GRAPH_VALID, resume=True)
     assert result.cuda_graph_captures >= 1
     difference = _largest_difference(whole, resumed)

@@ -12,7 +12,8 @@ from fraudflow.features.sequences import card_histories
 from fraudflow.models import SequenceTransformer
 from fraudflow.train.checkpointing import LAST, load_checkpoint
 from fraudflow.train.distributed import single_process
-from fraudflow.train.loop import EpochLog, TensorData, fit
+from fraudflow.train.loop import TensorData, fit
+from tests.helpers.crash import Crash, CrashMidEpoch
 
 CPU = single_process(torch.device("cpu"))
 T = 6
@@ -56,27 +57,11 @@ def _fit(tmp: Path, cfg: TrainConfig = CFG, **kwargs: object) -> tuple[SequenceT
     return model, result
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashMidEpoch:
-    def on_batch(self, epoch: int, done: int, total: int) -> None:
-        if epoch == 1 and done >= total * 0.8:
-            raise _Crash
-
-    def on_epoch(self, log: EpochLog) -> None:
-        pass
-
-    def on_backoff(self, old_batch_size: int, new_batch_size: int) -> None:
-        pass
-
-
 def test_bf16_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     whole, result = _fit(tmp_path / "whole")
     assert np.isfinite(result.history[-1]["loss"])  # type: ignore[attr-defined]
-    with pytest.raises(_Crash):
-        _fit(tmp_path / "split", observer=_CrashMidEpoch())
+    with pytest.raises(Crash):
+        _fit(tmp_path / "split", observer=CrashMidEpoch(fraction=0.8))
     state = load_checkpoint(tmp_path / "split" / LAST)["loop"]
     assert state["next_epoch"] == 1 and 0 < state["epoch_offset"] < len(TRAIN)
     resumed, _ = _fit(tmp_path / "split", resume=True)
