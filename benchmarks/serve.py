@@ -40,9 +40,10 @@ moving forward, as in production.
   ``--rate`` for ``--rate-seconds``, against a server of the run alone and then against one
   that also scores the challengers in shadow (``fraudflow serve --shadow``), each on fresh
   state with the same transactions, ``--shadow-rounds`` times in turn. Reported: each
-  one's p50/p95/p99 of the champion's answers (pooled over the rounds), and
-  ``shadow_p99_ratio``, with / without (target: at most 1.2 with two challengers). The
-  challengers must read features the run's online engine computes.
+  one's p50/p95/p99 of the champion's answers (pooled over the rounds), the server's CPU per
+  decision and the machine's load average at each start, and ``shadow_p99_ratio``, with /
+  without (target: at most 1.2 with two challengers). The challengers must read features the
+  run's online engine computes.
 
 Without ``--run`` a small run is built first in a temporary folder: simulate -> features ->
 LightGBM (about a minute), on the default spec, or with ``--v2`` the default spec plus its v2
@@ -545,9 +546,14 @@ async def shadow_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame
     over both); each configuration's latencies pooled over its rounds."""
     out: dict[str, Any] = {"shadow": args.shadow, "rate": args.rate, "rounds": args.shadow_rounds}
     pooled = {"alone": Load(), "with_shadow": Load()}
+    cpu: dict[str, float | None] = {"alone": 0.0, "with_shadow": 0.0}
+    loads: dict[str, list[float]] = {"alone": [], "with_shadow": []}
     for _ in range(args.shadow_rounds):
         for label, shadow in (("alone", None), ("with_shadow", args.shadow)):
-            at_rate = await _rate_phase(args, run, frame, shadow)
+            loads[label].append(os.getloadavg()[0])  # a shared machine: what else ran
+            at_rate, seconds = await _rate_phase(args, run, frame, shadow)
+            spent = cpu[label]
+            cpu[label] = None if spent is None or seconds is None else spent + seconds
             pooled[label].latencies_ms += at_rate.latencies_ms
             pooled[label].decisions += at_rate.decisions
             pooled[label].errors += at_rate.errors
@@ -557,6 +563,10 @@ async def shadow_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame
             "p50_ms": load.percentile(50), "p95_ms": load.percentile(95),
             "p99_ms": load.percentile(99), "errors": dict(load.errors),
             "statuses": dict(load.statuses), "decisions": load.decisions,
+            # The server's CPU over the open loop (the challengers' scoring included, but for
+            # what they still held when it ended), and the 1-minute load average at each start.
+            "server_cpu_ms_per_decision": _per_decision(cpu[label], load.decisions),
+            "load_average": loads[label],
         }  # fmt: skip
     alone, with_shadow = out["alone"]["p99_ms"], out["with_shadow"]["p99_ms"]
     out["shadow_p99_ratio"] = with_shadow / alone if alone and with_shadow else None
@@ -565,8 +575,9 @@ async def shadow_phases(args: argparse.Namespace, run: Path, frame: pl.DataFrame
 
 async def _rate_phase(
     args: argparse.Namespace, run: Path, frame: pl.DataFrame, shadow: str | None
-) -> Load:
-    """A fresh server (with ``shadow`` challengers, if any), warmed up, then the open loop."""
+) -> tuple[Load, float | None]:
+    """A fresh server (with ``shadow`` challengers, if any), warmed up, then the open loop;
+    and the server's CPU seconds over the loop."""
     with tempfile.TemporaryDirectory(prefix="fraudflow-bench-shadow-") as tmp:
         scratch, port = Path(tmp), args.port or free_port()
         proc = start_server(run, port, args.workers, scratch, shadow=shadow)
@@ -574,10 +585,12 @@ async def _rate_phase(
             await wait_ready(proc, port, scratch / "server.log")
             stream = transaction_stream(frame)  # the same transactions for every server
             await _warm_up(port, stream)
-            return await drive_rate(
+            before = tree_cpu_seconds(proc.pid)
+            load = await drive_rate(
                 port, single_bodies(stream), "/v1/decisions",
                 rate=args.rate, seconds=args.rate_seconds, connections=args.rate_connections,
             )  # fmt: skip
+            return load, _cpu_since(proc.pid, before)
         finally:
             stop_server(proc)
 
@@ -661,9 +674,12 @@ def report(result: dict[str, Any]) -> None:
             phase = result.get(label) or {}
             ms = [phase.get(k) for k in ("p50_ms", "p95_ms", "p99_ms")]
             shown = ", ".join("n/a" if v is None else f"{v:.2f}" for v in ms)
+            cpu = phase.get("server_cpu_ms_per_decision")
             print(
                 f"champion {label} at {result.get('rate'):,.0f}/s: p50, p95, p99 {shown} ms "
-                f"({phase.get('decisions', 0):,} decisions, errors {phase.get('errors')})"
+                f"({phase.get('decisions', 0):,} decisions, errors {phase.get('errors')}; "
+                f"server CPU {'n/a' if cpu is None else f'{cpu:.3f}'} ms/decision; load "
+                f"average at start {phase.get('load_average')})"
             )
         print(f"p99 with / without challengers: {fmt('shadow_p99_ratio', '.3f')}")
         print(f"targets met: {result.get('targets_met')}")
