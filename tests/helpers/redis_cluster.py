@@ -2,7 +2,8 @@
 
 Started with ``redis-server --cluster-enabled yes`` x6 and ``redis-cli --cluster create``
 (skipped where the binaries are absent). A small ``cluster-node-timeout`` makes a killed
-master's replica take over within a few seconds.
+master's replica take over within a few seconds. With ``password``, every node requires it
+(``--requirepass``, and ``--masterauth`` for its replica) and ``url`` carries it.
 """
 
 import shutil
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -45,10 +47,13 @@ def _free_ports(n: int) -> list[int]:
 class RedisCluster:
     """Six redis-server processes forming a cluster; ``url`` names it for the service."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, password: str | None = None) -> None:
         self.folder = folder
         self.ports = _free_ports(6)
-        self.url = "redis-cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+        self.password = password
+        credentials = "" if password is None else f":{quote(password, safe='')}@"
+        nodes = ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+        self.url = f"redis-cluster://{credentials}{nodes}"
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
@@ -58,8 +63,9 @@ class RedisCluster:
         for port in self.ports:
             self._wait_listening(port)
         nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        auth = [] if self.password is None else ["-a", self.password, "--no-auth-warning"]
         subprocess.run(
-            [REDIS_CLI, "--cluster", "create", *nodes, "--cluster-replicas", "1",
+            [REDIS_CLI, *auth, "--cluster", "create", *nodes, "--cluster-replicas", "1",
              "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
         )  # fmt: skip
@@ -69,10 +75,12 @@ class RedisCluster:
         assert REDIS_SERVER is not None
         folder = self.folder / str(port)
         folder.mkdir(parents=True, exist_ok=True)
+        auth = [] if self.password is None else [
+            "--requirepass", self.password, "--masterauth", self.password]  # fmt: skip
         self._processes[port] = subprocess.Popen(
             [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
              "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout",
-             str(NODE_TIMEOUT_MS), "--save", "", "--appendonly", "no"],
+             str(NODE_TIMEOUT_MS), "--save", "", "--appendonly", "no", *auth],
             cwd=folder, stdout=subprocess.DEVNULL,
         )  # fmt: skip
 
@@ -89,7 +97,12 @@ class RedisCluster:
                 time.sleep(0.05)
 
     def node(self, port: int) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, password=self.password)
+
+    def client(self, port: int | None = None) -> redis.RedisCluster:
+        """A cluster client starting from ``port`` (the first node by default)."""
+        start = self.ports[0] if port is None else port
+        return redis.RedisCluster(host="127.0.0.1", port=start, password=self.password)
 
     def roles(self) -> dict[int, str]:
         """The role of each live node: "master", "slave", or "syncing" (a replica whose link
@@ -138,9 +151,9 @@ class RedisCluster:
 
 
 @contextmanager
-def redis_cluster(folder: Path) -> Iterator[RedisCluster]:
+def redis_cluster(folder: Path, *, password: str | None = None) -> Iterator[RedisCluster]:
     """A started cluster in ``folder``; stopped on exit."""
-    cluster = RedisCluster(folder)
+    cluster = RedisCluster(folder, password=password)
     try:
         cluster.start()
         yield cluster

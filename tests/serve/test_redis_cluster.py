@@ -13,10 +13,12 @@ import polars as pl
 import pytest
 import redis
 
+from fraudflow.errors import ConfigError
 from fraudflow.features.online import Event, OnlineFeatures, Window
 from fraudflow.serve.app import create_app
 from fraudflow.serve.audit import read_decisions
 from fraudflow.serve.idempotency import RedisLedger
+from fraudflow.serve.redis_shards import cluster_nodes, cluster_options
 from fraudflow.serve.state import RedisStore
 from tests.features.test_online import SIM_CFG, assert_matches_batch, replay, simulated
 from tests.helpers.redis_cluster import RedisCluster, needs_redis_cluster, redis_cluster
@@ -31,10 +33,13 @@ from tests.helpers.service import (
 
 pytestmark = needs_redis_cluster
 
+PASSWORD = "s3cret/@:pass"  # characters a URL must percent-encode
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    with redis_cluster(tmp_path_factory.mktemp("cluster")) as started:
+    # Every node requires a password: the URL's credentials reach every node it discovers.
+    with redis_cluster(tmp_path_factory.mktemp("cluster"), password=PASSWORD) as started:
         yield started
 
 
@@ -117,7 +122,7 @@ def test_reapplying_changes_nothing_and_a_half_done_group_is_completed(
             with pytest.raises(redis.exceptions.ConnectionError):
                 store.apply_many(events[10:15], _WINDOWS, forget_until_us=0)
         records = [store.record_key(e.transaction_id) for e in events[10:15]]
-        with redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as client:
+        with cluster.client() as client:
             assert [client.hget(k, "d") for k in records] == [b"0"] * 5  # claimed, not done
             retry = store.apply_many(events[10:20], _WINDOWS, forget_until_us=0)
             assert retry.fresh.tolist() == [False] * 5 + [True] * 5
@@ -191,5 +196,37 @@ def test_two_service_replicas_on_a_cluster_decide_a_transaction_once(
     assert answers[0].content == answers[1].content
     assert read_decisions(tmp_path / "a" / "audit.db").height == 1
     assert read_decisions(tmp_path / "b" / "audit.db").height == 0  # b only replayed a's answer
-    with redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as client:
+    with cluster.client() as client:
         assert client.zcard("fraudflow:{c:c}") == 1  # stored once, by a
+
+
+def test_a_cluster_url_without_the_password_is_refused(cluster: RedisCluster) -> None:
+    _, _, nodes = cluster.url.rpartition("@")
+    for wrong in ("", ":wrong@"):
+        refused = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+        with pytest.raises(refused, match=r"(?i)auth|password"):
+            RedisStore(f"redis-cluster://{wrong}{nodes}", prefix=_prefix()).read([], [])
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("redis-cluster://h:1,h:2", {}),
+        ("redis-cluster://:p%40ss@h:1,h:2", {"password": "p@ss"}),
+        ("redis-cluster://ann:pw@h:1", {"username": "ann", "password": "pw"}),
+        ("rediss-cluster://:pw@h:1,h:2", {"password": "pw", "ssl": True}),
+        ("rediss-cluster://h:1/?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required",
+         {"ssl": True, "ssl_ca_certs": "/etc/ca.pem", "ssl_cert_reqs": "required"}),
+    ],
+)  # fmt: skip
+def test_cluster_url_credentials_and_tls_read_as_redis_py_reads_one_node(
+    url: str, options: dict[str, object]
+) -> None:
+    assert cluster_options(url) == options
+    assert cluster_nodes(url)[0] == ("h", 1)
+
+
+def test_a_bad_cluster_url_is_refused_without_showing_its_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        cluster_nodes("rediss-cluster://ann:secret@h")
+    assert "secret" not in str(refused.value) and "ann:***@h" in str(refused.value)

@@ -1,8 +1,16 @@
 """Redis clients for the state URLs, and scripts run per key, pipelined per node.
 
-    redis://host[:port][/db], rediss://...      one Redis server (``redis.Redis``)
-    redis-cluster://host:port[,host:port...]    a Redis Cluster (``redis.cluster.RedisCluster``);
-                                                the nodes named are where discovery starts
+    redis://[[user]:password@]host[:port][/db]       one Redis server (``redis.Redis``);
+    rediss://...                                     the same over TLS
+    redis-cluster://[[user]:password@]host:port[,host:port...][?options]
+                                                     a Redis Cluster
+                                                     (``redis.cluster.RedisCluster``); the
+                                                     nodes named are where discovery starts
+    rediss-cluster://...                             the same over TLS
+
+Credentials and options are read as redis-py reads a ``redis://`` or ``rediss://`` URL (the
+user name and password percent-encoded; options such as ``ssl_ca_certs=<path>`` or
+``ssl_cert_reqs=none`` in the query string), and apply to every node of the cluster.
 
 The stores (``fraudflow.serve.state``, ``fraudflow.serve.spec_redis``) hash each key by what
 it belongs to (one entity key's events, one transaction's record), so a cluster spreads them
@@ -20,24 +28,32 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fraudflow.errors import ConfigError
+from fraudflow.serve.database import redact_url
 
 if TYPE_CHECKING:
     import redis
 
 __all__ = [
     "CLUSTER_SCHEME",
+    "CLUSTER_SCHEMES",
     "REDIS_SCHEMES",
     "URL_FORMS",
     "Shards",
     "cluster_nodes",
+    "cluster_options",
     "is_cluster",
     "is_redis_url",
     "redis_client",
 ]
 
 CLUSTER_SCHEME = "redis-cluster"
-REDIS_SCHEMES = ("redis", "rediss", CLUSTER_SCHEME)
-URL_FORMS = "redis://<host>[:<port>][/<db>] or redis-cluster://<host>:<port>[,<host>:<port>...]"
+# Cluster URL schemes -> the one-node scheme whose form they follow (TLS or not).
+CLUSTER_SCHEMES = {CLUSTER_SCHEME: "redis", "rediss-cluster": "rediss"}
+REDIS_SCHEMES = ("redis", "rediss", *CLUSTER_SCHEMES)
+URL_FORMS = (
+    "redis[s]://[[<user>]:<password>@]<host>[:<port>][/<db>] or "
+    "redis[s]-cluster://[[<user>]:<password>@]<host>:<port>[,<host>:<port>...]"
+)
 
 
 def is_redis_url(url: str | None) -> bool:
@@ -59,26 +75,52 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
         raise ConfigError(
             "a redis:// state store needs the `redis` package, however it is not installed"
         ) from None
-    if url.partition("://")[0] != CLUSTER_SCHEME:
+    if url.partition("://")[0] not in CLUSTER_SCHEMES:
         return redis.Redis.from_url(url, **options)
     nodes = [ClusterNode(host, port) for host, port in cluster_nodes(url)]
     # A cluster client is not a ``redis.Redis``, but offers the commands the stores use.
-    cluster: Any = RedisCluster(startup_nodes=nodes, **options)
+    cluster: Any = RedisCluster(startup_nodes=nodes, **cluster_options(url), **options)
     return cluster
 
 
 def cluster_nodes(url: str) -> list[tuple[str, int]]:
-    """The (host, port) pairs of a ``redis-cluster://`` URL."""
+    """The (host, port) pairs of a ``redis-cluster://`` or ``rediss-cluster://`` URL."""
     nodes = []
-    for part in url.partition("://")[2].rstrip("/").split(","):
+    for part in _split_cluster_url(url)[2].rstrip("/").split(","):
         host, sep, port = part.rpartition(":")
         if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
             raise ConfigError(
-                f"a redis-cluster URL must be redis-cluster://<host>:<port>[,<host>:<port>...], "
-                f"however got {url!r}"
+                f"a redis-cluster URL must be redis[s]-cluster://[[<user>]:<password>@]<host>:"
+                f"<port>[,<host>:<port>...], however got {redact_url(url)!r}"
             )
         nodes.append((host, int(port)))
     return nodes
+
+
+def cluster_options(url: str) -> dict[str, Any]:
+    """The client options of a cluster URL: credentials, TLS and the query's options, read
+    by redis-py as for a one-node URL of the same form."""
+    from redis.connection import SSLConnection, parse_url
+
+    one, credentials, hosts, query = _split_cluster_url(url)
+    first = hosts.split(",")[0].rstrip("/")
+    try:
+        options = parse_url(f"{one}://{credentials}{first}{query}")
+    except ValueError as exc:
+        raise ConfigError(f"state store URL {redact_url(url)!r}: {exc}") from None
+    for name in ("host", "port", "db", "path"):
+        options.pop(name, None)
+    if options.pop("connection_class", None) is SSLConnection:
+        options["ssl"] = True
+    return options
+
+
+def _split_cluster_url(url: str) -> tuple[str, str, str, str]:
+    """(the one-node scheme, "credentials@" or "", the host list, "?query" or "")."""
+    scheme, _, rest = url.partition("://")
+    head, at, hosts = rest.rpartition("@")
+    hosts, question, query = hosts.partition("?")
+    return CLUSTER_SCHEMES[scheme], head + at, hosts, question + query
 
 
 # A cluster master's writes are acknowledged once a replica holds them (WAIT), so that a

@@ -33,7 +33,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fraudflow.errors import ConfigError
 from fraudflow.serve.database import POSTGRES_URL_FORM, is_postgres_url, redact_url
-from fraudflow.serve.redis_shards import CLUSTER_SCHEME, REDIS_SCHEMES, URL_FORMS, cluster_nodes
+from fraudflow.serve.redis_shards import (
+    CLUSTER_SCHEMES,
+    REDIS_SCHEMES,
+    URL_FORMS,
+    cluster_nodes,
+    cluster_options,
+)
 
 __all__ = [
     "DEFAULT_SPLIT_SALT",
@@ -155,9 +161,10 @@ class ServeSettings(BaseSettings):
         if not ok or (scheme == "sqlite" and not rest.startswith("/")):
             shown = f"{scheme}://...@{rest.rpartition('@')[2]}" if "@" in rest else url
             raise ValueError(f"must be sqlite:///<path> or {URL_FORMS}, however got {shown!r}")
-        if scheme == CLUSTER_SCHEME:
+        if scheme in CLUSTER_SCHEMES:
             try:
                 cluster_nodes(url)
+                cluster_options(url)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return url
