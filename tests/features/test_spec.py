@@ -158,6 +158,13 @@ def test_features_spec_command_writes_the_default(tmp_path: Path) -> None:
     assert load_spec(tmp_path / "s.toml").hash == default_spec(FeatureConfig()).hash
 
 
+def test_features_spec_command_writes_the_v2_block_on_request(tmp_path: Path) -> None:
+    args = ["features", "spec", "--out", str(tmp_path / "s.toml"), "--v2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert load_spec(tmp_path / "s.toml").hash == default_spec(FeatureConfig(), v2=True).hash
+
+
 def test_features_command_with_a_spec_over_an_extra_column(tmp_path: Path) -> None:
     log = tmp_path / "log.parquet"
     LOG.write_parquet(log)

@@ -185,7 +185,12 @@ def write_spec(
     label_delay_days: int = typer.Option(
         7, "--label-delay-days", help="Days until a label is known."
     ),
-    v2: bool = typer.Option(False, "--v2", help="With the v2 block (not served online yet)."),
+    v2: bool = typer.Option(
+        False,
+        "--v2",
+        help="With the v2 block (the service computes it with its spec engine, slower than "
+        "the default spec's fast path).",
+    ),
 ) -> None:
     """Write the default feature spec, a starting point for your own."""
     from fraudflow.features import default_spec, spec_to_toml

@@ -6,8 +6,11 @@ set that the online service computes (``fraudflow.features.online``), name for n
 for value. ``fraudflow features spec --out FILE`` writes it as a starting point.
 
 ``default_spec(cfg, v2=True)`` adds the v2 block (``fraudflow features spec --v2``): what fraud
-teams add next, all point in time. It is not the default yet: the service computes the v1
-features only, and ``benchmarks/feature_sets.py`` measures what v2 adds.
+teams add next, all point in time; ``benchmarks/feature_sets.py`` measures what it adds. It is
+not the default yet: the service computes the 25 through its fast path
+(``fraudflow.features.online``), and a spec with the v2 block through the spec engine
+(``fraudflow.features.spec_online``), which does not hold ``benchmarks/serve.py``'s targets
+(``serve.py --v2`` measures it).
 """
 
 from __future__ import annotations
