@@ -113,3 +113,25 @@ def test_a_bad_file_among_several_is_named_and_nothing_is_written(tmp_path: Path
         assert expected in text, engine
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]
+
+
+def test_one_output_file_is_streamed_from_ordered_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fraudflow.features import spark_backfill
+
+    log = simulate(SimulationConfig(n_customers=40, n_terminals=80, n_days=20, seed=6))
+    log.write_parquet(tmp_path / "log.parquet")
+    # Parts of a few thousand rows: the file is the concatenation of several range partitions.
+    monkeypatch.setattr(spark_backfill, "_PART_ROWS", log.height // 5 + 1)
+    for engine in ("polars", "spark"):
+        code, text = _features(
+            "--input", str(tmp_path / "log.parquet"), "--out", str(tmp_path / f"{engine}.parquet"),
+            "--engine", engine,
+        )  # fmt: skip
+        assert code == 0, text
+    ours = read_feature_table(tmp_path / "polars.parquet")
+    theirs = read_feature_table(tmp_path / "spark.parquet")
+    assert theirs.meta == ours.meta
+    _same_values(ours.frame, theirs.frame)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left

@@ -15,7 +15,9 @@ history is too large for that. ``backfill_on_spark`` keeps the rows off the driv
 3. write: with ``shard_days``, the executor holding a shard writes it, with the same name,
    rows, order, dtypes and metadata as ``write_feature_shards``, into a temporary folder that
    the driver renames into place once every shard is written; a failure leaves nothing. A
-   single output file is one machine's by definition: the driver collects and writes it.
+   single output file is one machine's by definition, but the rows never pass through the
+   driver whole: executors write them as range-ordered parts into a temporary folder, and the
+   driver appends the parts to the file one at a time (``_write_one``).
 
 Executors must see the input and output paths (a shared file system, as on Kubernetes with a
 shared volume) and have fraudflow installed (the container image does).
@@ -43,7 +45,7 @@ from fraudflow.errors import ConfigError, DataError, FraudflowError
 from fraudflow.features.batch import check_categorical, check_input
 from fraudflow.features.spark import ROW, features_with_row, spark_session
 from fraudflow.features.spec import FeatureSpec
-from fraudflow.features.table import write_feature_table
+from fraudflow.features.table import write_feature_parts, write_feature_table
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -54,6 +56,8 @@ __all__ = ["Backfill", "backfill_on_spark"]
 _DAY_US = 86_400 * 1_000_000
 _SHARD = "__shard"
 _T = "__t_us"
+# Rows per part of a single-file output (``_write_one``): an executor holds one part.
+_PART_ROWS = 500_000
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ def backfill_on_spark(
         dtypes = _output_dtypes(schema, spec)
         written: tuple[Path, ...]
         if shard_days is None:
-            written = (_write_one(featured, out, cfg, spec, dtypes),)
+            rows = sum(c.rows for c in checked)
+            written = (_write_one(featured, out, cfg, spec, dtypes, rows),)
         else:
             first_us = min(c.first_us for c in checked if c.first_us is not None)
             written = _write_shards(featured, out, cfg, spec, dtypes, shard_days, first_us)
@@ -261,12 +266,52 @@ def _output_dtypes(schema: pa.Schema, spec: FeatureSpec) -> dict[str, Any]:
 
 
 def _write_one(
-    featured: DataFrame, out: Path, cfg: FeatureConfig, spec: FeatureSpec, dtypes: dict[str, Any]
+    featured: DataFrame,
+    out: Path,
+    cfg: FeatureConfig,
+    spec: FeatureSpec,
+    dtypes: dict[str, Any],
+    rows: int,
 ) -> Path:
-    table = pl.from_arrow(featured.orderBy(_T, ROW).toArrow())
-    assert isinstance(table, pl.DataFrame)
-    write_feature_table(_finished(table, dtypes), out, cfg, spec=spec)
+    """One output file. Collecting the table on the driver (``toArrow``) killed its JVM on
+    4 million rows with the default 4 GiB: executors write range partitions of the ordered
+    rows as parts instead, and the driver streams them into ``out`` in partition order."""
+    from pyspark.sql import functions as F
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        ordered = featured.repartitionByRange(max(1, -(-rows // _PART_ROWS)), F.col(_T), F.col(ROW))
+        write = partial(_write_range_part, folder=str(tmp), dtypes=dtypes)
+        with _arrow_tasks():
+            ordered.sortWithinPartitions(_T, ROW).mapInArrow(write, "part LONG").collect()
+        parts = sorted(tmp.glob("part-*.parquet"))  # zero-padded partition ids: range order
+        written = write_feature_parts(parts, out, cfg, schema=dtypes, spec=spec)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if written != rows:
+        raise DataError(f"the Spark job wrote {written:,} of {rows:,} rows")
     return out
+
+
+def _write_range_part(
+    batches: Iterator[pa.RecordBatch], *, folder: str, dtypes: dict[str, Any]
+) -> Iterator[pa.RecordBatch]:
+    """On an executor: this partition's rows (in order) as one part file named by its id."""
+    import pyarrow as pa
+    from pyspark import TaskContext
+
+    frames = [pl.from_arrow(b) for b in batches if b.num_rows]
+    if not frames:
+        return
+    rows = pl.concat(frames)  # type: ignore[type-var]
+    assert isinstance(rows, pl.DataFrame)
+    context = TaskContext.get()
+    assert context is not None  # mapInArrow runs its function in a task
+    part = context.partitionId()
+    _finished(rows, dtypes).write_parquet(Path(folder) / f"part-{part:06d}.parquet")
+    yield pa.RecordBatch.from_pydict({"part": [part]})
 
 
 def _finished(frame: pl.DataFrame, dtypes: dict[str, Any]) -> pl.DataFrame:

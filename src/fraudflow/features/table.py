@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from fraudflow.config import FeatureConfig, to_dict
-from fraudflow.data.io import read_parquet_metadata, write_table
+from fraudflow.data.io import read_parquet_metadata, write_table, write_table_parts
 from fraudflow.data.schema import TIMESTAMP
 from fraudflow.errors import ConfigError, DataError
 from fraudflow.features.default_spec import default_spec
@@ -28,6 +29,7 @@ __all__ = [
     "FeatureTable",
     "open_feature_source",
     "read_feature_table",
+    "write_feature_parts",
     "write_feature_shards",
     "write_feature_table",
 ]
@@ -107,6 +109,19 @@ def write_feature_table(
     frame: pl.DataFrame, path: Path, cfg: FeatureConfig, *, spec: FeatureSpec | None = None
 ) -> None:
     write_table(frame, path, metadata=_metadata_meta(cfg, spec))
+
+
+def write_feature_parts(
+    parts: Sequence[Path],
+    path: Path,
+    cfg: FeatureConfig,
+    *,
+    schema: Mapping[str, Any],
+    spec: FeatureSpec | None = None,
+) -> int:
+    """``write_feature_table`` of the rows of the Parquet files ``parts`` in order, holding one
+    part in memory at a time (``schema``: the columns when no part has a row). Returns the rows."""
+    return write_table_parts(parts, path, schema=schema, metadata=_metadata_meta(cfg, spec))
 
 
 def write_feature_shards(
