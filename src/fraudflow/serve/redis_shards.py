@@ -51,8 +51,8 @@ CLUSTER_SCHEME = "redis-cluster"
 CLUSTER_SCHEMES = {CLUSTER_SCHEME: "redis", "rediss-cluster": "rediss"}
 REDIS_SCHEMES = ("redis", "rediss", *CLUSTER_SCHEMES)
 URL_FORMS = (
-    "redis[s]://[[<user>]:<password>@]<host>[:<port>][/<db>] or "
-    "redis[s]-cluster://[[<user>]:<password>@]<host>:<port>[,<host>:<port>...]"
+    "redis://<host>[:<port>][/<db>] or redis-cluster://<host>:<port>[,<host>:<port>...] "
+    "(rediss:// and rediss-cluster:// for TLS; [<user>]:<password>@ before the host)"
 )
 
 
