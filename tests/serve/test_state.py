@@ -464,6 +464,29 @@ def test_redis_replicas_alternating_equal_one(redis_url: str) -> None:
         assert alternating == replay(frame, SIM_CFG, lambda _: one)
 
 
+@needs_redis
+def test_redis_prune_sweeps_a_chunk_at_a_time_and_spares_other_keys(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from fraudflow.serve import state
+
+    monkeypatch.setattr(state, "_SCAN_CHUNK", 3)  # many chunks: memory stays bounded
+    prefix = f"test-{uuid.uuid4().hex[:8]}:"
+    events = [Event(f"tx{i}", 10 * i, f"c{i % 3}", f"t{i % 4}", 1.0) for i in range(1, 11)]
+    with RedisStore(redis_url, prefix=prefix) as store, redis.Redis.from_url(redis_url) as client:
+        store.apply_many(events, [], forget_until_us=0)
+        assert store.set_label("tx2", True)
+        client.set(prefix + "{t:tx1}r", b"a replay record")  # the ledger's: not the store's
+        assert store.prune(55) == 5  # tx1..tx5
+        assert client.exists(prefix + "{t:tx1}r") and not client.exists(store.record_key("tx1"))
+        windows = [Window("customer", 1_000), Window("terminal", 1_000)]
+        probe = [Event("p", 200, f"c{k}", f"t{k}", 0.0) for k in range(3)]
+        assert store.read(probe, windows).count.tolist() == [[2, 2, 1], [1, 1, 2]]
+        assert client.zcard(store.entity_key("customer", "c2") + "f") == 0  # tx2's label
+
+
 # --- open_store --------------------------------------------------------------------------
 
 

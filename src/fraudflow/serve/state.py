@@ -516,8 +516,8 @@ class RedisStore:
     ``apply_many`` is three pipelined rounds (claim, entity scripts, done marks), each one
     round trip per node; every entity key's events are answered and added atomically, in call
     order, by one script. Transactions and entity keys expire once forgotten; ``prune``
-    sweeps the rest (a SCAN: rare). Thread-safe: redis-py's clients draw connections from a
-    pool.
+    sweeps the rest (one SCAN, in chunks: rare). Thread-safe: redis-py's clients draw
+    connections from a pool.
     """
 
     def __init__(self, url: str, *, prefix: str = "fraudflow:") -> None:
@@ -623,30 +623,40 @@ class RedisStore:
         return True
 
     def prune(self, until_us: int) -> int:
+        """Move the watermark to ``until_us`` and forget what is older in every key: one SCAN
+        of this store's keys (per master on a cluster), handled a chunk at a time as it comes,
+        so memory stays bounded however many keys there are. Writes already forget in the
+        keys they touch, and idle keys expire: this sweep is for the rest, and rare."""
         self._shards.run([self._shards.script(_WATERMARK, [self._watermark], [until_us])])
-        for tag in ("c", "m"):
-            pattern = _glob_escape(self.prefix + "{" + tag + ":") + "*"
-            keys = list(self._scan(pattern))
-            for start in range(0, len(keys), _SCAN_CHUNK):
-                with self._client.pipeline(transaction=False) as pipe:
-                    for k in keys[start : start + _SCAN_CHUNK]:
-                        pipe.zremrangebyscore(k, "-inf", until_us)
-                    pipe.execute()
-        records = [k for k in self._scan(_glob_escape(self.prefix + "{t:") + "*") if k[-1:] == b"}"]
         gone = 0
-        for start in range(0, len(records), _SCAN_CHUNK):
-            chunk = records[start : start + _SCAN_CHUNK]
-            with self._client.pipeline(transaction=False) as pipe:
-                for k in chunk:
-                    pipe.hget(k, "e")
-                found = pipe.execute()
-            old = [k for k, e in zip(chunk, found, strict=True)
-                   if e is not None and unpack_record(e)[0] <= until_us]  # fmt: skip
-            with self._client.pipeline(transaction=False) as pipe:
-                for k in old:
-                    pipe.delete(k)
-                gone += sum(pipe.execute())
-        return gone
+        chunk: list[bytes] = []
+        for key in self._scan(_glob_escape(self.prefix + "{") + "*"):
+            chunk.append(key)
+            if len(chunk) == _SCAN_CHUNK:
+                gone += self._prune_keys(chunk, until_us)
+                chunk = []
+        return gone + self._prune_keys(chunk, until_us)
+
+    def _prune_keys(self, keys: Sequence[bytes], until_us: int) -> int:
+        """Forget what is older than ``until_us`` in ``keys``: events and frauds in entity
+        sets, whole transaction records; return the records deleted."""
+        head = len(self.prefix)
+        sets = [k for k in keys if k[head : head + 3] in (b"{c:", b"{m:")]
+        records = [k for k in keys if k[head : head + 3] == b"{t:" and k[-1:] == b"}"]
+        with self._client.pipeline(transaction=False) as pipe:
+            for k in sets:
+                pipe.zremrangebyscore(k, "-inf", until_us)
+            for k in records:
+                pipe.hget(k, "e")
+            found = pipe.execute()[len(sets) :]
+        old = [k for k, e in zip(records, found, strict=True)
+               if e is not None and unpack_record(e)[0] <= until_us]  # fmt: skip
+        if not old:
+            return 0
+        with self._client.pipeline(transaction=False) as pipe:
+            for k in old:
+                pipe.delete(k)
+            return sum(pipe.execute())
 
     def close(self) -> None:
         self._client.close()
