@@ -61,6 +61,7 @@ from fraudflow.models import (
     FeatureLayout,
     InputSpec,
     NeuralModel,
+    SequenceInputs,
     Standardizer,
     VectorInputs,
     build_model,
@@ -462,17 +463,18 @@ def _check_features(meta: dict[str, Any], folder: Path, *, serving: bool) -> Non
 
 
 def _check_served_inputs(meta: dict[str, Any], folder: Path) -> None:
-    """The service builds each request's own feature vector, not yet a card's last events."""
+    """The service builds each request's own feature vector and a card's last events
+    (``fraudflow.serve.sequence_scoring``), not yet a graph neighbourhood."""
     try:
         declared = _inputs_of(meta)
     except ArtifactError as exc:
         raise RunCheckError("meta", f"model bundle {folder}: {exc}") from None
-    if not stands_alone(declared):
+    if not isinstance(declared, VectorInputs | SequenceInputs):
         raise RunCheckError(
             "model_kind",
-            f"model bundle {folder} cannot be served: model kind {meta['model']!r} needs each "
-            f"card's earlier events ({declared.kind} inputs), which the service does not serve "
-            "yet; serve an mlp or gbdt run",
+            f"model bundle {folder} cannot be served: model kind {meta['model']!r} reads "
+            f"earlier transactions ({declared.kind} inputs) the service does not build yet; "
+            "serve an mlp, gbdt or transformer run",
         )
 
 

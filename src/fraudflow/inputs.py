@@ -38,7 +38,7 @@ from fraudflow.models import (
     neural_inputs,
 )
 
-__all__ = ["FeatureInputs", "ModelArrays", "build_arrays", "stands_alone"]
+__all__ = ["FeatureInputs", "ModelArrays", "build_arrays", "sequence_arrays", "stands_alone"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,16 @@ def _sequence_arrays(frame: pl.DataFrame, vector: dict[str, Tensor], length: int
         )
     seconds = frame[TIMESTAMP].dt.epoch("us").to_numpy() / 1e6  # (N,)
     history, gaps = card_histories(frame[CUSTOMER_ID].to_numpy(), seconds, length)
+    return sequence_arrays(vector, history, gaps)
+
+
+def sequence_arrays(
+    vector: dict[str, Tensor], history: np.ndarray, gaps: np.ndarray
+) -> ModelArrays:
+    """A sequence model's inputs: the events' vectors (``neural_inputs`` of their model
+    matrix) as shared tables, each row's history (Q, T) into them and its gaps (Q, T, 2).
+    The batch builds the histories from a table (``card_histories``), the service from each
+    card's stored events (``fraudflow.serve.sequence_scoring``)."""
     shared = {"events": vector["x"]}  # (N, F - C)
     if "codes" in vector:
         shared["event_codes"] = vector["codes"]  # (N, C)

@@ -1,6 +1,6 @@
 """`fraudflow train --model transformer` end to end: the run folder, a bundle that scores its
 test rows again identically from the feature table, the point-in-time trap on scores, and the
-service's refusal of a kind of inputs it does not serve yet."""
+service's run check accepting it (served: tests/serve/test_sequence_serving.py)."""
 
 import json
 import os
@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fraudflow.artifacts import check_run, load_bundle
 from fraudflow.cli.main import app
-from fraudflow.errors import ArtifactError, RunCheckError
+from fraudflow.errors import ArtifactError
 from fraudflow.features import read_feature_table
 from fraudflow.models import SequenceInputs
 from fraudflow.train import DONE
@@ -83,10 +83,8 @@ def test_a_later_event_changes_no_earlier_score(
     assert not np.allclose(before[cut:], after[cut:])
 
 
-def test_the_service_refuses_a_transformer_run(transformer_run: Path) -> None:
-    with pytest.raises(RunCheckError, match="model kind 'transformer' needs each card's") as e:
-        check_run(transformer_run)
-    assert e.value.check == "model_kind"
+def test_the_service_accepts_a_transformer_run(transformer_run: Path) -> None:
+    check_run(transformer_run)
 
 
 @pytest.mark.distributed

@@ -19,7 +19,7 @@ import numpy as np
 
 from fraudflow.errors import DataError
 
-__all__ = ["PADDING", "card_histories"]
+__all__ = ["PADDING", "card_histories", "history_gaps"]
 
 PADDING = -1
 
@@ -48,13 +48,18 @@ def card_histories(
     for lag in range(length):
         has = rank >= lag
         history[order[has], length - 1 - lag] = order[np.flatnonzero(has) - lag]
-    return history, _gaps(history, previous, seconds)
+    return history, history_gaps(history, previous, seconds)
 
 
-def _gaps(history: np.ndarray, previous: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+def history_gaps(history: np.ndarray, previous: np.ndarray, seconds: np.ndarray) -> np.ndarray:
+    """The gaps (M, T, 2) of histories (M, T), each ending with its current event, over a
+    table of events: ``previous`` (N,) each event's card's event before it (PADDING: none),
+    ``seconds`` (N,) their times. The one formula of the batch inputs and the service's
+    (``fraudflow.serve.sequence_scoring``)."""
     valid = history != PADDING
     events = np.where(valid, history, 0)  # (M, T)
-    to_current = np.log1p(np.maximum(seconds[:, None] - seconds[events], 0.0))  # (M, T)
+    # The current event sits last in its history (the table's own row, in batch).
+    to_current = np.log1p(np.maximum(seconds[history[:, -1:]] - seconds[events], 0.0))  # (M, T)
     # An event's gap since the card's event before it is the event's own: computed once per
     # row and gathered, rather than looked up again in every history that holds the event.
     has_previous = previous != PADDING

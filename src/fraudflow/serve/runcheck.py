@@ -94,9 +94,9 @@ def check_in_child(run_dir: Path, *, timeout_seconds: float) -> None:
 
 def probe_run(run_dir: Path) -> None:
     """What the child does: load the bundle, score one row of zeros as the service would."""
-    from fraudflow.serve.scoring import BundleScorer  # the child's import, not the service's
+    from fraudflow.serve.scoring import scorer_for  # the child's import, not the service's
 
-    scorer = BundleScorer(load_bundle(run_dir, completed=True), version="probe")
+    scorer = scorer_for(load_bundle(run_dir, completed=True), version="probe")
     scores = scorer.score(np.zeros((1, len(scorer.features)), dtype=np.float32))  # (1, F)
     score = scores.score
     if score.shape != (1,) or not np.isfinite(score).all() or not 0.0 <= score[0] <= 1.0:

@@ -51,7 +51,8 @@ from fraudflow.features.default_spec import default_spec
 from fraudflow.features.online import Event, FeatureRows, OnlineFeatures, StateStore, Watermark
 from fraudflow.features.spec import FeatureSpec
 from fraudflow.features.spec_online import Row, SpecOnline, SpecStore, numeric_columns
-from fraudflow.models import neural_inputs
+from fraudflow.models import SequenceInputs, neural_inputs
+from fraudflow.serve.history_state import HistoryStore
 from fraudflow.serve.policy import (
     AMOUNT_FEATURE,
     DEFAULT_POLICY,
@@ -62,6 +63,7 @@ from fraudflow.serve.policy import (
     decide_many,
     load_policy,
 )
+from fraudflow.serve.sequence_scoring import SequenceAttribution, SequenceHistory, Windows
 
 __all__ = [
     "TOP_FEATURES",
@@ -72,14 +74,17 @@ __all__ = [
     "Judgements",
     "LeafIndex",
     "OnlinePath",
+    "Recorded",
     "Scorer",
     "Scores",
+    "SequenceScorer",
     "TreePathAttribution",
     "fast_path_serves",
     "load_engine",
     "load_policy_for",
     "model_version",
     "reference_scores",
+    "scorer_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,8 +119,10 @@ class Scorer(Protocol):
     @property
     def features(self) -> Sequence[str]: ...
 
-    def score(self, x: np.ndarray) -> Scores:
-        """Score feature rows x (N, F), float32, in ``features`` order."""
+    def score(self, x: np.ndarray, context: Any = None) -> Scores:
+        """Score feature rows x (N, F), float32, in ``features`` order. ``context``: what a
+        model that reads more than the rows gets beside them (a sequence model: the cards'
+        earlier events, ``Windows``), None for the others."""
         ...
 
 
@@ -284,10 +291,43 @@ class BundleScorer:
     def features(self) -> Sequence[str]:
         return self._features
 
-    def score(self, x: np.ndarray) -> Scores:
+    def score(self, x: np.ndarray, context: Any = None) -> Scores:
         contributions, raw = self._attribute(x)
         score = np.asarray(self._calibrate(x, raw), dtype=np.float64)
         return Scores(score=score, raw=raw, contributions=contributions)
+
+
+class SequenceScorer:
+    """A sequence model's bundle as a ``Scorer``: its context is the cards' earlier events
+    (``Windows``; None: none, every row its card's first, as the run check's probe)."""
+
+    def __init__(self, bundle: Bundle, *, version: str) -> None:
+        self._version = version
+        self._features = tuple(bundle.features)
+        self._attribute = SequenceAttribution(bundle)
+        self._calibrate = _calibration_of(bundle)
+
+    @property
+    def model_version(self) -> str:
+        return self._version
+
+    @property
+    def features(self) -> Sequence[str]:
+        return self._features
+
+    def score(self, x: np.ndarray, context: Windows | None = None) -> Scores:
+        if context is None:
+            context = Windows.empty(np.zeros(len(x), np.int64), len(self._features))
+        contributions, raw = self._attribute(x, context)
+        score = np.asarray(self._calibrate(x, raw), dtype=np.float64)
+        return Scores(score=score, raw=raw, contributions=contributions)
+
+
+def scorer_for(bundle: Bundle, *, version: str) -> Scorer:
+    """The scorer of a bundle's kind of inputs (the service serves vectors and sequences)."""
+    if isinstance(bundle.inputs, SequenceInputs):
+        return SequenceScorer(bundle, version=version)
+    return BundleScorer(bundle, version=version)
 
 
 Calibration = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x (N, F), raw (N,)) -> (N,)
@@ -308,6 +348,15 @@ def _calibration_of(bundle: Bundle) -> Calibration:
     if predict_calibrated is not None:
         return lambda x, raw: predict_calibrated(x)
     return lambda x, raw: raw
+
+
+class Recorded(NamedTuple):
+    """``FeatureRows`` of a group, and the fresh events' context for the scorer (None for a
+    model that reads the rows alone)."""
+
+    values: np.ndarray  # (N, F) float64
+    fresh: np.ndarray  # (N,) bool
+    context: Windows | None
 
 
 class Judgements(NamedTuple):
@@ -462,30 +511,45 @@ class Engine:
     policy: Policy
     policy_source: str
     reference: np.ndarray | None  # validation scores for the drift metric; None: none
+    # Sequence models: the cards' histories, which ``record`` appends to; None: no history.
+    history: SequenceHistory | None = None
 
     @property
     def model_version(self) -> str:
         return self.scorer.model_version
 
-    def record(
-        self, events: Sequence[Event], extras: Sequence[Extras] | None = None
-    ) -> FeatureRows:
+    def record(self, events: Sequence[Event], extras: Sequence[Extras] | None = None) -> Recorded:
         """The feature rows of the events in order (``features`` order), which the state store
         then holds, in one store transaction; ``fresh`` is False for a transaction_id the
         store already holds (or earlier). ``extras``: each event's extra columns
-        (``online.columns``), where the spec reads any.
+        (``online.columns``), where the spec reads any. With a history, the fresh events are
+        then appended to it and ``context`` holds their windows, in their order.
         """
-        return self.online.record(events, extras)
+        rows = self.online.record(events, extras)
+        if self.history is None:
+            return Recorded(rows.values, rows.fresh, None)
+        fresh = rows.fresh.tolist()
+        kept = [e for e, new in zip(events, fresh, strict=True) if new]
+        values = rows.values if len(kept) == len(events) else rows.values[rows.fresh]
+        return Recorded(rows.values, rows.fresh, self.history.windows(kept, values))
 
-    def judge(self, x: np.ndarray, amounts: Sequence[float]) -> Judgements:
+    def windows(self, events: Sequence[Event], values: np.ndarray) -> Windows | None:
+        """The context of events the state already holds (a decision decided again), their
+        history appended where a crash left it out; None without a history."""
+        return None if self.history is None else self.history.windows(events, values)
+
+    def judge(
+        self, x: np.ndarray, amounts: Sequence[float], context: Windows | None = None
+    ) -> Judgements:
         """Score and decide feature rows at once: one model call, vectorised policy.
 
         Shape: x (N, F) float64 in ``scorer.features`` order, amounts (N,) -> N judgements.
+        ``context``: the rows' windows (``record``), for a sequence model.
         """
         names = self.scorer.features
         # float32, as training fed the model (fraudflow.train.run._matrix); the policy's
         # rules and the reasons read the float64 values the service computed.
-        scores = self.scorer.score(x.astype(np.float32))
+        scores = self.scorer.score(x.astype(np.float32), context)
         amount = np.asarray(amounts, dtype=np.float64)  # (N,)
 
         def column(name: str) -> np.ndarray:
@@ -543,6 +607,7 @@ def load_engine(
     policy_path: Path | None,
     watermark: Watermark | None = None,
     spec_store: SpecStore | None = None,
+    history_store: HistoryStore | None = None,
 ) -> Engine:
     """Load everything a run needs to decide, fully, before anyone may use it.
 
@@ -551,9 +616,10 @@ def load_engine(
     (``fraudflow.serve.spec_state``: the same state, so a reload that changes the spec keeps
     the history; the new spec's key groups are indexed from it here, before the swap).
     ``watermark`` drives the state's forgetting; pass the same one to every engine of a store.
+    A sequence model's cards' histories live in ``history_store``.
     """
     bundle = load_bundle(run_dir, completed=True)
-    scorer = BundleScorer(bundle, version=model_version(run_dir, bundle))
+    scorer = scorer_for(bundle, version=model_version(run_dir, bundle))
     online = _online_path(bundle, run_dir, store, spec_store, watermark)
     if online.names != list(scorer.features):
         raise ArtifactError(
@@ -562,7 +628,22 @@ def load_engine(
         )
     policy, source = load_policy_for(run_dir, policy_path)
     check_rule_features(policy, online.names, source=source)
-    return Engine(run_dir, scorer, online, policy, source, reference_scores(run_dir))
+    history = _history_of(bundle, run_dir, history_store)
+    return Engine(run_dir, scorer, online, policy, source, reference_scores(run_dir), history)
+
+
+def _history_of(
+    bundle: Bundle, run_dir: Path, store: HistoryStore | None
+) -> SequenceHistory | None:
+    declared = bundle.inputs
+    if not isinstance(declared, SequenceInputs):
+        return None
+    if store is None:
+        raise ArtifactError(
+            f"the model in {run_dir} reads each card's last events, however no history store "
+            "was given"
+        )
+    return SequenceHistory(store, features=bundle.features, length=declared.length)
 
 
 def fast_path_serves(spec: FeatureSpec, meta: Mapping[str, Any]) -> bool:

@@ -43,7 +43,6 @@ from fraudflow.errors import ConfigError, DataError, RunCheckError, ServeError
 from fraudflow.features.online import (
     Answers,
     Event,
-    FeatureRows,
     StateStore,
     Watermark,
     Window,
@@ -56,6 +55,7 @@ from fraudflow.serve.auth import ApiKeys
 from fraudflow.serve.cases import CaseIn
 from fraudflow.serve.coalesce import Coalescer
 from fraudflow.serve.health import AUDIT_LOG, STATE_STORE, FolderProbe, Health, RedisProbe
+from fraudflow.serve.history_state import HistoryStore, open_history
 from fraudflow.serve.idempotency import (
     AuditLedger,
     DecisionLedger,
@@ -67,7 +67,8 @@ from fraudflow.serve.metrics import ScoreDrift, ServiceMetrics, observe_many
 from fraudflow.serve.redis_shards import is_redis_url
 from fraudflow.serve.runcheck import refusal, verify_run
 from fraudflow.serve.schemas import LabelIn, TransactionIn
-from fraudflow.serve.scoring import Engine, Judgements, load_engine
+from fraudflow.serve.scoring import Engine, Judgements, Recorded, load_engine
+from fraudflow.serve.sequence_scoring import Windows
 from fraudflow.serve.settings import ServeSettings, parse_splits
 from fraudflow.serve.shadow import (
     DRAIN_SECONDS,
@@ -127,12 +128,19 @@ class TimedStore:
     """A ``StateStore`` that reports each call's latency (``fraudflow_state_store_...``)."""
 
     def __init__(
-        self, store: StateStore, metrics: ServiceMetrics, *, spec: SpecStore | None = None
+        self,
+        store: StateStore,
+        metrics: ServiceMetrics,
+        *,
+        spec: SpecStore | None = None,
+        history: HistoryStore | None = None,
     ) -> None:
         self.inner = store
         # The spec engine's store over the same state (``fraudflow.serve.spec_state``), for
         # bundles of another spec than the default one.
         self.spec = spec
+        # The cards' last events, for sequence models (``fraudflow.serve.history_state``).
+        self.history = history
         self._apply = metrics.store_latency.labels(operation="apply")
         self._read = metrics.store_latency.labels(operation="read")
         self._label = metrics.store_latency.labels(operation="set_label")
@@ -165,6 +173,8 @@ class TimedStore:
         self.inner.close()
         if self.spec is not None:
             self.spec.close()
+        if self.history is not None:
+            self.history.close()
 
 
 class TimedSpecStore:
@@ -220,9 +230,10 @@ def default_loader(settings: ServeSettings) -> EngineLoader:
 
     def load(run_dir: Path, store: StateStore) -> Engine:
         spec_store = store.spec if isinstance(store, TimedStore) else None
+        history = store.history if isinstance(store, TimedStore) else None
         return load_engine(
             run_dir, store=store, policy_path=settings.policy, watermark=watermark,
-            spec_store=spec_store,
+            spec_store=spec_store, history_store=history,
         )  # fmt: skip
 
     return load
@@ -374,7 +385,15 @@ class DecisionService:
             except BaseException:
                 opened.close()
                 raise
-        store = TimedStore(opened, self.metrics, spec=TimedSpecStore(spec_store, self.metrics))
+            try:
+                history = open_history(s.state, sqlite_path=self._history_file())
+            except BaseException:
+                opened.close()
+                spec_store.close()
+                raise
+        store = TimedStore(
+            opened, self.metrics, spec=TimedSpecStore(spec_store, self.metrics), history=history
+        )
         redis_ledger = None
         if s.state is not None and is_redis_url(s.state):
             redis_ledger = RedisLedger(s.state, ttl_seconds=s.idempotency_ttl_seconds)
@@ -391,6 +410,12 @@ class DecisionService:
         if redis_ledger is not None:
             ledgers.insert(0, redis_ledger)
         return _Resources(store, audit, ledgers, redis_ledger)
+
+    def _history_file(self) -> Path | None:
+        """The SQLite file of the cards' histories, beside a SQLite state (None: Redis)."""
+        s = self.settings
+        state_file = sqlite_file(s.state, default_path=s.state_default_path)
+        return None if state_file is None else state_file.with_name(state_file.stem + "-history.db")
 
     def _verify(self, run_dir: Path) -> None:
         verify_run(run_dir, timeout_seconds=self.settings.model_check_timeout_seconds)
@@ -532,7 +557,10 @@ class DecisionService:
         fresh = [i for i, new in zip(unique, stored, strict=True) if new]
         if fresh:
             values = features.values if len(fresh) == len(unique) else features.values[stored]
-            batch = _Fresh(fresh, [events[i] for i in fresh], [txs[i] for i in fresh], values)
+            batch = _Fresh(
+                fresh, [events[i] for i in fresh], [txs[i] for i in fresh], values,
+                features.context,
+            )  # fmt: skip
             await self._decide_fresh(engine, resources, batch, answers)
         if len(fresh) < len(unique):
             for i, new in zip(unique, stored, strict=True):
@@ -584,7 +612,7 @@ class DecisionService:
             amounts = [e.amount for e in batch.events]
             lineup = self._lineup_of(engine)
             if lineup is None:
-                judged = engine_judged = engine.judge(batch.values, amounts)
+                judged = engine_judged = engine.judge(batch.values, amounts, batch.context)
                 shadow = None
             else:
                 judged, engine_judged, shadow = await self._judge_with_challengers(
@@ -621,7 +649,7 @@ class DecisionService:
         the budget after the champion is done; the others score after the commit."""
         deciders = lineup.deciders([e.customer_id for e in batch.events])
         futures = lineup.submit(batch.values, amounts, deciders)
-        judged = engine_judged = lineup.champion.judge(batch.values, amounts)
+        judged = engine_judged = lineup.champion.judge(batch.values, amounts, batch.context)
         results = await lineup.collect(futures)
         entries = shadow_entries(lineup, engine_judged, results, deciders)
         for k, rows in split_rows(deciders, results).items():
@@ -659,7 +687,7 @@ class DecisionService:
 
     async def _record(
         self, engine: Engine, events: list[Event], extras: list[Any] | None
-    ) -> FeatureRows:
+    ) -> Recorded:
         """Apply the events to the state, in a thread: the store may wait on a disk or on
         Redis, and the event loop must not (``/healthz``, other requests' answers)."""
         try:
@@ -721,12 +749,13 @@ class DecisionService:
             with self.health.watch(STATE_STORE, self._state_folder):
                 extras = [duplicate.tx.model_extra or {}] if engine.online.columns else None
                 values = await asyncio.to_thread(engine.online.stored, [event], extras)
+                context = await asyncio.to_thread(engine.windows, [event], values)
         except Exception as exc:
             log.exception("the feature state store failed")
             self._pending.fail(pending, [tid], _store_failed())
             raise _store_failed() from exc
         answers: list[Any] = [None]
-        batch = _Fresh([0], [event], [duplicate.tx], values)
+        batch = _Fresh([0], [event], [duplicate.tx], values, context)
         await self._decide_fresh(engine, resources, batch, answers, pending=pending)
         body: bytes = answers[0]
         return body
@@ -932,6 +961,7 @@ class _Fresh:
     events: list[Event]
     txs: list[TransactionIn]
     values: np.ndarray  # (N, F) feature values, in the model's feature order
+    context: Windows | None = None  # a sequence model's windows of the events (Engine.record)
 
 
 def _replace_rows(judged: Judgements, result: ShadowResult, rows: list[int]) -> Judgements:

@@ -205,6 +205,10 @@ def check_challenger(champion_run: Path, run: Path) -> None:
     meta, champion_meta = check_run(run), check_run(champion_run)
     spec, champion_spec = feature_spec_of(meta), feature_spec_of(champion_meta)
     problem = feature_problem(champion_spec, spec, list(meta["features"]))
+    kind = (meta.get("inputs") or {}).get("kind", "vector")
+    if not problem and kind != "vector":
+        # A challenger is fed the champion's feature rows only, not a history of its own.
+        problem = f"it reads each card's earlier events ({kind} inputs)"
     if not problem and spec.categorical and spec.hash != champion_spec.hash:
         problem = f"its categorical features {spec.categorical} are coded by another spec"
     if not problem and spec.categorical:
