@@ -103,6 +103,16 @@ def _transactions(n: int, cards: int = 20) -> list[dict[str, Any]]:
     ]
 
 
+def _decide_all(client: httpx.Client, txs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each transaction decided in turn: the answers' bodies (each must be a 200)."""
+    bodies = []
+    for tx in txs:
+        response = client.post("/v1/decisions", json=tx)
+        assert response.status_code == 200, response.text
+        bodies.append(response.json())
+    return bodies
+
+
 def _shadow(audit: pl.DataFrame) -> list[dict[str, Any]]:
     return [orjson.loads(text) for text in audit["shadow"].to_list()]
 
@@ -137,13 +147,9 @@ def test_challengers_score_what_their_bundles_score_offline(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
     shadow = f"{runs['mlp']},{runs['copy']}"
-    bodies = []
     with _serve(settings_for(runs["champion"], tmp_path / "data", shadow=shadow)) as (app, client):
         versions = [c.model_version for c in app.state.service.lineup.challengers]
-        for tx in _transactions(40):
-            response = client.post("/v1/decisions", json=tx)
-            assert response.status_code == 200, response.text
-            bodies.append(response.json())
+        bodies = _decide_all(client, _transactions(40))
         text = _metrics_when(client, lambda t: all(_scored(t, v) == 40 for v in versions))
     path = tmp_path / "data" / "audit.db"
     audit = read_decisions(path)
@@ -243,8 +249,7 @@ def test_a_graceful_stop_records_every_queued_verdict_scored_in_batches(
 
     settings = settings_for(runs["champion"], tmp_path / "data", shadow=str(runs["copy"]))
     with _serve(settings, predicts=[slow]) as (_, client):
-        for tx in _transactions(20):
-            assert client.post("/v1/decisions", json=tx).status_code == 200
+        _decide_all(client, _transactions(20))
         # Stopped at once: most verdicts are still queued.
     audit = read_decisions(tmp_path / "data" / "audit.db")
     verdicts = [e["challengers"][0] for e in _shadow(audit)]
@@ -281,7 +286,6 @@ def test_split_hands_a_stable_share_of_cards_to_the_challenger(
     # champion.
     split = {"split": f"{runs['copy']}=50%"} if via == "serve" else {}
     settings = settings_for(runs["champion"], tmp_path / "data", shadow_budget_seconds=5.0, **split)
-    bodies = []
     with _serve(settings) as (_, client):
         if via == "reload":  # the same share, set by a reload
             reload = _reload(client, split={str(runs["copy"]): "50%"})
@@ -289,8 +293,7 @@ def test_split_hands_a_stable_share_of_cards_to_the_challenger(
             assert [(c["run"], c["split"]) for c in reload.json()["shadow"]] == [
                 (str(runs["copy"].resolve()), 0.5)
             ]
-        for tx in _transactions(80, cards=16):
-            bodies.append(client.post("/v1/decisions", json=tx).json())
+        bodies = _decide_all(client, _transactions(80, cards=16))
     audit = read_decisions(tmp_path / "data" / "audit.db")
     entries = _shadow(audit)
     champion = entries[0]["champion"]["model_version"]

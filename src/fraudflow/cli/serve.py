@@ -52,8 +52,8 @@ def serve(
     shadow: str = typer.Option(
         None,
         "--shadow",
-        help="Challenger runs scored in shadow on every decision, RUN[,RUN...]: recorded in "
-        "the audit log, only the --run model decides.",
+        help="Challenger runs scored in shadow on every decision, RUN[,RUN...]: after the "
+        "answer, recorded in the audit log; only the --run model decides.",
     ),
     split: str = typer.Option(
         None,
@@ -63,8 +63,8 @@ def serve(
     shadow_budget: float = typer.Option(
         None,
         "--shadow-budget",
-        help="Seconds a decision waits for the challengers past the champion's own scoring "
-        "(default 0.01); later ones are recorded as timed out.",
+        help="Seconds a decision waits for the --split challengers past the champion's own "
+        "scoring (default 0.01); later ones are recorded as timed out.",
     ),
 ) -> None:
     """Serve fraud decisions over HTTP.

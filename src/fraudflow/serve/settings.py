@@ -104,7 +104,7 @@ class ServeSettings(BaseSettings):
     torch_threads: int = Field(1, ge=1)
     # Champion and challengers (fraudflow.serve.shadow): challenger runs scored in shadow
     # (comma-separated), the shares of cards some of them decide (RUN=5%[,RUN=2%]), how long a
-    # group's answer waits for the challengers past the champion's own scoring, and the salt
+    # group's answer waits for the split ones past the champion's own scoring, and the salt
     # of the split's hash.
     shadow: str | None = None
     split: str | None = None
