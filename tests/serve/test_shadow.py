@@ -205,9 +205,10 @@ def test_a_raising_or_hung_challenger_leaves_every_answer_intact_and_prompt(
     release = threading.Event()
     hung = _hanging(release, load_challenger_predict(runs["copy"]))
     # A budget far beyond the test: an answer that waited for a challenger would show it. A
-    # lane of 4 queued rows, never counted as stuck: what the hung one takes is deterministic.
+    # lane of 4 queued rows, never counted as stuck, scoring each group as soon as it comes:
+    # what the hung one takes is deterministic.
     lineup = {"predicts": [_raising, hung], "budget_seconds": 120.0, "max_queued_rows": 4,
-              "max_lag_seconds": 600.0}  # fmt: skip
+              "max_lag_seconds": 600.0, "linger_seconds": 0.0}  # fmt: skip
     monkeypatch.setattr(service_module, "DRAIN_SECONDS", 1.0)  # the stop waits that long
     answers, seconds = [], []
     try:

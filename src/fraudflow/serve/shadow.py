@@ -15,8 +15,9 @@ reload is refused with one line saying which feature.
 Off the answer path. A challenger that only scores in shadow never holds up the champion's
 answer: the champion decides, its group is committed and answered, and only then is the group
 offered to each challenger's lane (``_ShadowLane``: a thread of its own, so one challenger's
-hang leaves the others free). A lane takes everything queued at once and scores it as one
-batch (the rows concatenated: one model call, one policy pass), then hands the verdicts to the
+hang leaves the others free). A lane lets groups gather for ``LINGER_SECONDS`` after the first,
+takes everything queued at once and scores it as one batch (the rows concatenated: one model
+call, one policy pass), then hands the verdicts to the
 service's audit writer as ``ShadowRecord``s, committed in a later group of the same durable
 log (same shard file, same fsync), keyed by transaction_id and model_version. A lane is
 bounded: a group offered to one whose queue holds ``max_queued_rows`` rows, or that has been
@@ -107,6 +108,11 @@ _MAX_IN_FLIGHT = 2
 # score before the lane counts as stuck.
 MAX_QUEUED_ROWS = 8192
 MAX_LAG_SECONDS = 2.0
+# How long a lane lets groups gather after the first one queued before it scores them: the
+# verdicts are off the answer path, so a short wait costs nothing, and larger batches pay the
+# per-call cost (the model call, the policy, the records) on fewer calls, CPU otherwise taken
+# from the champion (benchmarks/serve.py --shadow reports the server's CPU per decision).
+LINGER_SECONDS = 0.05
 # How long closing waits for the shadow lanes to score what they hold.
 DRAIN_SECONDS = 10.0
 
@@ -318,10 +324,17 @@ class _ShadowLane:
     """
 
     def __init__(
-        self, challenger: Challenger, sink: ShadowSink, *, max_rows: int, max_lag_seconds: float
+        self,
+        challenger: Challenger,
+        sink: ShadowSink,
+        *,
+        max_rows: int,
+        max_lag_seconds: float,
+        linger_seconds: float,
     ) -> None:
         self._challenger, self._sink = challenger, sink
-        self._max_rows, self._max_lag = max_rows, max_lag_seconds
+        self._max_rows, self._max_lag, self._linger = max_rows, max_lag_seconds, linger_seconds
+        self._first_at = 0.0  # when the oldest group queued was (time.monotonic)
         self._cond = threading.Condition()
         self._queued: list[_Group] = []
         self._rows = 0
@@ -342,6 +355,8 @@ class _ShadowLane:
             stuck = bool(self._scoring) and time.monotonic() - self._since > self._max_lag
             if self._closing or stuck or self._rows + len(group.ids) > self._max_rows:
                 return False
+            if not self._queued:
+                self._first_at = time.monotonic()
             self._queued.append(group)
             self._rows += len(group.ids)
             self._cond.notify()
@@ -369,6 +384,9 @@ class _ShadowLane:
             with self._cond:
                 while not self._queued and not self._closing:
                     self._cond.wait()
+                due = self._first_at + self._linger  # more groups may join the batch
+                while not self._closing and (wait := due - time.monotonic()) > 0:
+                    self._cond.wait(wait)
                 if not self._queued or self._abandoned:
                     return
                 batch, self._queued, self._rows = self._queued, [], 0
@@ -464,6 +482,7 @@ class Lineup:
     sink: ShadowSink = field(default_factory=_no_sink)
     max_queued_rows: int = MAX_QUEUED_ROWS
     max_lag_seconds: float = MAX_LAG_SECONDS
+    linger_seconds: float = LINGER_SECONDS
     # Per challenger, its lane: a _Lane (split: on the answer path) or a _ShadowLane.
     _lanes: list[_Lane | _ShadowLane] = field(init=False)
 
@@ -471,7 +490,8 @@ class Lineup:
         self._lanes = [
             _Lane(f"fraudflow-shadow-{k}") if c.share is not None
             else _ShadowLane(c, self.sink, max_rows=self.max_queued_rows,
-                             max_lag_seconds=self.max_lag_seconds)
+                             max_lag_seconds=self.max_lag_seconds,
+                             linger_seconds=self.linger_seconds)
             for k, c in enumerate(self.challengers)
         ]  # fmt: skip
 
