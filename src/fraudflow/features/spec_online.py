@@ -86,7 +86,9 @@ __all__ = [
 _US = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NEVER = -(2**62)  # before any event
-_UNFILTERED = (None, None, False)  # an aggregate reading no column: every row, no value
+_Key = tuple[str | None, str | None, bool]  # an aggregate's filter, value column, distinct
+_Prepared = tuple[list[tuple[bool, Any]], list[int]]  # per row (passes, value); passing rows
+_UNFILTERED: _Key = (None, None, False)  # an aggregate reading no column: every row, no value
 
 Value = float | str | bool | None
 # The row columns that are not free-form: ids become strings (as the service's events), the
@@ -456,7 +458,9 @@ class SpecOnline:
         self._group_of = [[g.by for g in self.layout.groups].index(a.by) for a in spec.aggregates]
         self._wheres = [a.where_expr for a in spec.aggregates]
         # What a row's filter and value are cached under (``Stored.prepared``).
-        self._keys = [(a.where, a.of, a.fn == "count_distinct") for a in spec.aggregates]
+        self._keys: list[_Key] = [
+            (a.where, a.of, a.fn == "count_distinct") for a in spec.aggregates
+        ]
         self._calendar_wheres = [
             w is not None and bool(referenced_names(w) & set(CALENDAR)) for w in self._wheres
         ]
@@ -544,6 +548,8 @@ class SpecOnline:
         # Per key group, shared by its aggregates: the stored events up to this one's time,
         # then itself (the order its windows see), and their times.
         ordered: list[tuple[list[Stored], list[int]] | None] = [None] * len(answer)
+        # Per (key group, filter and value): its rows prepared, shared by the aggregates alike.
+        shared: dict[tuple[int, _Key], _Prepared] = {}
         for index, aggregate in enumerate(self.spec.aggregates):
             group = self._group_of[index]
             events = ordered[group]
@@ -552,7 +558,11 @@ class SpecOnline:
                 times = [m.t_us for m in members]
                 hi = bisect_right(times, row.t_us)
                 events = ordered[group] = ([*members[:hi], me], [*times[:hi], row.t_us])
-            values = self._aggregate(index, aggregate, *events)
+            key = (group, self._keys[index])
+            prepared = shared.get(key)
+            if prepared is None:
+                prepared = shared[key] = self._prepare_all(index, aggregate, events[0])
+            values = self._aggregate(aggregate, *events, *prepared)
             for window, value in zip(aggregate.windows, values, strict=True):
                 env[aggregate.feature_name(window)] = value
         for name, tree in self._derives:
@@ -599,19 +609,26 @@ class SpecOnline:
             return max(0, n - window.events), n
         return bisect_right(times, t - (window.seconds or 0) * _US, 0, n - 1), n
 
+    def _prepare_all(self, index: int, aggregate: Aggregate, ordered: list[Stored]) -> _Prepared:
+        """The aggregate's filter and value for each of ``ordered``, and the positions of the
+        rows passing the filter."""
+        if self._keys[index] == _UNFILTERED:
+            return [(True, None)] * len(ordered), list(range(len(ordered)))
+        prepared = [self._prepared(index, aggregate, e) for e in ordered]
+        return prepared, [i for i, (passes, _) in enumerate(prepared) if passes]
+
     def _aggregate(
-        self, index: int, aggregate: Aggregate, ordered: list[Stored], times: list[int]
+        self,
+        aggregate: Aggregate,
+        ordered: list[Stored],
+        times: list[int],
+        prepared: list[tuple[bool, Any]],
+        passing: list[int],
     ) -> list[float | None]:
         """The aggregate over each of its windows of the asking event, the last of
         ``ordered``: the key's events up to it in (time, arrival) order, all recorded before
-        it, and ``times`` theirs. Each window is a range of them (``_range``); the rows
-        passing the filter are prepared once for all windows."""
-        if self._keys[index] == _UNFILTERED:
-            prepared: list[tuple[bool, Any]] = [(True, None)] * len(ordered)
-            passing = list(range(len(ordered)))
-        else:
-            prepared = [self._prepared(index, aggregate, e) for e in ordered]
-            passing = [i for i, (passes, _) in enumerate(prepared) if passes]
+        it, and ``times`` theirs, with their filter and value (``_prepare_all``). Each window
+        is a range of them (``_range``)."""
         above = None  # count_above: its rows' verdicts, shared by the windows
         if aggregate.fn == "count_above":
             above = _Above(
