@@ -295,6 +295,16 @@ def _write_one(
     return out
 
 
+def _partition_rows(batches: Iterator[pa.RecordBatch]) -> pl.DataFrame | None:
+    """On an executor: the partition's rows as one frame, None when it has none."""
+    frames = [pl.from_arrow(b) for b in batches if b.num_rows]
+    if not frames:
+        return None
+    rows = pl.concat(frames)  # type: ignore[type-var]
+    assert isinstance(rows, pl.DataFrame)
+    return rows
+
+
 def _write_range_part(
     batches: Iterator[pa.RecordBatch], *, folder: str, dtypes: dict[str, Any]
 ) -> Iterator[pa.RecordBatch]:
@@ -302,11 +312,9 @@ def _write_range_part(
     import pyarrow as pa
     from pyspark import TaskContext
 
-    frames = [pl.from_arrow(b) for b in batches if b.num_rows]
-    if not frames:
+    rows = _partition_rows(batches)
+    if rows is None:
         return
-    rows = pl.concat(frames)  # type: ignore[type-var]
-    assert isinstance(rows, pl.DataFrame)
     context = TaskContext.get()
     assert context is not None  # mapInArrow runs its function in a task
     part = context.partitionId()
@@ -376,11 +384,9 @@ def _write_partition(
     """On an executor: write each shard of this partition (its rows arrive in order)."""
     import pyarrow as pa
 
-    frames = [pl.from_arrow(b) for b in batches if b.num_rows]
-    if not frames:
+    rows = _partition_rows(batches)
+    if rows is None:
         return
-    rows = pl.concat(frames)  # type: ignore[type-var]
-    assert isinstance(rows, pl.DataFrame)
     for part in rows.partition_by(_SHARD, maintain_order=True):
         shard = int(part[_SHARD][0])
         path = Path(folder) / f"part-{ranks[shard]:05d}.parquet"
